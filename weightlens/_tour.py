@@ -1,0 +1,73 @@
+"""Execute a notebook headless and write a standalone HTML report (plotly inlined, no CDN).
+
+Used by ``weightlens tour --headless`` on machines without a browser, and by the notebook tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def execute_notebook(path: Path, *, timeout: int = 900, parameters: dict | None = None):
+    """Run every cell of ``path`` in a fresh kernel (cwd = the notebook's folder); return the notebook.
+
+    Widget state is not stored (each plotly FigureWidget would add 5 MB). A failing cell raises
+    ``nbclient.exceptions.CellExecutionError`` naming the cell.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    if parameters:
+        source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        nb.cells.insert(0, nbformat.v4.new_code_cell(source))
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+        store_widget_state=False,
+    )
+    client.execute()
+    return nb
+
+
+def _inline_plotly(nb) -> None:
+    """Give every plotly output an HTML rendering; plotly.js is inlined once, in the first figure."""
+    import plotly.io as pio
+
+    first = True
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if _PLOTLY_MIME not in data:
+                continue
+            fig = pio.from_json(_as_json(data[_PLOTLY_MIME]))
+            data["text/html"] = pio.to_html(fig, include_plotlyjs=first, full_html=False)
+            first = False
+
+
+def _as_json(spec) -> str:
+    import json
+
+    return spec if isinstance(spec, str) else json.dumps(spec)
+
+
+def run_tour(notebook: Path, out: Path, *, headless: bool = True) -> Path:
+    """Execute ``notebook`` and write it as one standalone HTML page at ``out``."""
+    from nbconvert import HTMLExporter
+
+    if not headless:
+        raise SystemExit("Interactive tour: run `./dev.sh tour` (JupyterLab). Use --headless here.")
+    os.environ.setdefault("WEIGHTLENS_HEADLESS", "1")
+    nb = execute_notebook(Path(notebook))
+    _inline_plotly(nb)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(out)
+    return out

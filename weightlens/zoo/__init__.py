@@ -1,0 +1,105 @@
+"""Real small models trained here from data that ships inside packages (no downloads).
+
+Three zoos, each at two sizes (``"ci"``: minutes on 2 cores for tests; ``"demo"``: the tour):
+
+* ``"digits-pairs"``: pairs of independently trained MLPs on sklearn's digits at several widths
+  (linear mode connectivity, Git Re-Basin). ``load("digits-pairs", width=128)``.
+* ``"digits-tasks"``: an MLP pretrained on digits and 4 fine-tunes on transformed digits.
+* ``"minilm-tasks"``: all-MiniLM-L6-v2 (real pretrained transformer) and 4+ fine-tunes on WordNet
+  and fortunes text classification.
+
+Examples
+--------
+>>> from weightlens import zoo
+>>> zoo.build(size="ci", names=["digits-tasks"])            # doctest: +SKIP
+>>> z = zoo.load("digits-tasks", size="ci")                  # doctest: +SKIP
+>>> z.evaluate(wl.load(z.base), z.tasks[0], "test")          # doctest: +SKIP
+{'accuracy': 0.93, 'loss': 0.24}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from weightlens.errors import InvalidParameterError
+from weightlens.zoo._common import (
+    SIZES,
+    PairZoo,
+    TaskZoo,
+    atomic_folder,
+    home,
+    read_manifest,
+    write_manifest,
+    zoo_dir,
+)
+
+__all__ = ["NAMES", "SIZES", "PairZoo", "TaskZoo", "build", "home", "load"]
+
+# name -> (module, builder, loader). Builders: f(folder, *, size, progress) -> manifest dict.
+# Loaders: f(folder, **kwargs) -> TaskZoo | PairZoo.
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "digits-pairs": ("weightlens.zoo.digits", "build_pairs", "load_pairs"),
+    "digits-tasks": ("weightlens.zoo.digits", "build_tasks", "load_tasks"),
+    "minilm-tasks": ("weightlens.zoo.minilm", "build_tasks", "load_tasks"),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def _entry(name: str, part: int):
+    if name not in _REGISTRY:
+        raise InvalidParameterError(
+            f"Unknown zoo {name!r}. Available: {', '.join(NAMES)}."
+        )
+    module = importlib.import_module(_REGISTRY[name][0])
+    return getattr(module, _REGISTRY[name][part])
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise InvalidParameterError(f"The 'size' parameter must be one of {SIZES}. Got {size!r} instead.")
+
+
+def build(
+    size: str = "ci",
+    *,
+    names: Iterable[str] | None = None,
+    root: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Train and cache the zoos (skipping those already built unless ``force``).
+
+    Builds are deterministic (seeded) and atomic: an interrupted build leaves nothing behind.
+    Returns ``{name: folder}``.
+    """
+    _check_size(size)
+    chosen = list(names) if names is not None else list(NAMES)
+    for name in chosen:
+        _entry(name, 1)  # validates the name before any training starts
+    folders = {}
+    for name in chosen:
+        folder = zoo_dir(name, size, Path(root) if root is not None else None)
+        if force or not (folder / "manifest.json").is_file():
+            with atomic_folder(folder) as tmp:
+                manifest = _entry(name, 1)(tmp, size=size, progress=progress)
+                write_manifest(tmp, {"name": name, "size": size, **manifest})
+        folders[name] = folder
+    return folders
+
+
+def load(
+    name: str, *, size: str | None = None, root: str | Path | None = None, **kwargs: Any
+) -> TaskZoo | PairZoo:
+    """Open a built zoo. ``size=None`` takes ``"demo"`` when built, else ``"ci"``."""
+    loader = _entry(name, 2)
+    root_path = Path(root) if root is not None else None
+    if size is None:
+        demo = zoo_dir(name, "demo", root_path)
+        size = "demo" if (demo / "manifest.json").is_file() else "ci"
+    _check_size(size)
+    folder = zoo_dir(name, size, root_path)
+    read_manifest(folder)  # clear error when missing
+    return loader(folder, **kwargs)

@@ -1,0 +1,131 @@
+"""Shared pieces of the model zoo: where it lives on disk, manifests, and the two zoo kinds.
+
+A *task zoo* is one base model and several fine-tunes of it (task vectors); a *pair zoo* is two
+independently trained models of one architecture (linear mode connectivity, Git Re-Basin).
+Both are plain folders of safetensors files plus ``manifest.json``; both expose ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = ("ci", "demo")
+
+Metrics = dict[str, float]  # {"accuracy": ..., "loss": ...}
+
+
+def home() -> Path:
+    """Root of weightlens' cache: ``$WEIGHTLENS_HOME`` or ``~/.cache/weightlens``."""
+    env = os.environ.get("WEIGHTLENS_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "weightlens"
+
+
+def zoo_dir(name: str, size: str, root: Path | None = None) -> Path:
+    """Folder of one zoo at one size: ``<root or home()/zoo>/<size>/<name>``."""
+    base = Path(root) if root is not None else home() / "zoo"
+    return base / size / name
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` last: its presence marks a complete build."""
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(folder / "manifest.json")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read a zoo's manifest; a missing one means the zoo was never built (or was interrupted)."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No zoo at {folder} (manifest.json missing). Build it with: weightlens zoo build --size "
+            f"{folder.parent.name}"
+        )
+    return json.loads(path.read_text())
+
+
+class atomic_folder:
+    """Context manager: build into a temporary sibling folder, rename onto ``target`` on success.
+
+    An exception (or a kill) leaves no half-built zoo behind.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        self.tmp.replace(self.target)
+
+
+@dataclass(frozen=True)
+class TaskZoo:
+    """A base model and its fine-tunes, with a scorer.
+
+    Attributes
+    ----------
+    name : zoo name, e.g. ``"digits-tasks"``.
+    folder : where the files are.
+    base : source of the base weights (a safetensors file or an HF folder).
+    finetuned : ``{task: source}`` of fine-tuned weights, same keys as ``base``.
+    manifest : accuracies of base and fine-tunes per task and split, and the build settings.
+    evaluate : ``evaluate(state_dict, task, split) -> {"accuracy", "loss"}`` with split in
+        ``{"val", "test"}``.
+    """
+
+    name: str
+    folder: Path
+    base: Path
+    finetuned: dict[str, Path]
+    manifest: dict[str, Any]
+    evaluate: Callable[[Mapping[str, torch.Tensor], str, str], Metrics] = field(repr=False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.finetuned)
+
+    def task_vectors(self, tasks: list[str] | None = None, **kwargs: Any):
+        """``TaskVectors`` of the chosen tasks (all by default)."""
+        from weightlens.taskvectors import TaskVectors
+
+        names = tasks if tasks is not None else self.tasks
+        return TaskVectors(self.base, {t: self.finetuned[t] for t in names}, **kwargs)
+
+
+@dataclass(frozen=True)
+class PairZoo:
+    """Two independently trained models of one architecture, with a scorer and the module.
+
+    ``evaluate(state_dict, split) -> {"accuracy", "loss"}``, split in ``{"train", "test"}``;
+    ``make_module()`` returns an untrained ``nn.Module`` whose ``state_dict`` keys match;
+    ``data(split) -> (inputs, labels)`` tensors for batched evaluation and activation matching.
+    """
+
+    name: str
+    folder: Path
+    a: Path
+    b: Path
+    manifest: dict[str, Any]
+    evaluate: Callable[[Mapping[str, torch.Tensor], str], Metrics] = field(repr=False)
+    make_module: Callable[[], torch.nn.Module] = field(repr=False)
+    data: Callable[[str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
