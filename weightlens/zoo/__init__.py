@@ -20,6 +20,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,13 @@ def build(
 def load(
     name: str, *, size: str | None = None, root: str | Path | None = None, **kwargs: Any
 ) -> TaskZoo | PairZoo:
-    """Open a built zoo. ``size=None`` takes ``"demo"`` when built, else ``"ci"``."""
+    """Open a built zoo.
+
+    ``size=None`` takes ``$WEIGHTLENS_ZOO_SIZE`` when set, else ``"demo"`` when built, else ``"ci"``.
+    """
     loader = _entry(name, 2)
     root_path = Path(root) if root is not None else None
+    size = size or os.environ.get("WEIGHTLENS_ZOO_SIZE") or None
     if size is None:
         demo = zoo_dir(name, "demo", root_path)
         size = "demo" if (demo / "manifest.json").is_file() else "ci"

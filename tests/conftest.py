@@ -1,0 +1,34 @@
+"""Shared fixtures: the real model zoo at CI size, built once per test session.
+
+The zoo is cached under ``$WEIGHTLENS_HOME`` (``./dev.sh test`` points it at ``.wl-cache/`` in the
+checkout, so a clean clone builds it afresh); builds are deterministic and skipped when present.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from weightlens import zoo
+
+PAIR_WIDTHS_CI = (16, 128, 512)
+
+
+@pytest.fixture(scope="session")
+def digits_zoo():
+    """Base MLP on digits and 4 fine-tunes on transformed digits (``TaskZoo``)."""
+    zoo.build(size="ci", names=["digits-tasks"], progress=False)
+    return zoo.load("digits-tasks", size="ci")
+
+
+@pytest.fixture(scope="session")
+def digits_pairs():
+    """``{width: PairZoo}``: independently trained digits MLPs at the CI widths."""
+    zoo.build(size="ci", names=["digits-pairs"], progress=False)
+    return {w: zoo.load("digits-pairs", size="ci", width=w) for w in PAIR_WIDTHS_CI}
+
+
+@pytest.fixture(scope="session")
+def minilm_zoo():
+    """all-MiniLM-L6-v2 and 4 fine-tunes on WordNet and fortunes tasks (``TaskZoo``)."""
+    zoo.build(size="ci", names=["minilm-tasks"], progress=False)
+    return zoo.load("minilm-tasks", size="ci")

@@ -1,0 +1,283 @@
+"""The merge engine: full weights, dtypes, copied keys, caching, TIES scopes, DARE, degenerate cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import weightlens as wl
+from weightlens.merge import merge
+from weightlens.merge.arithmetic import dare_mask, global_thresholds
+
+from test_merge_methods import SHAPES, T, float_keys, make_models
+
+
+@pytest.fixture
+def models():
+    return make_models(seed=1)
+
+
+@pytest.fixture
+def tv(models):
+    return wl.TaskVectors(*models)
+
+
+# ------------------------------------------------------------------------------ result shape
+def test_result_is_a_mapping_of_full_weights(models, tv):
+    base, fts = models
+    merged = merge(tv, method="task_arithmetic")
+    assert list(merged) == list(base)
+    assert merged.method == "task_arithmetic" and merged.params == {"alpha": 0.3}
+    assert torch.equal(merged["steps"], base["steps"]) and merged["steps"].dtype == torch.int64
+    for k in float_keys(base):
+        want = base[k] + 0.3 * sum(ft[k] - base[k] for ft in fts.values())
+        torch.testing.assert_close(merged[k], want)
+        torch.testing.assert_close(merged.update(k), want - base[k], atol=1e-6, rtol=1e-5)
+    with pytest.raises(KeyError, match="copied from the base"):
+        merged.update("steps")
+    assert merged.notes.empty and list(merged.notes.columns) == ["key", "method", "note"]
+    assert merged.recipe["method"] == "task_arithmetic" and merged.recipe["tasks"] == tv.names
+
+
+def test_base_and_finetuned_form_equals_task_vectors_form(models, tv):
+    base, fts = models
+    a = merge(base, fts, method="tsv", alpha=0.7)
+    b = merge(tv, method="tsv", alpha=0.7)
+    for k in base:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_keys_outside_the_task_vectors_are_copied_from_base(models):
+    base, fts = models
+    tv = wl.TaskVectors(base, fts, exclude=["enc.*"])
+    merged = merge(tv, method="iso_c")
+    assert torch.equal(merged["enc.weight"], base["enc.weight"])
+    assert merged["enc.weight"].data_ptr() != base["enc.weight"].data_ptr()
+    assert not torch.equal(merged["dec.weight"], base["dec.weight"])
+
+
+def test_low_precision_bases_are_cast_back(models):
+    base, fts = models
+    to16 = lambda sd: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    tv = wl.TaskVectors(to16(base), {n: to16(ft) for n, ft in fts.items()})
+    merged = merge(tv, method="ties", alpha=1.0)
+    assert merged["enc.weight"].dtype == torch.bfloat16 and merged.update("enc.weight").dtype == torch.float32
+
+
+def test_merge_needs_finetuned_or_task_vectors(models, tv):
+    with pytest.raises(wl.InvalidParameterError, match="needs the fine-tuned"):
+        merge(models[0], method="tsv")
+    with pytest.raises(wl.InvalidParameterError, match="either"):
+        merge(tv, models[1], method="tsv")
+
+
+# ------------------------------------------------------------------------------ caching
+@pytest.mark.parametrize("method", ["tsv", "iso_cts", "ties", "star"])
+def test_alpha_only_change_computes_nothing_new(tv, method):
+    first = merge(tv, method=method, alpha=1.0)
+    misses, entries = tv.cache.misses, len(tv.cache)
+    second = merge(tv, method=method, alpha=0.25)
+    assert tv.cache.misses == misses and len(tv.cache) == entries
+    for k in tv.keys:
+        torch.testing.assert_close(second.update(k), 0.25 * first.update(k))
+
+
+def test_method_switch_reuses_decompositions(tv):
+    merge(tv, method="tsv")
+    svds = {k for k in tv.cache._entries if k[0] == "svd"}
+    merge(tv, method="star")  # per-task SVDs reused
+    assert {k for k in tv.cache._entries if k[0] == "svd"} == svds
+    merge(tv, method="iso_c")
+    sums = {k for k in tv.cache._entries if k[0] == "svd_sum"}
+    merge(tv, method="iso_cts")  # the sum SVD reused
+    assert {k for k in tv.cache._entries if k[0] == "svd_sum"} == sums
+
+
+def test_task_subsets_are_cached_apart(tv):
+    full = merge(tv, method="iso_c")
+    sub = merge(tv.subset(tv.names[:2]), method="iso_c")
+    assert not torch.equal(full["enc.weight"], sub["enc.weight"])
+
+
+# ------------------------------------------------------------------------------ TIES scopes
+def test_global_thresholds_equal_kthvalue_of_the_flattened_model(tv):
+    flat = torch.cat([tv.deltas(k).reshape(T, -1) for k in tv.keys], 1).abs()
+    P = flat.shape[1]
+    for density in (0.01, 0.2, 0.5, 0.99):
+        want = flat.kthvalue(P - int(P * density), dim=1).values
+        assert torch.equal(global_thresholds(tv, density), want)
+    assert torch.equal(global_thresholds(tv, 1.0), torch.zeros(T))
+
+
+def test_global_thresholds_with_ties_and_zeros():
+    base = {"a": torch.zeros(3, 4), "b": torch.zeros(5)}
+    ft = {"a": torch.tensor([[0.5, 0.5, 0.5, 0.0], [0.5, 2.0, 0.0, 0.0], [1.0, 0.5, 0.0, -0.5]]),
+          "b": torch.tensor([0.0, 0.0, 3.0, -0.5, 0.5])}
+    tv = wl.TaskVectors(base, {"t": ft})
+    flat = torch.cat([ft["a"].reshape(-1), ft["b"]]).abs()
+    for density in (0.1, 0.2, 0.3, 0.5, 0.7):
+        want = flat.kthvalue(17 - int(17 * density)).values
+        assert float(global_thresholds(tv, density)[0]) == float(want)
+
+
+def test_ties_global_and_tensor_scopes_differ_as_documented():
+    # One task. Key "big" holds all the large entries, key "small" only tiny ones; several ties.
+    base = {"big": torch.zeros(10), "small": torch.zeros(10)}
+    big = torch.tensor([5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    small = torch.full((10,), 0.01)
+    tv = wl.TaskVectors(base, {"t": {"big": big, "small": small}})
+    # global: P = 20, keep int(20 * 0.1) = 2 -> threshold = 18th smallest = 5.0 -> keeps all three 5.0 (ties)
+    g = merge(tv, method="ties", density=0.1)
+    assert int((g["big"] != 0).sum()) == 3 and int((g["small"] != 0).sum()) == 0
+    # tensor: exactly floor(0.1 * 10) = 1 per tensor, the first of the tied 5.0s; "small" keeps one too
+    t = merge(tv, method="ties", density=0.1, scope="tensor")
+    assert t["big"].tolist() == [5.0] + [0.0] * 9
+    assert t["small"].tolist() == [0.01] + [0.0] * 9
+
+
+def test_ties_zero_vote_coordinates_take_the_whole_model_majority_sign():
+    # coordinate 0 of "a": votes +1 and -1 cancel exactly; the rest of the model votes positive,
+    # so the positive entry wins there under the global scope.
+    base = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    fts = {"x": {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0, 1.0])},
+           "y": {"a": torch.tensor([-1.0, 0.0]), "b": torch.tensor([1.0, 1.0, 0.0])}}
+    tv = wl.TaskVectors(base, fts)
+    g = merge(tv, method="ties", density=1.0)
+    assert g["a"].tolist() == [1.0, 0.0]
+    # tensor scope: "a" has no majority of its own (sum of its elected signs is 0) -> stays 0
+    t = merge(tv, method="ties", density=1.0, scope="tensor")
+    assert t["a"].tolist() == [0.0, 0.0]
+    # with a negative-majority model the negative entry wins
+    neg = {n: {k: -v if k == "b" else v for k, v in ft.items()} for n, ft in fts.items()}
+    assert merge(base, neg, method="ties", density=1.0)["a"].tolist() == [-1.0, 0.0]
+
+
+def test_ties_tensor_scope_notes_tensors_that_keep_nothing(tv):
+    merged = merge(tv, method="ties", density=0.2, scope="tensor")
+    noted = set(merged.notes["key"])
+    assert noted == {"scale"}  # floor(0.2 * 1) = 0; every other tensor keeps at least one entry
+    assert float(merged.update("scale")) == 0.0
+
+
+# ------------------------------------------------------------------------------ DARE
+def test_dare_is_seeded_and_reproducible(tv):
+    a = merge(tv, method="dare", seed=3, alpha=1.0)
+    b = merge(tv, method="dare", seed=3, alpha=1.0)
+    c = merge(tv, method="dare", seed=4, alpha=1.0)
+    assert all(torch.equal(a[k], b[k]) for k in tv.keys)
+    assert not torch.equal(a["enc.weight"], c["enc.weight"])
+    # masks do not depend on the other tasks merged alongside
+    sub = merge(tv.subset(["task0"]), method="dare", seed=3, alpha=1.0)
+    mask = dare_mask(SHAPES["enc.weight"], 0.5, 3, "task0", "enc.weight")
+    torch.testing.assert_close(sub.update("enc.weight"), tv.delta("task0", "enc.weight") * mask / 0.5)
+
+
+def test_dare_mask_keeps_density_on_average():
+    mask = dare_mask((200, 200), 0.3, 0, "t", "k")
+    assert abs(float(mask.double().mean()) - 0.3) < 0.01
+
+
+def test_dare_is_unbiased_in_expectation(tv):
+    want = {k: tv.deltas(k).sum(0).double() for k in tv.keys}
+    seeds = range(400)
+    mean = {k: torch.zeros_like(v) for k, v in want.items()}
+    for s in seeds:
+        merged = merge(tv, method="dare", density=0.5, seed=s, alpha=1.0)
+        for k in tv.keys:
+            mean[k] += merged.update(k).double() / len(seeds)
+    for k in ("enc.weight", "dec.weight", "conv.weight"):
+        # each entry: sum of 4 independent tau*B/p terms; std of the seed mean ~ ||tau|| / sqrt(400)
+        err = float((mean[k] - want[k]).norm() / want[k].norm())
+        assert err < 0.1, f"{k}: {err:.3f}"
+
+
+# ------------------------------------------------------------------------------ degenerate cases
+def test_tsv_rank_below_tasks_gives_zero_update_and_a_note(models, tv):
+    merged = merge(tv, method="tsv")
+    assert torch.equal(merged["tiny.weight"], models[0]["tiny.weight"])
+    notes = merged.notes
+    assert list(notes["key"]) == ["tiny.weight"]
+    assert "r=2 < T=4" in notes["note"].iloc[0] and "zero update" in notes["note"].iloc[0]
+
+
+@pytest.mark.parametrize("fallback", ["mean", "sum"])
+def test_tsv_fallback_is_opt_in_and_noted(tv, fallback):
+    merged = merge(tv, method="tsv", fallback=fallback, alpha=1.0)
+    d = tv.deltas("tiny.weight")
+    want = d.mean(0) if fallback == "mean" else d.sum(0)
+    torch.testing.assert_close(merged.update("tiny.weight"), want)
+    assert f"fallback={fallback!r}" in merged.notes["note"].iloc[0]
+
+
+def test_iso_cts_without_task_specific_room_is_iso_c_and_noted():
+    # r = 5, T = 4, f = 0.8: k0 = 4, round(1/4) = 0 -> s = 0
+    base, fts = make_models(seed=2, shapes={"w": (5, 7)})
+    tv = wl.TaskVectors(base, fts)
+    cts = merge(tv, method="iso_cts")
+    torch.testing.assert_close(cts["w"], merge(tv, method="iso_c")["w"], atol=0, rtol=0)
+    assert "s=0" in cts.notes["note"].iloc[0] and "Iso-C" in cts.notes["note"].iloc[0]
+
+
+def test_rank_deficient_sums_are_flagged_for_iso():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(16, 12)}
+    # LoRA-like: each task is rank 1 -> the sum has rank 2 of 12
+    fts = {f"t{i}": {"w": torch.randn(16, 1, generator=g) @ torch.randn(1, 12, generator=g)} for i in range(2)}
+    tv = wl.TaskVectors(base, fts)
+    for method in ("iso_c", "iso_cts"):
+        merged = merge(tv, method=method)
+        assert merged.notes["note"].str.contains("rank-deficient .numerical rank 2 of 12", regex=True).any()
+    restricted = merge(tv, method="iso_c", restrict_to_numerical_rank=True)
+    S = torch.linalg.svdvals(restricted.update("w").double())
+    assert int((S > 1e-4 * S[0]).sum()) == 2 and "kept only" in restricted.notes["note"].iloc[0]
+    full = merge(tv, method="iso_c")
+    S_full = torch.linalg.svdvals(full.update("w").double())
+    assert torch.allclose(S_full, S_full[0].expand_as(S_full), rtol=1e-4)  # flat over all 12
+
+
+def test_zero_task_matrices_are_noted_and_star_skips_them():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(6, 4)}
+    fts = {"moved": {"w": torch.randn(6, 4, generator=g)}, "still": {"w": torch.zeros(6, 4)}}
+    tv = wl.TaskVectors(base, fts)
+    star = merge(tv, method="star", eta=100)
+    assert "'still' has an all-zero matrix" in star.notes["note"].iloc[0]
+    torch.testing.assert_close(star["w"], fts["moved"]["w"] / 2, atol=1e-6, rtol=1e-5)
+    assert "'still'" in merge(tv, method="tsv").notes["note"].iloc[0]
+    zero = wl.TaskVectors(base, {"a": {"w": torch.zeros(6, 4)}, "b": {"w": torch.zeros(6, 4)}})
+    iso = merge(zero, method="iso_c")
+    assert torch.equal(iso["w"], base["w"]) and "sum is zero" in iso.notes["note"].iloc[0]
+    assert not math.isnan(float(merge(zero, method="iso_cts")["w"].sum()))
+
+
+def test_non_matrix_convention(models, tv):
+    base, fts = models
+    mean = tv.deltas("conv.weight").mean(0)
+    for method in ("tsv", "iso_c", "iso_cts"):
+        torch.testing.assert_close(merge(tv, method=method, alpha=0.5).update("conv.weight"), 0.5 * mean)
+    # STAR's alpha multiplies a sum: at its default 1/T the non-matrix tensors get the plain mean
+    torch.testing.assert_close(merge(tv, method="star").update("conv.weight"), mean, atol=1e-6, rtol=1e-5)
+
+
+def test_text_projection_keys_are_averaged_like_the_reference():
+    base, fts = make_models(seed=4, shapes={"text_projection": (8, 6), "w": (8, 6)})
+    tv = wl.TaskVectors(base, fts)
+    merged = merge(tv, method="iso_c")
+    torch.testing.assert_close(merged.update("text_projection"), tv.deltas("text_projection").mean(0))
+    assert not torch.allclose(merged.update("w"), tv.deltas("w").mean(0))
+
+
+def test_progress_bar_runs(tv, capsys):
+    merge(tv, method="ties", progress=True)
+    assert "merge ties" in capsys.readouterr().err
+
+
+def test_results_do_not_alias_the_cache(tv):
+    merged = merge(tv, method="tsv", alpha=1.0)
+    merged["enc.weight"].add_(1.0)
+    again = merge(tv, method="tsv", alpha=1.0)
+    assert not torch.equal(merged["enc.weight"], again["enc.weight"])
+    assert np.isfinite(again["enc.weight"].numpy()).all()

@@ -1,0 +1,564 @@
+"""``analyze(tv) -> Report``: spectra, alignment and sign conflicts of task vectors in one pass.
+
+One pass over keys reads each key's deltas once; every decomposition goes through
+:mod:`weightlens.analysis.decompose` (cached in ``tv.cache`` by task, key, device and dtype), so
+merges and widgets that follow reuse them. Tasks get a full thin SVD only where singular vectors
+are needed (``pairwise=True``: task x task SAR, STI, subspace overlaps); otherwise singular values
+alone. Keys whose deltas are all zero (frozen layers) are not decomposed.
+
+Examples
+--------
+>>> import torch, weightlens as wl
+>>> from weightlens.analysis import analyze
+>>> g = torch.Generator().manual_seed(0)
+>>> base = {"layer.0.w": torch.zeros(6, 4), "layer.0.b": torch.zeros(4)}
+>>> fts = {t: {k: torch.randn(v.shape, generator=g) for k, v in base.items()} for t in "ab"}
+>>> rep = analyze(wl.TaskVectors(base, fts), device="cpu", progress=False)
+>>> sorted(rep.spectra.task.unique())
+['a', 'b', 'sum']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from weightlens import linalg
+from weightlens.analysis import decompose
+from weightlens.analysis.alignment import (
+    cosine_matrix,
+    gram,
+    left_span,
+    reference_ranks,
+    sar_curves,
+    sar_rows,
+    sti,
+    subspace_row,
+)
+from weightlens.analysis.signs import (
+    check_density,
+    conflict_stats,
+    global_thresholds,
+    pair_rows,
+    pairwise_conflicts,
+    trim,
+)
+from weightlens.analysis.spectra import DEFAULT_ENERGY_RANKS, check_criterion, spectrum_rows
+from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["AnalysisOptions", "Report", "analyze", "block_of"]
+
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def block_of(key: str) -> str:
+    """Block of a tensor key: the prefix up to its first numeric component (the layer index).
+
+    ``"encoder.layer.3.attention.self.query.weight"`` -> ``"encoder.layer.3"``. Keys without a
+    layer index keep their module path (``"embeddings.word_embeddings.weight"`` ->
+    ``"embeddings.word_embeddings"``); a bare name is its own block.
+    """
+    match = _LAYER.match(key)
+    if match:
+        return match.group(1)
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+# ------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Settings of :func:`analyze` beyond the data selection (all have defaults).
+
+    Attributes
+    ----------
+    top_n : keep only the top-N singular triplets of matrices with ``min(m, n) > top_n``
+        (``linalg.topk_svd``); energies stay exact (``||delta||_F`` is known), ``erank`` is NaN there.
+    sar_criterion : ``"iso_script"`` (default, reproduces the Iso figures) or ``"paper"`` (Eq. 6);
+        both are always reported as ``sar_paper`` / ``sar_iso_script``, this picks ``sar``.
+    eps : tolerance of both rank rules and of ``rank_eps`` (0.05).
+    sign_density : TIES density for sign statistics (None: no trimming; the paper uses 0.2).
+    trim_scope : ``"global"`` (whole-model threshold per task, the paper) or ``"local"`` (per tensor).
+    subspace_k : k of the top-k subspaces compared between tasks (default ``min(m, n) // T``).
+    sti_k : per-task truncation for STI: an int, ``"r"`` for full rank, default ``min(m, n) // T``.
+    entropy : ``"l1"`` (default) or ``"energy"`` spectral entropy for ``erank``.
+    energy_ranks : ranks k of the ``energy_at_<k>`` columns.
+    pairwise : compute task x task SAR, STI and subspace overlaps (needs per-task singular vectors).
+    dtype : decomposition dtype (float32 or float64).
+    """
+
+    top_n: int | None = None
+    sar_criterion: str = "iso_script"
+    eps: float = 0.05
+    sign_density: float | None = None
+    trim_scope: str = "global"
+    subspace_k: int | None = None
+    sti_k: int | str | None = None
+    entropy: str = "l1"
+    energy_ranks: tuple[int, ...] = DEFAULT_ENERGY_RANKS
+    pairwise: bool = True
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sar_criterion", check_criterion(self.sar_criterion))
+        check_density(self.sign_density)
+        for name in ("top_n", "subspace_k", "sti_k"):
+            value = getattr(self, name)
+            if value is None or (name == "sti_k" and value == "r") or _positive_int(value):
+                continue
+            allowed = "None, 'r' or an int >= 1" if name == "sti_k" else "None or an int >= 1"
+            raise InvalidParameterError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
+        for name, allowed in (("trim_scope", ("global", "local")), ("entropy", ("l1", "energy"))):
+            if getattr(self, name) not in allowed:
+                raise InvalidParameterError(
+                    f"The {name!r} parameter must be one of {allowed}. Got {getattr(self, name)!r} instead."
+                )
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 < self.eps < 1.0:
+            raise InvalidParameterError(f"The 'eps' parameter must be a float in (0, 1). Got {self.eps!r} instead.")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise InvalidParameterError(
+                f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {self.dtype!r} instead."
+            )
+        object.__setattr__(self, "energy_ranks", tuple(int(k) for k in self.energy_ranks))
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _options(options: AnalysisOptions | None, overrides: Mapping[str, Any]) -> AnalysisOptions:
+    fields = {f.name for f in dataclasses.fields(AnalysisOptions)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise InvalidParameterError(
+            f"analyze() got unknown option(s) {unknown}; valid options: {sorted(fields)} (see AnalysisOptions)."
+        )
+    return dataclasses.replace(options or AnalysisOptions(), **overrides)
+
+
+# ------------------------------------------------------------------------------------ aggregates
+def _wmean(values: pd.Series, weights: pd.Series) -> float:
+    ok = values.notna() & weights.notna() & (weights > 0)
+    return float((values[ok] * weights[ok]).sum() / weights[ok].sum()) if ok.any() else math.nan
+
+
+def _ratio(num: pd.Series, den: pd.Series) -> float:
+    total = float(den.sum())
+    return float(num.sum()) / total if total > 0 else math.nan
+
+
+def _mean(values: pd.Series) -> float:
+    return float(values.mean()) if values.notna().any() else math.nan
+
+
+def _row(
+    metric: str,
+    plain: float,
+    weighted: float,
+    chance: float = math.nan,
+    weighting: str = "numel",
+    note: str = "",
+) -> dict[str, Any]:
+    return {"metric": metric, "plain": plain, "weighted": weighted, "chance": chance,
+            "weighting": weighting, "note": note}
+
+
+def _by_numel(metric: str, values: pd.Series, weights: pd.Series, **kw: Any) -> dict[str, Any]:
+    """Summary row: plain mean, and mean weighted by parameter count."""
+    return _row(metric, _mean(values), _wmean(values, weights), **kw)
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """Result of :func:`analyze`: tidy tables, aggregates, figures and a standalone HTML page.
+
+    Attributes
+    ----------
+    spectra : one row per (key, task) for matrix keys, tasks plus ``"sum"`` (and ``"merged"``):
+        ``sigma_max, frob, stable_rank, erank, erank_rel (= erank / min(m, n)), rank_eps,
+        numerical_rank, energy_at_<k>, ...``; ``zero`` marks a delta that is exactly 0.
+    alignment : one row per (key, task, reference); reference ``"sum"``, ``"merged"`` or another
+        task (task x task SAR with k taken from the sum, Iso Fig. 3b). Columns ``k_paper,
+        sar_paper, k_iso_script, sar_iso_script`` and ``k, sar`` for the chosen rule.
+    pairs : one row per (key, unordered task pair): ``cosine``, ``conflict_pair`` (chance 0.5) and
+        for matrices ``overlap_left/right`` with ``chance_left/right`` (k/d) and Grassmann distances.
+    interference : one row per matrix key: ``sti`` and ``sti_normalized`` (weightlens extension).
+    signs : one row per key: conflict rate with its chance baseline, mass-weighted conflict,
+        TIES discarded mass, agreement, and the counts behind them.
+    singular_values : long table ``key, task, index, sigma`` (for spectrum plots).
+    cosines : whole-model cosine similarity of the task vectors (task x task).
+    """
+
+    spectra: pd.DataFrame
+    alignment: pd.DataFrame
+    pairs: pd.DataFrame
+    interference: pd.DataFrame
+    signs: pd.DataFrame
+    singular_values: pd.DataFrame
+    cosines: pd.DataFrame
+    tasks: tuple[str, ...]
+    options: AnalysisOptions
+    keys: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        n_matrix = int(self.spectra["key"].nunique()) if not self.spectra.empty else 0
+        return (f"Report(tasks={list(self.tasks)}, keys={len(self.keys)} ({n_matrix} matrices), "
+                f"sar_criterion={self.options.sar_criterion!r})")
+
+    def _task_spectra(self, task: str | None = None) -> pd.DataFrame:
+        s = self.spectra
+        if s.empty:
+            return s
+        s = s[~s["zero"]]
+        return s[s["task"].isin(self.tasks)] if task is None else s[s["task"] == task]
+
+    def _sar(self, kind: str) -> pd.DataFrame:
+        a = self.alignment
+        if a.empty:
+            return a
+        if kind == "other":
+            return a[a["reference"].isin(self.tasks) & (a["reference"] != a["task"])]
+        if kind == "self":
+            return a[a["reference"] == a["task"]]
+        return a[a["reference"] == kind]
+
+    def sar_matrix(self, *, value: str = "sar", weighted: bool = False) -> pd.DataFrame:
+        """Task x reference table of SAR averaged over matrices (plain mean, or weighted by numel)."""
+        a = self.alignment.dropna(subset=[value])
+        agg = (lambda g: _wmean(g[value], g["numel"])) if weighted else (lambda g: g[value].mean())
+        table = a.groupby(["task", "reference"]).apply(agg, include_groups=False).unstack("reference")
+        cols = [c for c in [*self.tasks, "sum", "merged"] if c in table.columns]
+        return table.reindex(index=list(self.tasks), columns=cols)
+
+    def summary(self) -> pd.DataFrame:
+        """Model-level aggregates with chance baselines.
+
+        ``plain``: every key counts once (as the Iso code averages SAR over matrices);
+        ``weighted``: by parameter count (``numel``), or for rates the pooled counts over all
+        parameters; the ``weighting`` column says which. Returns a DataFrame indexed by metric with
+        columns ``plain, weighted, chance, weighting, note``.
+        """
+        rows = self._summary_cosines()
+        for metric, task in (("erank_rel", None), ("stable_rank", None), ("erank_rel", "sum")):
+            s = self._task_spectra(task)
+            if not s.empty:
+                note = "erank_rel = erank / min(m, n)" if metric == "erank_rel" else ""
+                rows.append(_by_numel(f"{metric} ({task or 'tasks'})", s[metric], s["numel"], note=note))
+        rule = f"rule {self.options.sar_criterion}, eps={self.options.eps}"
+        for label, kind in (("sum", "sum"), ("merged", "merged"), ("other task", "other"), ("itself", "self")):
+            a = self._sar(kind)
+            if not a.empty:
+                note = f"{rule}; k from the {'merged' if kind == 'merged' else 'sum'} spectrum"
+                rows.append(_by_numel(f"SAR task vs {label}", a["sar"], a["numel"], note=note))
+        return pd.DataFrame(rows + self._summary_pairs() + self._summary_signs()).set_index("metric")
+
+    def _summary_cosines(self) -> list[dict[str, Any]]:
+        if len(self.tasks) < 2:
+            return []
+        off = self.cosines.to_numpy()[~torch.eye(len(self.tasks), dtype=torch.bool).numpy()]
+        per_pair = self.pairs.groupby(["task_a", "task_b"])["cosine"].mean()
+        whole = "whole model (flattened vector)"
+        return [
+            _row("cosine (mean over pairs)", _mean(self.pairs["cosine"]), float(off.mean()), 0.0, whole,
+                 "plain: mean over keys and pairs"),
+            _row("max |cosine| over pairs", float(per_pair.abs().max()), float(abs(off).max()), 0.0, whole,
+                 "plain: largest |mean over keys| of a pair"),
+        ]
+
+    def _summary_pairs(self) -> list[dict[str, Any]]:
+        rows, i = [], self.interference
+        if not i.empty:
+            rows.append(_by_numel("STI normalized", i["sti_normalized"], i["numel"],
+                                  note="weightlens extension: STI / ||Sigma_cat||_1"))
+        for side in ("left", "right"):
+            col = f"overlap_{side}"
+            if col in self.pairs and self.pairs[col].notna().any():
+                q = self.pairs.dropna(subset=[col])
+                rows.append(_by_numel(f"subspace overlap ({side})", q[col], q["numel"],
+                                      chance=_wmean(q[f"chance_{side}"], q["numel"]),
+                                      note="top-k singular subspaces; chance k/d"))
+        return rows
+
+    def _summary_signs(self) -> list[dict[str, Any]]:
+        s, p = self.signs, self.pairs
+        if s.empty or len(self.tasks) < 2:
+            return []
+        note = (f"chance 1-2^(1-T) = {float(s['chance_T'].iloc[0]):.4f} untrimmed; "
+                f"density={self.options.sign_density}")
+        return [
+            _row("conflict rate", _mean(s["conflict_rate"]), _ratio(s["n_conflict"], s["n_eligible"]),
+                 _ratio(s["chance_sum"], s["n_eligible"]), "pooled counts", note),
+            _row("pairwise conflict rate", _mean(p["conflict_pair"]), _ratio(p["n_opposite"], p["n_pair"]),
+                 0.5, "pooled counts"),
+            _row("mass-weighted conflict", _mean(s["mass_conflict"]),
+                 _ratio(s["mass_conflicting"], s["mass_eligible"]), weighting="pooled mass"),
+            _row("TIES discarded mass", _mean(s["discarded_mass"]), _ratio(s["mass_discarded"], s["mass_total"]),
+                 weighting="pooled mass"),
+            _by_numel("sign agreement", s["agreement"], s["n_coords"]),
+        ]
+
+    def by_block(self) -> pd.DataFrame:
+        """Per-block aggregates (block = key prefix up to the layer index), plain and weighted."""
+        out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(block_of(k) for k in self.keys)), name="block"))
+        if not self.signs.empty:
+            g = self.signs.groupby("block")
+            counted = g["n_eligible"].sum().replace(0, math.nan)
+            out["numel"] = g["numel"].sum()
+            out["conflict_rate_plain"] = g["conflict_rate"].mean()
+            out["conflict_rate_pooled"] = g["n_conflict"].sum() / counted
+            out["chance_pooled"] = g["chance_sum"].sum() / counted
+        parts = [("erank_rel", "erank_rel", self._task_spectra())]
+        parts += [(f"sar_{kind}", "sar", self._sar(kind)) for kind in ("sum", "other")]
+        for name, col, table in parts:
+            if not table.empty:
+                g = table.groupby("block")
+                out[f"{name}_plain"] = g[col].mean()
+                out[f"{name}_weighted"] = g.apply(lambda d, c=col: _wmean(d[c], d["numel"]), include_groups=False)
+        if not self.pairs.empty:
+            out["cosine_plain"] = self.pairs.groupby("block")["cosine"].mean()
+        return out
+
+    def figures(self) -> dict[str, Any]:
+        """The standard figures as ``{name: plotly Figure}`` (see :mod:`weightlens.figures.analysis`)."""
+        from weightlens.figures import analysis as fa
+
+        return fa.report_figures(self)
+
+    def to_html(self, path: str | Path, *, title: str = "weightlens interference report") -> Path:
+        """Write a standalone HTML page (summary, figures, per-block table; plotly.js inlined once)."""
+        from weightlens.figures import analysis as fa
+
+        path = Path(path)
+        settings = dataclasses.asdict(self.options) | {"tasks": list(self.tasks)}
+        html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+# ------------------------------------------------------------------------------------ the pass
+@dataclass
+class _Run:
+    """State of one :func:`analyze` pass: inputs and the rows collected so far."""
+
+    tv: TaskVectors
+    opts: AnalysisOptions
+    device: str | torch.device
+    merged: Mapping[str, torch.Tensor] | None
+    thresholds: list[float | None] | None
+    gram: torch.Tensor
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return self.tv.names
+
+    def add(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
+        self.rows.setdefault(table, []).extend(rows)
+
+
+def analyze(
+    tv: TaskVectors,
+    *,
+    device: str | torch.device = "auto",
+    tasks: Iterable[str] | None = None,
+    keys: Iterable[str] | None = None,
+    merged: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    options: AnalysisOptions | None = None,
+    **overrides: Any,
+) -> Report:
+    """Spectra, singular-vector alignment and sign conflicts of task vectors, in one report.
+
+    Parameters
+    ----------
+    tv : the task vectors (its ``cache`` is filled and reused).
+    device : decomposition device, ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
+    tasks, keys : restrict to these tasks / tensor keys (default: all).
+    merged : optional merged *delta* ``{key: merged - base}``; adds ``"merged"`` spectra and SAR.
+    progress : progress bar over keys.
+    options : an :class:`AnalysisOptions`; ``**overrides`` set its fields directly, e.g.
+        ``analyze(tv, sar_criterion="paper", top_n=256, sign_density=0.2)``.
+
+    Returns
+    -------
+    Report
+        Tidy tables ``spectra``, ``alignment``, ``pairs``, ``interference``, ``signs``,
+        ``singular_values`` and ``cosines``; ``summary()``, ``by_block()``, ``figures()``, ``to_html()``.
+    """
+    opts = _options(options, overrides)
+    if tasks is not None:
+        tv = tv.subset(tasks)
+    chosen = _select_keys(tv, keys, merged)
+    thresholds = None
+    if opts.sign_density is not None and opts.trim_scope == "global":
+        thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
+    run = _Run(tv, opts, device, merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
+    for key in tqdm(chosen, desc="analyze", disable=not progress):
+        _analyze_key(run, key)
+    return _build_report(run, chosen)
+
+
+def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[str, Any] | None) -> list[str]:
+    chosen = list(tv.keys) if keys is None else list(keys)
+    unknown = [k for k in chosen if k not in tv.keys]
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5])
+        raise KeyMismatchError(f"analyze(keys=...) names key(s) {shown} that the task vectors lack (see tv.keys).")
+    for key, value in (merged or {}).items():
+        if key in tv.keys and tuple(value.shape) != tv.shape(key):
+            raise ShapeMismatchError(
+                f"merged[{key!r}] has shape {tuple(value.shape)}; the task vectors have {tv.shape(key)}. "
+                "Pass the merged delta (merged - base) of the same model."
+            )
+    if not chosen:
+        raise KeyMismatchError("analyze() has no keys to analyse (keys=[] or everything excluded).")
+    return chosen
+
+
+def _analyze_key(run: _Run, key: str) -> None:
+    """Signs, cosines and pair rows of any key; spectra and alignment of a matrix key."""
+    deltas = run.tv.deltas(key)  # the only read of this key
+    g = gram(deltas)
+    run.gram += g
+    kind, numel, block = run.tv.kind(key), run.tv.numel(key), block_of(key)
+    local = run.opts.sign_density if run.thresholds is None else None
+    x = trim(deltas, local, thresholds=run.thresholds)
+    run.add("signs", [{"key": key, "block": block, "kind": kind, "numel": numel, **conflict_stats(x)}])
+    pairs = pair_rows(key, run.names, *pairwise_conflicts(x))
+    cos = cosine_matrix(g)
+    index = {n: i for i, n in enumerate(run.names)}
+    for row in pairs:
+        cosine = float(cos[index[row["task_a"]], index[row["task_b"]]])
+        row.update(block=block, kind=kind, numel=numel, cosine=cosine)
+    if kind == "matrix":
+        _matrix_key(run, key, deltas, g, {(r["task_a"], r["task_b"]): r for r in pairs})
+    run.add("pairs", pairs)
+
+
+def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tuple[list[Any], Any]:
+    """Per-task decompositions (SVD, or singular values alone) and the SVD of the sum (cached)."""
+    kw = {"device": run.device, "dtype": run.opts.dtype}
+    tasks: list[Any] = []
+    for t, name in enumerate(run.names):
+        if kv < r:
+            tasks.append(decompose.task_topk_svd(run.tv, name, key, kv, delta=deltas[t], **kw))
+        elif run.opts.pairwise:
+            tasks.append(decompose.task_svd(run.tv, name, key, delta=deltas[t], **kw))
+        else:
+            S = decompose.task_svdvals(run.tv, name, key, delta=deltas[t], **kw)
+            tasks.append(linalg.SVD(None, S, None))  # singular values alone
+    total = deltas.sum(0)
+    if kv < r:
+        return tasks, decompose.sum_topk_svd(run.tv, key, kv, run.names, delta=total, **kw)
+    return tasks, decompose.sum_svd(run.tv, key, run.names, delta=total, **kw)
+
+
+def _merged_svd(run: _Run, key: str, kv: int, r: int) -> tuple[Any, float]:
+    merged = run.merged[key].to(torch.float32)  # type: ignore[index]
+    kw = {"device": run.device, "dtype": run.opts.dtype, "name": key}
+    dec = linalg.topk_svd(merged, kv, **kw) if kv < r else linalg.svd(merged, **kw)
+    return dec, float((merged.double() ** 2).sum())
+
+
+def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pairs: dict) -> None:
+    """Spectra of tasks, sum (and merged), SAR against them, then the pairwise quantities."""
+    (m, n), opts, block = run.tv.shape(key), run.opts, block_of(key)
+    r = min(m, n)
+    spec = {"eps": opts.eps, "energy_ranks": opts.energy_ranks, "entropy": opts.entropy}
+    norms2, sum_sq = torch.diagonal(g).tolist(), float(g.sum())
+    if sum_sq == 0.0 and max(norms2) == 0.0:  # frozen layer: nothing to decompose
+        zeros = {name: (torch.zeros(r), 0.0) for name in [*run.names, "sum"]}
+        run.add("spectra", [{**row, "block": block, "zero": True} for row in spectrum_rows(key, (m, n), zeros, **spec)])
+        return
+    kv = opts.top_n if opts.top_n is not None and r > opts.top_n else r
+    exact = kv < r  # truncated spectra take their total energy from the deltas themselves
+    tasks, ref = _decompose(run, key, deltas, kv, r)
+    values = {name: (tasks[t].S, norms2[t] if exact else None) for t, name in enumerate(run.names)}
+    refs = {"sum": (ref, sum_sq if exact else None)}
+    if run.merged is not None and key in run.merged:
+        mdec, msq = _merged_svd(run, key, kv, r)
+        refs["merged"] = (mdec, msq if exact else None)
+    values.update({label: (dec.S, sq) for label, (dec, sq) in refs.items()})
+    zero_task = {name: norms2[t] == 0.0 for t, name in enumerate(run.names)}
+    rows = spectrum_rows(key, (m, n), values, **spec)
+    run.add("spectra", [{**row, "block": block, "zero": zero_task.get(row["task"], False)} for row in rows])
+    run.add("singular_values", [
+        {"key": key, "task": name, "index": i + 1, "sigma": s}
+        for name, (S, _) in values.items() for i, s in enumerate(S.detach().cpu().tolist())
+    ])
+    ranks_sum = reference_ranks(ref.S, opts.eps, refs["sum"][1])
+    spans = {label: (left_span(dec, (m, n)), reference_ranks(dec.S, opts.eps, sq))
+             for label, (dec, sq) in refs.items()}
+    if opts.pairwise:  # task x task SAR: each task's vectors, k from the sum (Iso Fig. 3b)
+        spans.update({name: (left_span(tasks[j], (m, n)), ranks_sum) for j, name in enumerate(run.names)})
+    curves = sar_curves(deltas, [U for U, _ in spans.values()])  # one product for every reference
+    for (label, (U, ranks)), curve in zip(spans.items(), curves):
+        rows = sar_rows(key, deltas, run.names, label, U, ranks, opts.sar_criterion, curve=curve)
+        if label in zero_task and zero_task[label]:  # a zero reference spans nothing
+            for row in rows:
+                row.update({c: math.nan for c in row if c.startswith("sar")})
+        run.add("alignment", [{**row, "block": block} for row in rows])
+    if opts.pairwise:
+        _pairwise(run, key, tasks, zero_task, pairs)
+
+
+def _pairwise(run: _Run, key: str, tasks: list, zero_task: dict[str, bool], pairs: dict) -> None:
+    """STI and top-k subspace overlaps of one key (task x task SAR is in :func:`_matrix_key`)."""
+    (m, n), opts, names, block = run.tv.shape(key), run.opts, run.names, block_of(key)
+    r, T = min(m, n), len(names)
+    kv = tasks[0].U.shape[1]
+    k_sti = min(kv, r if opts.sti_k == "r" else (opts.sti_k or max(r // T, 1)))
+    live = [t for t, name in enumerate(names) if not zero_task[name]]
+    parts = (
+        [tasks[t].U[:, :k_sti] for t in live],
+        [tasks[t].S[:k_sti] for t in live],
+        [tasks[t].Vh[:k_sti].mT for t in live],  # V = Vh^T: columns are right singular vectors
+    )
+    run.add("interference", [{
+        "key": key, "block": block, "m": m, "n": n, "numel": m * n, "k": k_sti, "tasks": len(live),
+        "sti": sti(*parts) if live else math.nan,
+        "sti_normalized": sti(*parts, normalized=True) if live else math.nan,
+    }])
+    k_sub = min(kv, opts.subspace_k or max(r // T, 1))
+    for i in range(T):
+        for j in range(i + 1, T):
+            if zero_task[names[i]] or zero_task[names[j]]:
+                continue
+            a, b = tasks[i], tasks[j]
+            k = min(k_sub, *(linalg.numerical_rank(x.S, (m, n)) for x in (a, b)))  # no arbitrary completions
+            pairs[(names[i], names[j])].update(subspace_row(a.U[:, :k], b.U[:, :k], a.Vh[:k].mT, b.Vh[:k].mT))
+
+
+def _build_report(run: _Run, keys: list[str]) -> Report:
+    names = run.names
+    tables = {name: pd.DataFrame(run.rows.get(name, [])) for name in
+              ("spectra", "alignment", "pairs", "interference", "signs", "singular_values")}
+    spectra = tables["spectra"]
+    if not spectra.empty:
+        spectra["erank_rel"] = spectra["erank"] / spectra[["m", "n"]].min(axis=1)
+    if not tables["alignment"].empty:
+        tables["alignment"]["numel"] = tables["alignment"]["key"].map({k: run.tv.numel(k) for k in keys})
+    return Report(
+        spectra=spectra,
+        alignment=tables["alignment"],
+        pairs=tables["pairs"],
+        interference=tables["interference"],
+        signs=tables["signs"],
+        singular_values=tables["singular_values"],
+        cosines=pd.DataFrame(cosine_matrix(run.gram).numpy(), index=names, columns=names),
+        tasks=tuple(names),
+        options=run.opts,
+        keys=tuple(keys),
+    )

@@ -1,0 +1,241 @@
+"""Sign conflicts between task vectors, optionally after TIES trimming (``algorithms.md`` 4.1-4.2).
+
+Per tensor, with ``n+_p`` / ``n-_p`` the number of tasks whose (trimmed) entry p is positive /
+negative and ``n_p = n+_p + n-_p``:
+
+* **conflict rate** ``#{p: n+_p > 0 and n-_p > 0} / #{p: n_p >= 2}``; chance ``1 - 2^(1-T)`` for fair
+  independent signs with every entry nonzero. After trimming, coordinates have fewer survivors,
+  so the matching baseline is the mean of ``1 - 2^(1 - n_p)`` over counted coordinates
+  (``chance``); ``chance_T`` keeps the untrimmed formula.
+* **mass-weighted conflict** (weightlens): share of the total ``|tau|`` mass of counted
+  coordinates that sits on conflicting ones.
+* **discarded mass** ``D``: the ``|tau|`` mass whose sign opposes the TIES elected sign
+  ``sgn(sum_t tau_t)`` (ties at 0 take the tensor's majority sign), over all mass.
+* **sign agreement** mean of ``|n+ - n-| / n`` (1 where ``n = 0``), the TIES repo's helper.
+* **pairwise conflict** ``c_ij = #{tau_i tau_j < 0} / #{tau_i tau_j != 0}`` (chance 0.5).
+
+Examples
+--------
+>>> import torch
+>>> from weightlens.analysis.signs import conflict_stats
+>>> s = conflict_stats(torch.tensor([[1.0, 2.0, -1.0], [1.0, -2.0, -3.0]]))
+>>> s["conflict_rate"], s["chance_T"]
+(0.3333333333333333, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from weightlens.errors import InvalidParameterError
+from weightlens.taskvectors import TaskVectors
+
+__all__ = [
+    "chance_conflict",
+    "conflict_stats",
+    "global_thresholds",
+    "pairwise_conflicts",
+    "ties_threshold",
+    "trim",
+]
+
+_F64 = torch.float64
+_CHUNK = 1 << 20  # coordinates per block in pairwise counts
+
+
+def chance_conflict(n_tasks: int) -> float:
+    """Chance conflict rate ``1 - 2^(1 - T)`` of T independent fair signs (all nonzero)."""
+    return 1.0 - 2.0 ** (1 - int(n_tasks)) if n_tasks >= 1 else math.nan
+
+
+def check_density(density: float | None) -> float | None:
+    """Validate a TIES density (fraction of entries kept per task) in ``(0, 1]``."""
+    if density is None:
+        return None
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise InvalidParameterError(
+            f"The 'density' parameter must be None or a float in (0, 1] (fraction of entries TIES "
+            f"keeps per task; the paper uses 0.2). Got {density!r} instead."
+        )
+    return float(density)
+
+
+def ties_threshold(values: torch.Tensor, density: float) -> float | None:
+    """TIES trim threshold of one task: keep ``|tau| >= threshold``; None keeps everything.
+
+    As in the TIES reference code: ``k_keep = int(P * density)`` and the threshold is the
+    ``(P - k_keep)``-th smallest ``|tau|`` (``kthvalue``), so ties at it keep slightly more.
+    """
+    density = check_density(density)
+    if density is None:
+        return None
+    flat = values.detach().reshape(-1).abs()
+    P = flat.numel()
+    kth = P - int(P * density)
+    if kth <= 0 or P == 0:
+        return None
+    return float(torch.kthvalue(flat.cpu(), kth).values)  # in the input dtype: no rounding
+
+
+def trim(
+    stacked: torch.Tensor,
+    density: float | None = None,
+    *,
+    thresholds: Sequence[float | None] | None = None,
+) -> torch.Tensor:
+    """TIES trim of stacked deltas ``(T, ...)``: per task keep the largest-magnitude entries.
+
+    ``thresholds`` (one per task, e.g. from :func:`global_thresholds`) wins over ``density``; with
+    ``density`` alone the threshold is local to this tensor. Neither: returned unchanged.
+    """
+    if thresholds is None:
+        if check_density(density) is None:
+            return stacked
+        thresholds = [ties_threshold(stacked[t], density) for t in range(stacked.shape[0])]  # type: ignore[arg-type]
+    if len(thresholds) != stacked.shape[0]:
+        raise InvalidParameterError(
+            f"trim got {len(thresholds)} thresholds for {stacked.shape[0]} tasks; pass one per task."
+        )
+    out = stacked.clone()
+    for t, thr in enumerate(thresholds):
+        if thr is not None:
+            out[t][out[t].abs() < thr] = 0.0
+    return out
+
+
+def _elected_sign(x: torch.Tensor) -> torch.Tensor:
+    gamma = torch.sign(x.sum(0, dtype=_F64)).to(x.dtype)
+    majority = torch.sign(gamma.sum(dtype=_F64)).to(x.dtype)
+    return torch.where(gamma == 0, majority, gamma)
+
+
+def _empty_stats(T: int, P: int) -> dict[str, float]:
+    """Statistics of a tensor no task changed (e.g. a frozen layer)."""
+    nan = math.nan
+    return {
+        "n_coords": P, "n_eligible": 0, "n_conflict": 0, "conflict_rate": nan, "chance": nan,
+        "chance_T": chance_conflict(T), "chance_sum": 0.0, "mass_conflict": nan, "discarded_mass": nan,
+        "agreement": 1.0 if P else nan, "kept_fraction": 0.0 if P else nan, "mass_eligible": 0.0,
+        "mass_conflicting": 0.0, "mass_total": 0.0, "mass_discarded": 0.0,
+    }
+
+
+def conflict_stats(
+    stacked: torch.Tensor,
+    density: float | None = None,
+    *,
+    thresholds: Sequence[float | None] | None = None,
+) -> dict[str, float]:
+    """Sign-conflict statistics of one tensor from stacked task deltas ``(T, ...)``.
+
+    Parameters
+    ----------
+    stacked : ``(T, ...)`` deltas of T tasks for one key.
+    density : TIES density for local trimming (fraction kept per task); None: no trimming.
+    thresholds : per-task trim thresholds (global trimming); overrides ``density``.
+
+    Returns
+    -------
+    dict
+        Rates ``conflict_rate, chance, chance_T, mass_conflict, discarded_mass, agreement,
+        kept_fraction`` and the counts behind them for pooled (parameter-weighted) aggregation:
+        ``n_coords, n_eligible, n_conflict, chance_sum, mass_eligible, mass_conflicting,
+        mass_total, mass_discarded``. Sums are accumulated in float64.
+    """
+    T = stacked.shape[0]
+    x = trim(stacked, density, thresholds=thresholds).reshape(T, -1)
+    if not bool(x.any()):
+        return _empty_stats(T, x.shape[1])
+    pos, neg = (x > 0).sum(0, dtype=torch.int32), (x < 0).sum(0, dtype=torch.int32)
+    n = pos + neg
+    eligible, conflict = n >= 2, (pos > 0) & (neg > 0)
+    absx = x.abs()
+    mass = absx.sum(0, dtype=_F64)
+    discarded = float(absx.masked_fill(torch.sign(x) != -_elected_sign(x), 0.0).sum(dtype=_F64))
+    counts = torch.bincount(n[eligible], minlength=T + 1).to(_F64)  # coordinates with n survivors
+    chance_sum = float((counts * (1.0 - 2.0 ** (1.0 - torch.arange(T + 1, dtype=_F64)))).sum())
+    n_el, n_cf = int(counts.sum()), int(conflict.sum())
+    agree = torch.where(n > 0, (pos - neg).abs() / n.clamp(min=1).to(x.dtype), 1.0)
+    m_el, m_cf, m_tot = float(mass[eligible].sum()), float(mass[conflict].sum()), float(mass.sum())
+    return {
+        "n_coords": int(x.shape[1]),
+        "n_eligible": n_el,
+        "n_conflict": n_cf,
+        "conflict_rate": n_cf / n_el if n_el else math.nan,
+        "chance": chance_sum / n_el if n_el else math.nan,
+        "chance_T": chance_conflict(T),
+        "chance_sum": chance_sum,
+        "mass_conflict": m_cf / m_el if m_el > 0 else math.nan,
+        "discarded_mass": discarded / m_tot if m_tot > 0 else math.nan,
+        "agreement": float(agree.sum(dtype=_F64)) / agree.numel(),
+        "kept_fraction": float(n.sum(dtype=_F64)) / x.numel(),
+        "mass_eligible": m_el,
+        "mass_conflicting": m_cf,
+        "mass_total": m_tot,
+        "mass_discarded": discarded,
+    }
+
+
+def pairwise_conflicts(
+    stacked: torch.Tensor,
+    density: float | None = None,
+    *,
+    thresholds: Sequence[float | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts behind the pairwise conflict rate: ``(opposite, both_nonzero)``, each ``(T, T)``.
+
+    ``opposite[i, j] = #{p: tau_i^p tau_j^p < 0}``, ``both_nonzero[i, j] = #{p: tau_i^p tau_j^p != 0}``
+    (after the same optional trimming as :func:`conflict_stats`); the rate is their ratio.
+    """
+    T = stacked.shape[0]
+    x = trim(stacked, density, thresholds=thresholds).reshape(T, -1)
+    opposite = torch.zeros(T, T, dtype=_F64)
+    both = torch.zeros(T, T, dtype=_F64)
+    if not bool(x.any()):
+        return opposite, both
+    for lo in range(0, x.shape[1], _CHUNK):  # float32 counts are exact below 2^24 per block
+        block = x[:, lo : lo + _CHUNK]
+        p, q = (block > 0).to(torch.float32), (block < 0).to(torch.float32)
+        nz = p + q
+        opposite += (p @ q.mT + q @ p.mT).to(_F64)
+        both += (nz @ nz.mT).to(_F64)
+    return opposite, both
+
+
+def global_thresholds(
+    tv: TaskVectors,
+    density: float,
+    *,
+    tasks: Sequence[str] | None = None,
+    keys: Iterable[str] | None = None,
+) -> dict[str, float | None]:
+    """Whole-model TIES trim threshold of each task (``scope="global"``, the paper's default).
+
+    Reads each task's deltas over ``keys`` (all float keys by default) into one flat vector, one
+    task at a time (memory: one task vector).
+    """
+    density = check_density(density)
+    chosen = list(tv.keys if keys is None else keys)
+    out: dict[str, float | None] = {}
+    for task in tv.names if tasks is None else tasks:
+        flat = torch.cat([tv.delta(task, k).reshape(-1).abs() for k in chosen])
+        out[task] = ties_threshold(flat, density)  # type: ignore[arg-type]
+    return out
+
+
+def pair_rows(key: str, tasks: Sequence[str], opposite: torch.Tensor, both: torch.Tensor) -> list[dict[str, Any]]:
+    """Rows ``{key, task_a, task_b, conflict_pair, n_pair}`` for every unordered pair of tasks."""
+    rows = []
+    for i in range(len(tasks)):
+        for j in range(i + 1, len(tasks)):
+            n = float(both[i, j])
+            rows.append({
+                "key": key, "task_a": tasks[i], "task_b": tasks[j],
+                "conflict_pair": float(opposite[i, j]) / n if n > 0 else math.nan,
+                "n_pair": n, "n_opposite": float(opposite[i, j]),
+            })
+    return rows

@@ -1,0 +1,45 @@
+"""Decompositions: the only part of weightlens that knows devices, dtypes and SVD drivers.
+
+Examples
+--------
+>>> import torch
+>>> from weightlens import linalg
+>>> U, S, Vh = linalg.svd(torch.eye(3) * 2, device="cpu")
+>>> S.tolist()
+[2.0, 2.0, 2.0]
+>>> linalg.numerical_rank(S, (3, 3))
+3
+"""
+
+from weightlens.linalg.backend import (
+    CUDA_DRIVER_TABLE,
+    GESVDA_RTOL_FACTOR,
+    SVD,
+    DecompositionError,
+    choose_driver,
+    gesvda_tolerance,
+    numerical_rank,
+    polar,
+    resolve_device,
+    svd,
+    svdvals,
+    topk_svd,
+)
+from weightlens.linalg.cache import DecompositionCache, value_nbytes
+
+__all__ = [
+    "CUDA_DRIVER_TABLE",
+    "GESVDA_RTOL_FACTOR",
+    "SVD",
+    "DecompositionCache",
+    "DecompositionError",
+    "choose_driver",
+    "gesvda_tolerance",
+    "numerical_rank",
+    "polar",
+    "resolve_device",
+    "svd",
+    "svdvals",
+    "topk_svd",
+    "value_nbytes",
+]

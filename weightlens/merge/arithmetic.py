@@ -1,0 +1,259 @@
+"""Task arithmetic, TIES-Merging and DARE (algorithms.md sections 1, 4.1 and 4.3).
+
+Every tensor class (matrices, vectors, convolutions) is treated alike, as in the reference code.
+
+TIES scopes
+-----------
+``scope="global"`` (default, the TIES reference code): one threshold per task over the whole model
+(every key of ``tv.keys`` flattened together). With P entries and ``k_keep = int(P * density)``, the
+threshold is the ``(P - k_keep)``-th smallest ``|tau_t|`` and every entry with ``|tau_t| >=`` it is
+kept, so ties at the threshold keep slightly more than ``density``; ``density = 1`` keeps everything.
+A coordinate whose trimmed votes sum to exactly zero gets the whole-model majority sign
+``sgn(sum_p gamma_p)``; if that is zero too, nothing agrees and the coordinate stays 0.
+
+``scope="tensor"`` (mergekit): exactly ``floor(density * numel)`` entries per tensor and task, the
+largest ``|tau_t|``, ties broken by the lower flat index (a stable sort); a zero vote sum gets the
+majority sign of that tensor.
+
+The global threshold is found in two streaming passes of a radix select on the fp32 bit pattern of
+``|tau_t|`` (monotone for non-negative floats): pass 1 histograms the high 16 bits, pass 2 the low 16
+bits inside the one bucket that holds the rank. The result is the exact k-th value (what
+``torch.kthvalue`` returns on the flattened model) while holding one key of every task plus
+``T * (2**15 + 2**16)`` int64 counts (0.75 MiB per task) instead of the ``T * P`` floats of the
+reference's concatenation. Each pass reads every task vector once more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+import torch
+
+from weightlens.merge.engine import MergeContext
+from weightlens.merge.registry import Interval, KeyUpdate, Pending, register_merge
+from weightlens.taskvectors import TaskVectors
+
+__all__ = [
+    "dare",
+    "dare_mask",
+    "disjoint_merge",
+    "elect_sign",
+    "global_thresholds",
+    "task_arithmetic",
+    "ties",
+    "trim_global",
+    "trim_tensor",
+]
+
+_HI = 1 << 15  # |x| >= 0, so the sign bit is 0 and the high half fits in 15 bits
+_LO = 1 << 16
+Unit = Annotated[float, Interval(0, 1, "right")]
+MergeFunc = Literal["mean", "sum", "max"]
+
+
+# ------------------------------------------------------------------------------ task arithmetic
+@register_merge(
+    "task_arithmetic", alpha=0.3, pretty_name="Task Arithmetic", reference="Ilharco et al., ICLR 2023"
+)
+def task_arithmetic(ctx: MergeContext, key: str) -> KeyUpdate:
+    """``theta = theta_0 + alpha * sum_t tau_t`` (a sum, not a mean; alpha = 1/T is the average).
+
+    Parameters
+    ----------
+    alpha : float, default=0.3
+        Coefficient of the sum (fusion_bench's default without validation).
+    """
+    return KeyUpdate(ctx.deltas(key).sum(0))
+
+
+# ------------------------------------------------------------------------------ TIES pieces
+def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of each task below its threshold: keep ``|tau_t| >= threshold_t``.
+
+    ``deltas`` is ``(T, ...)``, ``thresholds`` is ``(T,)``.
+    """
+    thr = thresholds.to(deltas.dtype).reshape(-1, *([1] * (deltas.ndim - 1)))
+    return torch.where(deltas.abs() >= thr, deltas, torch.zeros((), dtype=deltas.dtype))
+
+
+def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep exactly ``floor(density * numel)`` largest ``|tau_t|`` per task (stable: lower index wins)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    k = int(flat.shape[1] * density)
+    if k >= flat.shape[1]:
+        return deltas.clone()
+    order = torch.argsort(flat.abs(), dim=1, descending=True, stable=True)[:, :k]
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    return (flat * mask).reshape(deltas.shape)
+
+
+def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
+    """``gamma = sgn(sum_t tau_hat_t)`` per coordinate ("mass" election; 0 where the sum is 0)."""
+    return torch.sign(trimmed.sum(0))
+
+
+def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
+    """Merge the entries that agree with ``sign`` (zeros never vote): dis-mean, dis-sum or dis-max."""
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype))
+    if merge_func == "mean":
+        return selected.sum(0) / agree.sum(0).clamp(min=1)
+    if merge_func == "sum":
+        return selected.sum(0)
+    return selected.abs().amax(0) * sign
+
+
+def _elect_and_merge(trimmed: torch.Tensor, merge_func: str, scope: str) -> KeyUpdate:
+    """Steps 2-3 of TIES on one key; zero-sum coordinates get the scope's majority sign."""
+    gamma = elect_sign(trimmed)
+    merged = disjoint_merge(trimmed, gamma, merge_func)
+    flat = trimmed.reshape(trimmed.shape[0], -1)
+    open_ = ((gamma == 0) & (trimmed != 0).any(0)).reshape(-1).nonzero().squeeze(1)
+    votes = int(gamma.sum())
+    if open_.numel() == 0:
+        return KeyUpdate(merged, sign_votes=votes)
+    cols = flat[:, open_]
+    ones = torch.ones(open_.numel(), dtype=trimmed.dtype)
+    pos, neg = disjoint_merge(cols, ones, merge_func), disjoint_merge(cols, -ones, merge_func)
+    if scope == "tensor":
+        majority = (votes > 0) - (votes < 0)
+        if majority:
+            merged.view(-1)[open_] = pos if majority > 0 else neg
+        return KeyUpdate(merged, sign_votes=votes)
+    return KeyUpdate(merged, sign_votes=votes, pending=Pending(open_, pos, neg))
+
+
+# ------------------------------------------------------------------------------ global threshold
+def _abs_bits(deltas: torch.Tensor) -> torch.Tensor:
+    """fp32 ``|x|`` reinterpreted as int32, flattened per task: monotone in ``|x|``."""
+    return deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32).contiguous().view(torch.int32)
+
+
+def _histograms(tv: TaskVectors, select: torch.Tensor | None) -> torch.Tensor:
+    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``."""
+    T = len(tv)
+    counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
+    for key in tv.keys:
+        bits = _abs_bits(tv.deltas(key))
+        hi = bits >> 16
+        for t in range(T):
+            if select is None:
+                counts[t] += torch.bincount(hi[t], minlength=_HI)
+            else:
+                lo = bits[t][hi[t] == select[t]] & 0xFFFF
+                counts[t] += torch.bincount(lo, minlength=_LO)
+    return counts
+
+
+def global_thresholds(tv: TaskVectors, density: float) -> torch.Tensor:
+    """Per-task TIES threshold over the whole model: the ``(P - int(P * density))``-th smallest ``|tau_t|``.
+
+    Exact (equal to ``torch.kthvalue`` on the flattened model) by a two-pass radix select; see the
+    module docstring for the memory. ``density = 1`` (nothing trimmed) gives 0.
+
+    Returns
+    -------
+    Tensor of shape (T,), float32.
+    """
+    total = sum(tv.numel(k) for k in tv.keys)
+    rank = total - int(total * density)  # 1-based rank among ascending |tau|
+    if rank <= 0:
+        return torch.zeros(len(tv))
+    hi_counts = _histograms(tv, None)
+    hi_cum = hi_counts.cumsum(1)
+    target = torch.full((len(tv), 1), rank, dtype=torch.int64)
+    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
+    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+    lo_cum = _histograms(tv, bucket).cumsum(1)
+    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
+    bits = ((bucket << 16) | low).to(torch.int32)
+    return bits.view(torch.float32).clone()
+
+
+# ------------------------------------------------------------------------------ TIES
+@register_merge("ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023")
+def ties(
+    ctx: MergeContext,
+    key: str,
+    *,
+    density: Unit = 0.2,
+    scope: Literal["global", "tensor"] = "global",
+    merge_func: MergeFunc = "mean",
+) -> KeyUpdate:
+    """TIES-Merging: trim, elect sign, disjoint merge; ``theta = theta_0 + alpha * tau_m``.
+
+    Parameters
+    ----------
+    density : float in (0, 1], default=0.2
+        Fraction of each task vector kept by magnitude (TIES' top-k% = 20).
+    scope : {"global", "tensor"}, default="global"
+        One threshold per task over the whole model (TIES reference, keeps every entry at or above
+        the k-th value) or exactly ``floor(density * numel)`` per tensor (mergekit).
+    merge_func : {"mean", "sum", "max"}, default="mean"
+        Disjoint mean, sum or signed max of the agreeing entries.
+    alpha : float, default=1.0
+        lambda of the paper.
+    """
+    deltas = ctx.deltas(key)
+    notes: tuple[str, ...] = ()
+    if scope == "global":
+        thresholds = ctx.once(("ties_thresholds", density), lambda: global_thresholds(ctx.tv, density))
+        trimmed = trim_global(deltas, thresholds)
+    else:
+        trimmed = trim_tensor(deltas, density)
+        if int(ctx.tv.numel(key) * density) == 0:
+            notes = (f"density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries "
+                     "per task of this tensor: zero update (scope='tensor').",)
+    ku = _elect_and_merge(trimmed, merge_func, scope)
+    return KeyUpdate(ku.update, notes, ku.sign_votes, ku.pending)
+
+
+# ------------------------------------------------------------------------------ DARE
+def dare_mask(shape: tuple[int, ...], density: float, seed: int, task: str, key: str) -> torch.Tensor:
+    """Bernoulli(``density``) keep-mask of one task and key, reproducible from ``(seed, task, key)``.
+
+    The generator seed is a hash of the three, so the mask does not depend on the order in which
+    keys are visited or on which other tasks are merged.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{task}\0{key}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.rand(shape, generator=gen) < density
+
+
+def _dare_alpha(params: dict, n_tasks: int) -> float:
+    return 0.3 if params["combine"] == "task_arithmetic" else 1.0
+
+
+@register_merge(
+    "dare", alpha=None, alpha_default=_dare_alpha, alpha_doc="0.3 (task_arithmetic) | 1.0 (ties)",
+    pretty_name="DARE", reference="Yu et al., ICML 2024",
+)
+def dare(
+    ctx: MergeContext,
+    key: str,
+    *,
+    density: Unit = 0.5,
+    seed: int = 0,
+    combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+) -> KeyUpdate:
+    """DARE: drop each entry with probability ``1 - density``, rescale the rest by ``1/density``, combine.
+
+    Parameters
+    ----------
+    density : float in (0, 1], default=0.5
+        Keep probability (mergekit's density; the paper's drop rate p = 1 - density).
+    seed : int, default=0
+        Masks are drawn per (seed, task, key): the same seed gives the same merge.
+    combine : {"task_arithmetic", "ties"}, default="task_arithmetic"
+        Sum of the rescaled vectors (DARE-TA) or TIES sign election and disjoint mean without
+        further trimming (DARE-TIES, as mergekit's ``dare_ties``; zero-sum coordinates get the
+        whole-model majority sign).
+    alpha : float, default=0.3 with task_arithmetic, 1.0 with ties
+    """
+    deltas = ctx.deltas(key)
+    for i, task in enumerate(ctx.tasks):
+        deltas[i] = deltas[i] * dare_mask(tuple(deltas.shape[1:]), density, seed, task, key) / density
+    if combine == "task_arithmetic":
+        return KeyUpdate(deltas.sum(0))
+    return _elect_and_merge(deltas, "mean", "global")

@@ -1,0 +1,252 @@
+"""Before and after a merge: what each task keeps, the merged spectrum, the sign conflicts settled.
+
+Every table compares two updates of the same task vectors: the merge's (``which="merged"``,
+``alpha * u``) and the plain task-arithmetic sum ``sum_t tau_t`` (``which="task_arithmetic"``, the
+"before"). Definitions (algorithms.md sections 3.1 and 4.2):
+
+* ``sar``: ``||U_k^T tau_t||_F / ||tau_t||_F`` with ``U_k`` the top-k left singular vectors of the
+  update and ``k`` from ``criterion`` (``"iso_script"`` by default, as the Iso figures; ``"paper"`` is
+  Iso Eq. 6) at tolerance ``eps``. Matrices only.
+* ``cos``: cosine between ``tau_t`` and the update; ``kept``: ``<tau_t, update> / ||tau_t||^2``, the
+  coefficient of the update along the task's own direction (1: the task is carried in full).
+* Sign conflicts per key, on the untrimmed task vectors: ``contested`` coordinates have at least two
+  non-zero task entries, ``conflicting`` ones have both signs; ``chance_rate = 1 - 2^(1-T)``. For each
+  update: ``zeroed`` (conflicting coordinates set to 0), ``mass_side_won`` (update sign = sign of the
+  task sum), ``opposing_mass`` (share of the task mass at conflicting coordinates that points against
+  the update: what the merge cancels or discards there).
+* ``agreement`` per task: share of the task's non-zero entries whose sign the update keeps.
+
+Per-task summaries (``per_task``): ``sar`` is the plain mean over matrices (as the Iso code);
+``kept``, ``cos`` and ``agreement`` are taken over the whole model (parameter-weighted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from weightlens import linalg
+from weightlens.analysis import decompose
+from weightlens.analysis.alignment import sar_curve
+from weightlens.analysis.signs import chance_conflict
+from weightlens.analysis.spectra import check_criterion, rank_for_energy
+from weightlens.errors import InvalidParameterError, KeyMismatchError
+from weightlens.merge.engine import MergeResult
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["Comparison", "compare", "sign_outcomes", "task_agreement"]
+
+WHICH = ("merged", "task_arithmetic")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Tidy tables comparing a merged update with the task-arithmetic sum (see module docstring).
+
+    Attributes
+    ----------
+    per_task : DataFrame
+        ``task, which, sar, kept, cos, agreement``: the headline numbers.
+    alignment : DataFrame
+        ``task, key, which, sar, k, cos, kept`` per matrix key.
+    spectrum : DataFrame
+        ``key, which, index, sigma``: singular values of both updates per matrix key.
+    signs : DataFrame
+        ``key, which, coords, contested, conflicting, conflict_rate, chance_rate, zeroed,
+        mass_side_won, opposing_mass``.
+    task_signs : DataFrame
+        ``task, key, which, nonzero, agree, agreement``.
+    """
+
+    method: str
+    params: dict[str, Any]
+    per_task: pd.DataFrame = field(repr=False)
+    alignment: pd.DataFrame = field(repr=False)
+    spectrum: pd.DataFrame = field(repr=False)
+    signs: pd.DataFrame = field(repr=False)
+    task_signs: pd.DataFrame = field(repr=False)
+    criterion: str = "iso_script"
+    eps: float = 0.05
+
+    def conflicts(self) -> pd.DataFrame:
+        """Whole-model sign outcome per ``which``: conflict rate, zeroed, mass side won, opposing mass.
+
+        Key rates are weighted by their conflicting coordinates (opposing mass by conflict mass).
+        """
+        s = self.signs.assign(
+            z=self.signs["zeroed"].fillna(0) * self.signs["conflicting"],
+            w=self.signs["mass_side_won"].fillna(0) * self.signs["conflicting"],
+            o=self.signs["opposing_mass"].fillna(0) * self.signs["conflict_mass"],
+        )
+        g = s.groupby("which", sort=False)[["contested", "conflicting", "conflict_mass", "z", "w", "o"]].sum()
+        n = g["conflicting"].where(g["conflicting"] > 0)
+        return pd.DataFrame({
+            "conflict_rate": g["conflicting"] / g["contested"].where(g["contested"] > 0),
+            "chance_rate": s.groupby("which", sort=False)["chance_rate"].first(),
+            "zeroed": g["z"] / n,
+            "mass_side_won": g["w"] / n,
+            "opposing_mass": g["o"] / g["conflict_mass"].where(g["conflict_mass"] > 0),
+        }).reset_index()
+
+
+# ------------------------------------------------------------------------------- small pieces
+def sign_outcomes(deltas: torch.Tensor, update: torch.Tensor) -> dict[str, float]:
+    """Sign-conflict statistics of one key for one update (see module docstring)."""
+    flat = deltas.reshape(deltas.shape[0], -1).to(torch.float64)
+    u = torch.sign(update.reshape(-1).to(torch.float64))
+    pos, neg = (flat > 0).sum(0), (flat < 0).sum(0)
+    contested = (pos + neg) >= 2
+    conflict = (pos > 0) & (neg > 0)
+    n_conf = int(conflict.sum())
+    mass = flat.abs()[:, conflict]
+    against = (torch.sign(flat[:, conflict]) == -u[conflict]) & (u[conflict] != 0)
+    total_mass = float(mass.sum())
+    return {
+        "coords": flat.shape[1],
+        "contested": int(contested.sum()),
+        "conflicting": n_conf,
+        "zeroed": float((u[conflict] == 0).double().mean()) if n_conf else math.nan,
+        "mass_side_won": float((u[conflict] == torch.sign(flat[:, conflict].sum(0))).double().mean())
+        if n_conf else math.nan,
+        "opposing_mass": float(mass[against].sum()) / total_mass if total_mass > 0 else math.nan,
+        "conflict_mass": total_mass,
+    }
+
+
+def task_agreement(delta: torch.Tensor, update: torch.Tensor) -> tuple[int, int]:
+    """``(nonzero, agree)``: non-zero entries of ``delta`` and how many share the update's sign."""
+    nz = delta != 0
+    return int(nz.sum()), int((torch.sign(delta) == torch.sign(update))[nz].sum())
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.to(torch.float64) * b.to(torch.float64)).sum())
+
+
+# ------------------------------------------------------------------------------- the walk
+def _merged_update(merged: Mapping[str, torch.Tensor], tv: TaskVectors, key: str) -> torch.Tensor:
+    if isinstance(merged, MergeResult):
+        return merged.update(key)
+    if key not in merged:
+        raise KeyMismatchError(f"Key {key!r} of the task vectors is missing from the merged weights.")
+    return merged[key].to(torch.float32) - tv.base_tensor(key).to(torch.float32)
+
+
+def _spectral_rows(
+    tv: TaskVectors, key: str, updates: dict[str, torch.Tensor], deltas: torch.Tensor, opts: dict[str, Any]
+) -> tuple[list[dict], list[dict]]:
+    """Alignment and spectrum rows of one matrix key for both updates."""
+    align, spec = [], []
+    svds = {
+        "merged": linalg.svd(updates["merged"], device=opts["device"], name=key),
+        "task_arithmetic": decompose.sum_svd(tv, key, device=opts["device"], delta=updates["task_arithmetic"]),
+    }
+    for which, (U, S, _) in svds.items():
+        S = S.cpu()
+        k = rank_for_energy(S, opts["eps"], criterion=opts["criterion"])
+        curve = sar_curve(deltas, U[:, :k])  # (T, k + 1): SAR at every rank up to k
+        spec += [{"key": key, "which": which, "index": i, "sigma": float(s)} for i, s in enumerate(S)]
+        for t, task in enumerate(tv.names):
+            align.append({"task": task, "key": key, "which": which, "sar": float(curve[t, k]), "k": k})
+    return align, spec
+
+
+def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opts: dict[str, Any]) -> dict:
+    deltas = tv.deltas(key)
+    updates = {"merged": _merged_update(merged, tv, key), "task_arithmetic": deltas.sum(0)}
+    out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
+    if tv.kind(key) == "matrix" and min(tv.shape(key)) > 0:
+        out["alignment"], out["spectrum"] = _spectral_rows(tv, key, updates, deltas, opts)
+    chance = chance_conflict(len(tv))
+    for which, upd in updates.items():
+        stats = sign_outcomes(deltas, upd)
+        rate = stats["conflicting"] / stats["contested"] if stats["contested"] else math.nan
+        out["signs"].append({"key": key, "which": which, **stats, "conflict_rate": rate, "chance_rate": chance})
+        uu = _inner(upd, upd)
+        for t, task in enumerate(tv.names):
+            nonzero, agree = task_agreement(deltas[t], upd)
+            out["task_signs"].append({"task": task, "key": key, "which": which, "nonzero": nonzero, "agree": agree,
+                                      "agreement": agree / nonzero if nonzero else math.nan})
+            out["inner"].append({"task": task, "key": key, "which": which, "tu": _inner(deltas[t], upd),
+                                 "tt": _inner(deltas[t], deltas[t]), "uu": uu})
+    return out
+
+
+def _finish(rows: dict[str, list]) -> dict[str, pd.DataFrame]:
+    """DataFrames from the rows, with per-key cos/kept and the per-task summary."""
+    inner = pd.DataFrame(rows["inner"], columns=["task", "key", "which", "tu", "tt", "uu"])
+    inner["cos"] = inner["tu"] / (inner["tt"] * inner["uu"]).pow(0.5)
+    inner["kept"] = inner["tu"] / inner["tt"]
+    align = pd.DataFrame(rows["alignment"], columns=["task", "key", "which", "sar", "k"])
+    align = align.merge(inner[["task", "key", "which", "cos", "kept"]], on=["task", "key", "which"], how="left")
+    task_signs = pd.DataFrame(rows["task_signs"], columns=["task", "key", "which", "nonzero", "agree", "agreement"])
+    g = inner.groupby(["task", "which"], sort=False)[["tu", "tt", "uu"]].sum()
+    per_task = pd.DataFrame({"kept": g["tu"] / g["tt"], "cos": g["tu"] / (g["tt"] * g["uu"]).pow(0.5)})
+    ts = task_signs.groupby(["task", "which"], sort=False)[["agree", "nonzero"]].sum()
+    per_task["agreement"] = ts["agree"] / ts["nonzero"].clip(lower=1)
+    per_task["sar"] = align.groupby(["task", "which"], sort=False)["sar"].mean()
+    per_task = per_task.reset_index()[["task", "which", "sar", "kept", "cos", "agreement"]]
+    signs_cols = ["key", "which", "coords", "contested", "conflicting", "conflict_rate", "chance_rate",
+                  "zeroed", "mass_side_won", "opposing_mass", "conflict_mass"]
+    return {
+        "per_task": per_task,
+        "alignment": align,
+        "spectrum": pd.DataFrame(rows["spectrum"], columns=["key", "which", "index", "sigma"]),
+        "signs": pd.DataFrame(rows["signs"], columns=signs_cols),
+        "task_signs": task_signs,
+    }
+
+
+def compare(
+    tv: TaskVectors,
+    merged: Mapping[str, torch.Tensor],
+    *,
+    criterion: str = "iso_script",
+    eps: float = 0.05,
+    keys: list[str] | None = None,
+    device: str | torch.device = "auto",
+) -> Comparison:
+    """Compare a merge with task arithmetic: alignment per task, spectra, sign conflicts.
+
+    Parameters
+    ----------
+    tv : TaskVectors
+        The task vectors that were merged.
+    merged : MergeResult or Mapping[str, Tensor]
+        The merge (a plain mapping of full weights works too: its update is ``merged - base``).
+    criterion : {"iso_script", "paper"}, default="iso_script"
+        Rank rule for the SAR subspace (algorithms.md 3.1; both are offered, the script's default
+        reproduces the Iso figures).
+    eps : float, default=0.05
+        Tolerance of the rank rule.
+    keys : list of str, optional
+        Restrict to these task-vector keys (all by default).
+    device : str or torch.device, default="auto"
+        Where the SVDs run.
+
+    Returns
+    -------
+    Comparison
+    """
+    criterion = check_criterion(criterion)
+    chosen = list(tv.keys) if keys is None else list(keys)
+    unknown = [k for k in chosen if k not in tv.keys]
+    if unknown:
+        raise InvalidParameterError(f"compare(): keys {unknown[:5]} are not task-vector keys of {tv!r}.")
+    if isinstance(merged, MergeResult) and list(merged.task_vectors.names) != list(tv.names):
+        raise InvalidParameterError(
+            f"compare(): the merge was made from tasks {merged.task_vectors.names}, not {tv.names}."
+        )
+    opts = {"criterion": criterion, "eps": eps, "device": linalg.resolve_device(device)}
+    rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
+    for key in chosen:
+        for name, part in _key_rows(tv, merged, key, opts).items():
+            rows[name].extend(part)
+    method = merged.method if isinstance(merged, MergeResult) else "weights"
+    params = dict(merged.params) if isinstance(merged, MergeResult) else {}
+    return Comparison(method, params, criterion=criterion, eps=eps, **_finish(rows))

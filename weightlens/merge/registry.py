@@ -1,0 +1,304 @@
+"""One registry of merge methods; one decorator; the parameter schema comes from the signature.
+
+A merge method is a plain function ``fn(ctx, key, *, param=default, ...) -> KeyUpdate`` that returns
+the *unscaled* update of one tensor key. Its keyword-only parameters, their annotations and defaults
+are the method's schema:
+
+* ``float``, ``int``, ``bool``, ``str`` and ``X | None`` are checked by type;
+* ``Literal["a", "b"]`` lists the allowed options;
+* ``Annotated[float, Interval(0, 1, "right")]`` adds a range.
+
+The coefficient ``alpha`` is declared on the decorator, not on the function: the engine applies it
+(``theta = theta_0 + alpha * update``), so a change of ``alpha`` alone reuses every cached update.
+
+Examples
+--------
+>>> from typing import Annotated
+>>> from weightlens.merge.registry import Interval, KeyUpdate, register_merge, get_method, unregister
+>>> @register_merge("demo_scale", alpha=1.0)
+... def demo_scale(ctx, key, *, gain: Annotated[float, Interval(0, None, "neither")] = 2.0):
+...     return KeyUpdate(gain * ctx.deltas(key).sum(0))
+>>> get_method("demo_scale").describe()
+'gain=2.0, alpha=1.0'
+>>> unregister("demo_scale")
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
+
+import torch
+
+from weightlens.errors import InvalidParameterError
+
+__all__ = [
+    "Interval",
+    "KeyUpdate",
+    "MergeMethod",
+    "Param",
+    "Pending",
+    "get_method",
+    "list_methods",
+    "register_merge",
+    "unregister",
+]
+
+_REGISTRY: dict[str, MergeMethod] = {}
+_BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of real numbers; ``None`` is an open end. ``closed`` in {both, left, right, neither}."""
+
+    low: float | None
+    high: float | None
+    closed: Literal["both", "left", "right", "neither"] = "both"
+
+    def __contains__(self, x: float) -> bool:
+        lo_ok = self.low is None or (x >= self.low if self.closed in ("both", "left") else x > self.low)
+        hi_ok = self.high is None or (x <= self.high if self.closed in ("both", "right") else x < self.high)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        left, right = _BRACKETS[self.closed]
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{lo}, {hi}{right}"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Coordinates whose elected sign is the *whole-model* majority sign (TIES, global scope).
+
+    ``index`` are flat indices into the key; ``if_positive``/``if_negative`` are the merged values
+    for a positive or negative majority (a zero majority leaves them 0).
+    """
+
+    index: torch.Tensor
+    if_positive: torch.Tensor
+    if_negative: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    """What a method returns for one key.
+
+    Attributes
+    ----------
+    update : unscaled merged update (fp32, CPU, shape of the key); the engine multiplies by alpha.
+    notes : degenerate cases met on this key, one sentence each (reported in ``MergeResult.notes``).
+    sign_votes : sum of the elected signs over this key (TIES global majority sign).
+    pending : coordinates to settle once the whole-model majority sign is known.
+    """
+
+    update: torch.Tensor
+    notes: tuple[str, ...] = ()
+    sign_votes: int = 0
+    pending: Pending | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method: its default, type, options and range."""
+
+    name: str
+    default: Any
+    kind: type
+    options: tuple[Any, ...] | None = None
+    interval: Interval | None = None
+    nullable: bool = False
+    doc: str = ""
+
+    def expected(self) -> str:
+        """Words for what the parameter accepts, for error messages."""
+        if self.options is not None:
+            text = "one of " + ", ".join(repr(o) for o in self.options)
+        elif self.interval is not None:
+            text = f"in {self.interval}"
+        else:
+            text = {float: "a real number", int: "an int", bool: "a bool", str: "a str"}[self.kind]
+        return text + (" or None" if self.nullable else "")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method (see :func:`register_merge`)."""
+
+    name: str
+    fn: Callable[..., KeyUpdate] = field(repr=False)
+    params: Mapping[str, Param]
+    pretty_name: str
+    reference: str
+    alpha_default: Callable[[Mapping[str, Any], int], float] | None = field(default=None, repr=False)
+
+    def defaults(self) -> dict[str, Any]:
+        """``{param: default}`` in signature order, ``alpha`` last."""
+        return {p.name: p.default for p in self.params.values()}
+
+    def describe(self) -> str:
+        """``"density=0.2, scope='global', ..."``: the parameters and their defaults."""
+        return ", ".join(f"{p.name}={p.doc or repr(p.default)}" for p in self.params.values())
+
+    def resolve(self, params: Mapping[str, Any], n_tasks: int) -> dict[str, Any]:
+        """Check ``params`` against the schema and fill defaults (``alpha`` resolved to a float)."""
+        unknown = [k for k in params if k not in self.params]
+        if unknown:
+            raise InvalidParameterError(
+                f"Unknown parameter(s) {', '.join(map(repr, unknown))} for merge method {self.name!r}. "
+                f"Valid parameters (defaults): {self.describe()}."
+            )
+        out = self.defaults()
+        for name, value in params.items():
+            out[name] = _check_value(self, self.params[name], value)
+        if out["alpha"] is None:
+            out["alpha"] = float(self.alpha_default(out, n_tasks)) if self.alpha_default else 1.0
+        return out
+
+
+def _check_value(method: MergeMethod, p: Param, value: Any) -> Any:
+    if value is None and p.nullable:
+        return None
+    ok = _type_ok(p.kind, value)
+    if ok and p.options is not None:
+        ok = value in p.options
+    if ok and p.kind in (float, int):
+        ok = math.isfinite(float(value)) and (p.interval is None or float(value) in p.interval)
+    if not ok:
+        raise InvalidParameterError(
+            f"The {p.name!r} parameter of {method.name} must be {p.expected()}. Got {value!r} instead."
+        )
+    return float(value) if p.kind is float else int(value) if p.kind is int else value
+
+
+def _type_ok(kind: type, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, kind)
+
+
+# --------------------------------------------------------------------------------------------- schema
+def _unpack(annotation: Any, where: str) -> tuple[type, tuple | None, Interval | None, bool]:
+    """``(kind, options, interval, nullable)`` from one annotation."""
+    interval = None
+    if typing.get_origin(annotation) is Annotated:
+        annotation, *meta = typing.get_args(annotation)
+        interval = next((m for m in meta if isinstance(m, Interval)), None)
+    nullable = False
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(annotation))
+        if len(args) != 1:
+            raise TypeError(f"{where}: only 'X | None' unions are supported, got {annotation!r}.")
+        annotation = args[0]
+    if typing.get_origin(annotation) is Literal:
+        options = typing.get_args(annotation)
+        kinds = {type(o) for o in options}
+        if len(kinds) != 1:
+            raise TypeError(f"{where}: Literal options must share one type, got {options!r}.")
+        return kinds.pop(), options, interval, nullable
+    if annotation not in (float, int, bool, str):
+        raise TypeError(f"{where}: unsupported annotation {annotation!r} (use float, int, bool, str, Literal).")
+    return annotation, None, interval, nullable
+
+
+def _schema(fn: Callable[..., Any], name: str, alpha: float | None, alpha_doc: str) -> dict[str, Param]:
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    positional = [p for p in sig.parameters.values() if p.kind is not p.KEYWORD_ONLY]
+    if [p.name for p in positional] != ["ctx", "key"]:
+        raise TypeError(
+            f"Merge method {name!r}: the signature must start with (ctx, key, *, ...); "
+            f"got ({', '.join(p.name for p in positional)})."
+        )
+    params: dict[str, Param] = {}
+    for p in sig.parameters.values():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        where = f"Merge method {name!r}, parameter {p.name!r}"
+        if p.name == "alpha":
+            raise TypeError(f"{where}: declare alpha on @register_merge(alpha=...), not in the signature.")
+        if p.default is p.empty or p.name not in hints:
+            raise TypeError(f"{where}: every parameter needs an annotation and a default.")
+        kind, options, interval, nullable = _unpack(hints[p.name], where)
+        params[p.name] = Param(p.name, p.default, kind, options, interval, nullable)
+    params["alpha"] = Param("alpha", alpha, float, nullable=alpha is None, doc=alpha_doc)
+    return params
+
+
+def register_merge(
+    name: str,
+    *,
+    alpha: float | None = 1.0,
+    alpha_default: Callable[[Mapping[str, Any], int], float] | None = None,
+    alpha_doc: str = "",
+    pretty_name: str | None = None,
+    reference: str = "",
+) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
+    """Register a merge method under ``name``; the schema comes from the function's signature.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"ties"``. A second registration of the same name raises.
+    alpha : float or None, default=1.0
+        Default coefficient. ``None`` means "computed": ``alpha_default(params, n_tasks)``.
+    alpha_default : callable, optional
+        Computes alpha when it is None (e.g. ``1/T`` for STAR).
+    alpha_doc : str
+        How the default reads in messages, e.g. ``"1/T"``.
+    pretty_name, reference : str
+        Display name and citation.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``name`` is already registered.
+    TypeError
+        If the signature is not ``(ctx, key, *, annotated params with defaults)``.
+    """
+
+    def decorator(fn: Callable[..., KeyUpdate]) -> Callable[..., KeyUpdate]:
+        if name in _REGISTRY:
+            raise InvalidParameterError(
+                f"A merge method named {name!r} is already registered ({_REGISTRY[name].fn.__module__}."
+                f"{_REGISTRY[name].fn.__qualname__}); choose another name or unregister it first."
+            )
+        params = _schema(fn, name, alpha, alpha_doc)
+        _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default)
+        return fn
+
+    return decorator
+
+
+def unregister(name: str) -> None:
+    """Remove a method from the registry (for tests and plugins)."""
+    get_method(name)
+    del _REGISTRY[name]
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; an unknown name lists the valid ones."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise InvalidParameterError(
+            f"Unknown merge method {name!r}. Available: {', '.join(list_methods())}."
+        )
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[str]:
+    """Names of the registered merge methods, in registration order."""
+    return list(_REGISTRY)

@@ -1,0 +1,256 @@
+"""TSV-M, Iso-C, Iso-CTS and STAR (algorithms.md sections 5.1, 6 and 7), per matrix key.
+
+Decompositions come from the cache shared with the analysis (``weightlens.analysis.decompose``):
+TSV-M and STAR use the per-task SVDs, Iso-C and Iso-CTS the SVD of the task-arithmetic sum, so a
+switch between them reuses what it can. Iso-CTS also caches its per-task residual SVDs.
+
+Non-matrix tensors (``ndim != 2``, e.g. biases, norms, convolution kernels) and keys containing
+``text_projection`` (the CLIP reference code excludes them from the SVD) follow the authors'
+convention: TSV-M and Iso get the **mean** of the task vectors, scaled by the same ``alpha``. STAR's
+``alpha`` multiplies a *sum* (default 1/T, the plain average), so its non-matrix tensors get
+``alpha * sum_t tau_t``: the plain mean at the default, as section 7 asks ("average them"); reading
+"mean times alpha" literally there would give mean / T.
+
+Degenerate cases are reported per key in ``MergeResult.notes`` and never silent:
+
+* TSV-M keeps ``floor(r/T)`` components per task; ``r < T`` gives a zero update (reference
+  behaviour), ``fallback="mean"`` or ``"sum"`` opts into the task mean or sum instead;
+* Iso-CTS with no task-specific room (``s = 0``) is Iso-C;
+* a rank-deficient task-arithmetic sum (LoRA-like deltas) makes Iso weight arbitrary null-space
+  directions by sigma-bar (reference behaviour); ``restrict_to_numerical_rank=True`` drops them;
+* an all-zero task matrix (an untouched layer) is noted; STAR skips it (its rescale would be 0/0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import torch
+
+from weightlens import linalg
+from weightlens.merge.engine import MergeContext
+from weightlens.merge.registry import Interval, KeyUpdate, register_merge
+
+__all__ = ["iso_c", "iso_cts", "iso_cts_sizes", "star", "star_rank", "tsv"]
+
+
+def _spectral(ctx: MergeContext, key: str) -> bool:
+    """True when ``key`` is decomposed (a 2-D matrix that is not a CLIP ``text_projection``)."""
+    return ctx.is_matrix(key) and "text_projection" not in key and min(ctx.shape(key)) > 0
+
+
+def _mean(ctx: MergeContext, key: str) -> KeyUpdate:
+    return KeyUpdate(ctx.deltas(key).mean(0))
+
+
+def _zero_tasks(ctx: MergeContext, key: str, svds: list[linalg.SVD]) -> list[str]:
+    return [t for t, s in zip(ctx.tasks, svds) if float(s.S.max()) == 0.0]
+
+
+# --------------------------------------------------------------------------------------- TSV-M
+@register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025")
+def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"] = "zero") -> KeyUpdate:
+    """TSV-M: top ``floor(r/T)`` singular triplets per task, orthogonalised, rebuilt.
+
+    Parameters
+    ----------
+    fallback : {"zero", "mean", "sum"}, default="zero"
+        What a matrix with ``r < T`` (no component per task) gets: the reference's zero update,
+        or opt-in the task mean or sum (always noted).
+    alpha : float, default=1.0
+    """
+    if not _spectral(ctx, key):
+        return _mean(ctx, key)
+    T, (m, n) = ctx.n_tasks, ctx.shape(key)
+    r = min(m, n)
+    k = r // T
+    if k == 0:
+        note = f"TSV-M: rank r={r} < T={T} tasks, floor(r/T)=0 components per task"
+        if fallback == "zero":
+            return KeyUpdate(torch.zeros(m, n), (note + ": zero update (reference behaviour).",))
+        deltas = ctx.deltas(key)
+        upd = deltas.mean(0) if fallback == "mean" else deltas.sum(0)
+        return KeyUpdate(upd, (note + f": used the task {fallback} (fallback={fallback!r}).",))
+    svds = [ctx.task_svd(t, key) for t in ctx.tasks]
+    dev = svds[0].U.device
+    U_hat, V_hat, S_hat = torch.zeros(m, r, device=dev), torch.zeros(n, r, device=dev), torch.zeros(r, device=dev)
+    for i, s in enumerate(svds):
+        U_hat[:, i * k:(i + 1) * k] = s.U[:, :k]
+        V_hat[:, i * k:(i + 1) * k] = s.Vh[:k].mT
+        S_hat[i * k:(i + 1) * k] = s.S[:k]
+    U_perp = linalg.polar(U_hat, device=dev, name=key)
+    V_perp = linalg.polar(V_hat, device=dev, name=key)
+    notes = tuple(f"TSV-M: task {t!r} has an all-zero matrix here." for t in _zero_tasks(ctx, key, svds))
+    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), notes)
+
+
+# --------------------------------------------------------------------------------------- Iso
+def _rank_note(method: str, what: str, rank: int, r: int, restrict: bool) -> str:
+    if restrict:
+        return (f"{method}: {what} is rank-deficient (numerical rank {rank} of {r}); kept only its "
+                f"{rank} directions (restrict_to_numerical_rank=True).")
+    return (f"{method}: {what} is rank-deficient (numerical rank {rank} of {r}); its {r - rank} "
+            "null-space directions are arbitrary and get weight sigma-bar (reference behaviour; "
+            "restrict_to_numerical_rank=True drops them).")
+
+
+def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> KeyUpdate:
+    U, S, Vh = ctx.sum_svd(key)
+    r = S.numel()
+    rank = linalg.numerical_rank(S, ctx.shape(key))
+    notes = () if rank == r else (_rank_note(method, "the task-arithmetic sum", rank, r, restrict),)
+    keep = rank if restrict else r
+    if rank == 0:
+        return KeyUpdate(torch.zeros(ctx.shape(key)), (f"{method}: the task-arithmetic sum is zero: zero update.",))
+    sigma_bar = S[:keep].mean()
+    return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes)
+
+
+@register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025")
+def iso_c(ctx: MergeContext, key: str, *, restrict_to_numerical_rank: bool = False) -> KeyUpdate:
+    """Iso-C: ``sigma_bar * U V^T`` of the task-arithmetic sum (a flat spectrum).
+
+    Parameters
+    ----------
+    restrict_to_numerical_rank : bool, default=False
+        Average and rebuild only over singular values above the numerical-rank tolerance (opt-in;
+        the reference averages all r values, zeros included).
+    alpha : float, default=1.0
+    """
+    if not _spectral(ctx, key):
+        return _mean(ctx, key)
+    return _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-C")
+
+
+def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """Iso-CTS common size ``k`` and per-task size ``s`` (reference code, banker's rounding).
+
+    ``k0 = int(f * r)``; ``s_tot = T * round((r - k0) / T)`` with Python's round (round half to
+    even); ``k = r - s_tot``; ``s = s_tot / T``. When rounding up would leave ``k < 0`` (only for
+    ``r`` close to ``T``), ``s = floor(r / T)`` instead.
+
+    Examples
+    --------
+    >>> iso_cts_sizes(768, 8, 0.8), iso_cts_sizes(50, 20, 0.8)
+    ((616, 19), (50, 0))
+    """
+    k0 = int(common_fraction * r)
+    s = round((r - k0) / n_tasks)
+    if n_tasks * s > r:
+        s = r // n_tasks
+    return r - n_tasks * s, s
+
+
+def _residual_svd(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor) -> linalg.SVD:
+    """Thin SVD of ``R_t = delta_t - Uc Uc^T delta_t`` (cached per task set, key, task and k)."""
+
+    def compute() -> linalg.SVD:
+        d = ctx.delta(task, key).to(Uc.device)
+        return linalg.svd(d - Uc @ (Uc.mT @ d), device=Uc.device, name=key)
+
+    return ctx.cached(("iso_cts_residual", key, task, Uc.shape[1]), compute)
+
+
+def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int, restrict: bool) -> tuple[list, list, list, list[str]]:
+    """Columns of U*, V* and the singular values: common block then one block per task."""
+    U, S, Vh = ctx.sum_svd(key)
+    shape, notes = ctx.shape(key), []
+    rank = linalg.numerical_rank(S, shape)
+    if rank < S.numel():
+        notes.append(_rank_note("Iso-CTS", "the task-arithmetic sum", rank, S.numel(), restrict))
+    kc = min(k, rank) if restrict else k
+    Us, Vs, sig = [U[:, :kc]], [Vh[:kc].mT], [S[:kc]]
+    for task in ctx.tasks:  # restricted: only the kept common directions are projected out
+        Ur, Sr, Vhr = _residual_svd(ctx, key, task, U[:, :kc])
+        rank = linalg.numerical_rank(Sr, shape)
+        if rank < s:
+            notes.append(_rank_note("Iso-CTS", f"the residual of task {task!r}", rank, s, restrict))
+        ks = min(s, rank) if restrict else s
+        Us.append(Ur[:, :ks])
+        Vs.append(Vhr[:ks].mT)
+        sig.append(Sr[:ks])
+    return Us, Vs, sig, notes
+
+
+@register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025")
+def iso_cts(
+    ctx: MergeContext,
+    key: str,
+    *,
+    common_fraction: Annotated[float, Interval(0, 1, "right")] = 0.8,
+    restrict_to_numerical_rank: bool = False,
+) -> KeyUpdate:
+    """Iso-CTS: common subspace of the sum plus ``s`` task-specific directions per task, isotropic.
+
+    Parameters
+    ----------
+    common_fraction : float in (0, 1], default=0.8
+        f: the common subspace takes about ``f * r`` directions (see :func:`iso_cts_sizes`).
+    restrict_to_numerical_rank : bool, default=False
+        Drop directions of numerically zero singular values (opt-in; see Iso-C): the common block
+        keeps only the sum's non-zero directions (and only those are projected out of each task),
+        each task block only its residual's.
+    alpha : float, default=1.0
+    """
+    if not _spectral(ctx, key):
+        return _mean(ctx, key)
+    r = min(ctx.shape(key))
+    k, s = iso_cts_sizes(r, ctx.n_tasks, common_fraction)
+    if s == 0:
+        ku = _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-CTS")
+        note = (f"Iso-CTS: no task-specific room (r={r}, T={ctx.n_tasks}, common_fraction="
+                f"{common_fraction} gives k={k}, s=0): Iso-C update.")
+        return KeyUpdate(ku.update, (note, *ku.notes))
+    Us, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
+    if sum(u.shape[1] for u in Us) == 0:
+        return KeyUpdate(torch.zeros(ctx.shape(key)), (*notes, "Iso-CTS: nothing left to merge: zero update."))
+    dev = Us[0].device
+    U_perp = linalg.polar(torch.cat(Us, 1), device=dev, name=key)
+    V_perp = linalg.polar(torch.cat(Vs, 1), device=dev, name=key)
+    sigma_bar = torch.cat(sig).mean()
+    return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes))
+
+
+# --------------------------------------------------------------------------------------- STAR
+def star_rank(S: torch.Tensor, eta: float) -> int:
+    """Smallest r with ``sum_{i<=r} sigma_i >= eta/100 * sum_i sigma_i`` (reference: searchsorted + 1).
+
+    Computed in float64 and capped at ``len(S)``.
+    """
+    s64 = S.detach().to("cpu", torch.float64)
+    target = torch.tensor([float(s64.sum()) * eta / 100.0], dtype=torch.float64)
+    return min(int(torch.searchsorted(torch.cumsum(s64, 0), target)) + 1, s64.numel())
+
+
+@register_merge(
+    "star", alpha=None, alpha_default=lambda params, n_tasks: 1.0 / n_tasks, alpha_doc="1/T",
+    pretty_name="STAR", reference="Lee et al., NAACL 2025",
+)
+def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, "right")] = 40.0) -> KeyUpdate:
+    """STAR: per task, keep the top singular values holding eta% of the nuclear norm, rescale, sum.
+
+    Parameters
+    ----------
+    eta : float in (0, 100], default=40
+        Percent of the nuclear norm *retained* (the reference code's behaviour; its CLI help says
+        "truncate", which the code does not do). The kept values are rescaled so the nuclear norm
+        is preserved.
+    alpha : float, default=1/T
+        Coefficient of the sum of the truncated matrices (1/T: the plain average, no tuning).
+    """
+    if not _spectral(ctx, key):
+        return KeyUpdate(ctx.deltas(key).sum(0))
+    total, notes = None, []
+    for task in ctx.tasks:
+        U, S, Vh = ctx.task_svd(task, key)
+        nuclear = float(S.double().sum())
+        if nuclear == 0.0:
+            notes.append(f"STAR: task {task!r} has an all-zero matrix here; skipped (rescale 0/0).")
+            continue
+        r = star_rank(S, eta)
+        scaled = S[:r] * (nuclear / float(S[:r].double().sum()))
+        part = (U[:, :r] * scaled) @ Vh[:r]
+        total = part if total is None else total + part
+    update = torch.zeros(ctx.shape(key)) if total is None else total.cpu()
+    return KeyUpdate(update, tuple(notes))

@@ -1,0 +1,205 @@
+"""Scoring merges over a grid of coefficients: chosen on validation, reported on test.
+
+``sweep`` merges once per ``alpha`` (every decomposition is cached, so each further ``alpha`` costs a
+scale-and-add) and evaluates the merged weights on every task and split. Normalisation follows
+algorithms.md section 10:
+
+* normalized accuracy ``n_t = Acc_t(merged) / Acc_t(finetuned_t)`` (mean of ratios, not clipped);
+* NAI ``(Acc_t(merged) - Acc_t(base)) / (Acc_t(finetuned_t) - Acc_t(base))``, NaN when the fine-tune
+  does not beat the base on that task and split;
+* ``alpha`` is chosen by the mean normalized accuracy on ``select_on`` (ties: the smaller alpha), and
+  reported on ``report_on``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from weightlens.errors import InvalidParameterError
+from weightlens.merge.engine import merge
+from weightlens.merge.registry import get_method
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["SweepResult", "alpha_grid", "reference_scores", "sweep"]
+
+Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
+
+
+def alpha_grid(method: str, n_tasks: int, *, combine: str = "task_arithmetic") -> list[float]:
+    """The validation grid of the reference protocols (algorithms.md 1, 4.1, 5.1, 6.2).
+
+    ``task_arithmetic`` and ``dare`` (task-arithmetic combine): ``{1/30, ..., 1}`` (TALL-masks, TSV,
+    Iso code); ``ties`` and ``dare`` with ``combine="ties"``: ``{0.8, 0.9, ..., 2.5}`` (TIES
+    README); ``tsv``, ``iso_c``, ``iso_cts``: ``{0.1, ..., 3.0}`` (TSV and Iso code). STAR is
+    untuned in its paper (``alpha = 1/T``); its grid is ``{0.1, ..., 3.0} / T`` around that default.
+    """
+    get_method(method)
+    tenths = [round(0.1 * i, 10) for i in range(1, 31)]
+    if method == "task_arithmetic" or (method == "dare" and combine == "task_arithmetic"):
+        return [i / 30 for i in range(1, 31)]
+    if method in ("ties", "dare"):
+        return [round(0.1 * i, 10) for i in range(8, 26)]
+    if method == "star":
+        return [a / n_tasks for a in tenths]
+    return tenths
+
+
+def reference_scores(
+    tv: TaskVectors, evaluate: Evaluate, splits: Sequence[str] = ("val", "test")
+) -> pd.DataFrame:
+    """Accuracy and loss of the base and of each fine-tune on its own task: ``task, split, model, ...``."""
+    rows = []
+    for task in tv.names:
+        for split in splits:
+            for model, weights in (("base", tv.base), ("finetuned", tv.finetuned[task])):
+                rows.append({"task": task, "split": split, "model": model, **_metrics(evaluate(weights, task, split))})
+    return pd.DataFrame(rows)
+
+
+def _metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    if "accuracy" not in scores:
+        raise InvalidParameterError(
+            f"evaluate(weights, task, split) must return a mapping with 'accuracy' (and optionally "
+            f"'loss'); got keys {sorted(scores)}."
+        )
+    return {"accuracy": float(scores["accuracy"]), "loss": float(scores.get("loss", math.nan))}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Scores of one method over a grid of ``alpha``.
+
+    Attributes
+    ----------
+    table : DataFrame
+        ``alpha, task, split, accuracy, loss, normalized_accuracy, nai`` (one row per evaluation).
+    reference : DataFrame
+        ``task, split, model, accuracy, loss`` for ``model`` in {base, finetuned}.
+    """
+
+    method: str
+    params: dict[str, Any]
+    table: pd.DataFrame = field(repr=False)
+    reference: pd.DataFrame = field(repr=False)
+    select_on: str = "val"
+    report_on: str = "test"
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """Means over tasks per ``(alpha, split)``: accuracy, loss, normalized_accuracy, nai."""
+        cols = ["accuracy", "loss", "normalized_accuracy", "nai"]
+        return self.table.groupby(["alpha", "split"], sort=True)[cols].mean().reset_index()
+
+    @property
+    def best_alpha(self) -> float:
+        """The alpha with the highest mean normalized accuracy on ``select_on`` (smallest on ties)."""
+        s = self.summary
+        s = s[s["split"] == self.select_on].sort_values("alpha")
+        return float(s["alpha"].iloc[int(np.argmax(s["normalized_accuracy"].to_numpy()))])
+
+    @property
+    def best(self) -> pd.DataFrame:
+        """Per-task rows at :attr:`best_alpha` on ``report_on``."""
+        t = self.table
+        return t[(t["alpha"] == self.best_alpha) & (t["split"] == self.report_on)].reset_index(drop=True)
+
+    def report(self) -> dict[str, Any]:
+        """One line for a results table: method, alpha, selection and report means, base and fine-tuned."""
+        s, ref = self.summary, self.reference
+        at = s[s["alpha"] == self.best_alpha].set_index("split")
+        means = ref.groupby(["split", "model"])["accuracy"].mean()
+        return {
+            "method": self.method,
+            "alpha": self.best_alpha,
+            f"{self.select_on}_normalized_accuracy": float(at.loc[self.select_on, "normalized_accuracy"]),
+            f"{self.report_on}_accuracy": float(at.loc[self.report_on, "accuracy"]),
+            f"{self.report_on}_normalized_accuracy": float(at.loc[self.report_on, "normalized_accuracy"]),
+            f"{self.report_on}_nai": float(at.loc[self.report_on, "nai"]),
+            f"base_{self.report_on}_accuracy": float(means.loc[(self.report_on, "base")]),
+            f"finetuned_{self.report_on}_accuracy": float(means.loc[(self.report_on, "finetuned")]),
+        }
+
+
+def _normalize(table: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    ref = reference.pivot_table(index=["task", "split"], columns="model", values="accuracy").reset_index()
+    out = table.merge(ref, on=["task", "split"], how="left")
+    out["normalized_accuracy"] = out["accuracy"] / out["finetuned"]
+    gain = out["finetuned"] - out["base"]
+    out["nai"] = ((out["accuracy"] - out["base"]) / gain).where(gain > 0)
+    return out.drop(columns=["base", "finetuned"])
+
+
+def _check_splits(splits: Sequence[str], select_on: str, report_on: str) -> None:
+    for name, value in (("select_on", select_on), ("report_on", report_on)):
+        if value not in splits:
+            raise InvalidParameterError(
+                f"The {name!r} parameter of sweep must be one of the splits {tuple(splits)}. Got {value!r} instead."
+            )
+
+
+def sweep(
+    tv: TaskVectors,
+    method: str,
+    alphas: Iterable[float] | None,
+    evaluate: Evaluate,
+    *,
+    splits: Sequence[str] = ("val", "test"),
+    select_on: str = "val",
+    report_on: str = "test",
+    reference: pd.DataFrame | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **params: Any,
+) -> SweepResult:
+    """Merge at every ``alpha`` and score each task: normalized accuracy, NAI, choice on validation.
+
+    Parameters
+    ----------
+    tv : TaskVectors
+    method : str
+        A registered merge method.
+    alphas : iterable of float, or None
+        The grid; None takes :func:`alpha_grid` of the method.
+    evaluate : callable
+        ``evaluate(weights, task, split) -> {"accuracy": ..., "loss": ...}`` (a zoo's ``evaluate``).
+    splits : sequence of str, default=("val", "test")
+    select_on, report_on : str
+        Split that chooses alpha and split that reports it.
+    reference : DataFrame, optional
+        Base and fine-tuned scores from :func:`reference_scores` (or a previous sweep's
+        ``.reference``), to skip re-evaluating them.
+    device, progress
+        Passed to ``merge``; ``progress`` shows one bar over the grid.
+    **params
+        Other parameters of the method (not ``alpha``).
+
+    Returns
+    -------
+    SweepResult
+    """
+    if "alpha" in params:
+        raise InvalidParameterError("sweep() takes the coefficients in 'alphas', not as alpha=.")
+    _check_splits(splits, select_on, report_on)
+    grid = list(alpha_grid(method, len(tv), combine=params.get("combine", "task_arithmetic"))
+                if alphas is None else alphas)
+    if not grid:
+        raise InvalidParameterError("sweep() needs at least one alpha.")
+    ref = reference if reference is not None else reference_scores(tv, evaluate, splits)
+    rows, resolved = [], {}
+    for alpha in tqdm(grid, desc=f"sweep {method}", unit="alpha", disable=not progress):
+        merged = merge(tv, method=method, device=device, alpha=alpha, **params)
+        resolved = {k: v for k, v in merged.params.items() if k != "alpha"}
+        for task in tv.names:
+            for split in splits:
+                rows.append({"alpha": float(alpha), "task": task, "split": split,
+                             **_metrics(evaluate(merged, task, split))})
+    table = _normalize(pd.DataFrame(rows), ref)
+    return SweepResult(method, resolved, table, ref, select_on, report_on)
