@@ -9,7 +9,6 @@ and widgets share.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,11 +85,7 @@ def _named_checkpoints(finetuned: Any) -> dict[str, Checkpoint]:
 
 def _with_name(ckpt: Checkpoint, name: str) -> Checkpoint:
     """``ckpt`` displayed as ``name`` (a shallow copy; the caller's object is left alone)."""
-    if ckpt.name == name:
-        return ckpt
-    renamed = copy.copy(ckpt)
-    renamed.name = name
-    return renamed
+    return ckpt if ckpt.name == name else ckpt.renamed(name)
 
 
 class TaskVectors:

@@ -1,0 +1,372 @@
+"""Resolve any checkpoint source to a lazy :class:`Checkpoint`.
+
+Sources: a ``.safetensors`` file; sharded safetensors (``*.safetensors.index.json``); an HF model
+folder (safetensors or ``pytorch_model.bin``, sharded or not); a ``.bin``/``.pt`` pickle, read only
+through ``torch.load(weights_only=True)``; a state dict; an ``nn.Module``; a ``Checkpoint``.
+
+Opening reads headers only: keys, shapes and dtypes are known before any tensor data is read, and
+a corrupt or truncated file is reported, naming the file and key, before the first tensor is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightlens.errors import CheckpointError, KeyMismatchError, UnsafeCheckpointError
+from weightlens.io import _safetensors as st
+
+__all__ = ["Checkpoint", "TensorInfo", "load"]
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Folder contents tried in order; the first present wins.
+_FOLDER_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+# Nested state dicts found in training checkpoints (Lightning, plain torch.save of a dict).
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
+_GENERIC_STEMS = {"model", "pytorch_model", "diffusion_pytorch_model", "adapter_model"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str | None = None
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A lazy, read-only ``Mapping[str, Tensor]``: indexing reads one tensor (CPU, stored dtype).
+
+    Attributes
+    ----------
+    name : short display name (file stem, folder name, ``"state_dict"``).
+    source : what was opened, for messages.
+    hf_dir : the HF model folder (config, tokenizer) when there is one, else ``None``.
+    metadata : free-form metadata stored with the weights (safetensors ``__metadata__``).
+    """
+
+    def __init__(
+        self,
+        infos: dict[str, TensorInfo],
+        reader: Callable[[str], torch.Tensor],
+        *,
+        name: str,
+        source: str,
+        hf_dir: Path | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self._infos = infos
+        self._reader = reader
+        self.name = name
+        self.source = source
+        self.hf_dir = hf_dir
+        self.metadata = dict(metadata or {})
+
+    # Mapping protocol -------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self.info(key)
+        tensor = self._reader(key)
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise CheckpointError(
+                f"{self._where(key)}: read {tuple(tensor.shape)} {tensor.dtype} but the header promised "
+                f"{info.shape} {info.dtype}; the file changed after it was opened."
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    # Metadata without reading data -----------------------------------------------------------
+    def info(self, key: str) -> TensorInfo:
+        """Shape, dtype and file of ``key``; reads no tensor data."""
+        try:
+            return self._infos[key]
+        except KeyError:
+            close = difflib.get_close_matches(str(key), list(self._infos), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyMismatchError(
+                f"Key {key!r} is not in checkpoint {self.name!r} ({self.source}; {len(self)} keys).{hint}"
+            ) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key``."""
+        return self.info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of ``key``."""
+        return self.info(key).dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the stored tensors in bytes."""
+        return sum(_numel(i.shape) * _itemsize(i.dtype) for i in self._infos.values())
+
+    def renamed(self, name: str) -> Checkpoint:
+        """This checkpoint displayed as ``name`` (a shallow copy sharing the reader)."""
+        other = copy.copy(self)
+        other.name = name
+        return other
+
+    def __repr__(self) -> str:
+        gb = self.nbytes / 1e9
+        size = f"{gb:.2f} GB" if gb >= 0.1 else f"{self.nbytes / 1e6:.1f} MB"
+        return f"Checkpoint({self.name!r}, {len(self)} tensors, {size}, source={self.source!r})"
+
+    def _where(self, key: str) -> str:
+        file = self._infos[key].file
+        return f"{file or self.source} key {key!r}"
+
+
+def load(source: Any, *, name: str | None = None) -> Checkpoint:
+    """Open ``source`` as a lazy :class:`Checkpoint`; reads headers only.
+
+    Parameters
+    ----------
+    source : path to a ``.safetensors`` file, a ``*.index.json`` of shards, an HF model folder or a
+        ``.bin``/``.pt`` file; a ``Mapping[str, Tensor]``; an ``nn.Module``; a ``Checkpoint``.
+    name : display name; defaults to the file stem or folder name.
+
+    Examples
+    --------
+    >>> import torch, weightlens as wl
+    >>> ckpt = wl.load({"w": torch.zeros(2, 3)})
+    >>> ckpt.shape("w"), ckpt.dtype("w")
+    ((2, 3), torch.float32)
+    """
+    if isinstance(source, Checkpoint):
+        ckpt = source
+    elif isinstance(source, torch.nn.Module):
+        ckpt = _from_state_dict(source.state_dict(), type(source).__name__, f"<{type(source).__name__}>")
+    elif isinstance(source, Mapping):
+        ckpt = _from_state_dict(source, "state_dict", "<state dict>")
+    elif isinstance(source, (str, os.PathLike)):
+        ckpt = _from_path(Path(source).expanduser())
+    else:
+        raise CheckpointError(
+            f"Cannot load a checkpoint from {type(source).__name__}: pass a path (file or HF folder), "
+            "a state dict (Mapping[str, Tensor]), an nn.Module or a weightlens Checkpoint."
+        )
+    return ckpt if name is None or name == ckpt.name else ckpt.renamed(name)
+
+
+# ------------------------------------------------------------------------------------ in memory
+def _from_state_dict(sd: Mapping[str, Any], name: str, source: str, file: str | None = None) -> Checkpoint:
+    bad = [(k, type(v).__name__) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(f"{k!r} ({t})" for k, t in bad[:5])
+        raise CheckpointError(
+            f"{file or source}: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not tensors: {shown}. "
+            "Pass the state dict itself (e.g. checkpoint['state_dict'])."
+        )
+    tensors = {str(k): v.detach() for k, v in sd.items()}
+    infos = {k: TensorInfo(tuple(v.shape), v.dtype, file) for k, v in tensors.items()}
+    return Checkpoint(infos, lambda key: tensors[key].cpu(), name=name, source=source)
+
+
+# ------------------------------------------------------------------------------------ paths
+def _from_path(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder.")
+    if path.is_dir():
+        return _from_folder(path)
+    hf_dir = path.parent if (path.parent / "config.json").is_file() else None
+    name = _display_name(path)
+    lower = path.name.lower()
+    if lower.endswith(".safetensors.index.json"):
+        return _from_safetensors_index(path, name, hf_dir)
+    if lower.endswith(".bin.index.json") or lower.endswith(".pt.index.json"):
+        return _from_torch_index(path, name, hf_dir)
+    if lower.endswith(".safetensors"):
+        return _from_safetensors(path, name, hf_dir)
+    if lower.endswith(_TORCH_SUFFIXES):
+        return _from_torch_file(path, name, hf_dir)
+    return _sniff(path, name, hf_dir)
+
+
+def _display_name(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    if stem in _GENERIC_STEMS or stem.startswith(("model-", "pytorch_model-")):
+        return path.parent.name or stem
+    return stem
+
+
+def _from_folder(folder: Path) -> Checkpoint:
+    hf_dir = folder if (folder / "config.json").is_file() else None
+    for candidate in _FOLDER_CANDIDATES:
+        if (folder / candidate).is_file():
+            return _renamed(_from_path(folder / candidate), folder.name, hf_dir)
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth"):
+        found = sorted(folder.glob(pattern))
+        if len(found) == 1:
+            return _renamed(_from_path(found[0]), folder.name, hf_dir)
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{folder}: {len(found)} {pattern} files and no index to say how they fit together "
+                f"({', '.join(p.name for p in found[:4])}, ...). Pass one file, or add an index.json."
+            )
+    raise CheckpointError(
+        f"{folder}: no weights found. Looked for {', '.join(_FOLDER_CANDIDATES)}, or a single "
+        "*.safetensors / *.bin / *.pt file."
+    )
+
+
+def _renamed(ckpt: Checkpoint, name: str, hf_dir: Path | None) -> Checkpoint:
+    ckpt = ckpt.renamed(name)
+    ckpt.hf_dir = hf_dir
+    return ckpt
+
+
+def _sniff(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch zip archive or a legacy pickle
+        return _from_torch_file(path, name, hf_dir)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _from_safetensors(path, name, hf_dir)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (expected .safetensors, *.index.json, .bin, .pt or an HF folder)."
+    )
+
+
+# ------------------------------------------------------------------------------- safetensors
+def _from_safetensors(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
+    entries, metadata = st.read_header(path)
+    # safetensors stores keys sorted by dtype and size; natural order reads like the model.
+    infos = {k: TensorInfo(entries[k].shape, entries[k].dtype, str(path)) for k in sorted(entries, key=_natural)}
+    return Checkpoint(
+        infos, lambda key: st.read_tensor(path, key, entries[key]),
+        name=name, source=str(path), hf_dir=hf_dir, metadata=metadata,
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(index.read_text())
+        weight_map = raw["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({exc}); it needs a 'weight_map' object.") from exc
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{index}: shard file(s) missing next to the index: {', '.join(missing)}.")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _from_safetensors_index(index: Path, name: str, hf_dir: Path | None) -> Checkpoint:
+    weight_map = _read_index(index)
+    headers = {f: st.read_header(index.parent / f) for f in dict.fromkeys(weight_map.values())}
+    infos: dict[str, TensorInfo] = {}
+    for key in sorted(weight_map, key=_natural):
+        file = weight_map[key]
+        entries = headers[file][0]
+        if key not in entries:
+            raise CheckpointError(
+                f"{index}: maps key {key!r} to {file}, but {index.parent / file} has no such tensor."
+            )
+        e = entries[key]
+        infos[key] = TensorInfo(e.shape, e.dtype, str(index.parent / file))
+
+    def read(key: str) -> torch.Tensor:
+        file = weight_map[key]
+        return st.read_tensor(index.parent / file, key, headers[file][0][key])
+
+    metadata = next((m for _, m in headers.values() if m), {})
+    return Checkpoint(infos, read, name=name, source=str(index), hf_dir=hf_dir, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------ torch pickles
+def _torch_load(path: Path) -> Mapping[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows; never unpickles code."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to unpickle: it holds objects other than tensors and plain containers, "
+            "and weightlens loads pickles only with torch.load(weights_only=True). If you trust the file, "
+            "load it yourself and pass the state dict. Details: " + str(exc).splitlines()[0]
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: torch.load failed: the file is corrupt or truncated ({exc}).") from exc
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in _NESTED_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    if isinstance(obj, torch.nn.Module):  # unreachable with weights_only, kept for clarity
+        return obj.state_dict()
+    what = f"a dict with keys {list(obj)[:6]}" if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(
+        f"{path}: holds {what}, not a state dict (a mapping of names to tensors, possibly under "
+        f"one of {', '.join(map(repr, _NESTED_KEYS))})."
+    )
+
+
+def _from_torch_file(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
+    ckpt = _from_state_dict(_torch_load(path), name, str(path), file=str(path))
+    ckpt.hf_dir = hf_dir
+    return ckpt
+
+
+def _from_torch_index(index: Path, name: str, hf_dir: Path | None) -> Checkpoint:
+    weight_map = _read_index(index)
+    shards = {f: _torch_load(index.parent / f) for f in dict.fromkeys(weight_map.values())}  # mmap'd
+    infos: dict[str, TensorInfo] = {}
+    for key, file in weight_map.items():
+        t = shards[file].get(key)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{index}: maps key {key!r} to {file}, but that shard has no such tensor.")
+        infos[key] = TensorInfo(tuple(t.shape), t.dtype, str(index.parent / file))
+    return Checkpoint(
+        infos, lambda key: shards[weight_map[key]][key].detach().clone(),
+        name=name, source=str(index), hf_dir=hf_dir,
+    )
+
+
+def _natural(key: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders ``layer.10`` after ``layer.9``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", key)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
