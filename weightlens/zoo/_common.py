@@ -66,6 +66,7 @@ class atomic_folder:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        self.tmp.chmod(0o755)  # mkdtemp makes 0700; a zoo is shared data, readable like any folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
