@@ -1,5 +1,9 @@
 """weightlens: see why a merge of neural networks works or fails, then export the one you chose.
 
+``load`` and ``TaskVectors`` are imported eagerly; ``analyze``, ``merge``, ``compare``, ``sweep``,
+``export`` and the subpackages ``lmc``, ``rebasin``, ``widgets``, ``figures``, ``zoo`` and ``linalg``
+load on first use, so ``import weightlens`` stays light (no plotly, no ipywidgets).
+
 Examples
 --------
 >>> import weightlens as wl
@@ -7,6 +11,9 @@ Examples
 >>> ckpt.shape("w")
 (2, 3)
 """
+
+import importlib
+from typing import Any
 
 from weightlens.errors import (
     CheckpointError,
@@ -23,6 +30,37 @@ from weightlens.taskvectors import TaskVectors
 
 __version__ = "0.1.0"
 
+# public name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "analyze": ("weightlens.analysis", "analyze"),
+    "Report": ("weightlens.analysis", "Report"),
+    "merge": ("weightlens.merge", "merge"),
+    "compare": ("weightlens.merge", "compare"),
+    "sweep": ("weightlens.merge", "sweep"),
+    "export": ("weightlens.io", "export"),
+    "analysis": ("weightlens.analysis", None),
+    "figures": ("weightlens.figures", None),
+    "linalg": ("weightlens.linalg", None),
+    "lmc": ("weightlens.lmc", None),
+    "rebasin": ("weightlens.rebasin", None),
+    "widgets": ("weightlens.widgets", None),
+    "zoo": ("weightlens.zoo", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'weightlens' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -36,4 +74,5 @@ __all__ = [
     "WeightlensError",
     "__version__",
     "load",
+    *_LAZY,
 ]

@@ -1,0 +1,25 @@
+"""The public surface: ``import weightlens`` stays light, and every documented name resolves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import weightlens as wl
+
+
+def test_import_is_light():
+    code = (
+        "import sys, weightlens as wl; wl.load({}) ; "
+        "heavy = [m for m in ('plotly', 'ipywidgets', 'pandas', 'scipy', 'sklearn') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_documented_names_resolve():
+    for name in ("load", "Checkpoint", "TaskVectors", "analyze", "merge", "compare", "sweep", "lmc", "rebasin", "zoo"):
+        assert getattr(wl, name) is not None, name
+    assert callable(wl.analyze) and callable(wl.merge)
+    assert set(wl._LAZY) <= set(dir(wl))
