@@ -25,8 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-import weightlens as wl
 from weightlens import zoo
+from weightlens.merge import merge
+from weightlens.taskvectors import TaskVectors
 
 METHODS = ("tsv", "iso_cts", "iso_c", "star", "ties", "task_arithmetic")
 SWITCH = {"tsv": "star", "iso_c": "iso_cts"}
@@ -56,22 +57,22 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def fresh(tv: wl.TaskVectors) -> wl.TaskVectors:
+def fresh(tv: TaskVectors) -> TaskVectors:
     """The same task vectors with an empty cache."""
     tv.cache.clear()
     return tv
 
 
-def bench_method(tv: wl.TaskVectors, method: str, repeats: int, device: str) -> dict[str, float]:
+def bench_method(tv: TaskVectors, method: str, repeats: int, device: str) -> dict[str, float]:
     """First call, alpha-only calls and (for tsv / iso_c) the switch to the sibling method."""
     fresh(tv)
-    first = seconds(lambda: wl.merge(tv, method=method, alpha=1.0, device=device))
+    first = seconds(lambda: merge(tv, method=method, alpha=1.0, device=device))
     again = statistics.median(
-        seconds(lambda: wl.merge(tv, method=method, alpha=0.5, device=device)) for _ in range(repeats)
+        seconds(lambda: merge(tv, method=method, alpha=0.5, device=device)) for _ in range(repeats)
     )
     row = {"first": first, "alpha_only": again, "ratio": first / again}
     if method in SWITCH:
-        row["switch"] = seconds(lambda: wl.merge(tv, method=SWITCH[method], device=device))
+        row["switch"] = seconds(lambda: merge(tv, method=SWITCH[method], device=device))
     return row
 
 

@@ -33,6 +33,7 @@ import pandas as pd
 from weightlens import zoo
 from weightlens.analysis import analyze
 from weightlens.figures.analysis import (
+    figure_conflict_matrix,
     figure_cosines,
     figure_sar_layers,
     figure_sar_matrix,
@@ -102,6 +103,9 @@ update magnitude sits on conflicting coordinates. TIES trimming (`sign_density=0
 task) removes small entries first; the baseline then depends on how many tasks survive per coordinate.
 The second report reuses every cached decomposition."""),
     ("code", """figure_sign_conflicts(report.signs, by="block")"""),
+    ("md", """Per pair of tasks, the share of coordinates both change where they disagree in sign (chance 0.5),
+pooled over every parameter:"""),
+    ("code", """figure_conflict_matrix(report.conflict_matrix())"""),
     ("code", """trimmed = analyze(tv, sign_density=0.2, progress=False)
 pd.DataFrame({"untrimmed": report.summary()["weighted"], "TIES top-20%": trimmed.summary()["weighted"]}).loc[
     ["conflict rate", "pairwise conflict rate", "mass-weighted conflict", "TIES discarded mass"]]"""),
@@ -120,6 +124,8 @@ def build() -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what was edited
+        cell.id = f"interference-{i:02d}"
     return nb
 
 

@@ -16,25 +16,27 @@ OUT = Path(__file__).resolve().parents[1] / "notebooks" / "02_merging.ipynb"
 CELLS: list[tuple[str, str]] = [
     ("md", """# 02 · Merging: seven methods, validated coefficients, and what each one removes
 
-`wl.merge(task_vectors, method=..., **params)` returns the full merged weights (base + update) of any of
-seven methods, each implemented exactly as published (`reference/algorithms.md`): task arithmetic, TIES,
-DARE, TSV-M, Iso-C, Iso-CTS and STAR. `wl.sweep` scores a grid of coefficients `alpha`, **chosen on the
-validation split and reported on test**, as normalized accuracy (merged / fine-tuned) and NAI.
-`wl.compare` shows, before (task arithmetic) and after (the merge), how much of each task the merged update
-keeps, its spectrum, and the sign conflicts it settles.
+`merge(task_vectors, method=..., **params)` returns the full merged weights (base + update) of any of seven
+methods, each implemented as published (`reference/algorithms.md`; where the authors' code and paper or two
+reference implementations differ, both are offered and named): task arithmetic, TIES, DARE, TSV-M, Iso-C,
+Iso-CTS and STAR. `sweep` scores a grid of coefficients `alpha`, **chosen on the validation split and
+reported on test**, as normalized accuracy (merged / fine-tuned, mean over tasks) and NAI (share of the
+fine-tuning gain kept). `compare` sets each merged update next to the task-arithmetic sum: how much of each
+task it keeps, its spectrum, and the sign conflicts it settles.
 
 Everything below runs on the model zoo trained on this machine: `digits-tasks` (an MLP and 4 fine-tunes on
 transformed digits) and `minilm-tasks` (all-MiniLM-L6-v2 and 4 text-classification fine-tunes)."""),
     ("code", """import os
 import time
 
+import numpy as np
 import pandas as pd
 
 from weightlens import zoo
 from weightlens.figures.merge import (
+    figure_merge_conflicts,
     figure_merge_spectrum,
     figure_retained_alignment,
-    figure_merge_conflicts,
     figure_sweep,
 )
 from weightlens.merge import alpha_grid, compare, get_method, merge, sweep
@@ -50,32 +52,46 @@ parameters and out-of-range values raise an error that lists the valid ones.""")
     {"method": m, "name": get_method(m).pretty_name, "parameters (defaults)": get_method(m).describe(),
      "reference": get_method(m).reference}
     for m in METHODS
-])"""),
-    ("code", """try:
-    merge(zoo.load("digits-tasks", size=SIZE).task_vectors(), method="ties", density=1.5)
+]).set_index("method")"""),
+    ("code", """z = zoo.load("digits-tasks", size=SIZE)
+tv = z.task_vectors()
+try:
+    merge(tv, method="ties", density=1.5)
 except ValueError as err:
     print(err)"""),
     ("md", """## Digits: every method at its validated coefficient
 Each method's grid follows its reference protocol (`alpha_grid`): task arithmetic and DARE `{1/30, ..., 1}`,
 TIES `{0.8, ..., 2.5}`, TSV-M and Iso `{0.1, ..., 3.0}`, STAR `{0.1, ..., 3.0} / T` around its untuned default
-`1/T`. Decompositions are cached, so each further `alpha` costs a scale-and-add."""),
-    ("code", """z = zoo.load("digits-tasks", size=SIZE)
-tv = z.task_vectors()
-sweeps = {m: sweep(tv, m, None, z.evaluate, progress=False) for m in METHODS}
+`1/T`. Other parameters stay at their defaults (TIES keeps 20%, DARE keeps 50%, Iso-CTS gives 80% of the
+directions to the common subspace, STAR keeps 40% of the nuclear norm). Decompositions and unscaled updates
+are cached, so each further `alpha` costs a scale-and-add; the test split is scored only at the chosen
+`alpha`."""),
+    ("code", """COLUMNS = {"alpha": "alpha (val)", "val_normalized_accuracy": "val norm. acc",
+           "test_accuracy": "test acc", "base_test_accuracy": "base test acc",
+           "finetuned_test_accuracy": "fine-tuned test acc", "test_normalized_accuracy": "test norm. acc",
+           "test_nai": "test NAI"}
+
+
+def run_sweeps(tv, evaluate, grids, reference=None):
+    out = {}
+    for m in METHODS:
+        out[m] = sweep(tv, m, grids.get(m), evaluate, reference=reference, progress=False)
+        reference = out[m].reference
+    return out
 
 
 def results_table(sweeps):
-    rows = [sw.report() for sw in sweeps.values()]
-    table = pd.DataFrame(rows).set_index("method")
-    return table
+    table = pd.DataFrame([sw.report() for sw in sweeps.values()]).set_index("method")
+    return table[list(COLUMNS)].rename(columns=COLUMNS)
 
 
+sweeps = run_sweeps(tv, z.evaluate, {})
 digits_table = results_table(sweeps)
 digits_table"""),
-    ("code", """base_acc = digits_table["base_test_accuracy"].iloc[0]
-ft_acc = digits_table["finetuned_test_accuracy"].iloc[0]
-print(f"mean test accuracy: base {base_acc:.3f}, fine-tuned (each on its task) {ft_acc:.3f}")
-beats = digits_table["test_accuracy"] > base_acc
+    ("code", """base_acc = digits_table["base test acc"].iloc[0]
+beats = digits_table["test acc"] > base_acc
+print(f"mean test accuracy of the base model: {base_acc:.4f}; of the fine-tunes (each on its task): "
+      f"{digits_table['fine-tuned test acc'].iloc[0]:.4f}")
 print("every method beats the base at its validated alpha:", bool(beats.all()))
 assert beats.all(), digits_table[~beats]"""),
     ("md", "Per task, side by side (test split, at each method's validated `alpha`):"),
@@ -92,7 +108,8 @@ per_task(sweeps, "accuracy")"""),
     ("code", """figure_sweep({m: sweeps[m] for m in ("task_arithmetic", "ties", "tsv", "iso_cts")})"""),
     ("md", """## Before and after: what each merge keeps and the interference it removes
 `compare(tv, merged)` sets the merged update next to the task-arithmetic sum: the share of each task inside
-the update's top singular subspace (SAR), the spectra, and the sign conflicts settled (coordinates where
+the update's top singular subspace (SAR, Iso Eq. 5 with the rank rule of the Iso figure script), the
+coefficient of the update along each task (`kept`), the spectra, and the sign conflicts (coordinates where
 tasks disagree: set to zero, won by the side with more mass, and the task mass left pointing against the
 update)."""),
     ("code", """merged = {m: merge(tv, method=m, alpha=sweeps[m].best_alpha) for m in METHODS}
@@ -106,27 +123,37 @@ Each merge carries per-key notes. The digits matrices are large enough for every
 `common_fraction=1` leaves no task-specific room, so it is Iso-C on every matrix, and says so."""),
     ("code", """merge(tv, method="iso_cts", common_fraction=1.0).notes"""),
     ("md", """## MiniLM: the same on a real transformer
-A coarser grid keeps this section to a few minutes at CI size (every third point of each method's grid).
-The embeddings were frozen during fine-tuning, so their task vectors are zero: the notes say so."""),
+At CI size each method is validated on three points of its grid (at 1/6, 1/2 and 5/6 of it) to keep this
+section to about three minutes on two cores; `WEIGHTLENS_ZOO_SIZE=demo` runs the full grids. The embeddings and
+pooler were frozen during fine-tuning, so their task vectors are zero: the notes say so, and no
+decomposition is taken there."""),
     ("code", """zm = zoo.load("minilm-tasks", size=SIZE)
 tvm = zm.task_vectors()
-reference = None
-minilm_sweeps = {}
-for m in METHODS:
-    grid = alpha_grid(m, len(tvm))[2::3]
-    minilm_sweeps[m] = sweep(tvm, m, grid, zm.evaluate, reference=reference, progress=False)
-    reference = minilm_sweeps[m].reference
+
+
+def coarse(grid):
+    return grid if SIZE != "ci" else [grid[int(q * len(grid))] for q in (1 / 6, 1 / 2, 5 / 6)]
+
+
+# base and fine-tuned scores were measured by the same scorer when the zoo was built
+built = zm.manifest["metrics"]
+reference = pd.DataFrame([{"task": t, "split": s, "model": model, **built[model][t][s]}
+                          for model in ("base", "finetuned") for t in zm.tasks for s in ("val", "test")])
+minilm_sweeps = run_sweeps(tvm, zm.evaluate, {m: coarse(alpha_grid(m, len(tvm))) for m in METHODS}, reference)
 minilm_table = results_table(minilm_sweeps)
 minilm_table"""),
     ("code", "per_task(minilm_sweeps, \"normalized_accuracy\")"),
-    ("code", """minilm_merged = {m: merge(tvm, method=m, alpha=minilm_sweeps[m].best_alpha) for m in ("task_arithmetic", "ties", "tsv", "iso_cts")}
-minilm_cmp = {m: compare(tvm, r, keys=[k for k in tvm.keys if ".layer." in k]) for m, r in minilm_merged.items()}
+    ("code", """minilm_merged = {m: merge(tvm, method=m, alpha=minilm_sweeps[m].best_alpha)
+                 for m in ("task_arithmetic", "ties", "tsv", "iso_cts")}
+layers = [k for k in tvm.keys if k.startswith("encoder.layer.")]
+minilm_cmp = {m: compare(tvm, r, keys=layers) for m, r in minilm_merged.items()}
 figure_retained_alignment(minilm_cmp)"""),
     ("code", "figure_merge_conflicts(minilm_cmp)"),
-    ("code", "minilm_merged[\"tsv\"].notes.head()"),
+    ("code", """figure_merge_spectrum({m: minilm_cmp[m] for m in ("tsv", "iso_cts")}, "encoder.layer.3.intermediate.dense.weight")"""),
+    ("code", """minilm_merged["iso_cts"].notes"""),
     ("md", """## Moving alpha is cheap
 The second call below changes only `alpha`: it reuses every cached decomposition and unscaled update
-(`benchmarks/bench_merge.py` measures this on every method)."""),
+(`benchmarks/bench_merge.py` measures this for every method)."""),
     ("code", """tvm.cache.clear()
 t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=1.0); first = time.perf_counter() - t0
 t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=0.5); second = time.perf_counter() - t0

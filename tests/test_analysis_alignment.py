@@ -20,6 +20,7 @@ from weightlens.analysis.alignment import (
     sar_rows,
     sti,
     subspace_overlap,
+    subspace_row,
 )
 from weightlens.errors import InvalidParameterError, ShapeMismatchError
 
@@ -178,6 +179,28 @@ def test_small_angles_stay_accurate():
     B = np.stack([[1, 0, 0, 0], [0, math.cos(theta), math.sin(theta), 0]], axis=1)
     got = principal_angles(_t(A), _t(B)).numpy()
     np.testing.assert_allclose(got, [0.0, theta], atol=1e-20, rtol=1e-6)  # arccos would give 0 or ~1e-8
+
+
+@pytest.mark.parametrize("theta", [1e-7, 3e-3, 0.05, 1.2])
+def test_planted_angles_are_recovered_on_both_sides_of_the_small_angle_switch(theta):
+    rng = np.random.default_rng(11)
+    Q = _orth(9, 4, rng)  # A = span(q0, q1); B = span(q0, cos t q1 + sin t q2)
+    A = Q[:, :2]
+    B = np.stack([Q[:, 0], math.cos(theta) * Q[:, 1] + math.sin(theta) * Q[:, 2]], axis=1)
+    got = principal_angles(_t(A), _t(B)).numpy()
+    np.testing.assert_allclose(got, [0.0, theta], rtol=1e-7, atol=1e-12)
+
+
+def test_subspace_row_matches_scipy_on_both_sides():
+    rng = np.random.default_rng(12)
+    Ua, Ub, Va, Vb = _orth(30, 5, rng), _orth(30, 5, rng), _orth(20, 5, rng), _orth(20, 5, rng)
+    row = subspace_row(_t(Ua), _t(Ub), _t(Va), _t(Vb))
+    for side, a, b in (("left", Ua, Ub), ("right", Va, Vb)):
+        angles = scipy.linalg.subspace_angles(a, b)
+        assert row[f"overlap_{side}"] == pytest.approx(np.mean(np.cos(angles) ** 2), rel=1e-12)
+        assert row[f"grassmann_{side}"] == pytest.approx(np.linalg.norm(angles), rel=1e-12)
+        assert row[f"chance_{side}"] == 5 / a.shape[0]
+    assert row["k_sub"] == 5
 
 
 def test_subspace_overlap_matches_mean_squared_cosine():

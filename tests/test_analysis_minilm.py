@@ -3,26 +3,20 @@
 all-MiniLM-L6-v2 fine-tuned on 4 text tasks (embeddings and pooler frozen): task vectors are
 nearly orthogonal, attention deltas are far from full rank, sign conflicts sit near chance, and each
 task lies more in the span of the task-arithmetic sum than in another single task's. Thresholds
-leave room around the values measured on the CI build (noted per test).
+leave room around the values measured on the CI build (noted per test, ``minilm_zoo`` from
+``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from weightlens import zoo
 from weightlens.analysis import analyze
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def minilm_zoo():
-    """Local fallback; tests/conftest.py provides the shared one (same build, same folder)."""
-    zoo.build(size="ci", names=["minilm-tasks"], progress=False)
-    return zoo.load("minilm-tasks", size="ci")
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +26,22 @@ def report(minilm_zoo):
 
 def test_four_tasks_and_every_matrix(report):
     assert len(report.tasks) == 4
-    assert report.spectra["key"].nunique() == len([k for k in report.keys if report.spectra["key"].eq(k).any()])
+    assert report.spectra["key"].nunique() == 40  # every 2-D key, frozen ones included
     frozen = report.spectra.query("key.str.startswith('embeddings.') or key.str.startswith('pooler.')")
-    assert frozen["zero"].all()  # frozen in the recipe: exactly zero deltas, not decomposed
+    assert len(frozen) > 0 and frozen["zero"].all()  # frozen in the recipe: exactly zero deltas, not decomposed
+    assert not report.spectra.query("key.str.contains('attention')")["zero"].any()
 
 
 def test_task_vectors_are_nearly_orthogonal(report):
-    # Whole-model cosines measured on the CI build: 0.040-0.048 for five of the six pairs and 0.073
+    # Whole-model cosines measured on the CI build: 0.032-0.043 for five of the six pairs and 0.057
     # for the two WordNet-noun tasks (wn_noun / wn_noun_b), which share their input domain.
     c = report.cosines.to_numpy()
     off = sorted(abs(c[i, j]) for i in range(4) for j in range(i + 1, 4))
     assert off[-1] < 0.1
     assert off[-2] < 0.05  # every pair but the closest one
-    assert report.summary().loc["cosine (mean over pairs)", "weighted"] < 0.06
+    assert report.summary().loc["cosine (mean over pairs)", "weighted"] < 0.05  # measured 0.041
+    closest = np.unravel_index(np.argmax(np.abs(c - np.eye(4))), c.shape)
+    assert {report.tasks[i] for i in closest} == {"wn_noun", "wn_noun_b"}
 
 
 def test_attention_deltas_are_far_from_full_rank(report):
@@ -52,21 +49,23 @@ def test_attention_deltas_are_far_from_full_rank(report):
         "key.str.contains('attention.self.query.weight') and task in @report.tasks and not zero"
     )
     assert len(att) == 6 * 4 and (att["m"] == 384).all() and (att["n"] == 384).all()
-    assert att["erank"].max() < 0.75 * 384  # well below 384 (measured 161-233)
-    assert att["stable_rank"].max() < 50  # measured 2.2-16.4
+    assert att["erank"].max() < 0.75 * 384  # well below 384 (measured 158-223)
+    assert att["stable_rank"].max() < 50  # measured 2.5-15.7
 
 
 def test_conflict_rate_is_close_to_chance(report):
     s = report.summary()
     rate, chance = s.loc["conflict rate", "weighted"], s.loc["conflict rate", "chance"]
     assert chance == pytest.approx(1 - 2.0 ** -3, abs=1e-4)  # T = 4; a few entries are exactly 0 in a task
-    assert abs(rate - chance) < 0.1  # measured 0.848 pooled against 0.875
-    assert abs(s.loc["pairwise conflict rate", "weighted"] - 0.5) < 0.1  # measured 0.483
+    assert abs(rate - chance) < 0.1  # measured 0.853 pooled against 0.875
+    assert abs(s.loc["pairwise conflict rate", "weighted"] - 0.5) < 0.1  # measured 0.486
 
 
-def test_each_task_is_better_aligned_with_the_sum_than_with_another_task(report):
-    m = report.sar_matrix()  # plain mean over matrices (SAR_avg)
+@pytest.mark.parametrize("value", ["sar", "sar_paper"])
+def test_each_task_is_better_aligned_with_the_sum_than_with_another_task(report, value):
+    m = report.sar_matrix(value=value)  # plain mean over matrices (SAR_avg)
     for task in report.tasks:
         others = [m.loc[task, o] for o in report.tasks if o != task]
-        assert m.loc[task, "sum"] > max(others), task  # measured 0.84-0.86 against at most 0.65
         assert not math.isnan(m.loc[task, "sum"])
+        # measured (iso_script rule) 0.84-0.86 against at most 0.63; (Eq. 6) 0.95-0.96 against at most 0.86
+        assert m.loc[task, "sum"] > max(others) + 0.05, task

@@ -235,5 +235,59 @@ def test_to_html_is_standalone(report, tmp_path):
 
 def test_report_repr_and_figures(report):
     assert "tasks=['a', 'b', 'c']" in repr(report)
-    assert set(report.figures()) == {"spectra", "sar_matrix", "sar_layers", "cosines", "sign_conflicts", "overlap"}
+    assert set(report.figures()) == {
+        "spectra", "sar_matrix", "sar_layers", "cosines", "conflict_matrix", "sign_conflicts", "overlap"
+    }
     assert isinstance(report.summary(), pd.DataFrame)
+
+
+def test_conflict_matrix_pools_counts_over_every_key(tv, report):
+    flat = np.stack([np.concatenate([tv.delta(t, k).double().numpy().ravel() for k in tv.keys]) for t in TASKS])
+    pooled, plain = report.conflict_matrix(), report.conflict_matrix(weighted=False)
+    for i, a in enumerate(TASKS):
+        assert pooled.loc[a, a] == 0.0
+        for j, b in enumerate(TASKS):
+            if i == j:
+                continue
+            prod = flat[i] * flat[j]
+            assert pooled.loc[a, b] == pytest.approx(np.sum(prod < 0) / np.sum(prod != 0), rel=1e-12)
+            per_key = [np.mean((d[i] * d[j])[d[i] * d[j] != 0] < 0)
+                       for d in (_deltas(tv, k).reshape(3, -1) for k in tv.keys) if np.any(d[i] * d[j] != 0)]
+            assert plain.loc[a, b] == pytest.approx(np.mean(per_key), rel=1e-12)
+
+
+def test_with_one_task_the_sum_is_the_task():
+    g = torch.Generator().manual_seed(3)
+    base = {"l.0.w": torch.zeros(9, 6), "l.0.b": torch.zeros(6)}
+    rep = analyze(wl.TaskVectors(base, {"only": {k: torch.randn(v.shape, generator=g) for k, v in base.items()}}),
+                  device="cpu", progress=False)
+    a = rep.alignment.set_index("reference")
+    assert a.loc["sum", "sar"] == pytest.approx(a.loc["only", "sar"], rel=1e-6)
+    spec = rep.spectra.set_index("task")
+    assert spec.loc["sum", "sigma_max"] == pytest.approx(spec.loc["only", "sigma_max"], rel=1e-6)
+    assert rep.pairs.empty and rep.summary().index.str.contains("SAR").any()
+    vectors_only = analyze(wl.TaskVectors({"b": torch.zeros(5)}, {t: {"b": torch.randn(5, generator=g)} for t in "xy"}),
+                           device="cpu", progress=False)
+    assert vectors_only.alignment.empty and vectors_only.sar_matrix().shape == (2, 0)
+    assert set(vectors_only.figures()) == {"cosines", "conflict_matrix", "sign_conflicts"}
+
+
+def test_wide_singular_values_and_cache_reuse(tv):
+    from weightlens.analysis import decompose
+
+    tv.cache.clear()
+    key = "head.weight"  # 6 x 16: wide
+    want = np.linalg.svd(tv.delta("b", key).double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(decompose.task_svdvals(tv, "b", key, device="cpu").numpy(), want, rtol=1e-5)
+    full = decompose.task_svd(tv, "c", key, device="cpu")
+    misses = tv.cache.misses
+    assert decompose.task_svdvals(tv, "c", key, device="cpu") is full.S and tv.cache.misses == misses
+    U, S, Vh = decompose.sum_topk_svd(tv, key, 2, device="cpu")
+    u, s, vh = np.linalg.svd(_deltas(tv, key).sum(0), full_matrices=False)
+    np.testing.assert_allclose(S.numpy(), s[:2], rtol=1e-5)
+    np.testing.assert_allclose(np.abs(U.double().numpy().T @ u[:, :2]), np.eye(2), atol=1e-4)
+
+
+def test_analyze_needs_task_vectors():
+    with pytest.raises(InvalidParameterError, match="wl.TaskVectors"):
+        analyze({"w": torch.zeros(2, 2)})

@@ -1,13 +1,19 @@
-"""The command line: help with examples, clear one-line errors and exit codes."""
+"""The command line: help with examples, clear one-line errors and exit codes; merge, report, rebasin, lmc."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
 
+import weightlens as wl
 from weightlens.cli import build_parser, main
+from weightlens.io import load_recipe
 
 
 def test_help_lists_commands_and_examples(capsys):
@@ -44,3 +50,159 @@ def test_parser_choices_are_the_zoo_sizes():
     build = build_parser()._subparsers._group_actions[0].choices["zoo"]
     sizes = build._subparsers._group_actions[0].choices["build"]._option_string_actions["--size"].choices
     assert tuple(sizes) == SIZES
+
+
+# ------------------------------------------------------------------------------------ merge, report, rebasin, lmc
+
+
+def mlp_files(folder: Path, n: int = 2) -> tuple[Path, list[Path]]:
+    """An MLP base and ``n`` fine-tunes as safetensors files (fc1/fc2 keys)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"fc1.weight": torch.randn(16, 8, generator=g), "fc1.bias": torch.randn(16, generator=g),
+            "fc2.weight": torch.randn(3, 16, generator=g), "fc2.bias": torch.randn(3, generator=g)}
+    save_file(base, str(folder / "base.safetensors"))
+    fts = []
+    for i in range(n):
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                  str(folder / f"ft{i}.safetensors"))
+        fts.append(folder / f"ft{i}.safetensors")
+    return folder / "base.safetensors", fts
+
+
+def test_help_shows_every_command_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("report", "merge", "rebasin", "lmc", "zoo", "weightlens merge --base", "Exit codes"):
+        assert word in out
+    for command in ("merge", "report", "rebasin", "lmc"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_merge_by_flags_then_rerun_of_its_recipe_is_bitwise(tmp_path, capsys):
+    base, (a, b) = mlp_files(tmp_path)
+    first = tmp_path / "first"
+    code = main(["merge", "--base", str(base), "--ft", f"a={a}", "--ft", f"b={b}", "--method", "ties",
+                 "--param", "density=0.5", "--param", "scope=tensor", "--out", str(first), "--device", "cpu", "-q"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(first)
+    recipe = first / "weightlens_recipe.yaml"
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "again"), "--verify", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 1 weight file(s) match the recipe's sha256: reproduced bitwise" in captured.err
+    x, y = wl.load(first), wl.load(tmp_path / "again")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert load_recipe(recipe).params == {"density": 0.5, "scope": "tensor", "merge_func": "mean", "alpha": 1.0}
+    assert yaml.safe_load((first / "mergekit_config.yml").read_text())["merge_method"] == "ties"
+
+
+def test_merge_usage_errors_exit_2(tmp_path, capsys):
+    base, (a,) = mlp_files(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--base", str(base), "--method", "ties"])
+    assert exit_.value.code == 2 and "--ft, --out" in capsys.readouterr().err
+    main(["merge", "--base", str(base), "--ft", f"a={a}", "--method", "task_arithmetic", "--out",
+          str(tmp_path / "m"), "-q"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(tmp_path / "m" / "weightlens_recipe.yaml"), "--method", "ties"])
+    assert exit_.value.code == 2 and "cannot be combined with a recipe file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--base", str(base), "--ft", f"a={a}", "--method", "ties", "--param", "density",
+              "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_naming_the_file_with_exit_1(tmp_path, capsys):
+    base, (a,) = mlp_files(tmp_path, 1)
+    missing = tmp_path / "nope.safetensors"
+    assert main(["merge", "--base", str(base), "--ft", f"x={missing}", "--method", "ties", "--out",
+                 str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("weightlens: error:") and str(missing) in err and err.count("\n") == 1
+    out = tmp_path / "o2"
+    assert main(["merge", "--base", str(base), "--ft", f"a={a}", "--method", "task_arithmetic", "--out",
+                 str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(out / "weightlens_recipe.yaml"), "-q"]) == 1  # its own output exists
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    with pytest.raises(wl.CheckpointError):
+        main(["--debug", "merge", "--base", str(base), "--ft", f"x={missing}", "--method", "ties",
+              "--out", str(tmp_path / "o3"), "-q"])
+
+
+def test_rebasin_writes_a_permuted_model_that_computes_the_same_function(tmp_path, capsys):
+    base, (a, b) = mlp_files(tmp_path)
+    assert main(["rebasin", str(a), str(b), "--out", str(tmp_path / "aligned"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "objective <a, pi(b)>" in out
+    original, permuted = wl.load(b), wl.load(tmp_path / "aligned")
+    x = torch.randn(5, 8)
+
+    def mlp(sd):
+        return torch.relu(x @ sd["fc1.weight"].T + sd["fc1.bias"]) @ sd["fc2.weight"].T + sd["fc2.bias"]
+
+    assert torch.allclose(mlp(original), mlp(permuted), atol=1e-5)
+    assert "aligned to" in (tmp_path / "aligned" / "README.md").read_text()
+
+
+def test_rebasin_explains_what_it_supports(tmp_path, capsys):
+    save_file({"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4)}, str(tmp_path / "c.safetensors"))
+    c = str(tmp_path / "c.safetensors")
+    assert main(["rebasin", c, c, "--out", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot build a mlp permutation spec" in err and "spec_from_module" in err
+
+
+def test_report_writes_html(tmp_path, capsys):
+    base, (a, b) = mlp_files(tmp_path)
+    html = tmp_path / "report.html"
+    assert main(["report", str(base), f"a={a}", f"b={b}", "--html", str(html), "--device", "cpu", "-q"]) == 0
+    assert html.is_file() and "conflict rate" in capsys.readouterr().out
+
+
+def test_lmc_without_an_evaluator_is_a_usage_error_that_explains(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lmc", "a.safetensors", "b.safetensors"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs an evaluator" in err and "--zoo digits-pairs" in err and "weightlens.lmc.curve" in err
+
+
+def test_lmc_with_a_zoo_pair_prints_barriers(tmp_path, monkeypatch, capsys):
+    from weightlens import zoo
+    from weightlens.zoo._common import PairZoo
+
+    g = torch.Generator().manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))  # noqa: E731
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        save_file(make().state_dict(), str(tmp_path / f"{name}.safetensors"))
+    pair = PairZoo(name="digits-pairs", folder=tmp_path, a=tmp_path / "a.safetensors", b=tmp_path / "b.safetensors",
+                   manifest={}, evaluate=None, make_module=make, data=lambda split: (x, y))
+    monkeypatch.setattr(zoo, "load", lambda name, **kw: pair)
+    html = tmp_path / "lmc.html"
+    assert main(["lmc", "--zoo", "digits-pairs", "--points", "5", "--rebasin", "--html", str(html), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["curve", "split"] and lines[-1] == str(html) and html.is_file()
+    assert {ln.split()[0] for ln in lines[1:-1]} == {"naive", "weight"} and len(lines) == 6
+
+
+def test_merge_flags_with_include_and_dtype_round_trip_through_the_recipe(tmp_path, capsys):
+    base, fts = mlp_files(tmp_path)
+    first = tmp_path / "first"
+    assert main(["merge", "--base", str(base), *[a for f in fts for a in ("--ft", str(f))], "--method", "dare",
+                 "--param", "density=0.7", "--include", "fc1.*", "--dtype", "bfloat16", "--shard-size", "300",
+                 "--out", str(first), "-q"]) == 0
+    recipe = load_recipe(first / "weightlens_recipe.yaml")
+    assert list(recipe.finetuned) == ["ft0", "ft1"] and recipe.include == ["fc1.*"] and recipe.dtype == "bfloat16"
+    merged, original = wl.load(first), wl.load(base)
+    assert merged.dtype("fc1.weight") == torch.bfloat16
+    assert torch.equal(merged["fc2.weight"], original["fc2.weight"].to(torch.bfloat16))  # excluded: the base
+    assert not torch.equal(merged["fc1.weight"], original["fc1.weight"].to(torch.bfloat16))
+    assert main(["merge", str(first / "weightlens_recipe.yaml"), "--out", str(tmp_path / "again"), "--verify",
+                 "-q"]) == 0
+    assert "reproduced bitwise" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import torch
 
 import weightlens as wl
 from weightlens.analysis import analyze
+from weightlens.errors import InvalidParameterError
 from weightlens.figures.analysis import (
+    figure_conflict_matrix,
     figure_cosines,
     figure_sar_layers,
     figure_sar_matrix,
@@ -73,6 +75,13 @@ def test_cosine_heatmap_is_symmetric_and_centred(report):
     assert hm.zmid == 0.0 and hm.zmin == -hm.zmax
 
 
+def test_conflict_matrix_heatmap_is_centred_on_chance(report):
+    m = report.conflict_matrix()
+    hm = figure_conflict_matrix(m).data[0]
+    np.testing.assert_allclose(np.asarray(hm.z, dtype=float), m.to_numpy(dtype=float))
+    assert hm.zmid == 0.5 and (hm.zmin, hm.zmax) == (0.0, 1.0) and list(hm.x) == ["x", "y", "z"]
+
+
 def test_sign_conflicts_by_layer_with_the_chance_line(report):
     fig = figure_sign_conflicts(report.signs)
     bars, mass, chance = fig.data
@@ -82,7 +91,7 @@ def test_sign_conflicts_by_layer_with_the_chance_line(report):
     assert chance.line.dash == "dash" and np.allclose(chance.y, 1 - 2.0 ** (1 - 3))
     by_key = figure_sign_conflicts(report.signs, by="key")
     assert len(by_key.data[0].x) == len(report.signs)
-    with pytest.raises(ValueError, match="'block' or 'key'"):
+    with pytest.raises(InvalidParameterError, match="'block' or 'key'"):
         figure_sign_conflicts(report.signs, by="layer")
 
 

@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from weightlens import lmc, zoo
+from weightlens import lmc
 
 SPLITS = ("train", "test")
 WIDTHS = (128, 512)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def digits_pairs():
-    """Local fallback of the shared fixture: ``{width: PairZoo}`` built into ``$WEIGHTLENS_HOME``."""
-    zoo.build(size="ci", names=["digits-pairs"], progress=False)
-    return {w: zoo.load("digits-pairs", size="ci", width=w) for w in (16, 128, 512)}
 
 
 def _evaluator(pair) -> lmc.Evaluator:

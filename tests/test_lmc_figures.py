@@ -52,3 +52,13 @@ def test_bad_inputs_raise():
         figure_lmc(42)
     with pytest.raises(InvalidParameterError, match="no curves"):
         figure_lmc([])
+
+
+def test_alpha_marker_in_every_panel():
+    fig = figure_lmc([_curve("naive", 0.5)], alpha=0.25)
+    lines = [s for s in fig.layout.shapes if s.name == "alpha"]
+    assert len(lines) == 2 and all(s.x0 == s.x1 == 0.25 for s in lines)
+    assert {s.xref for s in lines} == {"x", "x2"}
+    assert not figure_lmc([_curve("naive", 0.5)]).layout.shapes
+    with pytest.raises(InvalidParameterError, match="'alpha'"):
+        figure_lmc(_curve("a", 0.1), alpha=1.5)

@@ -144,3 +144,15 @@ def test_figures_are_built_from_the_tables(tv):
     sw = sweep(tv, "iso_c", [0.5, 1.0], evaluate, progress=False)
     fig = figure_sweep({"iso_c": sw})
     assert len(fig.data) == 3  # val, test, chosen marker
+
+
+def test_alpha_only_change_reuses_the_merged_svd(tv):
+    a = compare(tv, merge(tv, method="iso_cts", alpha=1.0))
+    misses = tv.cache.misses
+    b = compare(tv, merge(tv, method="iso_cts", alpha=-0.5))
+    assert tv.cache.misses == misses  # no decomposition (and no update) recomputed
+    sa, sb = a.spectrum.query("which == 'merged'"), b.spectrum.query("which == 'merged'")
+    assert np.allclose(sb["sigma"].to_numpy(), 0.5 * sa["sigma"].to_numpy())
+    # SAR does not depend on the scale; kept flips sign with alpha
+    pa, pb = a.per_task.query("which == 'merged'"), b.per_task.query("which == 'merged'")
+    assert np.allclose(pa["sar"], pb["sar"]) and np.allclose(pb["kept"], -0.5 * pa["kept"].to_numpy())

@@ -89,7 +89,9 @@ def test_method_switch_reuses_decompositions(tv):
     merge(tv, method="tsv")
     svds = {k for k in tv.cache._entries if k[0] == "svd"}
     merge(tv, method="star")  # per-task SVDs reused
-    assert {k for k in tv.cache._entries if k[0] == "svd"} == svds
+    after = {k for k in tv.cache._entries if k[0] == "svd"}
+    # TSV takes no SVD of "tiny.weight" (r = 2 < T: zero update); STAR adds only those
+    assert svds < after and {k[2] for k in after - svds} == {"tiny.weight"}
     merge(tv, method="iso_c")
     sums = {k for k in tv.cache._entries if k[0] == "svd_sum"}
     merge(tv, method="iso_cts")  # the sum SVD reused
@@ -127,7 +129,7 @@ def test_ties_global_and_tensor_scopes_differ_as_documented():
     # One task. Key "big" holds all the large entries, key "small" only tiny ones; several ties.
     base = {"big": torch.zeros(10), "small": torch.zeros(10)}
     big = torch.tensor([5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
-    small = torch.full((10,), 0.01)
+    small = torch.full((10,), 0.25)
     tv = wl.TaskVectors(base, {"t": {"big": big, "small": small}})
     # global: P = 20, keep int(20 * 0.1) = 2 -> threshold = 18th smallest = 5.0 -> keeps all three 5.0 (ties)
     g = merge(tv, method="ties", density=0.1)
@@ -135,7 +137,7 @@ def test_ties_global_and_tensor_scopes_differ_as_documented():
     # tensor: exactly floor(0.1 * 10) = 1 per tensor, the first of the tied 5.0s; "small" keeps one too
     t = merge(tv, method="ties", density=0.1, scope="tensor")
     assert t["big"].tolist() == [5.0] + [0.0] * 9
-    assert t["small"].tolist() == [0.01] + [0.0] * 9
+    assert t["small"].tolist() == [0.25] + [0.0] * 9
 
 
 def test_ties_zero_vote_coordinates_take_the_whole_model_majority_sign():
@@ -147,12 +149,13 @@ def test_ties_zero_vote_coordinates_take_the_whole_model_majority_sign():
     tv = wl.TaskVectors(base, fts)
     g = merge(tv, method="ties", density=1.0)
     assert g["a"].tolist() == [1.0, 0.0]
-    # tensor scope: "a" has no majority of its own (sum of its elected signs is 0) -> stays 0
+    # tensor scope (mergekit): a zero vote sum counts as positive, whatever the rest of the model says
     t = merge(tv, method="ties", density=1.0, scope="tensor")
-    assert t["a"].tolist() == [0.0, 0.0]
+    assert t["a"].tolist() == [1.0, 0.0]
     # with a negative-majority model the negative entry wins
     neg = {n: {k: -v if k == "b" else v for k, v in ft.items()} for n, ft in fts.items()}
     assert merge(base, neg, method="ties", density=1.0)["a"].tolist() == [-1.0, 0.0]
+    assert merge(base, neg, method="ties", density=1.0, scope="tensor")["a"].tolist() == [1.0, 0.0]
 
 
 def test_ties_tensor_scope_notes_tensors_that_keep_nothing(tv):
@@ -248,9 +251,17 @@ def test_zero_task_matrices_are_noted_and_star_skips_them():
     torch.testing.assert_close(star["w"], fts["moved"]["w"] / 2, atol=1e-6, rtol=1e-5)
     assert "'still'" in merge(tv, method="tsv").notes["note"].iloc[0]
     zero = wl.TaskVectors(base, {"a": {"w": torch.zeros(6, 4)}, "b": {"w": torch.zeros(6, 4)}})
-    iso = merge(zero, method="iso_c")
+    for method in ("tsv", "iso_c", "iso_cts", "star"):
+        out = merge(zero, method=method)
+        assert torch.equal(out["w"], base["w"]), method
+        assert "every task matrix is zero here" in out.notes["note"].iloc[0]
+    assert not any(k[0] in ("svd", "svd_sum") for k in zero.cache._entries)  # no decomposition taken
+    # tasks that cancel exactly: the sum is zero, the tasks are not
+    g2 = torch.randn(6, 4, generator=g)
+    cancel = wl.TaskVectors(base, {"a": {"w": g2}, "b": {"w": -g2}})
+    iso = merge(cancel, method="iso_c")
     assert torch.equal(iso["w"], base["w"]) and "sum is zero" in iso.notes["note"].iloc[0]
-    assert not math.isnan(float(merge(zero, method="iso_cts")["w"].sum()))
+    assert not math.isnan(float(merge(cancel, method="iso_cts")["w"].sum()))
 
 
 def test_non_matrix_convention(models, tv):
@@ -281,3 +292,63 @@ def test_results_do_not_alias_the_cache(tv):
     again = merge(tv, method="tsv", alpha=1.0)
     assert not torch.equal(merged["enc.weight"], again["enc.weight"])
     assert np.isfinite(again["enc.weight"].numpy()).all()
+
+
+# ------------------------------------------------------------------------------ lazy / streaming
+@pytest.mark.parametrize("method", ["ties", "dare", "iso_cts"])
+def test_lazy_result_equals_eager_and_computes_on_access(models, method):
+    base, fts = models
+    eager = merge(wl.TaskVectors(base, fts), method=method, combine="ties") if method == "dare" else \
+        merge(wl.TaskVectors(base, fts), method=method)
+    tv = wl.TaskVectors(base, fts)
+    lazy = merge(tv, method=method, lazy=True, **({"combine": "ties"} if method == "dare" else {}))
+    assert lazy.lazy and "lazy" in repr(lazy)
+    assert not any(k[1] == "update" for k in tv.cache._entries if k[0] == "merge")  # nothing merged yet
+    assert "enc.weight" in lazy and "nope" not in lazy and len(lazy) == len(base)
+    for k in reversed(list(lazy)):  # any order: global statistics were found before the first key
+        torch.testing.assert_close(lazy[k], eager[k], atol=0, rtol=0)
+    assert lazy.lazy and not lazy._weights  # holds nothing
+    pd_notes = lazy.notes
+    assert list(pd_notes["key"]) == list(eager.notes["key"])
+    assert lazy.materialize() is lazy and not lazy.lazy and len(lazy._weights) == len(base)
+
+
+def test_ties_global_statistics_are_found_before_the_walk(tv):
+    merged = merge(tv, method="ties", lazy=True)
+    tags = [k[2] for k in tv.cache._entries if k[0] == "merge" and k[1] == "global"]
+    assert tags == ["ties_thresholds", "ties_majority"]
+    assert merged._ctx.state["majority"] in (-1, 1) and merged._ctx.state["thresholds"].shape == (T,)
+    with pytest.raises(KeyError, match="not in the merged model"):
+        merged["nope"]
+
+
+def test_errors_inside_a_method_name_the_method_and_key(tv):
+    from weightlens.merge.registry import register_merge, unregister, KeyUpdate
+
+    @register_merge("test_failing")
+    def failing(ctx, key) -> KeyUpdate:
+        if key == "dec.weight":
+            raise wl.ShapeMismatchError("inner problem")
+        return KeyUpdate(ctx.deltas(key).sum(0))
+
+    @register_merge("test_bad_shape")
+    def bad_shape(ctx, key) -> KeyUpdate:
+        return KeyUpdate(torch.zeros(1))
+
+    try:
+        with pytest.raises(wl.ShapeMismatchError, match=r"^merge\(method='test_failing'\) on key 'dec.weight': "
+                                                       r"inner problem$"):
+            merge(tv, method="test_failing")
+        with pytest.raises(wl.ShapeMismatchError, match=r"returned shape \(1,\) for key 'enc.weight'; expected"):
+            merge(tv, method="test_bad_shape")
+    finally:
+        unregister("test_failing")
+        unregister("test_bad_shape")
+
+
+def test_iso_cts_size_guard_is_noted():
+    # r = 5, T = 8 tasks, f = 0.1: round(5/8) = 1 would need 8 > 5 task directions -> s = floor(5/8) = 0
+    base, fts = make_models(seed=7, tasks=8, shapes={"w": (5, 9)})
+    merged = merge(wl.TaskVectors(base, fts), method="iso_cts", common_fraction=0.1)
+    notes = list(merged.notes["note"])
+    assert "negative common size" in notes[0] and "no task-specific room" in notes[1]

@@ -101,8 +101,7 @@ def ref_ties_tensor(d, density, merge_func, alpha):
         for t in range(flat.shape[0]):
             idx = np.argsort(-np.abs(flat[t]), kind="stable")[:keep]
             trimmed[t, idx] = flat[t, idx]
-        gamma = np.sign(trimmed.sum(0))
-        gamma[gamma == 0] = np.sign(gamma.sum())
+        gamma = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)  # mergekit: sign_weight >= 0 -> +1
         out[k] = alpha * ref_disjoint(trimmed, gamma, merge_func).reshape(v.shape[1:])
     return out
 
@@ -307,3 +306,14 @@ def test_iso_cts_sizes_use_bankers_rounding():
     assert iso_cts_sizes(20, 4, 0.5) == (12, 2)
     # rounding up past r keeps k >= 0: r=5, T=8, f=0.1 -> round(5/8) = 1 would need 8 > 5 columns
     assert iso_cts_sizes(5, 8, 0.1) == (5, 0)
+
+
+def test_iso_c_with_one_task_is_sigma_bar_times_the_polar_factor(models):
+    base, fts = models
+    merged = merge(base, {"only": fts["task2"]}, method="iso_c")
+    for k in ("enc.weight", "dec.weight", "tiny.weight"):
+        d = (fts["task2"][k].double() - base[k].double()).numpy()
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        upd = merged.update(k).double().numpy()
+        np.testing.assert_allclose(upd, s.mean() * polar64(d), atol=1e-5)
+        assert np.linalg.norm(upd) == pytest.approx(s.mean() * np.sqrt(len(s)), rel=1e-5)

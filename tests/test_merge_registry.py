@@ -133,6 +133,8 @@ def test_duplicate_names_raise():
     ("def f(key, ctx): ...", "must start with"),
     ("def f(ctx, key, extra): ...", "must start with"),
     ("def f(ctx, key, *, x: list = None): ...", "unsupported annotation"),
+    ("def f(ctx, key, *, lazy: bool = False): ...", "reserved for merge"),
+    ("def f(ctx, key, *, x: 'Nope' = 1): ...", "cannot resolve"),
 ])
 def test_bad_signatures_fail_when_the_decorator_runs(source, match):
     namespace: dict = {}

@@ -31,7 +31,8 @@ def test_table_normalisation_and_choice(setup):
     tv, evaluate = setup
     sw = sweep(tv, "task_arithmetic", [0.1, 0.25, 0.5], evaluate, progress=False)
     t = sw.table
-    assert len(t) == 3 * len(tv) * 2
+    assert len(t) == 3 * len(tv) + len(tv)  # val at every alpha, test at the chosen one
+    assert set(t.loc[t["split"] == "test", "alpha"]) == {sw.best_alpha}
     assert list(t.columns) == ["alpha", "task", "split", "accuracy", "loss", "normalized_accuracy", "nai"]
     ref = sw.reference.set_index(["task", "split", "model"])["accuracy"]
     assert ref.xs("finetuned", level="model").eq(1.0).all()
@@ -69,7 +70,11 @@ def test_reference_is_reused_and_params_pass_through(setup):
     first = sweep(tv, "ties", [1.0], counting, density=0.5, progress=False)
     n = len(calls)
     second = sweep(tv, "ties", [1.0, 1.5], counting, reference=first.reference, density=0.5, progress=False)
-    assert len(calls) - n == 2 * len(tv) * 2  # only merged models were evaluated
+    assert len(calls) - n == 2 * len(tv) + len(tv)  # only merged models: val x 2 alphas, test once
+    n = len(calls)
+    full = sweep(tv, "ties", [1.0, 1.5], counting, reference=first.reference, density=0.5, report_all=True,
+                 progress=False)
+    assert len(calls) - n == 2 * len(tv) * 2 and len(full.table) == 2 * len(tv) * 2
     assert second.params == {"density": 0.5, "scope": "global", "merge_func": "mean"}
 
 
@@ -77,8 +82,8 @@ def test_argument_errors(setup):
     tv, evaluate = setup
     with pytest.raises(wl.InvalidParameterError, match="alphas"):
         sweep(tv, "tsv", [1.0], evaluate, alpha=1.0)
-    with pytest.raises(wl.InvalidParameterError, match="select_on"):
-        sweep(tv, "tsv", [1.0], evaluate, select_on="train")
+    with pytest.raises(wl.InvalidParameterError, match="empty grid"):
+        sweep(tv, "tsv", [], evaluate, progress=False)
     with pytest.raises(wl.InvalidParameterError, match="accuracy"):
         sweep(tv, "tsv", [1.0], lambda w, t, s: {"acc": 1.0}, progress=False)
     with pytest.raises(wl.InvalidParameterError, match="Unknown merge method"):

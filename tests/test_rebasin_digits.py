@@ -7,39 +7,19 @@ with width.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import weightlens as wl
-from weightlens import rebasin, zoo
+from weightlens import lmc, rebasin
 
 WIDTHS = (16, 128, 512)
 SPLITS = ("train", "test")
 
 
-@pytest.fixture(scope="session")
-def digits_pairs():
-    """Local fallback of the shared fixture: ``{width: PairZoo}`` built into ``$WEIGHTLENS_HOME``."""
-    zoo.build(size="ci", names=["digits-pairs"], progress=False)
-    return {w: zoo.load("digits-pairs", size="ci", width=w) for w in WIDTHS}
-
-
 def loss_barriers(pair, a, b) -> dict[str, float]:
-    """``{split: barrier}`` over 25 alphas, with ``weightlens.lmc.curve`` when it is there."""
+    """``{split: barrier}`` over 25 alphas, scored by the zoo's own evaluator (one alpha at a time)."""
     evaluate = lambda sd: {s: pair.evaluate(sd, s) for s in SPLITS}  # noqa: E731
-    try:
-        from weightlens.lmc import curve
-    except ImportError:
-        curve = None
-    if curve is not None:
-        return curve(a, b, evaluate, points=25).barrier
-    alphas = np.linspace(0.0, 1.0, 25)
-    rows = [evaluate({k: (1 - t) * a[k] + t * b[k] for k in a}) for t in alphas]
-    out = {}
-    for s in SPLITS:
-        loss = np.array([r[s]["loss"] for r in rows])
-        out[s] = float(np.max(loss - ((1 - alphas) * loss[0] + alphas * loss[-1])))
-    return out
+    return lmc.curve(a, b, evaluate, points=25).barrier
 
 
 @pytest.fixture(scope="module")

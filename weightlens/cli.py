@@ -2,22 +2,66 @@
 
 Examples
 --------
+  weightlens report base/ math=ft/math code=ft/code --html report.html
+  weightlens merge merged/weightlens_recipe.yaml --out merged-again/      # re-run a recipe, bitwise
+  weightlens merge --base base/ --ft math=ft/math --ft code=ft/code --method ties \\
+                   --param density=0.2 --param alpha=1.0 --out merged/
+  weightlens rebasin a.safetensors b.safetensors --out b-aligned/       # MLP spec inferred from keys
+  weightlens lmc --zoo digits-pairs --width 128 --rebasin
   weightlens zoo build --size ci          # train the CI-size zoo (about 2 minutes on 2 cores)
   weightlens zoo list                     # what is built, with base and fine-tuned accuracies
   weightlens tour --headless --out reports/tour.html
+
+Exit codes: 0 success, 1 error (one line naming the file or key; --debug shows the traceback),
+2 usage error. Progress bars go to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from weightlens.errors import WeightlensError
 
 _EPILOG = __doc__.split("Examples\n--------\n", 1)[1]
+_LMC_HELP = (
+    "lmc needs an evaluator: a model and data that score the interpolated weights. From the command line "
+    "the zoo's are available: weightlens lmc --zoo digits-pairs --width 128 (build it first with "
+    "weightlens zoo build --names digits-pairs). For your own models, in Python: "
+    "weightlens.lmc.curve(a, b, weightlens.lmc.Evaluator(module, {'test': (x, y)}))."
+)
+_LMC_ZOOS = ("digits-pairs",)
 
 
+class UsageError(Exception):
+    """Arguments that parse but do not fit together (exit code 2)."""
+
+
+def _named(items: list[str], what: str) -> dict[str, str] | list[str]:
+    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}``; plain paths stay a list (names from file names)."""
+    named = [i for i in items if "=" in i and not os.path.exists(i)]
+    if named and len(named) != len(items):
+        raise UsageError(f"{what}: give every fine-tune as NAME=PATH or none of them; got {items}.")
+    return dict(i.split("=", 1) for i in named) if named else list(items)
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param takes KEY=VALUE (e.g. --param density=0.2); got {item!r}.")
+        out[key] = yaml.safe_load(value) if value else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- zoo, tour
 def _zoo_build(args: argparse.Namespace) -> int:
     from weightlens import zoo
 
@@ -51,6 +95,217 @@ def _tour(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- report
+def _report(args: argparse.Namespace) -> int:
+    from weightlens.analysis import analyze
+    from weightlens.taskvectors import TaskVectors
+
+    tv = TaskVectors(args.base, _named(args.finetuned, "report"), include=args.include, exclude=args.exclude)
+    report = analyze(tv, device=args.device, progress=not args.quiet)
+    out = report.to_html(args.html)
+    summary = report.summary()
+    cols = [c for c in ("plain", "weighted", "chance") if c in summary.columns]
+    sys.stdout.write(summary[cols].to_string(float_format=lambda v: f"{v:.4g}") + "\n")
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- merge
+def _recipe_from_flags(args: argparse.Namespace) -> Any:
+    from weightlens.io import Recipe, load
+    from weightlens.io.recipe import name_paths
+    from weightlens.linalg import resolve_device
+
+    missing = [f for f, v in (("--base", args.base), ("--ft", args.ft), ("--method", args.method),
+                              ("--out", args.out)) if not v]
+    if missing:
+        raise UsageError(f"merge needs a recipe file, or {', '.join(missing)} (see weightlens merge --help).")
+    ft = _named(args.ft, "--ft")
+    if isinstance(ft, list):
+        ft = name_paths(ft)
+    like = args.like if args.like else load(args.base).hf_dir
+    return Recipe(
+        base=os.path.abspath(args.base), finetuned={n: os.path.abspath(p) for n, p in ft.items()},
+        method=args.method, params=_params(args.param), include=args.include, exclude=args.exclude,
+        device=str(resolve_device(args.device or "auto")), dtype=args.dtype, shard_size=args.shard_size or "5GB",
+        like=None if like is None else os.path.abspath(like), output=os.path.abspath(args.out),
+    )
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from weightlens.io import load_recipe
+
+    if args.recipe:
+        given = [f for f, v in (("--base", args.base), ("--ft", args.ft), ("--method", args.method),
+                                ("--param", args.param), ("--include", args.include), ("--exclude", args.exclude),
+                                ("--like", args.like), ("--dtype", args.dtype), ("--shard-size", args.shard_size))
+                 if v]
+        if given:
+            raise UsageError(f"merge: {', '.join(given)} cannot be combined with a recipe file; edit the recipe "
+                             "(and drop its 'expect') or give the merge by flags alone.")
+        recipe = load_recipe(args.recipe)
+    else:
+        recipe = _recipe_from_flags(args)
+    out = recipe.run(args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    if args.recipe and recipe.expect:
+        bad = recipe.check(out)
+        if bad and args.verify:
+            raise WeightlensError(f"{out}: {', '.join(bad)} differ from the sha256 recorded in {args.recipe}.")
+        sys.stderr.write(
+            f"weightlens: {len(recipe.expect) - len(bad)} of {len(recipe.expect)} weight file(s) match the "
+            f"recipe's sha256{' (' + ', '.join(bad) + ' differ)' if bad else ': reproduced bitwise'}.\n"
+        )
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- rebasin
+def _spec(args: argparse.Namespace, a: Any) -> Any:
+    from weightlens import rebasin
+
+    try:
+        if args.spec == "mlp":
+            return rebasin.mlp_spec(a)
+        heads = args.heads
+        if heads is None and a.hf_dir is not None and (a.hf_dir / "config.json").is_file():
+            heads = json.loads((a.hf_dir / "config.json").read_text()).get("num_attention_heads")
+        if heads is None:
+            raise UsageError("--spec transformer needs --heads N (no num_attention_heads in a config.json "
+                             "next to the weights).")
+        return rebasin.transformer_spec(a, int(heads))
+    except WeightlensError as err:
+        raise type(err)(
+            f"{a.source}: cannot build a {args.spec} permutation spec from its keys ({err}). The command line "
+            "handles MLPs (--spec mlp: Linear layers in a chain) and transformers (--spec transformer); for "
+            "CNNs use weightlens.rebasin.resnet_spec, vgg_spec or spec_from_module in Python."
+        ) from None
+
+
+def _rebasin(args: argparse.Namespace) -> int:
+    from weightlens import rebasin
+    from weightlens.io import export, load
+
+    a, b = load(args.a), load(args.b)
+    spec = _spec(args, a)
+    perms = rebasin.weight_matching(a, b, spec, seed=args.seed, max_iter=args.max_iter, progress=not args.quiet)
+    hist = perms.objective_history
+    note = (f"{b.source} permuted by Git Re-Basin weight matching into the basis of {a.source} "
+            f"({args.spec} spec, {len(spec.units)} permutations); objective <a, pi(b)> "
+            f"{hist[0]:.6g} -> {hist[-1]:.6g} in {len(hist) - 1} sweep(s). The function is unchanged.")
+    out = export(perms.apply(b), args.out, like=b.hf_dir or False, recipe=False, overwrite=args.overwrite,
+                 progress=not args.quiet, card={"title": f"{b.name} aligned to {a.name}", "notes": note})
+    sys.stdout.write(f"objective <a, pi(b)>: {hist[0]:.6g} -> {hist[-1]:.6g} ({len(hist) - 1} sweep(s))\n{out}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- lmc
+def _lmc(args: argparse.Namespace) -> int:
+    from weightlens import lmc, rebasin, zoo
+    from weightlens.io import load
+
+    if args.zoo is None:
+        raise UsageError(_LMC_HELP)
+    if args.zoo not in _LMC_ZOOS:
+        raise UsageError(f"--zoo {args.zoo!r}: lmc evaluators exist for {', '.join(_LMC_ZOOS)}. {_LMC_HELP}")
+    if (args.a is None) != (args.b is None):
+        raise UsageError("lmc takes two checkpoints A B, or none (then the zoo's own pair).")
+    pair = zoo.load(args.zoo, size=args.size, width=args.width)
+    a, b = load(args.a or pair.a), load(args.b or pair.b)
+    ev = lmc.Evaluator(pair.make_module(), {s: pair.data(s) for s in ("train", "test")})
+    curves = [lmc.curve(a, b, ev, points=args.points, progress=not args.quiet, label="naive")]
+    if args.rebasin:
+        perms = rebasin.weight_matching(a, b, rebasin.mlp_spec(a), progress=not args.quiet)
+        curves.append(lmc.curve(a, perms.apply(b), ev, points=args.points, progress=not args.quiet,
+                                label="weight matching"))
+    sys.stdout.write(f"{'curve':16s} {'split':6s} {'loss barrier':>13s} {'acc barrier':>12s}\n")
+    for c in curves:
+        for split in c.splits:
+            sys.stdout.write(f"{c.label:16s} {split:6s} {c.barrier[split]:13.4f} "
+                             f"{lmc.accuracy_barrier(c.alphas, c.accuracy[split]):12.4f}\n")
+    if args.html:
+        from weightlens.figures.lmc import figure_lmc
+
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        figure_lmc(curves, title=f"LMC {a.name} - {b.name}").write_html(args.html, include_plotlyjs=True)
+        sys.stdout.write(f"{args.html}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    return common
+
+
+def _sub(sub: Any, name: str, help_: str, examples: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=help_, parents=[common],
+                          epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _sub(sub, "merge", "merge fine-tunes of one base and export the result (from a recipe or flags)",
+             "  weightlens merge merged/weightlens_recipe.yaml --out again/ --verify\n"
+             "  weightlens merge --base base/ --ft math=ft/math --ft code=ft/code --method task_arithmetic \\\n"
+             "                   --param alpha=0.3 --out merged/ --dtype bfloat16\n", common)
+    p.add_argument("recipe", nargs="?", help="a weightlens_recipe.yaml (as written by export)")
+    p.add_argument("--base", help="base checkpoint (file or HF folder)")
+    p.add_argument("--ft", action="append", default=[], metavar="NAME=PATH", help="a fine-tune (repeat)")
+    p.add_argument("--method", help="task_arithmetic, ties, dare, tsv, iso_c, iso_cts or star")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeat)")
+    p.add_argument("--include", action="append", metavar="GLOB", help="merge only matching keys (repeat)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="keep the base for matching keys (repeat)")
+    p.add_argument("--like", help="HF folder whose config/tokenizer files are copied (default: the base's)")
+    p.add_argument("--dtype", help="export dtype: float32, bfloat16, float16 (default: the base's)")
+    p.add_argument("--shard-size", help="largest shard, e.g. 5GB (default) or 500MB")
+    p.add_argument("--device", help="where the merge runs: auto, cpu, cuda (default: the recipe's; flags: auto)")
+    p.add_argument("--out", help="output folder (default: the recipe's output)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder atomically")
+    p.add_argument("--verify", action="store_true", help="exit 1 unless the weights match the recipe's sha256")
+    p.set_defaults(func=_merge)
+
+
+def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _sub(sub, "report", "interference report of task vectors (spectra, alignment, sign conflicts) as HTML",
+             "  weightlens report base/ math=ft/math code=ft/code --html report.html\n", common)
+    p.add_argument("base", help="base checkpoint (file or HF folder)")
+    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tunes: PATH or NAME=PATH")
+    p.add_argument("--html", required=True, help="output HTML file")
+    p.add_argument("--include", action="append", metavar="GLOB")
+    p.add_argument("--exclude", action="append", metavar="GLOB")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.set_defaults(func=_report)
+
+    p = _sub(sub, "rebasin", "permute B's hidden units into A's basis (Git Re-Basin weight matching)",
+             "  weightlens rebasin a.safetensors b.safetensors --out b-aligned/\n"
+             "  weightlens rebasin bert-a/ bert-b/ --spec transformer --out b-aligned/\n", common)
+    p.add_argument("a", help="reference checkpoint")
+    p.add_argument("b", help="checkpoint to permute")
+    p.add_argument("--out", required=True, help="output folder for permuted B")
+    p.add_argument("--spec", choices=("mlp", "transformer"), default="mlp",
+                   help="mlp: inferred from Linear keys (default); transformer: BERT/Llama/CLIP layouts")
+    p.add_argument("--heads", type=int, help="attention heads (transformer; default: config.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_rebasin)
+
+    p = _sub(sub, "lmc", "loss and accuracy barriers along the line between two models",
+             "  weightlens lmc --zoo digits-pairs --width 128 --rebasin --html lmc.html\n\n" + _LMC_HELP + "\n",
+             common)
+    p.add_argument("a", nargs="?", help="checkpoint A (default: the zoo pair's)")
+    p.add_argument("b", nargs="?", help="checkpoint B (default: the zoo pair's)")
+    p.add_argument("--zoo", help=f"evaluator from a zoo: {', '.join(_LMC_ZOOS)}")
+    p.add_argument("--width", type=int, default=128, help="digits-pairs width (default 128)")
+    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+    p.add_argument("--points", type=int, default=25, help="alphas on the line (default 25)")
+    p.add_argument("--rebasin", action="store_true", help="also the curve after weight matching")
+    p.add_argument("--html", help="write the figure here")
+    p.set_defaults(func=_lmc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -59,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + _EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _common()
+    _add_analysis(sub, common)
+    _add_merge(sub, common)
 
     zoo_p = sub.add_parser("zoo", help="build or list the offline model zoo")
     zoo_sub = zoo_p.add_subparsers(dest="zoo_command", required=True)
@@ -79,14 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, (WeightlensError, OSError)) else f"{type(err).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (1 for a weightlens error, with its one-line message)."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit code (0 ok, 1 error with a one-line message, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (WeightlensError, FileNotFoundError) as err:
-        sys.stderr.write(f"weightlens: error: {err}\n")
+    except UsageError as err:
+        parser.exit(2, f"{parser.prog} {args.command}: usage error: {err}\n")
+    except KeyboardInterrupt:
+        sys.stderr.write("weightlens: interrupted\n")
+        return 130
+    except Exception as err:  # the boundary: one line per error, the traceback only with --debug
+        if getattr(args, "debug", False):
+            raise
+        hint = "" if isinstance(err, (WeightlensError, OSError)) else " (run with --debug for the traceback)"
+        sys.stderr.write(f"weightlens: error: {_one_line(err)}{hint}\n")
         return 1
+    return 0  # pragma: no cover  (parser.exit raises)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,11 +233,28 @@ class Report:
 
     def sar_matrix(self, *, value: str = "sar", weighted: bool = False) -> pd.DataFrame:
         """Task x reference table of SAR averaged over matrices (plain mean, or weighted by numel)."""
+        if self.alignment.empty:  # no matrix key
+            return pd.DataFrame(index=list(self.tasks), columns=pd.Index([], name="reference"), dtype=float)
         a = self.alignment.dropna(subset=[value])
         agg = (lambda g: _wmean(g[value], g["numel"])) if weighted else (lambda g: g[value].mean())
         table = a.groupby(["task", "reference"]).apply(agg, include_groups=False).unstack("reference")
         cols = [c for c in [*self.tasks, "sum", "merged"] if c in table.columns]
         return table.reindex(index=list(self.tasks), columns=cols)
+
+    def conflict_matrix(self, *, weighted: bool = True) -> pd.DataFrame:
+        """Task x task sign-conflict rate ``c_ij`` (chance 0.5; 0 on the diagonal by definition).
+
+        ``weighted=True``: pooled counts over every parameter (``sum n_opposite / sum n_pair``);
+        ``False``: plain mean of the per-key rates.
+        """
+        names = list(self.tasks)
+        table = pd.DataFrame(math.nan, index=names, columns=names)
+        for (a, b), g in self.pairs.groupby(["task_a", "task_b"], sort=False) if not self.pairs.empty else ():
+            value = _ratio(g["n_opposite"], g["n_pair"]) if weighted else _mean(g["conflict_pair"])
+            table.loc[a, b] = table.loc[b, a] = value
+        for name in names:
+            table.loc[name, name] = 0.0
+        return table
 
     def summary(self) -> pd.DataFrame:
         """Model-level aggregates with chance baselines.
@@ -397,6 +414,11 @@ def analyze(
         Tidy tables ``spectra``, ``alignment``, ``pairs``, ``interference``, ``signs``,
         ``singular_values`` and ``cosines``; ``summary()``, ``by_block()``, ``figures()``, ``to_html()``.
     """
+    if not isinstance(tv, TaskVectors):
+        raise InvalidParameterError(
+            f"analyze needs a weightlens.TaskVectors; got {type(tv).__name__}. Build one with "
+            "wl.TaskVectors(base, finetuned)."
+        )
     opts = _options(options, overrides)
     if tasks is not None:
         tv = tv.subset(tasks)
@@ -503,6 +525,8 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
              for label, (dec, sq) in refs.items()}
     if opts.pairwise:  # task x task SAR: each task's vectors, k from the sum (Iso Fig. 3b)
         spans.update({name: (left_span(tasks[j], (m, n)), ranks_sum) for j, name in enumerate(run.names)})
+    # only the columns some rule keeps (the rest would not change any reported SAR)
+    spans = {label: (U[:, : min(max(ranks.values()), U.shape[1])], ranks) for label, (U, ranks) in spans.items()}
     curves = sar_curves(deltas, [U for U, _ in spans.values()])  # one product for every reference
     for (label, (U, ranks)), curve in zip(spans.items(), curves):
         rows = sar_rows(key, deltas, run.names, label, U, ranks, opts.sar_criterion, curve=curve)
@@ -526,10 +550,11 @@ def _pairwise(run: _Run, key: str, tasks: list, zero_task: dict[str, bool], pair
         [tasks[t].S[:k_sti] for t in live],
         [tasks[t].Vh[:k_sti].mT for t in live],  # V = Vh^T: columns are right singular vectors
     )
+    value = sti(*parts) if live else math.nan
+    mass = float(sum(float(S.double().sum()) for S in parts[1]))  # ||Sigma_cat||_1
     run.add("interference", [{
         "key": key, "block": block, "m": m, "n": n, "numel": m * n, "k": k_sti, "tasks": len(live),
-        "sti": sti(*parts) if live else math.nan,
-        "sti_normalized": sti(*parts, normalized=True) if live else math.nan,
+        "sti": value, "sti_normalized": value / mass if mass > 0 else math.nan,
     }])
     k_sub = min(kv, opts.subspace_k or max(r // T, 1))
     for i in range(T):

@@ -5,6 +5,7 @@ Builders for the interference report live in :mod:`weightlens.figures.analysis`.
 """
 
 from weightlens.figures.analysis import (
+    figure_conflict_matrix,
     figure_cosines,
     figure_sar_layers,
     figure_sar_matrix,
@@ -15,6 +16,7 @@ from weightlens.figures.analysis import (
 )
 
 __all__ = [
+    "figure_conflict_matrix",
     "figure_cosines",
     "figure_sar_layers",
     "figure_sar_matrix",

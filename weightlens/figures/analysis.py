@@ -26,7 +26,10 @@ import plotly.io as pio
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from weightlens.errors import InvalidParameterError
+
 __all__ = [
+    "figure_conflict_matrix",
     "figure_cosines",
     "figure_sar_layers",
     "figure_sar_matrix",
@@ -161,6 +164,16 @@ def figure_cosines(
     return _heatmap(cosines, title=title, zmin=-bound, zmax=bound, zmid=0.0, colorscale="RdBu", colorbar="cosine")
 
 
+def figure_conflict_matrix(
+    matrix: pd.DataFrame, *, title: str = "Pairwise sign-conflict rate (chance 0.5)"
+) -> go.Figure:
+    """Task x task heatmap of pairwise sign-conflict rates (``Report.conflict_matrix()``).
+
+    The diverging scale is centred on the chance level 0.5 of independent fair signs.
+    """
+    return _heatmap(matrix, title=title, zmin=0.0, zmax=1.0, zmid=0.5, colorscale="RdBu_r", colorbar="conflict")
+
+
 def _pooled_signs(signs: pd.DataFrame, by: str) -> pd.DataFrame:
     order = _ordered(signs[by])
     g = signs.groupby(by, sort=False)
@@ -180,7 +193,7 @@ def figure_sign_conflicts(signs: pd.DataFrame, *, by: str = "block") -> go.Figur
     coordinates (``1 - 2^(1-T)`` without trimming); dots: mass-weighted conflict.
     """
     if by not in ("block", "key"):
-        raise ValueError(f"The 'by' parameter must be 'block' or 'key'. Got {by!r} instead.")
+        raise InvalidParameterError(f"The 'by' parameter must be 'block' or 'key'. Got {by!r} instead.")
     table = _pooled_signs(signs, by)
     x = [_short(k) for k in table.index]
     fig = go.Figure()
@@ -225,6 +238,7 @@ def report_figures(report: Any) -> dict[str, go.Figure]:
         figs["sar_layers"] = figure_sar_layers(report.alignment, tasks=report.tasks)
     if len(report.tasks) > 1:
         figs["cosines"] = figure_cosines(report.cosines)
+        figs["conflict_matrix"] = figure_conflict_matrix(report.conflict_matrix())
         figs["sign_conflicts"] = figure_sign_conflicts(report.signs)
         if "overlap_left" in report.pairs:
             figs["overlap"] = figure_subspace_overlap(report.pairs)

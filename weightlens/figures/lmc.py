@@ -88,6 +88,7 @@ def figure_lmc(
     chord: bool = True,
     title: str | None = None,
     height: int = 420,
+    alpha: float | None = None,
 ) -> go.Figure:
     """Loss and accuracy versus alpha; several curves (e.g. naive vs matched) are overlaid.
 
@@ -105,6 +106,8 @@ def figure_lmc(
         Figure title.
     height : int, default=420
         Figure height in pixels.
+    alpha : float, optional
+        Mark this alpha with a vertical line in every panel (layout shapes named ``"alpha"``).
 
     Returns
     -------
@@ -117,6 +120,8 @@ def figure_lmc(
         raise InvalidParameterError(f"Unknown metrics {bad or list(metrics)}; the curves hold {known}.")
     all_splits = list(dict.fromkeys(frame["split"]))
     chosen = list(splits) if splits is not None else all_splits
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+        raise InvalidParameterError(f"The 'alpha' parameter must be a number in [0, 1] or None. Got {alpha!r}.")
     if [s for s in chosen if s not in all_splits] or not chosen:
         raise InvalidParameterError(f"The 'splits' parameter must name splits among {all_splits}. Got {splits!r}.")
     labels = list(dict.fromkeys(frame["label"]))
@@ -132,5 +137,8 @@ def figure_lmc(
                                style=style, col=col, chord=chord)
         fig.update_xaxes(title_text="alpha (0 = A, 1 = B)", range=[-0.02, 1.02], row=1, col=col)
         fig.update_yaxes(title_text=_TITLES.get(metric, metric), row=1, col=col)
+        if alpha is not None:
+            fig.add_vline(x=float(alpha), line={"color": "#444", "width": 1, "dash": "dot"}, name="alpha",
+                          row=1, col=col)
     fig.update_layout(title=title, height=height, template="plotly_white", legend={"groupclick": "togglegroup"})
     return fig

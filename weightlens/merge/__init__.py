@@ -21,7 +21,7 @@ from weightlens.merge.engine import MergeContext, MergeResult, merge
 from weightlens.merge import arithmetic as _arithmetic  # noqa: F401  (registers the methods)
 from weightlens.merge import spectral as _spectral  # noqa: F401
 from weightlens.merge.compare import Comparison, compare
-from weightlens.merge.sweep import SweepResult, alpha_grid, sweep
+from weightlens.merge.sweep import SweepResult, alpha_grid, reference_scores, sweep
 
 __all__ = [
     "Comparison",
@@ -36,6 +36,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "merge",
+    "reference_scores",
     "register_merge",
     "sweep",
 ]

@@ -9,37 +9,48 @@ TIES scopes
 threshold is the ``(P - k_keep)``-th smallest ``|tau_t|`` and every entry with ``|tau_t| >=`` it is
 kept, so ties at the threshold keep slightly more than ``density``; ``density = 1`` keeps everything.
 A coordinate whose trimmed votes sum to exactly zero gets the whole-model majority sign
-``sgn(sum_p gamma_p)``; if that is zero too, nothing agrees and the coordinate stays 0.
+``sgn(sum_p gamma_p)`` (``resolve_zero_signs(..., "majority")``); if that is zero too, nothing agrees
+and the coordinate stays 0 (the reference code would then keep the negative entries, an artefact of
+``where(sign > 0, tau > 0, tau < 0)`` that we do not copy).
 
-``scope="tensor"`` (mergekit): exactly ``floor(density * numel)`` entries per tensor and task, the
-largest ``|tau_t|``, ties broken by the lower flat index (a stable sort); a zero vote sum gets the
-majority sign of that tensor.
+``scope="tensor"`` (mergekit's ``ties``): exactly ``floor(density * numel)`` entries per tensor and
+task, the largest ``|tau_t|``, ties broken by the lower flat index (a stable sort; mergekit's
+``argsort`` leaves the order of ties unspecified); a zero vote sum counts as positive (mergekit's
+``sign_weight >= 0``). Where the count is 0, mergekit asserts; we give a zero update and a note.
+The STAR repository's ``local`` trimming (a per-tensor threshold keeping ties) is neither of these.
+
+Global statistics are computed by the method's ``prepare`` hook before any key is merged, in
+streaming passes that hold one key of every task at a time.
 
 The global threshold is found in two streaming passes of a radix select on the fp32 bit pattern of
 ``|tau_t|`` (monotone for non-negative floats): pass 1 histograms the high 16 bits, pass 2 the low 16
 bits inside the one bucket that holds the rank. The result is the exact k-th value (what
 ``torch.kthvalue`` returns on the flattened model) while holding one key of every task plus
 ``T * (2**15 + 2**16)`` int64 counts (0.75 MiB per task) instead of the ``T * P`` floats of the
-reference's concatenation. Each pass reads every task vector once more.
+reference's concatenation. Each pass reads every task vector once more; a third pass finds the
+majority sign.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
 import torch
 
 from weightlens.merge.engine import MergeContext
-from weightlens.merge.registry import Interval, KeyUpdate, Pending, register_merge
+from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 from weightlens.taskvectors import TaskVectors
 
 __all__ = [
     "dare",
+    "dare_deltas",
     "dare_mask",
     "disjoint_merge",
     "elect_sign",
     "global_thresholds",
+    "majority_sign",
     "task_arithmetic",
     "ties",
     "trim_global",
@@ -88,9 +99,10 @@ def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
     return (flat * mask).reshape(deltas.shape)
 
 
-def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
-    """``gamma = sgn(sum_t tau_hat_t)`` per coordinate ("mass" election; 0 where the sum is 0)."""
-    return torch.sign(trimmed.sum(0))
+def elect_sign(trimmed: torch.Tensor, zero: int = 0) -> torch.Tensor:
+    """``gamma = sgn(sum_t tau_hat_t)`` per coordinate ("mass" election); a zero sum gets ``zero``."""
+    gamma = torch.sign(trimmed.sum(0))
+    return gamma.masked_fill(gamma == 0, float(zero)) if zero else gamma
 
 
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
@@ -104,24 +116,15 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -
     return selected.abs().amax(0) * sign
 
 
-def _elect_and_merge(trimmed: torch.Tensor, merge_func: str, scope: str) -> KeyUpdate:
-    """Steps 2-3 of TIES on one key; zero-sum coordinates get the scope's majority sign."""
-    gamma = elect_sign(trimmed)
-    merged = disjoint_merge(trimmed, gamma, merge_func)
-    flat = trimmed.reshape(trimmed.shape[0], -1)
-    open_ = ((gamma == 0) & (trimmed != 0).any(0)).reshape(-1).nonzero().squeeze(1)
-    votes = int(gamma.sum())
-    if open_.numel() == 0:
-        return KeyUpdate(merged, sign_votes=votes)
-    cols = flat[:, open_]
-    ones = torch.ones(open_.numel(), dtype=trimmed.dtype)
-    pos, neg = disjoint_merge(cols, ones, merge_func), disjoint_merge(cols, -ones, merge_func)
-    if scope == "tensor":
-        majority = (votes > 0) - (votes < 0)
-        if majority:
-            merged.view(-1)[open_] = pos if majority > 0 else neg
-        return KeyUpdate(merged, sign_votes=votes)
-    return KeyUpdate(merged, sign_votes=votes, pending=Pending(open_, pos, neg))
+def majority_sign(tv: TaskVectors, trimmed_of: Callable[[str], torch.Tensor]) -> int:
+    """Whole-model majority ``sgn(sum_p gamma_p)`` of the elected signs (TIES ``resolve_zero_signs``).
+
+    ``trimmed_of(key)`` gives the stacked trimmed task vectors of one key; one streaming pass.
+    """
+    votes = 0
+    for key in tv.keys:
+        votes += int(elect_sign(trimmed_of(key)).sum(dtype=torch.float64))
+    return (votes > 0) - (votes < 0)
 
 
 # ------------------------------------------------------------------------------ global threshold
@@ -172,7 +175,21 @@ def global_thresholds(tv: TaskVectors, density: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ TIES
-@register_merge("ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023")
+def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: str) -> dict:
+    """Global scope: per-task thresholds (two radix passes), then the majority sign (one pass)."""
+    if scope != "global":
+        return {}
+    thresholds = ctx.once(("ties_thresholds", density), lambda: global_thresholds(ctx.tv, density))
+    majority = ctx.once(
+        ("ties_majority", density),
+        lambda: majority_sign(ctx.tv, lambda key: trim_global(ctx.deltas(key), thresholds)),
+    )
+    return {"thresholds": thresholds, "majority": majority}
+
+
+@register_merge(
+    "ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023", prepare=_ties_prepare
+)
 def ties(
     ctx: MergeContext,
     key: str,
@@ -188,8 +205,10 @@ def ties(
     density : float in (0, 1], default=0.2
         Fraction of each task vector kept by magnitude (TIES' top-k% = 20).
     scope : {"global", "tensor"}, default="global"
-        One threshold per task over the whole model (TIES reference, keeps every entry at or above
-        the k-th value) or exactly ``floor(density * numel)`` per tensor (mergekit).
+        ``"global"``: the TIES reference code (one threshold per task over the whole model, every
+        entry at or above the k-th value kept; a zero vote sum takes the whole-model majority sign).
+        ``"tensor"``: mergekit (exactly ``floor(density * numel)`` entries per tensor and task; a
+        zero vote sum counts as positive, mergekit's ``sign_weight >= 0``).
     merge_func : {"mean", "sum", "max"}, default="mean"
         Disjoint mean, sum or signed max of the agreeing entries.
     alpha : float, default=1.0
@@ -198,15 +217,14 @@ def ties(
     deltas = ctx.deltas(key)
     notes: tuple[str, ...] = ()
     if scope == "global":
-        thresholds = ctx.once(("ties_thresholds", density), lambda: global_thresholds(ctx.tv, density))
-        trimmed = trim_global(deltas, thresholds)
+        trimmed = trim_global(deltas, ctx.state["thresholds"])
+        zero = ctx.state["majority"]
     else:
-        trimmed = trim_tensor(deltas, density)
+        trimmed, zero = trim_tensor(deltas, density), 1
         if int(ctx.tv.numel(key) * density) == 0:
-            notes = (f"density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries "
+            notes = (f"TIES: density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries "
                      "per task of this tensor: zero update (scope='tensor').",)
-    ku = _elect_and_merge(trimmed, merge_func, scope)
-    return KeyUpdate(ku.update, notes, ku.sign_votes, ku.pending)
+    return KeyUpdate(disjoint_merge(trimmed, elect_sign(trimmed, zero), merge_func), notes)
 
 
 # ------------------------------------------------------------------------------ DARE
@@ -221,13 +239,31 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int, task: str, key:
     return torch.rand(shape, generator=gen) < density
 
 
-def _dare_alpha(params: dict, n_tasks: int) -> float:
+def dare_deltas(ctx: MergeContext, key: str, density: float, seed: int) -> torch.Tensor:
+    """Stacked task vectors of ``key`` after drop-and-rescale: ``m * tau / density``, ``m ~ Bernoulli``."""
+    deltas = ctx.deltas(key)
+    for i, task in enumerate(ctx.tasks):
+        deltas[i] = deltas[i] * dare_mask(tuple(deltas.shape[1:]), density, seed, task, key) / density
+    return deltas
+
+
+def _dare_alpha(params: Mapping[str, Any], n_tasks: int) -> float:
     return 0.3 if params["combine"] == "task_arithmetic" else 1.0
+
+
+def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str) -> dict:
+    """DARE-TIES: the whole-model majority sign of the rescaled vectors (one pass)."""
+    if combine != "ties":
+        return {}
+    majority = ctx.once(
+        ("dare_majority", density, seed), lambda: majority_sign(ctx.tv, lambda k: dare_deltas(ctx, k, density, seed))
+    )
+    return {"majority": majority}
 
 
 @register_merge(
     "dare", alpha=None, alpha_default=_dare_alpha, alpha_doc="0.3 (task_arithmetic) | 1.0 (ties)",
-    pretty_name="DARE", reference="Yu et al., ICML 2024",
+    pretty_name="DARE", reference="Yu et al., ICML 2024", prepare=_dare_prepare,
 )
 def dare(
     ctx: MergeContext,
@@ -247,13 +283,11 @@ def dare(
         Masks are drawn per (seed, task, key): the same seed gives the same merge.
     combine : {"task_arithmetic", "ties"}, default="task_arithmetic"
         Sum of the rescaled vectors (DARE-TA) or TIES sign election and disjoint mean without
-        further trimming (DARE-TIES, as mergekit's ``dare_ties``; zero-sum coordinates get the
-        whole-model majority sign).
+        further trimming (DARE-TIES, as mergekit's ``dare_ties``; a zero vote sum takes the
+        whole-model majority sign, as TIES' reference code).
     alpha : float, default=0.3 with task_arithmetic, 1.0 with ties
     """
-    deltas = ctx.deltas(key)
-    for i, task in enumerate(ctx.tasks):
-        deltas[i] = deltas[i] * dare_mask(tuple(deltas.shape[1:]), density, seed, task, key) / density
+    deltas = dare_deltas(ctx, key, density, seed)
     if combine == "task_arithmetic":
         return KeyUpdate(deltas.sum(0))
-    return _elect_and_merge(deltas, "mean", "global")
+    return KeyUpdate(disjoint_merge(deltas, elect_sign(deltas, ctx.state["majority"]), "mean"))

@@ -143,7 +143,7 @@ def _spectral_rows(
     """Alignment and spectrum rows of one matrix key for both updates."""
     align, spec = [], []
     svds = {
-        "merged": linalg.svd(updates["merged"], device=opts["device"], name=key),
+        "merged": opts["merged_svd"](key),
         "task_arithmetic": decompose.sum_svd(tv, key, device=opts["device"], delta=updates["task_arithmetic"]),
     }
     for which, (U, S, _) in svds.items():
@@ -242,7 +242,13 @@ def compare(
         raise InvalidParameterError(
             f"compare(): the merge was made from tasks {merged.task_vectors.names}, not {tv.names}."
         )
-    opts = {"criterion": criterion, "eps": eps, "device": linalg.resolve_device(device)}
+    dev = linalg.resolve_device(device)
+    if isinstance(merged, MergeResult):
+        merged_svd = merged.update_svd
+    else:
+        def merged_svd(key: str) -> linalg.SVD:
+            return linalg.svd(_merged_update(merged, tv, key), device=dev, name=key)
+    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     for key in chosen:
         for name, part in _key_rows(tv, merged, key, opts).items():

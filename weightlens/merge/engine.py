@@ -1,15 +1,17 @@
 """The merge engine: one walk over the keys, one cached unscaled update per key, then base + alpha * update.
 
-``merge`` resolves the method and its parameters against the registry, then walks the base keys
-once. For every task-vector key it asks the method for the *unscaled* update (cached in
-``tv.cache`` under the method, its parameters other than ``alpha``, the task set and the device),
-and writes ``base + alpha * update`` cast back to the base dtype. Keys outside ``tv.keys`` (integer
-buffers, excluded keys) are copied from the base. Hence:
+``merge`` resolves the method and its parameters against the registry, runs the method's
+``prepare`` hook when it has one (whole-model statistics: the TIES global thresholds and majority
+sign, found in streaming passes before any key is merged), then walks the base keys once. For every
+task-vector key it asks the method for the *unscaled* update (cached in ``tv.cache`` under the
+method, its parameters other than ``alpha``, the task set and the device) and returns
+``base + alpha * update`` cast back to the base dtype. Keys outside ``tv.keys`` (integer buffers,
+excluded keys) are copied from the base. Hence:
 
 * a second call that changes only ``alpha`` costs one scale-and-add per key;
 * a call with another spectral method reuses the per-task and per-sum SVDs (same cache as analysis);
-* global statistics (TIES global thresholds) are computed once per (tasks, keys, density) through
-  :meth:`MergeContext.once` and cached too.
+* ``merge(..., lazy=True)`` returns a mapping that computes a key when it is read (streaming export
+  holds one key of every input at a time).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from weightlens import linalg
 from weightlens.analysis import decompose
-from weightlens.errors import InvalidParameterError, KeyMismatchError
+from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
 from weightlens.taskvectors import TaskVectors
 
@@ -35,12 +37,14 @@ class MergeContext:
     """What a merge method sees: the task vectors, the compute device and cached helpers.
 
     Methods read data only through this object, so every decomposition lands in the shared cache.
+    ``state`` holds the method's whole-model statistics (its ``prepare`` hook, run once per merge).
     """
 
     tv: TaskVectors
     device: torch.device
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    state: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -76,6 +80,16 @@ class MergeContext:
         """Thin SVD of the task-arithmetic sum over this context's tasks (shared cache)."""
         return decompose.sum_svd(self.tv, key, self.tasks, device=self.device)
 
+    def zero_tasks(self, key: str) -> tuple[str, ...]:
+        """Tasks whose task vector of ``key`` is exactly zero (e.g. a frozen layer); cached."""
+
+        def compute() -> tuple[str, ...]:
+            flat = self.deltas(key).reshape(self.n_tasks, -1)
+            zero = (flat == 0).all(1).tolist() if flat.shape[1] else [True] * self.n_tasks
+            return tuple(t for t, z in zip(self.tasks, zero) if z)
+
+        return self.tv.cache.get_or_compute(("zero_tasks", self.tasks, key), compute)
+
     def cached(self, tag: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         """``compute()`` cached in ``tv.cache`` under ``("merge", *tag, tasks, device)``."""
         return self.tv.cache.get_or_compute(("merge", *tag, self.tasks, str(self.device)), compute)
@@ -88,6 +102,11 @@ class MergeContext:
 class MergeResult(Mapping[str, torch.Tensor]):
     """Full merged weights (``Mapping[str, Tensor]``) with the notes and updates behind them.
 
+    Every base key maps to ``base + alpha * update`` in the base dtype (keys outside ``tv.keys``:
+    a copy of the base tensor). Eager results (the default of :func:`merge`) hold every tensor;
+    lazy ones compute a key when it is read and hold nothing, so an exporter can stream them key by
+    key. Either way, the unscaled update of each key is cached in ``tv.cache``.
+
     Attributes
     ----------
     method : str
@@ -96,35 +115,67 @@ class MergeResult(Mapping[str, torch.Tensor]):
         Every parameter of the method, defaults filled in, ``alpha`` resolved to a float.
     task_vectors : TaskVectors
         The task vectors that were merged (``compare`` uses them).
-    notes : pandas.DataFrame
-        One row per degenerate case met: columns ``key``, ``method``, ``note``.
+    lazy : bool
+        True while keys are computed on access (see :meth:`materialize`).
     """
 
-    def __init__(
-        self,
-        weights: dict[str, torch.Tensor],
-        updates: Mapping[str, torch.Tensor],
-        *,
-        method: str,
-        params: dict[str, Any],
-        notes: list[dict[str, str]],
-        task_vectors: TaskVectors,
-    ) -> None:
-        self._weights = weights
-        self._updates = dict(updates)
-        self.method = method
+    def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool) -> None:
+        self._ctx, self._spec = ctx, spec
+        self.method = spec.name
         self.params = dict(params)
-        self.task_vectors = task_vectors
-        self._notes = list(notes)
+        self.task_vectors = ctx.tv
+        self.lazy = lazy
+        # the key set matters too: whole-model statistics (TIES global) depend on it
+        self._frozen = (*sorted(ctx.params.items()), ("keys", hash(tuple(ctx.tv.keys))))
+        self._selected = set(ctx.tv.keys)
+        self._keys = list(ctx.tv.base.keys())
+        self._updates: dict[str, KeyUpdate] = {}
+        self._weights: dict[str, torch.Tensor] = {}
 
+    # ---------------------------------------------------------------- Mapping
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._weights[key]
+        if key in self._weights:
+            return self._weights[key]
+        if key not in self._selected:
+            if key not in self.task_vectors.base:
+                raise KeyMismatchError(f"Key {key!r} is not in the merged model (the base's keys).")
+            return self.task_vectors.base[key].clone()
+        return _full(self.task_vectors.base[key], self.key_update(key).update, self.alpha)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._weights)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._weights)
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.task_vectors.base
+
+    # ---------------------------------------------------------------- merge
+    def key_update(self, key: str) -> KeyUpdate:
+        """The method's unscaled update and notes for one task-vector key (cached in ``tv.cache``)."""
+        ku = self._updates.get(key)
+        if ku is not None:
+            return ku
+        if key not in self._selected:
+            raise KeyMismatchError(
+                f"Key {key!r} received no update in this {self.method} merge (it is "
+                f"{'copied from the base' if key in self else 'not in the model'}); "
+                f"updated keys are the task vectors' keys ({len(self._selected)})."
+            )
+        ctx, spec = self._ctx, self._spec
+        ku = ctx.cached(("update", spec.name, self._frozen, key), lambda: _checked(spec, ctx, key))
+        if not self.lazy:
+            self._updates[key] = ku
+        return ku
+
+    def materialize(self, *, progress: bool = False) -> MergeResult:
+        """Compute and hold every key now (one walk over the base keys); returns ``self``."""
+        self.lazy = False
+        for key in tqdm(self._keys, desc=f"merge {self.method}", unit="key", disable=not progress):
+            if key not in self._weights:
+                self._weights[key] = self[key]
+        return self
 
     @property
     def alpha(self) -> float:
@@ -134,24 +185,35 @@ class MergeResult(Mapping[str, torch.Tensor]):
     @property
     def updated_keys(self) -> list[str]:
         """Keys that received an update (the task vectors' keys), in order."""
-        return list(self._updates)
+        return [k for k in self._keys if k in self._selected]
 
     def update(self, key: str) -> torch.Tensor:
         """The merged update ``alpha * u`` of ``key`` in fp32 (before adding the base and casting)."""
-        if key not in self._updates:
-            raise KeyMismatchError(
-                f"Key {key!r} received no update in this {self.method} merge (it is "
-                f"{'copied from the base' if key in self._weights else 'not in the model'}); "
-                f"updated keys are the task vectors' keys ({len(self._updates)})."
-            )
-        return self.alpha * self._updates[key]
+        return self.alpha * self.key_update(key).update
+
+    def update_svd(self, key: str) -> linalg.SVD:
+        """Thin SVD of :meth:`update` for a matrix key; the unscaled factors are cached in ``tv.cache``.
+
+        A call on a merge that differs only in ``alpha`` reuses them (``S`` scales by ``|alpha|``).
+        """
+        u = self.key_update(key).update
+        ctx = self._ctx
+        U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
+                              lambda: linalg.svd(u, device=ctx.device, name=key))
+        a = self.alpha
+        return linalg.SVD(U, abs(a) * S, Vh if a >= 0 else -Vh)
 
     @property
     def notes(self) -> Any:
-        """Degenerate cases per key as a DataFrame (``key``, ``method``, ``note``)."""
+        """Degenerate cases per key as a DataFrame (``key``, ``method``, ``note``).
+
+        Complete: on a lazy result this computes (and caches) every key's update.
+        """
         import pandas as pd
 
-        return pd.DataFrame(self._notes, columns=["key", "method", "note"])
+        rows = [{"key": k, "method": self.method, "note": n}
+                for k in self.updated_keys for n in self.key_update(k).notes]
+        return pd.DataFrame(rows, columns=["key", "method", "note"])
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -160,8 +222,9 @@ class MergeResult(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return (f"MergeResult({self.method}: {shown}; {len(self)} keys, {len(self._updates)} updated, "
-                f"{len(self._notes)} note(s))")
+        state = "lazy" if self.lazy else f"{len(self._weights)} held"
+        return (f"MergeResult({self.method}: {shown}; {len(self)} keys, {len(self._selected)} updated, "
+                f"{state})")
 
 
 def task_vectors_of(base_or_tv: Any, finetuned: Any = None) -> TaskVectors:
@@ -188,6 +251,7 @@ def merge(
     method: str,
     device: str | torch.device = "auto",
     progress: bool = False,
+    lazy: bool = False,
     **params: Any,
 ) -> MergeResult:
     """Merge fine-tunes of one base model; returns the full merged weights.
@@ -195,7 +259,8 @@ def merge(
     Parameters
     ----------
     base_or_tv : TaskVectors or any source ``wl.load`` accepts
-        The task vectors, or the base checkpoint (then give ``finetuned``).
+        The task vectors, or the base checkpoint (then give ``finetuned``). Pass TaskVectors to
+        reuse decompositions across calls: they live in ``tv.cache``.
     finetuned : list or dict of sources, optional
         Fine-tuned checkpoints when ``base_or_tv`` is the base.
     method : str
@@ -205,6 +270,9 @@ def merge(
         Where decompositions run (``"auto"``: CUDA when present).
     progress : bool, default=False
         Show a progress bar over the keys.
+    lazy : bool, default=False
+        Return at once and compute each key when it is read (whole-model statistics such as the
+        TIES global thresholds are still computed here, in a first pass). For streaming export.
     **params
         The method's parameters (unknown names and out-of-range values raise
         ``InvalidParameterError`` listing the valid ones and their defaults).
@@ -218,10 +286,10 @@ def merge(
     Examples
     --------
     >>> import torch, weightlens as wl
+    >>> from weightlens.merge import merge
     >>> base = {"w": torch.zeros(2, 2)}
     >>> tv = wl.TaskVectors(base, {"a": {"w": torch.eye(2)}, "b": {"w": -torch.eye(2)}})
-    >>> merged = wl.merge(tv, method="task_arithmetic", alpha=0.5)
-    >>> merged["w"].tolist()
+    >>> merge(tv, method="task_arithmetic", alpha=0.5)["w"].tolist()
     [[0.0, 0.0], [0.0, 0.0]]
     """
     tv = task_vectors_of(base_or_tv, finetuned)
@@ -229,67 +297,27 @@ def merge(
     resolved = spec.resolve(params, len(tv))
     inner = {k: v for k, v in resolved.items() if k != "alpha"}
     ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner)
-    updates, weights, notes = _walk(ctx, spec, resolved["alpha"], progress)
-    return MergeResult(weights, updates, method=spec.name, params=resolved, notes=notes, task_vectors=tv)
-
-
-def _walk(
-    ctx: MergeContext, spec: MergeMethod, alpha: float, progress: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, str]]]:
-    """One pass over the base keys: cached unscaled updates and the full weights."""
-    tv, selected = ctx.tv, set(ctx.tv.keys)
-    frozen = tuple(sorted(ctx.params.items()))
-    key_updates: dict[str, KeyUpdate] = {}
-    weights: dict[str, torch.Tensor] = {}
-    deferred: list[str] = []
-    for key in tqdm(list(tv.base.keys()), desc=f"merge {spec.name}", unit="key", disable=not progress):
-        if key not in selected:
-            weights[key] = tv.base[key].clone()
-            continue
-        ku = ctx.cached(("update", spec.name, frozen, key), lambda: _checked(spec, ctx, key))
-        key_updates[key] = ku
-        if ku.pending is None:
-            weights[key] = _full(tv.base[key], ku.update, alpha)
-        else:
-            deferred.append(key)
-    updates = {k: ku.update for k, ku in key_updates.items()}
-    if deferred:  # coordinates whose sign is the whole-model majority (TIES global)
-        majority = _sign(sum(ku.sign_votes for ku in key_updates.values()))
-        for key in deferred:
-            updates[key] = _settle(key_updates[key], majority)
-            weights[key] = _full(tv.base[key], updates[key], alpha)
-    weights = {k: weights[k] for k in tv.base.keys()}
-    notes = [{"key": k, "method": spec.name, "note": n} for k, ku in key_updates.items() for n in ku.notes]
-    return updates, weights, notes
+    if spec.prepare is not None:
+        ctx.state = dict(spec.prepare(ctx, **inner))
+    result = MergeResult(ctx, spec, resolved, lazy=True)
+    return result if lazy else result.materialize(progress=progress)
 
 
 def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
-    ku = spec.fn(ctx, key, **ctx.params)
+    """Run the method on one key; errors are re-raised once with the method and key named."""
+    try:
+        ku = spec.fn(ctx, key, **ctx.params)
+    except WeightlensError as err:
+        raise type(err)(f"merge(method={spec.name!r}) on key {key!r}: {err}") from None
     shape = ctx.shape(key)
     if tuple(ku.update.shape) != shape:
-        raise RuntimeError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for "
-                           f"key {key!r}; expected {shape}.")
+        raise ShapeMismatchError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for "
+                                 f"key {key!r}; expected {shape} (the key's shape).")
     update = ku.update.detach().to(device="cpu", dtype=torch.float32)
-    return KeyUpdate(update, ku.notes, ku.sign_votes, ku.pending)
-
-
-def _sign(x: float) -> int:
-    return (x > 0) - (x < 0)
-
-
-def _settle(ku: KeyUpdate, majority: int) -> torch.Tensor:
-    """Fill the pending coordinates with the values for the majority sign (0 stays 0)."""
-    assert ku.pending is not None
-    if majority == 0:
-        return ku.update
-    out = ku.update.clone()
-    values = ku.pending.if_positive if majority > 0 else ku.pending.if_negative
-    out.view(-1)[ku.pending.index] = values
-    return out
+    return KeyUpdate(update, tuple(ku.notes))
 
 
 def _full(base: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
     """``base + alpha * update`` computed in fp32 (fp64 for fp64 bases), cast to the base dtype."""
     wide = torch.float64 if base.dtype == torch.float64 else torch.float32
     return torch.add(base.to(wide), update.to(wide), alpha=alpha).to(base.dtype)
-

@@ -43,7 +43,6 @@ __all__ = [
     "KeyUpdate",
     "MergeMethod",
     "Param",
-    "Pending",
     "get_method",
     "list_methods",
     "register_merge",
@@ -51,6 +50,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, MergeMethod] = {}
+_RESERVED = ("alpha", "method", "device", "progress", "lazy")  # merge()'s own keywords
 _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 
 
@@ -75,19 +75,6 @@ class Interval:
 
 
 @dataclass(frozen=True)
-class Pending:
-    """Coordinates whose elected sign is the *whole-model* majority sign (TIES, global scope).
-
-    ``index`` are flat indices into the key; ``if_positive``/``if_negative`` are the merged values
-    for a positive or negative majority (a zero majority leaves them 0).
-    """
-
-    index: torch.Tensor
-    if_positive: torch.Tensor
-    if_negative: torch.Tensor
-
-
-@dataclass(frozen=True)
 class KeyUpdate:
     """What a method returns for one key.
 
@@ -95,14 +82,10 @@ class KeyUpdate:
     ----------
     update : unscaled merged update (fp32, CPU, shape of the key); the engine multiplies by alpha.
     notes : degenerate cases met on this key, one sentence each (reported in ``MergeResult.notes``).
-    sign_votes : sum of the elected signs over this key (TIES global majority sign).
-    pending : coordinates to settle once the whole-model majority sign is known.
     """
 
     update: torch.Tensor
     notes: tuple[str, ...] = ()
-    sign_votes: int = 0
-    pending: Pending | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +121,7 @@ class MergeMethod:
     pretty_name: str
     reference: str
     alpha_default: Callable[[Mapping[str, Any], int], float] | None = field(default=None, repr=False)
+    prepare: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False)
 
     def defaults(self) -> dict[str, Any]:
         """``{param: default}`` in signature order, ``alpha`` last."""
@@ -215,9 +199,20 @@ def _unpack(annotation: Any, where: str) -> tuple[type, tuple | None, Interval |
     return annotation, None, interval, nullable
 
 
+def _param_hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
+    """Resolved annotations of the parameters (the return annotation is not needed, nor evaluated)."""
+    ann = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != "return"}
+    holder = types.SimpleNamespace(__annotations__=ann, __globals__=getattr(fn, "__globals__", {}))
+    try:
+        return typing.get_type_hints(holder, include_extras=True)
+    except NameError as err:
+        raise TypeError(f"Merge method {name!r}: cannot resolve a parameter annotation ({err}); "
+                        "import the names it uses at module level.") from None
+
+
 def _schema(fn: Callable[..., Any], name: str, alpha: float | None, alpha_doc: str) -> dict[str, Param]:
     sig = inspect.signature(fn)
-    hints = typing.get_type_hints(fn, include_extras=True)
+    hints = _param_hints(fn, name)
     positional = [p for p in sig.parameters.values() if p.kind is not p.KEYWORD_ONLY]
     if [p.name for p in positional] != ["ctx", "key"]:
         raise TypeError(
@@ -231,6 +226,8 @@ def _schema(fn: Callable[..., Any], name: str, alpha: float | None, alpha_doc: s
         where = f"Merge method {name!r}, parameter {p.name!r}"
         if p.name == "alpha":
             raise TypeError(f"{where}: declare alpha on @register_merge(alpha=...), not in the signature.")
+        if p.name in _RESERVED:
+            raise TypeError(f"{where}: the name is reserved for merge() itself ({', '.join(_RESERVED)}).")
         if p.default is p.empty or p.name not in hints:
             raise TypeError(f"{where}: every parameter needs an annotation and a default.")
         kind, options, interval, nullable = _unpack(hints[p.name], where)
@@ -247,6 +244,7 @@ def register_merge(
     alpha_doc: str = "",
     pretty_name: str | None = None,
     reference: str = "",
+    prepare: Callable[..., Mapping[str, Any]] | None = None,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -262,6 +260,9 @@ def register_merge(
         How the default reads in messages, e.g. ``"1/T"``.
     pretty_name, reference : str
         Display name and citation.
+    prepare : callable, optional
+        ``prepare(ctx, **params) -> Mapping`` computes whole-model statistics (e.g. the TIES global
+        thresholds) before any key is merged; the engine exposes the result as ``ctx.state``.
 
     Raises
     ------
@@ -278,7 +279,7 @@ def register_merge(
                 f"{_REGISTRY[name].fn.__qualname__}); choose another name or unregister it first."
             )
         params = _schema(fn, name, alpha, alpha_doc)
-        _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default)
+        _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare)
         return fn
 
     return decorator

@@ -18,12 +18,13 @@ Degenerate cases are reported per key in ``MergeResult.notes`` and never silent:
 * Iso-CTS with no task-specific room (``s = 0``) is Iso-C;
 * a rank-deficient task-arithmetic sum (LoRA-like deltas) makes Iso weight arbitrary null-space
   directions by sigma-bar (reference behaviour); ``restrict_to_numerical_rank=True`` drops them;
-* an all-zero task matrix (an untouched layer) is noted; STAR skips it (its rescale would be 0/0).
+* an all-zero task matrix (an untouched layer) is noted; STAR skips it (its rescale would be 0/0);
+  where every task matrix is zero the update is zero and no decomposition is taken;
+* Iso-CTS sizes that the reference formula would make negative (``r`` close to ``T``) are noted.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -44,8 +45,16 @@ def _mean(ctx: MergeContext, key: str) -> KeyUpdate:
     return KeyUpdate(ctx.deltas(key).mean(0))
 
 
-def _zero_tasks(ctx: MergeContext, key: str, svds: list[linalg.SVD]) -> list[str]:
-    return [t for t, s in zip(ctx.tasks, svds) if float(s.S.max()) == 0.0]
+def _all_zero(ctx: MergeContext, key: str, method: str) -> KeyUpdate | None:
+    """A zero update and a note when every task matrix of ``key`` is zero (no SVD is taken)."""
+    if len(ctx.zero_tasks(key)) < ctx.n_tasks:
+        return None
+    note = f"{method}: every task matrix is zero here (an untouched layer): zero update, no decomposition."
+    return KeyUpdate(torch.zeros(ctx.shape(key)), (note,))
+
+
+def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> list[str]:
+    return [f"{method}: task {t!r} has an all-zero matrix here; {consequence}." for t in ctx.zero_tasks(key)]
 
 
 # --------------------------------------------------------------------------------------- TSV-M
@@ -65,6 +74,9 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
     T, (m, n) = ctx.n_tasks, ctx.shape(key)
     r = min(m, n)
     k = r // T
+    zero = _all_zero(ctx, key, "TSV-M")
+    if zero is not None:
+        return zero
     if k == 0:
         note = f"TSV-M: rank r={r} < T={T} tasks, floor(r/T)=0 components per task"
         if fallback == "zero":
@@ -81,8 +93,9 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
         S_hat[i * k:(i + 1) * k] = s.S[:k]
     U_perp = linalg.polar(U_hat, device=dev, name=key)
     V_perp = linalg.polar(V_hat, device=dev, name=key)
-    notes = tuple(f"TSV-M: task {t!r} has an all-zero matrix here." for t in _zero_tasks(ctx, key, svds))
-    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), notes)
+    notes = _zero_notes(ctx, key, "TSV-M", "its singular vectors are arbitrary (weight 0) but still "
+                        "enter the orthogonalisation (reference behaviour)")
+    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes))
 
 
 # --------------------------------------------------------------------------------------- Iso
@@ -91,7 +104,7 @@ def _rank_note(method: str, what: str, rank: int, r: int, restrict: bool) -> str
         return (f"{method}: {what} is rank-deficient (numerical rank {rank} of {r}); kept only its "
                 f"{rank} directions (restrict_to_numerical_rank=True).")
     return (f"{method}: {what} is rank-deficient (numerical rank {rank} of {r}); its {r - rank} "
-            "null-space directions are arbitrary and get weight sigma-bar (reference behaviour; "
+            "null-space direction(s) are arbitrary and get weight sigma-bar (reference behaviour; "
             "restrict_to_numerical_rank=True drops them).")
 
 
@@ -120,7 +133,7 @@ def iso_c(ctx: MergeContext, key: str, *, restrict_to_numerical_rank: bool = Fal
     """
     if not _spectral(ctx, key):
         return _mean(ctx, key)
-    return _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-C")
+    return _all_zero(ctx, key, "Iso-C") or _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-C")
 
 
 def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -195,14 +208,23 @@ def iso_cts(
     """
     if not _spectral(ctx, key):
         return _mean(ctx, key)
-    r = min(ctx.shape(key))
-    k, s = iso_cts_sizes(r, ctx.n_tasks, common_fraction)
+    zero = _all_zero(ctx, key, "Iso-CTS")
+    if zero is not None:
+        return zero
+    r, T = min(ctx.shape(key)), ctx.n_tasks
+    k, s = iso_cts_sizes(r, T, common_fraction)
+    guard = ()
+    if T * round((r - int(common_fraction * r)) / T) > r:
+        guard = (f"Iso-CTS: the reference sizes (r={r}, T={T}, common_fraction={common_fraction}) ask "
+                 f"for more than r task-specific directions (a negative common size); used "
+                 f"s=floor(r/T)={s}, k={k}.",)
     if s == 0:
         ku = _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-CTS")
-        note = (f"Iso-CTS: no task-specific room (r={r}, T={ctx.n_tasks}, common_fraction="
+        note = (f"Iso-CTS: no task-specific room (r={r}, T={T}, common_fraction="
                 f"{common_fraction} gives k={k}, s=0): Iso-C update.")
-        return KeyUpdate(ku.update, (note, *ku.notes))
+        return KeyUpdate(ku.update, (*guard, note, *ku.notes))
     Us, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
+    notes = [*guard, *notes]
     if sum(u.shape[1] for u in Us) == 0:
         return KeyUpdate(torch.zeros(ctx.shape(key)), (*notes, "Iso-CTS: nothing left to merge: zero update."))
     dev = Us[0].device
@@ -241,12 +263,18 @@ def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, 
     """
     if not _spectral(ctx, key):
         return KeyUpdate(ctx.deltas(key).sum(0))
-    total, notes = None, []
+    zero = _all_zero(ctx, key, "STAR")
+    if zero is not None:
+        return zero
+    total, skipped = None, ctx.zero_tasks(key)
+    notes = _zero_notes(ctx, key, "STAR", "skipped (its rescale would be 0/0)")
     for task in ctx.tasks:
+        if task in skipped:
+            continue
         U, S, Vh = ctx.task_svd(task, key)
         nuclear = float(S.double().sum())
-        if nuclear == 0.0:
-            notes.append(f"STAR: task {task!r} has an all-zero matrix here; skipped (rescale 0/0).")
+        if nuclear == 0.0:  # numerically zero spectrum of a non-zero matrix: cannot happen in exact arithmetic
+            notes.append(f"STAR: task {task!r} has a zero spectrum here; skipped (rescale 0/0).")
             continue
         r = star_rank(S, eta)
         scaled = S[:r] * (nuclear / float(S[:r].double().sum()))

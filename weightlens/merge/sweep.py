@@ -8,7 +8,7 @@ algorithms.md section 10:
 * NAI ``(Acc_t(merged) - Acc_t(base)) / (Acc_t(finetuned_t) - Acc_t(base))``, NaN when the fine-tune
   does not beat the base on that task and split;
 * ``alpha`` is chosen by the mean normalized accuracy on ``select_on`` (ties: the smaller alpha), and
-  reported on ``report_on``.
+  reported on ``report_on``, which is scored only at the chosen alpha unless ``report_all=True``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def reference_scores(
     """Accuracy and loss of the base and of each fine-tune on its own task: ``task, split, model, ...``."""
     rows = []
     for task in tv.names:
-        for split in splits:
+        for split in dict.fromkeys(splits):
             for model, weights in (("base", tv.base), ("finetuned", tv.finetuned[task])):
                 rows.append({"task": task, "split": split, "model": model, **_metrics(evaluate(weights, task, split))})
     return pd.DataFrame(rows)
@@ -137,23 +137,15 @@ def _normalize(table: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["base", "finetuned"])
 
 
-def _check_splits(splits: Sequence[str], select_on: str, report_on: str) -> None:
-    for name, value in (("select_on", select_on), ("report_on", report_on)):
-        if value not in splits:
-            raise InvalidParameterError(
-                f"The {name!r} parameter of sweep must be one of the splits {tuple(splits)}. Got {value!r} instead."
-            )
-
-
 def sweep(
     tv: TaskVectors,
     method: str,
     alphas: Iterable[float] | None,
     evaluate: Evaluate,
     *,
-    splits: Sequence[str] = ("val", "test"),
     select_on: str = "val",
     report_on: str = "test",
+    report_all: bool = False,
     reference: pd.DataFrame | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -170,9 +162,10 @@ def sweep(
         The grid; None takes :func:`alpha_grid` of the method.
     evaluate : callable
         ``evaluate(weights, task, split) -> {"accuracy": ..., "loss": ...}`` (a zoo's ``evaluate``).
-    splits : sequence of str, default=("val", "test")
-    select_on, report_on : str
-        Split that chooses alpha and split that reports it.
+    select_on, report_on : str, default="val", "test"
+        Split scored at every alpha to choose it, and split reported at the chosen alpha.
+    report_all : bool, default=False
+        Also score ``report_on`` at every alpha (for curves; costs one more evaluation per alpha).
     reference : DataFrame, optional
         Base and fine-tuned scores from :func:`reference_scores` (or a previous sweep's
         ``.reference``), to skip re-evaluating them.
@@ -186,20 +179,32 @@ def sweep(
     SweepResult
     """
     if "alpha" in params:
-        raise InvalidParameterError("sweep() takes the coefficients in 'alphas', not as alpha=.")
-    _check_splits(splits, select_on, report_on)
-    grid = list(alpha_grid(method, len(tv), combine=params.get("combine", "task_arithmetic"))
-                if alphas is None else alphas)
+        raise InvalidParameterError(
+            f"sweep() takes the coefficients in 'alphas', not as alpha=; got alpha={params['alpha']!r}."
+        )
+    grid = [float(a) for a in (alpha_grid(method, len(tv), combine=params.get("combine", "task_arithmetic"))
+                               if alphas is None else alphas)]
     if not grid:
-        raise InvalidParameterError("sweep() needs at least one alpha.")
+        raise InvalidParameterError(f"sweep({method!r}) needs at least one alpha; got an empty grid.")
+    splits = tuple(dict.fromkeys((select_on, report_on)))
     ref = reference if reference is not None else reference_scores(tv, evaluate, splits)
-    rows, resolved = [], {}
-    for alpha in tqdm(grid, desc=f"sweep {method}", unit="alpha", disable=not progress):
+    rows: list[dict[str, Any]] = []
+    resolved: dict[str, Any] = {}
+
+    def score(alpha: float, chosen: Sequence[str]) -> None:
+        nonlocal resolved
         merged = merge(tv, method=method, device=device, alpha=alpha, **params)
         resolved = {k: v for k, v in merged.params.items() if k != "alpha"}
         for task in tv.names:
-            for split in splits:
-                rows.append({"alpha": float(alpha), "task": task, "split": split,
+            for split in chosen:
+                rows.append({"alpha": alpha, "task": task, "split": split,
                              **_metrics(evaluate(merged, task, split))})
+
+    for alpha in tqdm(grid, desc=f"sweep {method}", unit="alpha", disable=not progress):
+        score(alpha, splits if report_all else (select_on,))
     table = _normalize(pd.DataFrame(rows), ref)
-    return SweepResult(method, resolved, table, ref, select_on, report_on)
+    result = SweepResult(method, resolved, table, ref, select_on, report_on)
+    if not report_all and report_on != select_on:
+        score(result.best_alpha, (report_on,))
+        result = SweepResult(method, resolved, _normalize(pd.DataFrame(rows), ref), ref, select_on, report_on)
+    return result

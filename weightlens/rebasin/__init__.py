@@ -17,6 +17,7 @@ True
 """
 
 from weightlens.rebasin.builders import TransformerLayout, mlp_spec, resnet_spec, transformer_spec, vgg_spec
+from weightlens.rebasin.diagnostics import SingularAlignment, layer_distances, singular_alignment
 from weightlens.rebasin.matching import MergeManyResult, activation_matching, merge_many, weight_matching
 from weightlens.rebasin.spec import HeadGroup, HeadPerm, Permutations, PermutationSpec, Seg
 from weightlens.rebasin.trace import spec_from_module
@@ -28,11 +29,14 @@ __all__ = [
     "PermutationSpec",
     "Permutations",
     "Seg",
+    "SingularAlignment",
     "TransformerLayout",
     "activation_matching",
+    "layer_distances",
     "merge_many",
     "mlp_spec",
     "resnet_spec",
+    "singular_alignment",
     "spec_from_module",
     "transformer_spec",
     "vgg_spec",

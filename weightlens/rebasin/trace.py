@@ -1,9 +1,12 @@
 """Derive a permutation spec by tracing a module with ``torch.fx``.
 
-Every Linear/Conv output starts a permutation; operations that keep units aligned pass it on
-(norms, activations, dropout, pooling, flatten, reductions over other axes); ``a + b`` (residual
-connections) and ``a * b`` (gating) tie their inputs' permutations into one; whatever reaches the
-module's outputs, or comes from its inputs, is not permuted. Operations outside this list raise an
+Every Linear/Conv/Embedding output starts a permutation; operations that keep units aligned pass it on
+(norms, activations, dropout, pooling, flatten, reductions over other axes, slicing of other axes);
+``a + b`` (residual connections, also broadcast, as with a positional embedding parameter) and
+``a * b`` (gating) tie their inputs' permutations into one; whatever reaches the module's outputs, or
+comes from its inputs, is not permuted. ``nn.MultiheadAttention`` becomes a head-structured
+:class:`~weightlens.rebasin.spec.HeadGroup` named after the module, and its output projection starts
+a permutation. Operations outside this list raise an
 error naming the graph node, so a spec is never silently wrong.
 """
 
@@ -20,7 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from weightlens.errors import InvalidParameterError
-from weightlens.rebasin.spec import PermutationSpec, Seg
+from weightlens.rebasin.spec import HeadGroup, PermutationSpec, Seg
 
 __all__ = ["spec_from_module"]
 
@@ -51,9 +54,11 @@ _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
 _REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
 _NORMS = tuple(getattr(nn, n) for n in ("LayerNorm", "RMSNorm") if hasattr(nn, n))  # RMSNorm: torch >= 2.4
-_SUPPORTED = ("Linear, Conv (groups 1 or depthwise), BatchNorm, LayerNorm, RMSNorm, GroupNorm (1 or C groups), "
-              "activations, dropout, pooling, flatten/view to (N, -1), mean/sum over non-channel axes, "
-              "and +, -, *, / of same-shape tensors or with numbers")
+_SUPPORTED = ("Linear, Conv (groups 1 or depthwise), Embedding, MultiheadAttention, BatchNorm, LayerNorm, "
+              "RMSNorm, GroupNorm (1 or C groups), activations, dropout, pooling, flatten/view to (N, -1), "
+              "mean/sum over non-channel axes, slicing of non-channel axes, parameters used directly "
+              "(units on their last axis), and +, -, *, / of tensors (broadcast along aligned unit axes) "
+              "or with numbers")
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,8 @@ class _Tracer:
         self.gm = gm
         self.uf = _UnionFind()
         self.vals: dict[fx.Node, _Val] = {}
-        self.params: dict[str, list[tuple[str | None, int]]] = {}
+        self.params: dict[str, list[tuple[str | tuple[str, ...] | None, int]]] = {}
+        self.heads: list[HeadGroup] = []
 
     # ---------------------------------------------------------------- helpers
     def fail(self, node: fx.Node, why: str) -> InvalidParameterError:
@@ -113,12 +119,16 @@ class _Tracer:
         if v.ch is not None and v.ch != want:
             raise self.fail(node, f"{what} expects units on axis {want} but they are on axis {v.ch}")
 
-    def record(self, key: str, axes: list[tuple[str | None, int]], node: fx.Node) -> None:
+    def record(self, key: str, axes: list[tuple[str | tuple[str, ...] | None, int]], node: fx.Node) -> None:
+        """Axes of a parameter: per axis a union-find element, a tuple of head views (literal), or None."""
         if key in self.params:  # a module called twice: its axes must agree
             for (old, i_old), (new, i_new) in zip(self.params[key], axes, strict=True):
-                if (old is None) != (new is None) or i_old != i_new:
+                if (old is None) != (new is None) or i_old != i_new or isinstance(old, tuple) != isinstance(new, tuple):
                     raise self.fail(node, f"{key!r} is used twice with different layouts")
-                if old is not None and new is not None:
+                if isinstance(old, tuple):
+                    if old != new:
+                        raise self.fail(node, f"{key!r} is used twice with different layouts")
+                elif old is not None and new is not None:
                     self.uf.union(old, new)
         else:
             self.params[key] = axes
@@ -126,6 +136,12 @@ class _Tracer:
     # ---------------------------------------------------------------- modules
     def module(self, node: fx.Node, mod: nn.Module, shape: tuple[int, ...]) -> _Val:
         path = str(node.target)
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.attention(node, path, mod)
+        if isinstance(mod, nn.Embedding):
+            out = self.uf.add(path)
+            self.record(f"{path}.weight", [(None, 1), (out, 1)], node)
+            return _Val(out, len(shape) - 1, 1, shape)
         x = self.val(node, node.args[0])
         if isinstance(mod, nn.Linear):
             self.channel(node, x, len(x.shape) - 1, "Linear")
@@ -174,6 +190,69 @@ class _Tracer:
                 self.record(f"{path}.{name}", [(x.elem, 1)] if t.ndim == 1 else [(None, 1)] * t.ndim, node)
         return _Val(x.elem, x.ch if x.ch is not None else len(x.shape) - 1, x.inner, shape)
 
+    def attention(self, node: fx.Node, path: str, mod: nn.MultiheadAttention) -> _Val:
+        """Self- or cross-attention: head-structured Q/K/V rows and O columns, a new output permutation."""
+        args = list(node.args[:3]) + [node.kwargs.get(n) for n in ("query", "key", "value")][len(node.args):]
+        q, k, v = (self.val(node, a) for a in args)
+        for x in (q, k, v):
+            self.channel(node, x, len(x.shape) - 1, "MultiheadAttention")
+            if x.inner != 1:
+                raise self.fail(node, "attention over flattened channel blocks")
+        if mod.bias_k is not None:
+            raise self.fail(node, "add_bias_kv=True is not supported")
+        group = HeadGroup(path, mod.num_heads)
+        self.heads.append(group)
+        views = {p: group.view(p) for p in ("q", "k", "v", "o")}
+        if mod._qkv_same_embed_dim:
+            self.uf.union(q.elem, k.elem)
+            self.uf.union(q.elem, v.elem)
+            self.record(f"{path}.in_proj_weight", [((views["q"], views["k"], views["v"]), 1), (q.elem, 1)], node)
+        else:
+            for part, x in (("q", q), ("k", k), ("v", v)):
+                self.record(f"{path}.{part}_proj_weight", [((views[part],), 1), (x.elem, 1)], node)
+        if mod.in_proj_bias is not None:
+            self.record(f"{path}.in_proj_bias", [((views["q"], views["k"], views["v"]), 1)], node)
+        out = self.uf.add(f"{path}.out_proj")
+        self.record(f"{path}.out_proj.weight", [(out, 1), ((views["o"],), 1)], node)
+        if mod.out_proj.bias is not None:
+            self.record(f"{path}.out_proj.bias", [(out, 1)], node)
+        shape = tuple(node.meta["tensor_meta"][0].shape)
+        return _Val(out, len(shape) - 1, 1, shape)
+
+    def parameter(self, node: fx.Node, shape: tuple[int, ...]) -> _Val:
+        """A parameter used directly (positional embedding, class token): units on its last axis."""
+        key = str(node.target)
+        if not shape:
+            return _Val(FIXED, None, 1, shape)
+        elem = self.uf.add(key)
+        self.record(key, [(None, 1)] * (len(shape) - 1) + [(elem, 1)], node)
+        return _Val(elem, len(shape) - 1, 1, shape)
+
+    def getitem(self, node: fx.Node, shape: tuple[int, ...]) -> _Val:
+        """``out[0]`` of attention (``out[1]``, the weights, carries no units) or basic slicing."""
+        src, index = node.args[0], node.args[1]
+        if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(
+            self.gm.get_submodule(str(src.target)), nn.MultiheadAttention
+        ):
+            x = self.val(node, src)
+            return _Val(x.elem, x.ch, x.inner, shape) if index == 0 else _Val(FIXED, None, 1, shape)
+        x = self.val(node, src)
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(i is None or isinstance(i, fx.Node) for i in items) or items.count(Ellipsis) > 1:
+            raise self.fail(node, "indexing with None, tensors or several Ellipsis")
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at:at + 1] = [slice(None)] * (len(x.shape) - len(items) + 1)
+        ch = x.ch
+        for dim, item in enumerate(items):
+            if ch is None or dim > x.ch:
+                break
+            if dim == x.ch and item != slice(None):
+                raise self.fail(node, "indexing selects part of the channel axis")
+            if isinstance(item, int) and dim < x.ch:
+                ch -= 1
+        return _Val(x.elem, ch, x.inner, shape)
+
     # ---------------------------------------------------------------- shape ops
     def flatten(self, node: fx.Node, x: _Val, start: int, end: int, shape: tuple[int, ...]) -> _Val:
         nd = len(x.shape)
@@ -210,10 +289,16 @@ class _Tracer:
         if len(vals) == 1:
             return _Val(vals[0].elem, vals[0].ch, vals[0].inner, shape)
         x, y = vals
-        if x.shape != y.shape or x.inner != y.inner or None not in (x.ch, y.ch) and x.ch != y.ch:
-            raise self.fail(node, f"tensors of shapes {x.shape} and {y.shape} (broadcasting is not followed)")
+        if x.shape == y.shape and x.inner == y.inner and (None in (x.ch, y.ch) or x.ch == y.ch):
+            self.uf.union(x.elem, y.elem)
+            return _Val(x.elem, x.ch if x.ch is not None else y.ch, x.inner, shape)
+        # broadcasting: both channel axes must line up from the end and have the same length
+        if None in (x.ch, y.ch) or x.inner != y.inner or x.ch - len(x.shape) != y.ch - len(y.shape) \
+                or x.shape[x.ch] != y.shape[y.ch]:
+            raise self.fail(node, f"tensors of shapes {x.shape} and {y.shape} whose unit axes do not line up "
+                                  f"when broadcast")
         self.uf.union(x.elem, y.elem)
-        return _Val(x.elem, x.ch if x.ch is not None else y.ch, x.inner, shape)
+        return _Val(x.elem, len(shape) + x.ch - len(x.shape), x.inner, shape)
 
     # ---------------------------------------------------------------- graph walk
     def meta(self, node: fx.Node) -> tuple[int, ...]:
@@ -243,6 +328,10 @@ class _Tracer:
         if node.op == "call_module":
             mod = self.gm.get_submodule(str(t))
             return lambda s: self.module(node, mod, s)
+        if node.op == "get_attr":
+            return lambda s: self.parameter(node, s)
+        if node.op == "call_function" and t is operator.getitem:
+            return lambda s: self.getitem(node, s)
         if node.op == "call_function" and t in _BINARY or node.op == "call_method" and t in _BINARY_METHODS:
             return lambda s: self.binary(node, s)
         if node.op == "call_function" and t in _ELEMENTWISE_FUNCS | _POOL_FUNCS or (
@@ -271,11 +360,14 @@ class _Tracer:
         for key, entries in self.params.items():
             out = []
             for elem, inner in entries:
+                if isinstance(elem, tuple):  # head views of an attention module
+                    out.append(tuple(Seg(v, inner) for v in elem))
+                    continue
                 root = None if elem is None else self.uf.find(elem)
                 name = None if root in (None, FIXED) else root
                 out.append(None if name is None else (name if inner == 1 else Seg(name, inner)))
             axes[key] = tuple(out)
-        return PermutationSpec(axes)
+        return PermutationSpec(axes, self.heads)
 
 
 def _target_name(node: fx.Node) -> str:
@@ -288,8 +380,10 @@ def spec_from_module(module: nn.Module, example_input: torch.Tensor | tuple[torc
 
     Parameters
     ----------
-    module : a sequential or residual model built from Linear/Conv/BatchNorm/LayerNorm layers,
-        activations, pooling, flatten and additions (see the module docstring).
+    module : a sequential or residual model built from Linear/Conv/Embedding/BatchNorm/LayerNorm
+        layers, ``nn.MultiheadAttention``, activations, pooling, flatten, slicing and additions (see
+        the module docstring). Attention written by hand (head reshapes, ``q @ k.T``) is not
+        followed: use :func:`~weightlens.rebasin.transformer_spec` for such models.
     example_input : one input (or a tuple of inputs) to find shapes; the module runs once in eval
         mode, its train/eval mode is restored afterwards and BatchNorm statistics are not updated.
 
@@ -324,6 +418,6 @@ def spec_from_module(module: nn.Module, example_input: torch.Tensor | tuple[torc
     tracer = _Tracer(gm)
     for node in gm.graph.nodes:
         tracer.step(node)
-    spec = PermutationSpec(tracer.spec().axes)
+    spec = tracer.spec()
     spec.sizes(module.state_dict())
     return spec

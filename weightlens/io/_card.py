@@ -1,0 +1,218 @@
+"""The model card (``README.md``) of an export and its small figure (a hand-written SVG, no plotting stack).
+
+The card says what was merged and how (method, parameters, sources), what is known of the result
+(per-task metrics and an interference summary when the caller gives them), how far each block moved
+from the base (the figure), how to reproduce it (weightlens recipe, mergekit config) and the files
+with their sha256.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightlens.errors import InvalidParameterError
+from weightlens.io.export import CARD, FIGURE, MERGEKIT, RECIPE, WrittenWeights, dtype_name, write_text
+from weightlens.io.sources import _display_name
+from weightlens.io.recipe import Recipe, _is_merge, _version as file_version, mergekit_config, not_reproducible
+
+__all__ = ["block_changes", "check_extras", "svg_bars", "write_card"]
+
+_EXTRAS = ("title", "metrics", "report", "notes")
+
+_MAX_BARS = 60
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: Any, index_name: str = "") -> str:
+    """A Markdown table from a DataFrame or ``{row: {column: value}}``."""
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):
+        index_name = index_name or (table.index.name or "")
+        table = {idx: row for idx, row in table.to_dict(orient="index").items()}
+    rows = {str(k): dict(v) if isinstance(v, Mapping) else {"value": v} for k, v in dict(table).items()}
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    lines = ["| " + " | ".join([index_name or " "] + [_fmt(c) for c in columns]) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([_fmt(k)] + [_fmt(r.get(c, "")) for c in columns]) + " |" for k, r in rows.items()]
+    return "\n".join(lines)
+
+
+def block_changes(moved: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """``{block: ||w - w_base|| / ||w_base||}`` over the keys of each block, in key order."""
+    from weightlens.analysis.report import block_of
+
+    sums: dict[str, list[float]] = {}
+    for key, (num, den) in moved.items():
+        acc = sums.setdefault(block_of(key), [0.0, 0.0])
+        acc[0] += num
+        acc[1] += den
+    return {b: math.sqrt(n / d) if d > 0 else math.nan for b, (n, d) in sums.items()}
+
+
+def svg_bars(labels: Sequence[str], values: Sequence[float], *, title: str) -> str:
+    """A horizontal bar chart as a standalone SVG string."""
+    labels, values = list(labels)[:_MAX_BARS], [0.0 if not math.isfinite(v) else v for v in values][:_MAX_BARS]
+    row, left, width, top = 16, 12 + 6.2 * max((len(s) for s in labels), default=4), 260, 28
+    height = top + row * len(labels) + 10
+    vmax = max(values, default=0.0) or 1.0
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80:.0f}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="4" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = top + i * row
+        w = width * value / vmax
+        parts += [
+            f'<text x="{left - 6:.0f}" y="{y + 11}" text-anchor="end">{html.escape(label)}</text>',
+            f'<rect x="{left:.0f}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="#4c78a8"/>',
+            f'<text x="{left + w + 4:.1f}" y="{y + 11}">{value:.3g}</text>',
+        ]
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _method_line(method: str) -> str:
+    from weightlens.merge import get_method
+
+    try:
+        spec = get_method(method)
+    except InvalidParameterError:  # a method registered elsewhere: its name is enough
+        return f"`{method}`"
+    ref = f" ({spec.reference})" if spec.reference else ""
+    return f"**{spec.pretty_name}** (`{method}`){ref}"
+
+
+def _sources(merged: Any, recipe: Recipe | None) -> dict[str, dict[str, str]]:
+    if recipe is not None:
+        rows = {"base": {"name": _display_name(Path(recipe.base)), "path": recipe.base}}
+        rows.update({f"fine-tune {n}": {"name": n, "path": p} for n, p in recipe.finetuned.items()})
+        return rows
+    tv = merged.task_vectors
+    rows = {"base": {"name": tv.base.name, "path": str(tv.base.source)}}
+    rows.update({f"fine-tune {n}": {"name": n, "path": str(c.source)} for n, c in tv.finetuned.items()})
+    return rows
+
+
+def _header(merged: Any, recipe: Recipe | None, copied: list[str], extras: Mapping[str, Any]) -> list[str]:
+    method = recipe.method if recipe is not None else getattr(merged, "method", None)
+    tags = ["weightlens", "merge"] + ([method] if method else [])
+    front = ["---"]
+    if "config.json" in copied:
+        front.append("library_name: transformers")
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    title = extras.get("title") or (f"{method} merge" if method else "weightlens export")
+    return front + [f"# {title}", ""]
+
+
+def _merge_section(merged: Any, recipe: Recipe | None) -> list[str]:
+    if recipe is None and not _is_merge(merged):
+        return ["These weights were exported by weightlens; no merge method or inputs are recorded.", ""]
+    method = recipe.method if recipe is not None else merged.method
+    params = recipe.params if recipe is not None else merged.params
+    sources = _sources(merged, recipe)
+    n = len(sources) - 1
+    lines = [f"A merge of {n} fine-tune{'s' if n != 1 else ''} of one base model with {_method_line(method)}, "
+             f"made with weightlens {file_version()}.", "",
+             "## Merge", "", markdown_table({k: {"value": v} for k, v in params.items()}, "parameter"), ""]
+    if recipe is not None and (recipe.include or recipe.exclude):
+        lines += [f"Keys merged: include={recipe.include}, exclude={recipe.exclude}; the rest is the base's.", ""]
+    lines += ["## Sources", "", markdown_table(sources, "role"), ""]
+    return lines
+
+
+def _known_section(merged: Any, extras: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if extras.get("metrics") is not None:
+        lines += ["## Evaluation", "", markdown_table(extras["metrics"], "task"), ""]
+    report = extras.get("report")
+    if report is not None:
+        summary = report.summary() if hasattr(report, "summary") else report
+        if hasattr(summary, "columns"):
+            summary = summary[[c for c in ("plain", "weighted", "chance") if c in summary.columns]]
+        lines += ["## Interference (task vectors)", "", markdown_table(summary, "metric"), ""]
+    if _is_merge(merged) and not getattr(merged, "lazy", True):
+        notes = merged.notes
+        if len(notes):
+            shown = [f"- `{r.key}`: {r.note}" for r in notes.head(10).itertuples()]
+            more = [f"- ... and {len(notes) - 10} more"] if len(notes) > 10 else []
+            lines += ["## Degenerate cases", ""] + shown + more + [""]
+    if extras.get("notes"):
+        lines += ["## Notes", "", str(extras["notes"]), ""]
+    return lines
+
+
+def _figure_section(folder: Path, written: WrittenWeights) -> list[str]:
+    if not written.moved:
+        return []
+    changes = block_changes(written.moved)
+    write_text(folder / FIGURE, svg_bars(list(changes), list(changes.values()),
+                                         title="relative change per block: ||w - w_base|| / ||w_base||"))
+    more = f" (first {_MAX_BARS} of {len(changes)} blocks)" if len(changes) > _MAX_BARS else ""
+    return ["## How far each block moved", "",
+            f"![relative change per block]({FIGURE})", "",
+            f"Relative change of the merged weights from the base, per block{more}, over the keys the "
+            "merge updated.", ""]
+
+
+def _reproduce_section(merged: Any, recipe: Recipe | None, base_dtype: str | None) -> list[str]:
+    lines = ["## Reproduce", ""]
+    if recipe is None:
+        reason = not_reproducible(merged) or "no recipe was requested (recipe=False)"
+        return lines + [f"No recipe was written: {reason}.", ""]
+    lines += [f"- weightlens: `weightlens merge {RECIPE} --out OUT_DIR` re-runs this merge and export; on "
+              f"the same device (`{recipe.device}`) the weight files are bitwise identical (their sha256 are "
+              "in the recipe's `expect`)."]
+    mk = mergekit_config(recipe, base_dtype=base_dtype)
+    if mk is not None:
+        lines.append(f"- mergekit: `mergekit-yaml {MERGEKIT} OUT_DIR`. {mk[1]}")
+    else:
+        lines.append(f"- mergekit has no equivalent of `{recipe.method}` with these parameters.")
+    return lines + [""]
+
+
+def _files_section(written: WrittenWeights, copied: list[str], dtype: torch.dtype | None) -> list[str]:
+    rows = {name: {"sha256": f"`{sha}`"} for name, sha in written.files.items()}
+    cast = f", cast to {dtype_name(dtype)}" if dtype is not None else ""
+    lines = ["## Files", "", f"{written.n_tensors} tensors, {written.total_size / 1e6:.1f} MB{cast}.", "",
+             markdown_table(rows, "file"), ""]
+    if copied:
+        lines += ["Copied from the base model folder (never its weights): "
+                  + ", ".join(f"`{c}`" for c in copied) + ".", ""]
+    return lines
+
+
+def check_extras(extras: Any) -> Mapping[str, Any]:
+    """Validate the ``card=`` argument of ``export`` before anything is written."""
+    if extras is None:
+        return {}
+    if not isinstance(extras, Mapping) or set(extras) - set(_EXTRAS):
+        got = sorted(set(extras) - set(_EXTRAS)) if isinstance(extras, Mapping) else type(extras).__name__
+        raise InvalidParameterError(
+            f"The 'card' parameter must be a mapping with keys among {', '.join(_EXTRAS)}. Got {got!r} instead."
+        )
+    return extras
+
+
+def write_card(folder: Path, merged: Any, recipe: Recipe | None, written: WrittenWeights, copied: list[str],
+               extras: Mapping[str, Any], *, dtype: torch.dtype | None, base_dtype: str | None = None) -> None:
+    """Write ``README.md`` (and the figure) into ``folder``."""
+    lines = _header(merged, recipe, copied, extras)
+    lines += _merge_section(merged, recipe)
+    lines += _known_section(merged, extras)
+    lines += _figure_section(folder, written)
+    lines += _reproduce_section(merged, recipe, base_dtype)
+    lines += _files_section(written, copied, dtype)
+    write_text(folder / CARD, "\n".join(lines).rstrip() + "\n")

@@ -1,0 +1,516 @@
+"""Export merged weights as files the ecosystem loads: safetensors shards, index, config, card, recipe.
+
+``export(merged, out_dir, like=base)`` streams the weights key by key into safetensors shards (HF
+names: ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` plus
+``model.safetensors.index.json``), copies the non-weight files of the ``like`` HF folder (config,
+tokenizer, generation config, chat template), and writes a model card ``README.md``, a figure, a
+``weightlens_recipe.yaml`` that ``weightlens merge`` re-runs bitwise, and for task arithmetic, TIES
+and DARE a ``mergekit_config.yml``.
+
+Atomic: everything is written into a hidden folder beside the target
+(``.<name>.weightlens-tmp-<pid>-<random>``), each file fsynced, then renamed onto the target in
+one step. An exception leaves nothing; a kill leaves only that hidden folder, which the next export
+beside it removes. Streaming: when shapes and dtypes are known from headers (a lazy merge, a
+``Checkpoint``, a dict of tensors) each shard's header is written first and every tensor goes to
+disk as soon as it is computed, so memory holds one merged key (plus one key of every input while
+the merge computes it); other mappings are buffered one output shard at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from weightlens.errors import (
+    CheckpointError,
+    DTypeError,
+    InvalidParameterError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
+from weightlens.io import _safetensors as st
+from weightlens.io._atomic import TargetExistsError, atomic_folder, write_text
+from weightlens.io.sources import Checkpoint, load
+
+__all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]
+
+_CODES = {dtype: code for code, dtype in st.DTYPES.items()}
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Never copied from the `like` folder: weights in any format, and what export writes itself.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".gguf",
+                    ".onnx", ".tflite", ".npz", ".pkl")
+_SKIP_DIRS = {"onnx", "openvino", "coreml", ".git", "__pycache__", ".cache"}
+CARD, RECIPE, MERGEKIT, FIGURE, INDEX = (
+    "README.md", "weightlens_recipe.yaml", "mergekit_config.yml", "update_norms.svg", "model.safetensors.index.json")
+_OWN_FILES = {CARD, RECIPE, MERGEKIT, FIGURE}
+_CHUNK = 1 << 20  # elements per chunk when measuring how far a key moved
+
+
+# ---------------------------------------------------------------------------------------- options
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or ``"5GB"`` (10**9, as HF) / ``"500MiB"`` (2**20) / ``"1000"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise InvalidParameterError(
+                f"The 'shard_size' parameter must be an int (bytes) or a string like '5GB', '500MB' or "
+                f"'2GiB'. Got {size!r} instead."
+            )
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if value < 1:
+        raise InvalidParameterError(f"The 'shard_size' parameter must be at least 1 byte. Got {size!r} instead.")
+    return value
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.dtype`` of ``dtype`` (``None``, a float ``torch.dtype`` or a name such as ``"bf16"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
+    raise InvalidParameterError(
+        f"The 'dtype' parameter must be None, a floating torch.dtype or one of "
+        f"{', '.join(sorted(set(_DTYPE_NAMES)))}. Got {dtype!r} instead."
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class _Item:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # as written (after the dtype option)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    return target if target is not None and dtype.is_floating_point else dtype
+
+
+def _known_info(merged: Mapping[str, Any], key: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Shape and dtype of ``merged[key]`` without computing it, when the mapping can tell."""
+    tv = getattr(merged, "task_vectors", None)
+    if tv is not None and hasattr(tv, "base"):  # a MergeResult: every key in the base's dtype
+        info = tv.base.info(key)
+        return tuple(info.shape), info.dtype
+    if isinstance(merged, Checkpoint):
+        info = merged.info(key)
+        return tuple(info.shape), info.dtype
+    if isinstance(merged, dict) and isinstance(merged.get(key), torch.Tensor):
+        t = merged[key]
+        return tuple(t.shape), t.dtype
+    return None
+
+
+def _plan(merged: Mapping[str, Any], target: torch.dtype | None, max_bytes: int) -> list[list[_Item]] | None:
+    """Keys split into shards greedily (HF rule: a new shard when the next tensor would not fit)."""
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for key in merged:
+        known = _known_info(merged, key)
+        if known is None:
+            return None
+        item = _Item(str(key), known[0], _out_dtype(known[1], target))
+        if shards[-1] and size + item.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    """HF file names of ``n`` shards."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+# ---------------------------------------------------------------------------------------- writing
+class _Shard:
+    """One safetensors file written front to back: header first, then each tensor's bytes in order."""
+
+    def __init__(self, path: Path, items: list[_Item], metadata: Mapping[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for it in items:
+            if it.dtype not in _CODES:
+                raise DTypeError(f"Key {it.key!r} has dtype {it.dtype}, which safetensors cannot store.")
+            header[it.key] = {"dtype": _CODES[it.dtype], "shape": list(it.shape),
+                              "data_offsets": [offset, offset + it.nbytes]}
+            offset += it.nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        self.path, self.items, self.sha256, self.size = path, items, hashlib.sha256(), 0
+        self._next = 0
+        self._file = open(path, "xb")
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan (its shape and dtype must match the header)."""
+        it = self.items[self._next]
+        if tuple(tensor.shape) != it.shape or tensor.dtype != it.dtype:
+            raise ShapeMismatchError(
+                f"{self.path.name}: key {it.key!r} was planned as {it.shape} {it.dtype} from the "
+                f"checkpoint headers but computed as {tuple(tensor.shape)} {tensor.dtype}."
+            )
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            self._write(memoryview(flat.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> str:
+        """Flush, fsync and close; returns the sha256 of the file."""
+        if self._next != len(self.items):
+            raise CheckpointError(f"{self.path.name}: closed after {self._next} of {len(self.items)} tensors.")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self.sha256.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class WrittenWeights:
+    """What was written: ``{file: sha256}``, ``{key: file}``, bytes, and how far each key moved."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    weight_map: dict[str, str] = field(default_factory=dict)
+    total_size: int = 0
+    n_tensors: int = 0
+    moved: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (|w - w0|^2, |w0|^2)
+
+
+class _WeightWriter:
+    """Streams the merged keys into shards, checking each tensor and measuring its change."""
+
+    def __init__(self, merged: Mapping[str, Any], folder: Path, target: torch.dtype | None,
+                 metadata: Mapping[str, str], where: str) -> None:
+        self.merged, self.folder, self.target, self.metadata, self.where = merged, folder, target, metadata, where
+        self.out = WrittenWeights()
+        tv = getattr(merged, "task_vectors", None)
+        updated = getattr(merged, "updated_keys", None)
+        self._base = tv.base if tv is not None and updated is not None else None
+        self._updated = set(updated or ())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """``merged[key]`` cast to the output dtype and checked: finite, a tensor."""
+        t = self.merged[key]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{self.where}: merged[{key!r}] is a {type(t).__name__}, not a tensor.")
+        orig = t
+        t = t.to(_out_dtype(t.dtype, self.target))
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            cast = (f" after the cast from {orig.dtype} to {t.dtype} (values out of range?)"
+                    if orig.dtype != t.dtype and bool(torch.isfinite(orig).all()) else "")
+            raise NonFiniteError(
+                f"{self.where}: merged key {key!r} has {bad} NaN/Inf value(s) of {t.numel()}{cast}; "
+                "nothing was written. Check the inputs of that key or the merge parameters "
+                "(e.g. a smaller alpha), or export in a wider dtype."
+            )
+        if self._base is not None and key in self._updated:
+            self.out.moved[key] = _moved(t, self._base[key])
+        return t
+
+    def write_planned(self, shards: list[list[_Item]], bar: tqdm) -> None:
+        names = shard_names(len(shards))
+        for name, items in zip(names, shards):
+            shard = _Shard(self.folder / name, items, self.metadata)
+            try:
+                for it in items:
+                    shard.write(self.tensor(it.key))
+                    bar.update(it.nbytes)
+            except BaseException:
+                shard.abort()
+                raise
+            self._record(name, shard.close(), items, shard.size)
+
+    def write_buffered(self, max_bytes: int, bar: tqdm) -> None:
+        """For mappings that cannot tell shapes ahead: hold one output shard, then write it."""
+        parts: list[tuple[Path, str, list[_Item], int]] = []
+        held: dict[str, torch.Tensor] = {}
+
+        def flush() -> None:
+            items = [_Item(k, tuple(t.shape), t.dtype) for k, t in held.items()]
+            path = self.folder / f"part-{len(parts) + 1:05d}.safetensors"
+            shard = _Shard(path, items, self.metadata)
+            for t in held.values():
+                shard.write(t)
+            parts.append((path, shard.close(), items, shard.size))
+            held.clear()
+
+        size = 0
+        for key in self.merged:
+            t = self.tensor(str(key))
+            nbytes = t.numel() * t.element_size()
+            if held and size + nbytes > max_bytes:
+                flush()
+                size = 0
+            held[str(key)] = t
+            size += nbytes
+            bar.update(nbytes)
+        if held or not parts:
+            flush()
+        for name, (path, sha, items, nbytes) in zip(shard_names(len(parts)), parts):
+            path.rename(self.folder / name)
+            self._record(name, sha, items, nbytes)
+
+    def _record(self, name: str, sha: str, items: list[_Item], nbytes: int) -> None:
+        self.out.files[name] = sha
+        self.out.weight_map.update({it.key: name for it in items})
+        self.out.total_size += sum(it.nbytes for it in items)
+        self.out.n_tensors += len(items)
+
+
+def _moved(new: torch.Tensor, old: torch.Tensor) -> tuple[float, float]:
+    """``(||new - old||^2, ||old||^2)`` for the card's figure: fp32 chunks summed in float64."""
+    a, b = new.reshape(-1), old.reshape(-1)
+    num = den = 0.0
+    for i in range(0, a.numel(), _CHUNK):
+        y = b[i:i + _CHUNK].float()
+        d = a[i:i + _CHUNK].float() - y
+        num += float(torch.dot(d, d))
+        den += float(torch.dot(y, y))
+    return num, den
+
+
+def write_index(folder: Path, written: WrittenWeights, metadata: Mapping[str, Any]) -> None:
+    """``model.safetensors.index.json`` (HF layout) with weightlens metadata and shard sha256."""
+    meta = {"total_size": written.total_size, **metadata, "sha256": dict(written.files)}
+    write_text(folder / INDEX, json.dumps({"metadata": meta, "weight_map": written.weight_map}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- like folder
+def like_folder(like: Any, merged: Mapping[str, Any]) -> Path | None:
+    """The HF folder whose non-weight files are copied (``like``; by default the merge base's)."""
+    if like is False:
+        return None
+    if like is None:
+        tv = getattr(merged, "task_vectors", None)
+        return getattr(getattr(tv, "base", None), "hf_dir", None) or getattr(merged, "hf_dir", None)
+    if isinstance(like, Checkpoint):
+        return like.hf_dir
+    tv = getattr(like, "task_vectors", None)
+    if tv is not None:
+        return tv.base.hf_dir
+    if isinstance(like, (str, os.PathLike)):
+        path = Path(like).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"like={str(like)!r}: no such folder (expected an HF model folder).")
+        return path if path.is_dir() else path.parent
+    raise InvalidParameterError(
+        "The 'like' parameter must be an HF model folder (path), a file inside one, a Checkpoint, "
+        f"False or None. Got {type(like).__name__} instead."
+    )
+
+
+def _is_weight_file(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(_WEIGHT_SUFFIXES) or (lower.endswith(".index.json") and
+                                                 lower[:-len(".index.json")].endswith(_WEIGHT_SUFFIXES))
+
+
+def copy_like(src: Path, dst: Path, dtype: torch.dtype | None) -> list[str]:
+    """Copy every non-weight file of ``src`` (recursively) into ``dst``; returns their relative paths."""
+    copied = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        rel = Path(root).relative_to(src)
+        for name in sorted(files):
+            if name.startswith(".") or _is_weight_file(name) or name.endswith(".pyc") or (
+                    rel == Path(".") and name in _OWN_FILES):
+                continue
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(root) / name, dst / rel / name)
+            with open(dst / rel / name, "rb") as f:
+                os.fsync(f.fileno())
+            copied.append(str(rel / name) if rel != Path(".") else name)
+    if dtype is not None and "config.json" in copied:
+        _set_config_dtype(dst / "config.json", dtype)
+    return copied
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Point ``torch_dtype`` / ``dtype`` in an HF config at the exported dtype."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return
+    if not isinstance(config, dict):
+        return
+    changed = False
+    for field_name in ("torch_dtype", "dtype"):
+        if field_name in config:
+            config[field_name] = dtype_name(dtype)
+            changed = True
+    if changed:
+        write_text(path, json.dumps(config, indent=2) + "\n")
+
+
+def _check_not_input(target: Path, merged: Mapping[str, Any], like_dir: Path | None) -> None:
+    """Refuse a target that holds an input of the merge (replacing it would delete the input)."""
+    tv = getattr(merged, "task_vectors", None)
+    sources = [like_dir] if like_dir is not None else []
+    if tv is not None:
+        sources += [Path(c.source) for c in (tv.base, *tv.finetuned.values())]
+    elif isinstance(merged, Checkpoint):
+        sources.append(Path(merged.source))
+    resolved = Path(os.path.realpath(target))
+    for src in sources:
+        if not src.exists():
+            continue
+        real = Path(os.path.realpath(src))
+        if real == resolved or resolved in real.parents:
+            raise InvalidParameterError(
+                f"Refusing to export into {target}: it holds an input of this merge ({src}); replacing "
+                "it would delete that input. Choose another output folder."
+            )
+
+
+# ---------------------------------------------------------------------------------------- entry point
+def export(
+    merged: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    like: Any = None,
+    recipe: Any = None,
+    shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    card: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write merged weights as an HF-style model folder, atomically and key by key.
+
+    Parameters
+    ----------
+    merged : Mapping[str, Tensor]
+        A ``MergeResult`` (``merge(..., lazy=True)`` streams: one key computed at a time), a
+        ``Checkpoint`` or a state dict.
+    out_dir : path
+        Target folder; created atomically (a temporary sibling renamed at the end).
+    like : path, Checkpoint, False or None
+        HF model folder whose non-weight files (config, tokenizer, generation config, chat
+        template) are copied; never its weights. ``None``: the merge base's folder when it has one.
+    recipe : None, False, Recipe or mapping
+        ``None``: derive ``weightlens_recipe.yaml`` from a ``MergeResult`` whose inputs are files;
+        ``False``: write none; a ``Recipe`` (or its mapping) is written as given.
+    shard_size : int or str, default="5GB"
+        Largest shard in bytes (``"5GB"`` = 5e9, ``"2GiB"`` = 2**31); one file when all fits.
+    dtype : torch.dtype or str, optional
+        Cast floating tensors (``"bf16"``, ``torch.float16``, ...); integer buffers are kept.
+    overwrite : bool, default=False
+        Replace an existing non-empty ``out_dir`` (atomically); otherwise it is refused.
+    progress : bool, default=True
+        Progress bar (bytes) on stderr.
+    card : mapping, optional
+        Extras for the model card: ``"title"``, ``"metrics"`` (``{task: {metric: value}}`` or a
+        DataFrame), ``"report"`` (an analysis ``Report`` or its ``summary()``), ``"notes"`` (text).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Raises
+    ------
+    TargetExistsError
+        ``out_dir`` is not empty and ``overwrite`` is False.
+    NonFiniteError
+        A merged tensor holds NaN or Inf (the key is named); nothing is written.
+
+    Notes
+    -----
+    A lazy merge caches each key's update in ``tv.cache`` (2 GiB by default); build the
+    ``TaskVectors`` with a smaller ``DecompositionCache(max_bytes=...)`` to bound memory further.
+
+    Examples
+    --------
+    >>> import torch, weightlens as wl
+    >>> from weightlens.io import export
+    >>> out = export({"w": torch.ones(2, 2)}, "/tmp/wl-doc-export", overwrite=True, progress=False)
+    >>> wl.load(out)["w"].sum().item()
+    4.0
+    """
+    from weightlens.io import _card, recipe as _recipe
+
+    if not isinstance(merged, Mapping):
+        merged = load(merged)
+    extras = _card.check_extras(card)
+    max_bytes, target = parse_size(shard_size), parse_dtype(dtype)
+    out = Path(out_dir).expanduser()
+    like_dir = like_folder(like, merged)
+    _check_not_input(out, merged, like_dir)
+    rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size)
+    meta = _recipe.file_metadata(merged, rec)
+    where = f"export to {out}"
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        writer = _WeightWriter(merged, tmp, target, {k: _as_str(v) for k, v in meta.items()}, where)
+        plan = _plan(merged, target, max_bytes)
+        total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
+        with tqdm(total=total, desc=f"export {out.name}", unit="B", unit_scale=True, file=sys.stderr,
+                  disable=not progress) as bar:
+            if plan is not None:
+                writer.write_planned(plan, bar)
+            else:
+                writer.write_buffered(max_bytes, bar)
+        written = writer.out
+        if len(written.files) > 1:
+            write_index(tmp, written, meta)
+        copied = copy_like(like_dir, tmp, target) if like_dir is not None else []
+        base_dtype = _main_dtype(merged, target)
+        _recipe.write_recipes(tmp, rec, written, base_dtype=base_dtype)
+        _card.write_card(tmp, merged, rec, written, copied, extras, dtype=target, base_dtype=base_dtype)
+    return out
+
+
+def _main_dtype(merged: Mapping[str, Any], target: torch.dtype | None) -> str | None:
+    """Name of the dtype of the first floating key (for the mergekit config), when known."""
+    if target is not None:
+        return dtype_name(target)
+    for key in merged:
+        known = _known_info(merged, key)
+        if known is None:
+            return None
+        if known[1].is_floating_point:
+            return dtype_name(known[1])
+    return None
+
+
+def _as_str(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

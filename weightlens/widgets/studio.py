@@ -1,0 +1,452 @@
+"""``MergeStudio``: choose a merge method and its parameters, see what each task keeps, export.
+
+A thin view over :func:`weightlens.merge.merge` and :func:`weightlens.merge.compare`; the
+parameter controls are built from the registry's schemas (:func:`weightlens.merge.get_method`).
+Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.studio`.
+
+Speed: merges are lazy and their unscaled updates cached in ``tv.cache``; a comparison is computed
+once per (tasks, method, parameters other than ``alpha``) and a move of ``alpha`` rescales it
+(:func:`~weightlens.widgets._common.rescale_comparison`), so the slider never recomputes an SVD or
+re-reads a tensor. Accuracy (when ``evaluate`` is given) runs on a background thread after the
+controls have been still for ``debounce`` seconds, with a progress bar; a newer change abandons it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from weightlens.errors import InvalidParameterError
+from weightlens.figures.merge import figure_merge_conflicts, figure_merge_spectrum, figure_retained_alignment
+from weightlens.figures.studio import figure_task_accuracy
+from weightlens.merge import alpha_grid, compare, get_method, list_methods, merge
+from weightlens.merge.registry import Param
+from weightlens.taskvectors import TaskVectors
+from weightlens.widgets._common import (
+    Debouncer,
+    Panel,
+    controls_values,
+    figure_widget,
+    refresh,
+    rescale_comparison,
+    short_key,
+)
+
+__all__ = ["METRICS", "MergeStudio", "param_control"]
+
+METRICS = ("sar", "kept", "cos", "agreement")
+Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
+_CACHE_SIZE = 8  # comparisons kept per studio
+
+
+def _step(low: float, high: float) -> float:
+    return 10.0 ** math.floor(math.log10((high - low) / 100.0))
+
+
+def param_control(p: Param, *, method: str, n_tasks: int) -> widgets.ValueWidget:
+    """The control for one registry parameter: slider (ranged float), dropdown (options),
+    checkbox (bool), integer box (int), text (str). ``alpha`` spans the method's validation grid."""
+    style = {"description_width": "110px"}
+    width = widgets.Layout(width="420px")
+    if p.options is not None:
+        return widgets.Dropdown(options=list(p.options), value=p.default, description=p.name, style=style)
+    if p.kind is bool:
+        return widgets.Checkbox(value=bool(p.default), description=p.name, indent=False)
+    if p.kind is int:
+        return widgets.IntText(value=int(p.default or 0), description=p.name, style=style,
+                               layout=widgets.Layout(width="220px"))
+    if p.kind is str:
+        return widgets.Text(value=str(p.default or ""), description=p.name, style=style)
+    if p.name == "alpha":
+        default = float(get_method(method).resolve({}, n_tasks)["alpha"])
+        high = max(max(alpha_grid(method, n_tasks)), 2 * default)
+        return widgets.FloatSlider(value=default, min=0.0, max=round(high, 2), step=0.01, description="alpha",
+                                   readout_format=".2f", continuous_update=True, style=style, layout=width)
+    interval = p.interval
+    if interval is None or interval.low is None or interval.high is None:
+        return widgets.FloatText(value=float(p.default), description=p.name, style=style)
+    step = _step(interval.low, interval.high)
+    low = interval.low if interval.closed in ("both", "left") else interval.low + step
+    high = interval.high if interval.closed in ("both", "right") else interval.high - step
+    return widgets.FloatSlider(value=float(p.default), min=low, max=high, step=step, description=p.name,
+                               readout_format=".2f" if step < 1 else ".0f", continuous_update=False,
+                               style=style, layout=width)
+
+
+class MergeStudio(Panel):
+    """Interactive merging: method, parameters and tasks in; before/after panels, accuracy, export out.
+
+    Parameters
+    ----------
+    task_vectors : TaskVectors
+        What to merge (its cache is shared with analysis and other widgets).
+    evaluate : callable, optional
+        ``evaluate(state_dict, task, split) -> {"accuracy": ...}`` (e.g. ``TaskZoo.evaluate``). When
+        given, a panel shows the merged model's accuracy per task next to each fine-tune's.
+    method : str, default="task_arithmetic"
+        Method shown first (any of ``weightlens.merge.list_methods()``).
+    tasks : sequence of str, optional
+        Tasks ticked at start (default: all).
+    key : str, optional
+        Matrix key whose spectrum is shown (default: a matrix in the middle of the model).
+    metric : {"sar", "kept", "cos", "agreement"}, default="sar"
+        Per-task column of the retained-alignment panel.
+    split : str, default="val"
+        Split passed to ``evaluate``.
+    debounce : float, default=0.5
+        Seconds the controls must be still before accuracy is re-evaluated.
+    out_dir : str, default="merged-model"
+        Initial export folder.
+    keys : sequence of str, optional
+        Restrict the comparison to these keys (all task-vector keys by default).
+
+    Attributes
+    ----------
+    merged : MergeResult
+        The current merge (lazy: keys are computed when read; updates cached).
+    comparison : Comparison
+        Its comparison with task arithmetic.
+    scores : DataFrame
+        Latest accuracy table (``task, model, accuracy``), empty without ``evaluate``.
+    """
+
+    def __init__(
+        self,
+        task_vectors: TaskVectors,
+        evaluate: Evaluate | None = None,
+        *,
+        method: str = "task_arithmetic",
+        tasks: Sequence[str] | None = None,
+        key: str | None = None,
+        metric: str = "sar",
+        split: str = "val",
+        debounce: float = 0.5,
+        out_dir: str = "merged-model",
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(task_vectors, TaskVectors):
+            raise InvalidParameterError(f"MergeStudio needs TaskVectors; got {type(task_vectors).__name__}.")
+        self.tv = task_vectors
+        self._evaluate = evaluate
+        self.split = split
+        self._keys = list(keys) if keys is not None else None
+        self._comparisons: OrderedDict[tuple, Any] = OrderedDict()
+        self._references: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self.scores = pd.DataFrame(columns=["task", "model", "accuracy"])
+        self._build_controls(method, tasks, key, metric, out_dir)
+        self._drawn: dict[str, tuple] = {}
+        self._held: dict[str, tuple] = {}
+        self._recompute()
+        figs = self._figures()
+        self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
+        self._debouncer = Debouncer(self._evaluate_job, debounce)
+        self._layout()
+        self._schedule_evaluation()
+
+    # ------------------------------------------------------------------ controls
+    def _build_controls(self, method: str, tasks: Sequence[str] | None, key: str | None, metric: str,
+                        out_dir: str) -> None:
+        get_method(method)
+        if metric not in METRICS:
+            raise InvalidParameterError(f"The 'metric' parameter must be one of {METRICS}. Got {metric!r} instead.")
+        names = self.tv.names
+        chosen = list(tasks) if tasks is not None else names
+        if [t for t in chosen if t not in names] or len(chosen) < 2:
+            raise InvalidParameterError(f"MergeStudio(tasks=...) needs at least two of {names}; got {chosen}.")
+        matrices = [k for k in (self._keys or self.tv.keys) if self.tv.kind(k) == "matrix"]
+        if not matrices:
+            raise InvalidParameterError("MergeStudio needs at least one matrix key to show a spectrum.")
+        if key is not None and key not in matrices:
+            raise InvalidParameterError(f"key={key!r} is not a matrix key of the task vectors.")
+        style = {"description_width": "110px"}
+        self.method = widgets.Dropdown(options=[(get_method(m).pretty_name, m) for m in list_methods()],
+                                       value=method, description="method", style=style)
+        self.params: dict[str, dict[str, widgets.ValueWidget]] = {
+            m: {p.name: param_control(p, method=m, n_tasks=len(chosen)) for p in get_method(m).params.values()}
+            for m in list_methods()
+        }
+        self.task_boxes = {t: widgets.Checkbox(value=t in chosen, description=t, indent=False,
+                                               layout=widgets.Layout(width="auto")) for t in names}
+        self.key = widgets.Dropdown(options=[(short_key(k), k) for k in matrices],
+                                    value=key or matrices[len(matrices) // 2], description="spectrum of",
+                                    style=style, layout=widgets.Layout(width="520px"))
+        self.metric = widgets.Dropdown(options=METRICS, value=metric, description="per task", style=style)
+        self.param_box = widgets.VBox(list(self.params[method].values()))
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="accuracy",
+                                            layout=widgets.Layout(visibility="visible" if self._evaluate
+                                                                  else "hidden"))
+        self.eval_status = widgets.HTML()
+        self.out_path = widgets.Text(value=out_dir, description="export to", style=style,
+                                     layout=widgets.Layout(width="420px"))
+        self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False,
+                                          layout=widgets.Layout(width="auto"))
+        self.export_button = widgets.Button(description="Export", icon="download", button_style="primary")
+        self.export_status = widgets.HTML()
+        self.method.observe(self._on_method, names="value")
+        for m, controls in self.params.items():
+            for name, control in controls.items():
+                control.observe(self._on_alpha if name == "alpha" else self._on_param, names="value")
+        for box in self.task_boxes.values():
+            box.observe(self._on_param, names="value")
+        self.key.observe(self._on_key, names="value")
+        self.metric.observe(self._on_metric, names="value")
+        self.export_button.on_click(lambda _: self.export())
+
+    def _layout(self) -> None:
+        figs = self.figures
+        grid = [figs["spectrum"], figs["retained"], figs["conflicts"]]
+        if "accuracy" in figs:
+            grid.append(figs["accuracy"])
+        for fw in grid:
+            fw.layout.height = 380
+        tasks_row = widgets.HBox([widgets.HTML("<b>tasks</b>&nbsp;"), *self.task_boxes.values()],
+                                 layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
+        export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
+                                  layout=widgets.Layout(gap="12px", align_items="center"))
+        self.children = [
+            widgets.HTML("<b>Merge studio</b>"),
+            widgets.HBox([self.method, tasks_row], layout=widgets.Layout(gap="24px")),
+            self.param_box,
+            widgets.HBox([self.key, self.metric], layout=widgets.Layout(gap="12px")),
+            self.status,
+            widgets.GridBox(grid, layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
+                                                        grid_gap="8px")),
+            widgets.HBox([self.progress, self.eval_status], layout=widgets.Layout(gap="12px")),
+            export_row,
+            self.export_status,
+            self.errors,
+        ]
+        self.add_class("wl-studio")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def tasks(self) -> list[str]:
+        """Ticked tasks, in the task vectors' order."""
+        return [t for t, box in self.task_boxes.items() if box.value]
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """Parameters of the current method as set in its controls (``alpha`` included)."""
+        return controls_values(self.params[self.method.value])
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """What the panels show now: method, parameters, tasks, key, and the headline numbers."""
+        spec = self.comparison.spectrum
+        rows = spec[(spec["key"] == self.key.value) & (spec["which"] == "merged")]
+        per_task = self.comparison.per_task
+        merged = per_task[per_task["which"] == "merged"]
+        return {
+            "method": self.merged.method,
+            "params": dict(self.merged.params),
+            "tasks": list(self.merged.task_vectors.names),
+            "key": self.key.value,
+            "sigma1": float(rows["sigma"].max()) if not rows.empty else math.nan,
+            self.metric.value: dict(zip(merged["task"], merged[self.metric.value].astype(float))),
+        }
+
+    def _selected_tv(self) -> TaskVectors:
+        tasks = self.tasks
+        return self.tv if tasks == self.tv.names else self.tv.subset(tasks)
+
+    def _recompute(self) -> None:
+        """Merge (lazy, cached updates) and compare; an alpha move rescales a cached comparison."""
+        params = self.method_params
+        tv = self._selected_tv()
+        self.merged = merge(tv, method=self.method.value, lazy=True, **params)
+        alpha = self.merged.alpha
+        frozen = tuple(sorted((k, v) for k, v in self.merged.params.items() if k != "alpha"))
+        tag = (tuple(tv.names), self.method.value, frozen, tuple(self._keys or ()))
+        cached = self._comparisons.get(tag)
+        if cached is not None and alpha > 0 and float(cached.params["alpha"]) > 0:
+            self._comparisons.move_to_end(tag)
+            self.comparison = rescale_comparison(cached, alpha)
+            return
+        self.comparison = compare(tv, self.merged, keys=self._keys)
+        if alpha > 0:
+            self._comparisons[tag] = self.comparison
+            while len(self._comparisons) > _CACHE_SIZE:
+                self._comparisons.popitem(last=False)
+
+    def _label(self) -> str:
+        return f"{self.merged.method} alpha={self.merged.alpha:.2f}"
+
+    def _inputs(self, name: str) -> tuple:
+        """What figure ``name`` is drawn from; an unchanged signature means an unchanged figure."""
+        comp = self.comparison
+        if name == "spectrum":
+            return ("spectrum", self.key.value, comp.params["alpha"], id(comp.spectrum))
+        if name == "retained":
+            rows = comp.per_task[["task", "which", self.metric.value]]
+            return ("retained", comp.method, self.metric.value, tuple(map(tuple, rows.astype(str).to_numpy())))
+        return ("conflicts", comp.method, id(comp.signs))
+
+    def _figures(self, names: Sequence[str] = ("spectrum", "retained", "conflicts", "accuracy"),
+                 *, changed_only: bool = False) -> dict[str, go.Figure]:
+        """Figures from the pure builders; with ``changed_only``, only those whose inputs changed.
+
+        The legend names the method (``alpha`` is in the spectrum's title and the status line), so
+        the per-task and sign panels change with ``alpha`` only where their numbers do (``kept``).
+        """
+        comps = {self.merged.method: self.comparison}
+        out: dict[str, go.Figure] = {}
+        for name in names:
+            if name == "accuracy":
+                if self._evaluate is not None and not changed_only:
+                    out[name] = figure_task_accuracy(self.scores, split=self.split)
+                continue
+            sig = self._inputs(name)
+            if changed_only and self._drawn.get(name) == sig:
+                continue
+            self._drawn[name] = sig
+            self._held[name] = (self.comparison.spectrum, self.comparison.signs)  # keeps the ids valid
+            if name == "spectrum":
+                fig = figure_merge_spectrum(comps, self.key.value)
+                fig.update_layout(title=f"Spectrum of the update ({self._label()}): {short_key(self.key.value)}")
+            elif name == "retained":
+                fig = figure_retained_alignment(comps, metric=self.metric.value)
+            else:
+                fig = figure_merge_conflicts(comps)
+            out[name] = fig
+        return out
+
+    # ------------------------------------------------------------------ callbacks
+    def _update(self, what: str, names: Sequence[str], *, recompute: bool = False) -> None:
+        start = time.perf_counter()
+        with self.guarded(what):
+            if recompute:
+                if len(self.tasks) < 2:
+                    self.set_status("Tick at least two tasks (the panels still show the last merge).", error=True)
+                    return
+                self.set_status(f"{what}: merging and comparing ...")
+                self._recompute()
+            for name, fig in self._figures(names, changed_only=True).items():
+                refresh(self.figures[name], fig)
+            self.last_update_s = time.perf_counter() - start
+            self._describe()
+            if recompute:
+                self._schedule_evaluation()
+
+    def _on_alpha(self, change: dict[str, Any]) -> None:
+        self._update("alpha", ("spectrum", "retained", "conflicts"), recompute=True)
+
+    def _on_param(self, change: dict[str, Any]) -> None:
+        self._update("parameters", ("spectrum", "retained", "conflicts"), recompute=True)
+
+    def _on_method(self, change: dict[str, Any]) -> None:
+        self.param_box.children = list(self.params[self.method.value].values())
+        self._update("method", ("spectrum", "retained", "conflicts"), recompute=True)
+
+    def _on_key(self, change: dict[str, Any]) -> None:
+        self._update("spectrum key", ("spectrum",))
+
+    def _on_metric(self, change: dict[str, Any]) -> None:
+        self._update("metric", ("retained",))
+
+    def _describe(self) -> None:
+        s = self.state
+        means = [v for v in s[self.metric.value].values() if not math.isnan(v)]
+        mean = sum(means) / len(means) if means else math.nan
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
+        self.set_status(f"{s['method']}: {shown} | tasks {', '.join(s['tasks'])} | sigma1={s['sigma1']:.6g} "
+                        f"| mean {self.metric.value}={mean:.4f} | updated in {self.last_update_s * 1000:.0f} ms")
+
+    # ------------------------------------------------------------------ accuracy
+    def _schedule_evaluation(self) -> None:
+        if self._evaluate is None:
+            return
+        self.eval_status.value = "<i>accuracy: waiting for the controls to settle ...</i>"
+        self._debouncer.schedule(self.merged, tuple(self.merged.task_vectors.names))
+
+    def _evaluate_job(self, gen: int, merged: Any, tasks: tuple[str, ...]) -> None:
+        """Background thread: fine-tuned references once, then the merged model on every task."""
+        with self.guarded("accuracy"):
+            todo = [t for t in tasks if (t, self.split) not in self._references]
+            self.progress.max, self.progress.value = len(tasks) + len(todo), 0
+            self.eval_status.value = f"<i>accuracy: scoring {len(tasks)} tasks on {self.split} ...</i>"
+            for task in todo:
+                if not self._debouncer.current(gen):
+                    return
+                score = self._evaluate(self.tv.finetuned[task], task, self.split)
+                self._references[task, self.split] = float(score["accuracy"])
+                self.progress.value += 1
+            state = {k: merged[k] for k in merged}  # materialise once for every task
+            rows = []
+            for task in tasks:
+                if not self._debouncer.current(gen):
+                    return
+                score = self._evaluate(state, task, self.split)
+                rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
+                         {"task": task, "model": "fine-tuned", "accuracy": self._references[task, self.split]}]
+                self.progress.value += 1
+            with self._lock:
+                if not self._debouncer.current(gen):
+                    return
+                self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
+                label = f"{merged.method} alpha={merged.alpha:.2f}"
+                refresh(self.figures["accuracy"], figure_task_accuracy(self.scores, split=self.split, label=label))
+                merged_acc = self.scores[self.scores["model"] == "merged"]["accuracy"]
+                self.eval_status.value = (f"accuracy ({self.split}) of {label}: mean "
+                                          f"{merged_acc.mean():.4f}")
+
+    def wait(self, timeout: float | None = 600.0) -> bool:
+        """Block until the latest accuracy evaluation has finished (True) or ``timeout`` passed."""
+        if self._evaluate is None:
+            return True
+        return self._debouncer.wait(timeout)
+
+    def _before_snapshot(self) -> None:
+        self.wait()
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path | None:
+        """Write the current merge to ``out_dir`` (default: the path box) and report in the status line.
+
+        Uses ``weightlens.io.export`` (safetensors shards, config, card, recipe) when available, else
+        writes a plain ``model.safetensors``. Returns the folder, or None when it failed (the reason
+        is shown in the export status line and kept in ``last_error``).
+        """
+        path = Path(out_dir if out_dir is not None else self.out_path.value).expanduser()
+        overwrite = self.overwrite.value if overwrite is None else overwrite
+        self.export_status.value = f"<i>exporting {self._label()} to {path} ...</i>"
+        start = time.perf_counter()
+        written: Path | None = None
+        with self.guarded("export"):
+            written, how = _write(self.merged, path, overwrite=overwrite)
+        if written is None:
+            self.export_status.value = f"<span style='color:#b00020'>export failed: {self.last_error}</span>"
+            return None
+        size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) / 1e6
+        self.export_status.value = (f"<span class='wl-export-ok'>Exported {self._label()} to {written} "
+                                    f"({how}, {size:.1f} MB) in {time.perf_counter() - start:.1f} s</span>")
+        return written
+
+
+def _write(merged: Mapping[str, torch.Tensor], path: Path, *, overwrite: bool) -> tuple[Path, str]:
+    """``weightlens.io.export`` when importable, else a plain safetensors file."""
+    try:
+        from weightlens.io import export
+    except ImportError:
+        export = None
+    if export is not None:
+        return Path(export(merged, path, overwrite=overwrite, progress=False)), "weightlens.io.export"
+    from safetensors.torch import save_file
+
+    target = path / "model.safetensors"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; tick 'overwrite' or choose another folder.")
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(target))
+    return path, "plain safetensors (weightlens.io.export unavailable)"
