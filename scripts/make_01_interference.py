@@ -101,12 +101,13 @@ A coordinate **conflicts** when some tasks push it up and others down. With `T` 
 coins the rate would be `1 − 2^(1−T)` (0.875 for 4 tasks, dashed); the mass-weighted rate counts how much
 update magnitude sits on conflicting coordinates. TIES trimming (`sign_density=0.2`, the top 20% of each
 task) removes small entries first; the baseline then depends on how many tasks survive per coordinate.
-The second report reuses every cached decomposition."""),
+The second report reuses every cached decomposition (`pairwise=False` skips the task x task tables,
+which trimming does not change)."""),
     ("code", """figure_sign_conflicts(report.signs, by="block")"""),
     ("md", """Per pair of tasks, the share of coordinates both change where they disagree in sign (chance 0.5),
 pooled over every parameter:"""),
     ("code", """figure_conflict_matrix(report.conflict_matrix())"""),
-    ("code", """trimmed = analyze(tv, sign_density=0.2, progress=False)
+    ("code", """trimmed = analyze(tv, sign_density=0.2, pairwise=False, progress=False)
 pd.DataFrame({"untrimmed": report.summary()["weighted"], "TIES top-20%": trimmed.summary()["weighted"]}).loc[
     ["conflict rate", "pairwise conflict rate", "mass-weighted conflict", "TIES discarded mass"]]"""),
     ("md", """## Per block, and a standalone page

@@ -4,6 +4,7 @@ with the widget's shortcuts)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -45,8 +46,13 @@ def merged_sigma(comparison, key):
 
 def assert_in_sync(fw):
     """Pitfall P1: the synced full state equals the figure (a reloaded page shows the current one)."""
-    assert fw._widget_data == fw._data
-    assert fw._widget_layout == fw._layout_obj._props
+    from plotly.utils import PlotlyJSONEncoder
+
+    def js(x):
+        return json.dumps(x, cls=PlotlyJSONEncoder, sort_keys=True)
+
+    assert js(fw._widget_data) == js(fw._data)
+    assert js(fw._widget_layout) == js(fw._layout_obj._props)
 
 
 def test_import_stays_light():
@@ -241,11 +247,16 @@ def test_refresh_replaces_traces_and_resyncs():
 
 
 def test_headless_display_shows_static_figures(tv, monkeypatch):
-    from IPython.utils.capture import capture_output
+    import IPython.display
 
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(obj))
     monkeypatch.setenv("WEIGHTLENS_HEADLESS", "1")
     studio = MergeStudio(tv)
-    with capture_output() as captured:
-        studio._ipython_display_()
-    kinds = [set(o.data) for o in captured.outputs]
-    assert sum("application/vnd.plotly.v1+json" in k for k in kinds) == len(studio.figures)
+    studio._ipython_display_()
+    specs = [o["application/vnd.plotly.v1+json"] for o in shown if isinstance(o, dict)]
+    assert len(specs) == len(studio.figures) and all(s["data"] for s in specs)
+    monkeypatch.delenv("WEIGHTLENS_HEADLESS")
+    shown.clear()
+    studio._ipython_display_()
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
 import threading
 import traceback
@@ -24,6 +25,7 @@ from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
+import plotly.io as pio
 
 __all__ = [
     "HEADLESS_ENV",
@@ -218,8 +220,9 @@ class Panel(widgets.VBox):
         self._before_snapshot()
         display(HTML(f"<p><i>{html.escape(type(self).__name__)}: static snapshot (headless run); open the "
                      "notebook in JupyterLab for the interactive widget.</i></p>" + self.status.value))
-        for fig in self.snapshot().values():
-            display(fig)
+        for name, fig in self.snapshot().items():
+            spec = json.loads(pio.to_json(fig, validate=False))
+            display({"application/vnd.plotly.v1+json": spec, "text/plain": f"<{name} figure>"}, raw=True)
 
     def _before_snapshot(self) -> None:
         """Hook: finish pending background work before a headless snapshot."""

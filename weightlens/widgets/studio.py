@@ -47,6 +47,7 @@ __all__ = ["METRICS", "MergeStudio", "param_control"]
 METRICS = ("sar", "kept", "cos", "agreement")
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 _CACHE_SIZE = 8  # comparisons kept per studio
+_HEIGHT = 380  # px, every panel
 
 
 def _step(low: float, high: float) -> float:
@@ -209,8 +210,6 @@ class MergeStudio(Panel):
         grid = [figs["spectrum"], figs["retained"], figs["conflicts"]]
         if "accuracy" in figs:
             grid.append(figs["accuracy"])
-        for fw in grid:
-            fw.layout.height = 380
         tasks_row = widgets.HBox([widgets.HTML("<b>tasks</b>&nbsp;"), *self.task_boxes.values()],
                                  layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
         export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
@@ -320,6 +319,8 @@ class MergeStudio(Panel):
             else:
                 fig = figure_merge_conflicts(comps)
             out[name] = fig
+        for fig in out.values():
+            fig.update_layout(height=_HEIGHT)
         return out
 
     # ------------------------------------------------------------------ callbacks
@@ -396,7 +397,8 @@ class MergeStudio(Panel):
                     return
                 self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
                 label = f"{merged.method} alpha={merged.alpha:.2f}"
-                refresh(self.figures["accuracy"], figure_task_accuracy(self.scores, split=self.split, label=label))
+                fig = figure_task_accuracy(self.scores, split=self.split, label=label)
+                refresh(self.figures["accuracy"], fig.update_layout(height=_HEIGHT))
                 merged_acc = self.scores[self.scores["model"] == "merged"]["accuracy"]
                 self.eval_status.value = (f"accuracy ({self.split}) of {label}: mean "
                                           f"{merged_acc.mean():.4f}")
