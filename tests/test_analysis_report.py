@@ -94,8 +94,17 @@ def test_sar_against_the_sum_and_other_tasks_match_numpy(tv, report):
             u_j = np.linalg.svd(d[j], full_matrices=False)[0]
             want = np.linalg.norm(u_j[:, :k].T @ d[i]) / np.linalg.norm(d[i])
             assert a.loc[(key, t, other), "sar"] == pytest.approx(want, rel=1e-4)
-    full = report.alignment.query("reference == task and k_paper == 8")
-    assert full["sar_paper"].to_numpy() == pytest.approx(1.0, abs=1e-5)  # itself at full rank
+    other = report.alignment.query("reference != 'sum'")
+    assert other["sar_paper"].isna().all() and other["k_paper"].isna().all()  # chosen rule only
+    paper = analyze(tv, device="cpu", progress=False, sar_criterion="paper").alignment
+    full = paper.query("reference == task and k_paper == 8")
+    assert len(full) > 0 and full["sar"].to_numpy() == pytest.approx(1.0, abs=1e-5)  # itself at full rank
+    k_paper = paper.query("reference == 'sum' and key == @key")["k_paper"].iloc[0]
+    for i, t in enumerate(TASKS):
+        u_j = np.linalg.svd(d[(i + 1) % 3], full_matrices=False)[0]
+        want = np.linalg.norm(u_j[:, :k_paper].T @ d[i]) / np.linalg.norm(d[i])
+        row = paper.set_index(["key", "task", "reference"]).loc[(key, t, TASKS[(i + 1) % 3])]
+        assert row["k"] == k_paper and row["sar"] == pytest.approx(want, rel=1e-4)
 
 
 def test_cosines_and_pairs_match_numpy(tv, report):
@@ -179,7 +188,7 @@ def test_orthogonal_tasks_have_zero_sti_and_overlap():
     assert rep.pairs["overlap_left"].to_numpy() == pytest.approx(0.0, abs=1e-10)
     assert rep.pairs["cosine"].to_numpy() == pytest.approx(0.0, abs=1e-6)
     other = rep.alignment.query("reference != task and reference != 'sum'")
-    assert other["sar_paper"].to_numpy() == pytest.approx(0.0, abs=1e-5)
+    assert other["sar"].to_numpy() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_top_n_merged_and_alignment_to_merged(tv):

@@ -22,6 +22,7 @@ from weightlens.errors import (
     KeyMismatchError,
     NonFiniteError,
     ShapeMismatchError,
+    TargetExistsError,
     UnsafeCheckpointError,
     WeightlensError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "KeyMismatchError",
     "NonFiniteError",
     "ShapeMismatchError",
+    "TargetExistsError",
     "TaskVectors",
     "UnsafeCheckpointError",
     "WeightlensError",

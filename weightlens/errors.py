@@ -14,6 +14,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "KeyMismatchError",
     "ShapeMismatchError",
+    "TargetExistsError",
     "DTypeError",
     "NonFiniteError",
     "InvalidParameterError",
@@ -49,6 +50,10 @@ class DTypeError(WeightlensError, TypeError):
 
 class NonFiniteError(WeightlensError, ValueError):
     """A tensor holds NaN or Inf values."""
+
+
+class TargetExistsError(WeightlensError, FileExistsError):
+    """An output folder exists and is not empty (pass ``overwrite=True`` to replace it)."""
 
 
 class InvalidParameterError(WeightlensError, ValueError, TypeError):

@@ -202,7 +202,10 @@ class TaskVectors:
         """Deltas of every task for ``key``, stacked: shape ``(T, *shape)``, fp32, CPU."""
         self._check_key(key)
         base = self._upcast(self.base, key)
-        return torch.stack([self._delta(ft, key, base) for ft in self.finetuned.values()])
+        out = torch.empty((len(self.finetuned), *base.shape), dtype=torch.float32)
+        for i, ft in enumerate(self.finetuned.values()):  # filled in place: no list + stack copy
+            torch.sub(self._upcast(ft, key), base, out=out[i])
+        return out
 
     def _delta(self, ft: Checkpoint, key: str, base: torch.Tensor) -> torch.Tensor:
         diff = self._upcast(ft, key) - base

@@ -84,8 +84,8 @@ def sar_curves(deltas: torch.Tensor, Us: Sequence[torch.Tensor]) -> list[torch.T
             )
     x = deltas.to(device=Us[0].device, dtype=Us[0].dtype)
     proj = torch.cat(list(Us), dim=1).mT @ x  # (..., sum K, n)
-    rows = torch.linalg.vector_norm(proj, dim=-1, dtype=_F64) ** 2
-    total = (torch.linalg.vector_norm(x.flatten(-2), dim=-1, dtype=_F64) ** 2).unsqueeze(-1)
+    rows = (proj * proj).sum(-1).to(_F64)  # squared row norms (n terms each), then float64 sums
+    total = x.flatten(-2).square().sum(-1, dtype=_F64).unsqueeze(-1)
     curves = []
     for part in torch.split(rows, [U.shape[1] for U in Us], dim=-1):
         zero = torch.zeros((*part.shape[:-1], 1), dtype=_F64, device=part.device)
@@ -114,21 +114,24 @@ def sar_rows(
 ) -> list[dict[str, Any]]:
     """Rows ``{key, task, reference, k_<rule>, sar_<rule>, k, sar, clipped}`` for one key.
 
-    ``ranks`` maps each rule in :data:`CRITERIA` to its k (from the reference spectrum); a k past the
-    columns of ``U`` (a top-N truncation, or the reference's numerical rank, see :func:`left_span`)
-    is clipped and flagged ``clipped``. ``curve``: ``sar_curve(deltas, U)`` when already computed.
+    ``ranks`` maps rules of :data:`CRITERIA` to their k (from the reference spectrum); it must hold
+    ``criterion``, and a rule it lacks gets ``k = None`` and ``sar = NaN``. A k past the columns of
+    ``U`` (a top-N truncation, or the reference's numerical rank, see :func:`left_span`) is clipped
+    and flagged ``clipped``. ``curve``: ``sar_curve(deltas, U)`` when already computed.
     """
     criterion = check_criterion(criterion)
+    if criterion not in ranks:
+        raise InvalidParameterError(f"sar_rows: ranks {dict(ranks)} lack the chosen rule {criterion!r}.")
     curve = sar_curve(deltas, U) if curve is None else curve
     K = U.shape[1]
     rows = []
     for t, task in enumerate(tasks):
         row: dict[str, Any] = {"key": key, "task": task, "reference": reference}
         for rule in CRITERIA:
-            k = min(int(ranks[rule]), K)
-            row[f"k_{rule}"], row[f"sar_{rule}"] = k, float(curve[t, k])
+            k = min(int(ranks[rule]), K) if rule in ranks else None
+            row[f"k_{rule}"], row[f"sar_{rule}"] = k, (float(curve[t, k]) if k is not None else math.nan)
         row["k"], row["sar"] = row[f"k_{criterion}"], row[f"sar_{criterion}"]
-        row["clipped"] = any(int(ranks[r]) > K for r in CRITERIA)
+        row["clipped"] = any(int(k) > K for k in ranks.values())
         rows.append(row)
     return rows
 

@@ -47,12 +47,13 @@ from weightlens.analysis.alignment import (
 from weightlens.analysis.signs import (
     check_density,
     conflict_stats,
+    empty_stats,
     global_thresholds,
     pair_rows,
     pairwise_conflicts,
     trim,
 )
-from weightlens.analysis.spectra import DEFAULT_ENERGY_RANKS, check_criterion, spectrum_rows
+from weightlens.analysis.spectra import CRITERIA, DEFAULT_ENERGY_RANKS, check_criterion, spectrum_rows
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.taskvectors import TaskVectors
 
@@ -84,7 +85,8 @@ class AnalysisOptions:
     top_n : keep only the top-N singular triplets of matrices with ``min(m, n) > top_n``
         (``linalg.topk_svd``); energies stay exact (``||delta||_F`` is known), ``erank`` is NaN there.
     sar_criterion : ``"iso_script"`` (default, reproduces the Iso figures) or ``"paper"`` (Eq. 6);
-        both are always reported as ``sar_paper`` / ``sar_iso_script``, this picks ``sar``.
+        both are reported against the sum and a merged delta as ``sar_paper`` / ``sar_iso_script``;
+        this picks ``sar`` and the one rule of the task x task SAR.
     eps : tolerance of both rank rules and of ``rank_eps`` (0.05).
     sign_density : TIES density for sign statistics (None: no trimming; the paper uses 0.2).
     trim_scope : ``"global"`` (whole-model threshold per task, the paper) or ``"local"`` (per tensor).
@@ -188,7 +190,8 @@ class Report:
         numerical_rank, energy_at_<k>, ...``; ``zero`` marks a delta that is exactly 0.
     alignment : one row per (key, task, reference); reference ``"sum"``, ``"merged"`` or another
         task (task x task SAR with k taken from the sum, Iso Fig. 3b). Columns ``k_paper,
-        sar_paper, k_iso_script, sar_iso_script`` and ``k, sar`` for the chosen rule.
+        sar_paper, k_iso_script, sar_iso_script`` and ``k, sar`` for the chosen rule; against
+        another task only the chosen rule is computed (the other's columns are empty).
     pairs : one row per (key, unordered task pair): ``cosine``, ``conflict_pair`` (chance 0.5) and
         for matrices ``overlap_left/right`` with ``chance_left/right`` (k/d) and Grassmann distances.
     interference : one row per matrix key: ``sti`` and ``sti_normalized`` (weightlens extension).
@@ -452,13 +455,19 @@ def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[st
 def _analyze_key(run: _Run, key: str) -> None:
     """Signs, cosines and pair rows of any key; spectra and alignment of a matrix key."""
     deltas = run.tv.deltas(key)  # the only read of this key
-    g = gram(deltas)
-    run.gram += g
     kind, numel, block = run.tv.kind(key), run.tv.numel(key), block_of(key)
-    local = run.opts.sign_density if run.thresholds is None else None
-    x = trim(deltas, local, thresholds=run.thresholds)
-    run.add("signs", [{"key": key, "block": block, "kind": kind, "numel": numel, **conflict_stats(x)}])
-    pairs = pair_rows(key, run.names, *pairwise_conflicts(x))
+    T = deltas.shape[0]
+    if bool(deltas.any()):
+        g = gram(deltas)
+        local = run.opts.sign_density if run.thresholds is None else None
+        x = trim(deltas, local, thresholds=run.thresholds)
+        stats, counts = conflict_stats(x), pairwise_conflicts(x)
+    else:  # frozen in every task (e.g. embeddings): every statistic is known without another pass
+        g = torch.zeros(T, T, dtype=torch.float64)
+        stats, counts = empty_stats(T, numel), (g.clone(), g.clone())
+    run.gram += g
+    run.add("signs", [{"key": key, "block": block, "kind": kind, "numel": numel, **stats}])
+    pairs = pair_rows(key, run.names, *counts)
     cos = cosine_matrix(g)
     index = {n: i for i, n in enumerate(run.names)}
     for row in pairs:
@@ -523,8 +532,9 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
     ranks_sum = reference_ranks(ref.S, opts.eps, refs["sum"][1])
     spans = {label: (left_span(dec, (m, n)), reference_ranks(dec.S, opts.eps, sq))
              for label, (dec, sq) in refs.items()}
-    if opts.pairwise:  # task x task SAR: each task's vectors, k from the sum (Iso Fig. 3b)
-        spans.update({name: (left_span(tasks[j], (m, n)), ranks_sum) for j, name in enumerate(run.names)})
+    if opts.pairwise:  # task x task SAR: each task's vectors, k from the sum (Iso Fig. 3b), chosen rule
+        chosen = {opts.sar_criterion: ranks_sum[opts.sar_criterion]}
+        spans.update({name: (left_span(tasks[j], (m, n)), chosen) for j, name in enumerate(run.names)})
     # only the columns some rule keeps (the rest would not change any reported SAR)
     spans = {label: (U[:, : min(max(ranks.values()), U.shape[1])], ranks) for label, (U, ranks) in spans.items()}
     curves = sar_curves(deltas, [U for U, _ in spans.values()])  # one product for every reference
@@ -574,7 +584,10 @@ def _build_report(run: _Run, keys: list[str]) -> Report:
     if not spectra.empty:
         spectra["erank_rel"] = spectra["erank"] / spectra[["m", "n"]].min(axis=1)
     if not tables["alignment"].empty:
-        tables["alignment"]["numel"] = tables["alignment"]["key"].map({k: run.tv.numel(k) for k in keys})
+        align = tables["alignment"]
+        align["numel"] = align["key"].map({k: run.tv.numel(k) for k in keys})
+        for col in ("k", *(f"k_{rule}" for rule in CRITERIA)):  # None where a rule was not computed
+            align[col] = align[col].astype("Int64")
     return Report(
         spectra=spectra,
         alignment=tables["alignment"],

@@ -107,13 +107,13 @@ def trim(
     return out
 
 
-def _elected_sign(x: torch.Tensor) -> torch.Tensor:
-    gamma = torch.sign(x.sum(0, dtype=_F64)).to(x.dtype)
-    majority = torch.sign(gamma.sum(dtype=_F64)).to(x.dtype)
-    return torch.where(gamma == 0, majority, gamma)
+def _elected_sign(total: torch.Tensor) -> torch.Tensor:
+    """TIES elected sign from the per-coordinate sums: ``sgn(total)``, zeros taking the majority sign."""
+    gamma = torch.sign(total)
+    return torch.where(gamma == 0, torch.sign(gamma.sum()), gamma)
 
 
-def _empty_stats(T: int, P: int) -> dict[str, float]:
+def empty_stats(T: int, P: int) -> dict[str, float]:
     """Statistics of a tensor no task changed (e.g. a frozen layer)."""
     nan = math.nan
     return {
@@ -149,18 +149,21 @@ def conflict_stats(
     T = stacked.shape[0]
     x = trim(stacked, density, thresholds=thresholds).reshape(T, -1)
     if not bool(x.any()):
-        return _empty_stats(T, x.shape[1])
+        return empty_stats(T, x.shape[1])
     pos, neg = (x > 0).sum(0, dtype=torch.int32), (x < 0).sum(0, dtype=torch.int32)
     n = pos + neg
     eligible, conflict = n >= 2, (pos > 0) & (neg > 0)
-    absx = x.abs()
-    mass = absx.sum(0, dtype=_F64)
-    discarded = float(absx.masked_fill(torch.sign(x) != -_elected_sign(x), 0.0).sum(dtype=_F64))
+    pos_mass = x.clamp(min=0.0).sum(0, dtype=_F64)
+    neg_mass = x.clamp(max=0.0).sum(0, dtype=_F64).neg_()
+    mass = pos_mass + neg_mass
+    # TIES discards the mass against the elected sign sgn(sum_t tau_t) = sgn(pos_mass - neg_mass)
+    gamma = _elected_sign(pos_mass - neg_mass)
+    discarded = float(torch.where(gamma > 0, neg_mass, torch.where(gamma < 0, pos_mass, 0.0)).sum())
     counts = torch.bincount(n[eligible], minlength=T + 1).to(_F64)  # coordinates with n survivors
     chance_sum = float((counts * (1.0 - 2.0 ** (1.0 - torch.arange(T + 1, dtype=_F64)))).sum())
     n_el, n_cf = int(counts.sum()), int(conflict.sum())
     agree = torch.where(n > 0, (pos - neg).abs() / n.clamp(min=1).to(x.dtype), 1.0)
-    m_el, m_cf, m_tot = float(mass[eligible].sum()), float(mass[conflict].sum()), float(mass.sum())
+    m_el, m_cf, m_tot = float((mass * eligible).sum()), float((mass * conflict).sum()), float(mass.sum())
     return {
         "n_coords": int(x.shape[1]),
         "n_eligible": n_el,

@@ -17,15 +17,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from weightlens.errors import WeightlensError
+from weightlens.errors import TargetExistsError
 
-__all__ = ["TargetExistsError", "atomic_folder", "clean_stale", "fsync_dir", "write_text"]
+__all__ = ["atomic_folder", "clean_stale", "fsync_dir", "write_text"]
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.weightlens-(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-
-
-class TargetExistsError(WeightlensError, FileExistsError):
-    """The export target exists and is not empty (pass ``overwrite=True`` to replace it)."""
 
 
 def fsync_dir(path: Path) -> None:

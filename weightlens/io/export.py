@@ -42,7 +42,8 @@ from weightlens.errors import (
     ShapeMismatchError,
 )
 from weightlens.io import _safetensors as st
-from weightlens.io._atomic import TargetExistsError, atomic_folder, write_text
+from weightlens.errors import TargetExistsError
+from weightlens.io._atomic import atomic_folder, write_text
 from weightlens.io.sources import Checkpoint, load
 
 __all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from weightlens.errors import InvalidParameterError
+from weightlens.io._atomic import atomic_folder
 from weightlens.zoo._common import (
     SIZES,
     PairZoo,
     TaskZoo,
-    atomic_folder,
     home,
     read_manifest,
     write_manifest,
@@ -84,7 +84,7 @@ def build(
     for name in chosen:
         folder = zoo_dir(name, size, Path(root) if root is not None else None)
         if force or not (folder / "manifest.json").is_file():
-            with atomic_folder(folder) as tmp:
+            with atomic_folder(folder, overwrite=True) as tmp:
                 manifest = _entry(name, 1)(tmp, size=size, progress=progress)
                 write_manifest(tmp, {"name": name, "size": size, **manifest})
         folders[name] = folder

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,32 +49,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{folder.parent.name}"
         )
     return json.loads(path.read_text())
-
-
-class atomic_folder:
-    """Context manager: build into a temporary sibling folder, rename onto ``target`` on success.
-
-    An exception (or a kill) leaves no half-built zoo behind.
-    """
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        self.tmp.chmod(0o755)  # mkdtemp makes 0700; a zoo is shared data, readable like any folder
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        self.tmp.replace(self.target)
 
 
 @dataclass(frozen=True)
