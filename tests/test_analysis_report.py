@@ -300,3 +300,42 @@ def test_wide_singular_values_and_cache_reuse(tv):
 def test_analyze_needs_task_vectors():
     with pytest.raises(InvalidParameterError, match="wl.TaskVectors"):
         analyze({"w": torch.zeros(2, 2)})
+
+
+def test_sar_of_a_wide_matrix_projected_through_the_task_factors(tv, report):
+    key = "head.weight"  # 6 x 16: projected as U_t diag(S_t) instead of the delta
+    d = _deltas(tv, key)
+    u_sum, s_sum, _ = np.linalg.svd(d.sum(0), full_matrices=False)
+    k = int(np.argmax(np.sqrt(np.cumsum(s_sum**2) / np.sum(s_sum**2)) > 0.95))
+    a = report.alignment.set_index(["key", "task", "reference"])
+    for i, t in enumerate(TASKS):
+        want = np.linalg.norm(u_sum[:, :k].T @ d[i]) / np.linalg.norm(d[i])
+        assert a.loc[(key, t, "sum"), "sar"] == pytest.approx(want, rel=1e-5)
+        u_j = np.linalg.svd(d[(i + 2) % 3], full_matrices=False)[0]
+        want = np.linalg.norm(u_j[:, :k].T @ d[i]) / np.linalg.norm(d[i])
+        assert a.loc[(key, t, TASKS[(i + 2) % 3]), "sar"] == pytest.approx(want, rel=1e-4)
+
+
+def _keep_top(x: np.ndarray, density: float) -> np.ndarray:
+    """TIES reference trimming: keep |x| >= the (P - int(P density))-th smallest |x|."""
+    kth = x.size - int(x.size * density)
+    return np.abs(x) >= np.partition(np.abs(x).ravel(), kth - 1)[kth - 1]
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_trimmed_sign_statistics_follow_the_scope(tv, scope):
+    rep = analyze(tv, device="cpu", progress=False, sign_density=0.3, trim_scope=scope, pairwise=False)
+    flat = {t: np.concatenate([tv.delta(t, k).double().numpy().ravel() for k in tv.keys]) for t in TASKS}
+    signs = rep.signs.set_index("key")
+    for key in ("enc.layer.0.q.weight", "enc.layer.1.conv", "head.weight"):
+        d = _deltas(tv, key).reshape(3, -1)
+        if scope == "global":
+            thr = [np.partition(np.abs(flat[t]), flat[t].size - int(flat[t].size * 0.3) - 1)[
+                flat[t].size - int(flat[t].size * 0.3) - 1] for t in TASKS]
+            kept = d * (np.abs(d) >= np.array(thr)[:, None])
+        else:
+            kept = d * np.stack([_keep_top(row, 0.3) for row in d])
+        n = (kept != 0).sum(0)
+        conflict = (kept > 0).any(0) & (kept < 0).any(0)
+        assert signs.loc[key, "conflict_rate"] == pytest.approx(conflict.sum() / (n >= 2).sum(), rel=1e-12)
+        assert signs.loc[key, "kept_fraction"] == pytest.approx((kept != 0).mean(), rel=1e-12)

@@ -36,7 +36,8 @@ CHROMIUM = Path(os.environ.get("WEIGHTLENS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-TIMEOUT_MS = 600_000  # Run All executes the whole tour (about a minute on 2 busy cores)
+RUN_ALL_MS = 900_000  # Run All executes the whole tour (one to a few minutes on 2 busy cores)
+TIMEOUT_MS = 180_000  # any later step (a method switch merges and compares the whole model)
 SLIDER_FRACTION = 0.7
 
 
@@ -157,7 +158,7 @@ def series(fig: dict, name: str) -> list[float]:
 
 def kernel_says(page, root: str) -> dict[str, str]:
     """The studio's status line (written by the kernel), parsed into ``{field: value}``."""
-    text = page.locator(f"{root} .wl-status").first.inner_text()
+    text = page.locator(f"{root} .wl-status").first.text_content()  # offscreen cells have no innerText
     fields = dict(re.findall(r"(\w+)=([^\s,|]+)", text))
     fields["method"] = text.split(":", 1)[0].strip()
     return fields
@@ -188,7 +189,8 @@ def wait_rendered(page) -> None:
     expect(page.get_by_text("Loading widget")).to_have_count(0)
 
 
-def shoot(page, name: str, *, element: str | None = None) -> Path:
+def shoot(page, name: str, *, element: str | None = None, readme: bool = False) -> Path:
+    """A screenshot in ``artifacts/browser/``; ``readme``: also the README's copy when asked to."""
     path = ARTIFACTS / f"{name}.png"
     if element is None:
         page.screenshot(path=path, full_page=False)
@@ -196,7 +198,7 @@ def shoot(page, name: str, *, element: str | None = None) -> Path:
         target = page.locator(element).first
         target.scroll_into_view_if_needed()
         target.screenshot(path=path)
-        if os.environ.get("WEIGHTLENS_UPDATE_SCREENSHOTS") == "1":
+        if readme and os.environ.get("WEIGHTLENS_UPDATE_SCREENSHOTS") == "1":
             README_IMAGES.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, README_IMAGES / f"{name}.png")
     return path
@@ -217,20 +219,32 @@ def drag_slider(page, slider, fraction: float) -> None:
 def test_tour_widgets_in_jupyterlab(browser, lab):
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page = browser.new_page(viewport={"width": 1700, "height": 1300})
     page.set_default_timeout(TIMEOUT_MS)
     open_tour(page, lab, reset=True)
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     last = page.locator(".jp-OutputArea-output:has(th:text-is('merged')):has(th:text-is('finetuned'))")
-    expect(last).to_be_attached()  # the tour ran to its last cell
+    expect(last).to_be_attached(timeout=RUN_ALL_MS)  # the tour ran to its last cell
     wait_rendered(page)
     expect(page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                         has_text="Error")).to_have_count(0)
-    shoot(page, "dashboard", element=".wl-dashboard")
+    studio, dash = ".wl-studio", ".wl-dashboard"
+    shoot(page, "dashboard", element=dash, readme=True)
+
+    # ---- dashboard: the hidden tabs draw real plots when shown
+    for i, (tab, title) in enumerate((("Alignment", "SAR: task"), ("Sign conflicts", "Sign conflicts by block"))):
+        page.locator(f"{dash} .lm-TabBar-tab", has_text=tab).click()
+        fig = plot(page, dash, title)
+        assert fig["svg"] and fig["traces"] and fig["traces"][0]["type"] in ("heatmap", "bar")
+        page.wait_for_function(
+            "(t) => Array.from(document.querySelectorAll('.wl-dashboard .js-plotly-plot')).some(gd =>"
+            " gd.layout.title.text.startsWith(t) && gd.getBoundingClientRect().width > 500 &&"
+            " gd.querySelectorAll('.plot .trace, .plot .hm, .plot image').length > 0)", arg=title)
+        shoot(page, f"dashboard_tab{i + 1}", element=dash)
+    page.locator(f"{dash} .lm-TabBar-tab", has_text="Spectra").click()
 
     # ---- dashboard: pick a block; the spectra show that block's matrices
-    studio, dash = ".wl-studio", ".wl-dashboard"
     block = page.locator(f"{dash} .widget-dropdown", has_text="block").locator("select")
     block.select_option(label="encoder.layer.3")
     expect(page.locator(f"{dash} .wl-status")).to_contain_text("block encoder.layer.3")
@@ -272,7 +286,7 @@ def test_tour_widgets_in_jupyterlab(browser, lab):
     expect(page.locator(f"{studio} .widget-html", has_text="accuracy (val) of tsv alpha=1.00")).to_be_attached()
     accuracy = plot(page, studio, "Accuracy per task")
     assert [t["name"] for t in accuracy["traces"]][0] == "tsv alpha=1.00"
-    shoot(page, "studio", element=studio)
+    shoot(page, "studio", element=studio, readme=True)
 
     # ---- save, reload: the figures must show the current state, not the one they were built with
     page.keyboard.press("Control+s")
@@ -287,5 +301,5 @@ def test_tour_widgets_in_jupyterlab(browser, lab):
     assert series(spectrum, "tsv")[0] == pytest.approx(float(said["sigma1"]), rel=1e-5)
     annotations = plots(page, dash)[0]["annotations"]
     assert annotations and all(a.startswith("encoder.layer.3.") for a in annotations)
-    shoot(page, "after_reload")
+    shoot(page, "studio_after_reload", element=studio)
     page.close()

@@ -44,8 +44,8 @@ from weightlens.analysis.alignment import (
     sti,
     subspace_row,
 )
+from weightlens.analysis.options import AnalysisOptions, resolve_options
 from weightlens.analysis.signs import (
-    check_density,
     conflict_stats,
     empty_stats,
     global_thresholds,
@@ -53,7 +53,7 @@ from weightlens.analysis.signs import (
     pairwise_conflicts,
     trim,
 )
-from weightlens.analysis.spectra import CRITERIA, DEFAULT_ENERGY_RANKS, check_criterion, spectrum_rows
+from weightlens.analysis.spectra import CRITERIA, spectrum_rows
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.taskvectors import TaskVectors
 
@@ -73,78 +73,6 @@ def block_of(key: str) -> str:
     if match:
         return match.group(1)
     return key.rsplit(".", 1)[0] if "." in key else key
-
-
-# ------------------------------------------------------------------------------------ options
-@dataclass(frozen=True)
-class AnalysisOptions:
-    """Settings of :func:`analyze` beyond the data selection (all have defaults).
-
-    Attributes
-    ----------
-    top_n : keep only the top-N singular triplets of matrices with ``min(m, n) > top_n``
-        (``linalg.topk_svd``); energies stay exact (``||delta||_F`` is known), ``erank`` is NaN there.
-    sar_criterion : ``"iso_script"`` (default, reproduces the Iso figures) or ``"paper"`` (Eq. 6);
-        both are reported against the sum and a merged delta as ``sar_paper`` / ``sar_iso_script``;
-        this picks ``sar`` and the one rule of the task x task SAR.
-    eps : tolerance of both rank rules and of ``rank_eps`` (0.05).
-    sign_density : TIES density for sign statistics (None: no trimming; the paper uses 0.2).
-    trim_scope : ``"global"`` (whole-model threshold per task, the paper) or ``"local"`` (per tensor).
-    subspace_k : k of the top-k subspaces compared between tasks (default ``min(m, n) // T``).
-    sti_k : per-task truncation for STI: an int, ``"r"`` for full rank, default ``min(m, n) // T``.
-    entropy : ``"l1"`` (default) or ``"energy"`` spectral entropy for ``erank``.
-    energy_ranks : ranks k of the ``energy_at_<k>`` columns.
-    pairwise : compute task x task SAR, STI and subspace overlaps (needs per-task singular vectors).
-    dtype : decomposition dtype (float32 or float64).
-    """
-
-    top_n: int | None = None
-    sar_criterion: str = "iso_script"
-    eps: float = 0.05
-    sign_density: float | None = None
-    trim_scope: str = "global"
-    subspace_k: int | None = None
-    sti_k: int | str | None = None
-    entropy: str = "l1"
-    energy_ranks: tuple[int, ...] = DEFAULT_ENERGY_RANKS
-    pairwise: bool = True
-    dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sar_criterion", check_criterion(self.sar_criterion))
-        check_density(self.sign_density)
-        for name in ("top_n", "subspace_k", "sti_k"):
-            value = getattr(self, name)
-            if value is None or (name == "sti_k" and value == "r") or _positive_int(value):
-                continue
-            allowed = "None, 'r' or an int >= 1" if name == "sti_k" else "None or an int >= 1"
-            raise InvalidParameterError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
-        for name, allowed in (("trim_scope", ("global", "local")), ("entropy", ("l1", "energy"))):
-            if getattr(self, name) not in allowed:
-                raise InvalidParameterError(
-                    f"The {name!r} parameter must be one of {allowed}. Got {getattr(self, name)!r} instead."
-                )
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 < self.eps < 1.0:
-            raise InvalidParameterError(f"The 'eps' parameter must be a float in (0, 1). Got {self.eps!r} instead.")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise InvalidParameterError(
-                f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {self.dtype!r} instead."
-            )
-        object.__setattr__(self, "energy_ranks", tuple(int(k) for k in self.energy_ranks))
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _options(options: AnalysisOptions | None, overrides: Mapping[str, Any]) -> AnalysisOptions:
-    fields = {f.name for f in dataclasses.fields(AnalysisOptions)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise InvalidParameterError(
-            f"analyze() got unknown option(s) {unknown}; valid options: {sorted(fields)} (see AnalysisOptions)."
-        )
-    return dataclasses.replace(options or AnalysisOptions(), **overrides)
 
 
 # ------------------------------------------------------------------------------------ aggregates
@@ -422,7 +350,7 @@ def analyze(
             f"analyze needs a weightlens.TaskVectors; got {type(tv).__name__}. Build one with "
             "wl.TaskVectors(base, finetuned)."
         )
-    opts = _options(options, overrides)
+    opts = resolve_options(options, overrides)
     if tasks is not None:
         tv = tv.subset(tasks)
     chosen = _select_keys(tv, keys, merged)
@@ -514,13 +442,13 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
         run.add("spectra", [{**row, "block": block, "zero": True} for row in spectrum_rows(key, (m, n), zeros, **spec)])
         return
     kv = opts.top_n if opts.top_n is not None and r > opts.top_n else r
-    exact = kv < r  # truncated spectra take their total energy from the deltas themselves
+    truncated = kv < r  # truncated spectra take their total energy from the deltas themselves
     tasks, ref = _decompose(run, key, deltas, kv, r)
-    values = {name: (tasks[t].S, norms2[t] if exact else None) for t, name in enumerate(run.names)}
-    refs = {"sum": (ref, sum_sq if exact else None)}
+    values = {name: (tasks[t].S, norms2[t] if truncated else None) for t, name in enumerate(run.names)}
+    refs = {"sum": (ref, sum_sq if truncated else None)}
     if run.merged is not None and key in run.merged:
         mdec, msq = _merged_svd(run, key, kv, r)
-        refs["merged"] = (mdec, msq if exact else None)
+        refs["merged"] = (mdec, msq if truncated else None)
     values.update({label: (dec.S, sq) for label, (dec, sq) in refs.items()})
     zero_task = {name: norms2[t] == 0.0 for t, name in enumerate(run.names)}
     rows = spectrum_rows(key, (m, n), values, **spec)
@@ -537,7 +465,12 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
         spans.update({name: (left_span(tasks[j], (m, n)), chosen) for j, name in enumerate(run.names)})
     # only the columns some rule keeps (the rest would not change any reported SAR)
     spans = {label: (U[:, : min(max(ranks.values()), U.shape[1])], ranks) for label, (U, ranks) in spans.items()}
-    curves = sar_curves(deltas, [U for U, _ in spans.values()])  # one product for every reference
+    projected = deltas
+    if opts.pairwise and not truncated and n > m:
+        # ||U^T delta_t||_F = ||U^T U_t diag(S_t)||_F (Vh_t has orthonormal rows): for a wide matrix
+        # the m x r factor is cheaper to project than the m x n delta
+        projected = torch.stack([tasks[t].U * tasks[t].S for t in range(len(tasks))])
+    curves = sar_curves(projected, [U for U, _ in spans.values()])  # one product for every reference
     for (label, (U, ranks)), curve in zip(spans.items(), curves):
         rows = sar_rows(key, deltas, run.names, label, U, ranks, opts.sar_criterion, curve=curve)
         if label in zero_task and zero_task[label]:  # a zero reference spans nothing

@@ -227,7 +227,9 @@ def compare(
     keys : list of str, optional
         Restrict to these task-vector keys (all by default).
     device : str or torch.device, default="auto"
-        Where the SVDs run.
+        Where the SVDs of a plain mapping's update run. A ``MergeResult``'s update SVDs run on its
+        merge device and are cached in ``tv.cache`` (a merge that differs only in ``alpha`` reuses
+        them).
 
     Returns
     -------

@@ -32,6 +32,7 @@ __all__ = ["ALL_BLOCKS", "InterferenceDashboard"]
 
 ALL_BLOCKS = "(all layers)"
 ALIGNMENT_VIEWS = ("task x reference", "per layer")
+WIDTH = 1000  # px, every figure
 
 
 def _ordered(values: Iterable[str]) -> list[str]:
@@ -124,7 +125,7 @@ class InterferenceDashboard(Panel):
         figs = self._figures()
         self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
         self._layout()
-        self._describe(0.0)
+        self._describe(None)
 
     # ------------------------------------------------------------------ controls and layout
     def _build_controls(self, names: list[str], chosen: list[str], blocks: list[str], block: str) -> None:
@@ -207,7 +208,11 @@ class InterferenceDashboard(Panel):
         alignment.update_layout(title=f"{alignment.layout.title.text} ({where})")
         by = "block" if self._block_keys() is None else "key"
         signs = figure_sign_conflicts(self._rows(rep.signs), by=by)
-        return {"spectra": spectra, "alignment": alignment, "signs": signs}
+        spectra.update_annotations(font_size=12)  # subplot titles: long tensor keys
+        figs = {"spectra": spectra, "alignment": alignment, "signs": signs}
+        for fig in figs.values():  # a FigureWidget does not follow its container's width
+            fig.update_layout(width=WIDTH)
+        return figs
 
     # ------------------------------------------------------------------ callbacks
     def _update(self, what: str) -> None:
@@ -232,9 +237,9 @@ class InterferenceDashboard(Panel):
         with self.guarded("view"):
             self._update("view")
 
-    def _describe(self, seconds: float) -> None:
+    def _describe(self, seconds: float | None) -> None:
         where = "all layers" if self.block.value == ALL_BLOCKS else f"block {self.block.value}"
         note = "" if self._tv is not None or len(self.tasks) == len(self._full.tasks) else (
             " (from a Report: the sum and sign conflicts cover all its tasks)")
-        self.set_status(f"tasks {', '.join(self.tasks)} | {where} | {len(self.report.keys)} keys analysed"
-                        f"{note} | updated in {seconds * 1000:.0f} ms")
+        took = "" if seconds is None else f" | updated in {seconds * 1000:.0f} ms"
+        self.set_status(f"tasks {', '.join(self.tasks)} | {where} | {len(self.report.keys)} keys analysed{note}{took}")

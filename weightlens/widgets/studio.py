@@ -47,7 +47,14 @@ __all__ = ["METRICS", "MergeStudio", "param_control"]
 METRICS = ("sar", "kept", "cos", "agreement")
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 _CACHE_SIZE = 8  # comparisons kept per studio
-_HEIGHT = 380  # px, every panel
+_HEIGHT, _WIDTH = 420, 600  # px, every panel (a FigureWidget does not follow its container's width)
+
+
+def _panel_style(fig: go.Figure) -> go.Figure:
+    """Size, small title, legend below: four panels side by side in pairs."""
+    return fig.update_layout(height=_HEIGHT, width=_WIDTH, title_font_size=13,
+                             margin={"l": 55, "r": 15, "t": 45, "b": 85},
+                             legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0})
 
 
 def _step(low: float, high: float) -> float:
@@ -149,11 +156,14 @@ class MergeStudio(Panel):
         self._build_controls(method, tasks, key, metric, out_dir)
         self._drawn: dict[str, tuple] = {}
         self._held: dict[str, tuple] = {}
+        start = time.perf_counter()
         self._recompute()
         figs = self._figures()
         self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
+        self.last_update_s = time.perf_counter() - start
         self._debouncer = Debouncer(self._evaluate_job, debounce)
         self._layout()
+        self._describe()
         self._schedule_evaluation()
 
     # ------------------------------------------------------------------ controls
@@ -320,7 +330,7 @@ class MergeStudio(Panel):
                 fig = figure_merge_conflicts(comps)
             out[name] = fig
         for fig in out.values():
-            fig.update_layout(height=_HEIGHT)
+            _panel_style(fig)
         return out
 
     # ------------------------------------------------------------------ callbacks
@@ -398,7 +408,7 @@ class MergeStudio(Panel):
                 self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
                 label = f"{merged.method} alpha={merged.alpha:.2f}"
                 fig = figure_task_accuracy(self.scores, split=self.split, label=label)
-                refresh(self.figures["accuracy"], fig.update_layout(height=_HEIGHT))
+                refresh(self.figures["accuracy"], _panel_style(fig))
                 merged_acc = self.scores[self.scores["model"] == "merged"]["accuracy"]
                 self.eval_status.value = (f"accuracy ({self.split}) of {label}: mean "
                                           f"{merged_acc.mean():.4f}")
