@@ -83,8 +83,10 @@ att.pivot_table(index="key", columns="task", values="erank").round(1)"""),
 The **subspace alignment ratio** `SAR(Δ_t, Δ_M) = ‖U_kᵀ Δ_t‖_F / ‖Δ_t‖_F` is the share of task `t`'s update
 that lies in the span of the top-`k` left singular vectors of a reference `Δ_M`; `k` keeps 95% of the
 reference's Frobenius norm (`sar_criterion="iso_script"`, the rule behind the Iso paper's figures;
-`"paper"` is Eq. 6; both are always in the table). Rows are tasks, columns the reference: another task, or
-the sum. Each task is better aligned with the sum than with any other single task."""),
+`"paper"` is Eq. 6, which keeps more vectors). Against another task, `k` comes from the sum's spectrum (as in
+the Iso paper's task x task figure). Rows are tasks, columns the reference: another task, or the sum. Each
+task is better aligned with the sum than with any other single task."""),
+    ("code", """report.alignment.query("reference == 'sum'").groupby("task")[["k_paper", "sar_paper", "k_iso_script", "sar_iso_script"]].mean()"""),
     ("code", """figure_sar_matrix(report.sar_matrix())"""),
     ("code", """figure_sar_layers(report.alignment, reference="sum", tasks=report.tasks)"""),
     ("md", """## Singular task interference and subspace overlap

@@ -129,9 +129,14 @@ pooler were frozen during fine-tuning, so their task vectors are zero: the notes
 decomposition is taken there."""),
     ("code", """zm = zoo.load("minilm-tasks", size=SIZE)
 tvm = zm.task_vectors()
-
-
-def coarse(grid):
+tvm"""),
+    ("md", """Moving `alpha` is cheap: the second call below changes only `alpha` and reuses every cached
+decomposition and unscaled update (`benchmarks/bench_merge.py` measures this for every method). The sweeps
+below reuse them too."""),
+    ("code", """t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=1.0); first = time.perf_counter() - t0
+t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=0.5); second = time.perf_counter() - t0
+print(f"iso_cts on MiniLM: first call {first:.2f} s, alpha-only call {second:.3f} s ({first / second:.0f}x)")"""),
+    ("code", """def coarse(grid):
     return grid if SIZE != "ci" else [grid[int(q * len(grid))] for q in (1 / 6, 1 / 2, 5 / 6)]
 
 
@@ -151,13 +156,6 @@ figure_retained_alignment(minilm_cmp)"""),
     ("code", "figure_merge_conflicts(minilm_cmp)"),
     ("code", """figure_merge_spectrum({m: minilm_cmp[m] for m in ("tsv", "iso_cts")}, "encoder.layer.3.intermediate.dense.weight")"""),
     ("code", """minilm_merged["iso_cts"].notes"""),
-    ("md", """## Moving alpha is cheap
-The second call below changes only `alpha`: it reuses every cached decomposition and unscaled update
-(`benchmarks/bench_merge.py` measures this for every method)."""),
-    ("code", """tvm.cache.clear()
-t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=1.0); first = time.perf_counter() - t0
-t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=0.5); second = time.perf_counter() - t0
-print(f"iso_cts on MiniLM: first call {first:.2f} s, alpha-only call {second:.3f} s ({first / second:.0f}x)")"""),
 ]
 
 

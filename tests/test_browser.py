@@ -240,7 +240,7 @@ def test_tour_widgets_in_jupyterlab(browser, lab):
         page.wait_for_function(
             "(t) => Array.from(document.querySelectorAll('.wl-dashboard .js-plotly-plot')).some(gd =>"
             " gd.layout.title.text.startsWith(t) && gd.getBoundingClientRect().width > 500 &&"
-            " gd.querySelectorAll('.plot .trace, .plot .hm, .plot image').length > 0)", arg=title)
+            " gd.querySelectorAll('.heatmaplayer image, .barlayer path').length > 0)", arg=title)
         shoot(page, f"dashboard_tab{i + 1}", element=dash)
     page.locator(f"{dash} .lm-TabBar-tab", has_text="Spectra").click()
 

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -227,7 +227,3 @@ class Panel(widgets.VBox):
     def _before_snapshot(self) -> None:
         """Hook: finish pending background work before a headless snapshot."""
 
-
-def controls_values(controls: Mapping[str, widgets.ValueWidget]) -> dict[str, Any]:
-    """``{name: control.value}``."""
-    return {name: c.value for name, c in controls.items()}

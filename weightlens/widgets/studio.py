@@ -35,7 +35,6 @@ from weightlens.taskvectors import TaskVectors
 from weightlens.widgets._common import (
     Debouncer,
     Panel,
-    controls_values,
     figure_widget,
     refresh,
     rescale_comparison,
@@ -70,6 +69,8 @@ def param_control(p: Param, *, method: str, n_tasks: int) -> widgets.ValueWidget
         return widgets.Dropdown(options=list(p.options), value=p.default, description=p.name, style=style)
     if p.kind is bool:
         return widgets.Checkbox(value=bool(p.default), description=p.name, indent=False)
+    if p.nullable and p.default is None and p.name != "alpha":
+        return widgets.Text(value="", placeholder="None", description=p.name, style=style)
     if p.kind is int:
         return widgets.IntText(value=int(p.default or 0), description=p.name, style=style,
                                layout=widgets.Layout(width="220px"))
@@ -89,6 +90,13 @@ def param_control(p: Param, *, method: str, n_tasks: int) -> widgets.ValueWidget
     return widgets.FloatSlider(value=float(p.default), min=low, max=high, step=step, description=p.name,
                                readout_format=".2f" if step < 1 else ".0f", continuous_update=False,
                                style=style, layout=width)
+
+
+def _coerce(p: Param, value: Any) -> Any:
+    """A text box of a nullable parameter: empty is None, anything else the parameter's type."""
+    if isinstance(value, str) and p.kind is not str:
+        return None if value.strip() in ("", "None") else p.kind(value)
+    return value
 
 
 class MergeStudio(Panel):
@@ -248,7 +256,8 @@ class MergeStudio(Panel):
     @property
     def method_params(self) -> dict[str, Any]:
         """Parameters of the current method as set in its controls (``alpha`` included)."""
-        return controls_values(self.params[self.method.value])
+        spec = get_method(self.method.value)
+        return {name: _coerce(spec.params[name], c.value) for name, c in self.params[self.method.value].items()}
 
     @property
     def state(self) -> dict[str, Any]:
