@@ -271,11 +271,16 @@ def test_tour_widgets_in_jupyterlab(browser, lab):
     assert series(after, "task arithmetic (sum)") == series(before, "task arithmetic (sum)")
     shoot(page, "studio_alpha")
 
-    # ---- studio: switch the method; every panel follows
+    # ---- studio: switch the method; the spectrum follows at once, the whole-model panels when the
+    # background comparison is done (the status line then gives the mean SAR instead of "comparing")
     page.locator(f"{studio} .widget-dropdown", has_text="method").locator("select").select_option(label="TSV-M")
     expect(page.locator(f"{studio} .wl-status")).to_contain_text("tsv: fallback=zero, alpha=1 ")
     page.wait_for_function("() => Array.from(document.querySelectorAll('.wl-studio .js-plotly-plot'))"
                            ".some(gd => (gd.layout.title.text || '').includes('(tsv alpha=1.00)'))")
+    expect(page.locator(f"{studio} .wl-status")).to_contain_text("mean sar=")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.wl-studio .js-plotly-plot'))"
+                           ".some(gd => gd.layout.title.text.startsWith('What each task keeps') &&"
+                           " gd.data.some(t => t.name === 'tsv'))")
     said = kernel_says(page, studio)
     spectrum = plot(page, studio, "Spectrum of the update")
     assert series(spectrum, "tsv")[0] == pytest.approx(float(said["sigma1"]), rel=1e-5)

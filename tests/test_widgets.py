@@ -162,6 +162,7 @@ def test_method_switch_and_parameters(tv, digits_zoo, method, params):
         studio.params[method][name].value = value
     alpha = round(studio.params[method]["alpha"].value * 0.5, 2)
     studio.params[method]["alpha"].value = alpha
+    assert studio.wait(300) and not studio.state["pending"]
     ref = compare(fresh(digits_zoo), merge(fresh(digits_zoo), method=method, alpha=alpha, **params))
     y = trace(studio.figures["spectrum"], method).y
     np.testing.assert_allclose(y, merged_sigma(ref, studio.key.value), rtol=1e-4, atol=1e-7)
@@ -179,13 +180,16 @@ def test_task_selection_and_key(tv, digits_zoo):
     studio.task_boxes[tv.names[1]].value = False
     kept = [t for t in tv.names if t != tv.names[1]]
     other = [k for k in studio.key.options if k[1] != studio.key.value][0][1]
-    studio.key.value = other
+    studio.key.value = other  # while the whole model is compared: the shown key alone, now
     ref = compare(fresh(digits_zoo, kept), merge(fresh(digits_zoo, kept), method="tsv"))
+    np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, merged_sigma(ref, other), rtol=1e-5)
+    assert studio.wait(300)
     np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, merged_sigma(ref, other), rtol=1e-5)
     assert list(trace(studio.figures["retained"], "tsv").x) == kept
     for t in kept[:-1]:
         studio.task_boxes[t].value = False
     assert "at least two tasks" in studio.status.value
+    assert studio.wait(300)
     assert studio.state["tasks"] == kept[-2:]  # the last merge with two tasks is still shown
 
 

@@ -132,6 +132,7 @@ class TaskVectors:
         self.include = _as_patterns(include)
         self.exclude = _as_patterns(exclude)
         self.cache = cache if cache is not None else DecompositionCache()
+        self._finite: set[tuple[int, str]] = set()
         self._validate()
         self.keys = self._select_keys()
 
@@ -211,17 +212,22 @@ class TaskVectors:
         diff = self._upcast(ft, key) - base
         return diff if diff.dtype == torch.float32 else diff.to(torch.float32)
 
-    @staticmethod
-    def _upcast(ckpt: Checkpoint, key: str) -> torch.Tensor:
+    def _upcast(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
         t = ckpt[key]
         wide = torch.float64 if t.dtype == torch.float64 else torch.float32
         t = t.to(wide)
+        # The scan costs as much as the read; a tensor found finite once is not scanned again
+        # (checkpoints are read-only, and the set is shared with subset()s).
+        seen = (id(ckpt._reader), key)
+        if seen in self._finite:
+            return t
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise NonFiniteError(
                 f"{_where(ckpt)} key {key!r}: {bad} of {t.numel()} values are NaN or Inf. "
                 "Fix or drop that checkpoint (or exclude the key with exclude=...)."
             )
+        self._finite.add(seen)
         return t
 
     def _check_key(self, key: str) -> None:

@@ -7,8 +7,11 @@ Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.s
 Speed: merges are lazy and their unscaled updates cached in ``tv.cache``; a comparison is computed
 once per (tasks, method, parameters other than ``alpha``) and a move of ``alpha`` rescales it
 (:func:`~weightlens.widgets._common.rescale_comparison`), so the slider never recomputes an SVD or
-re-reads a tensor. Accuracy (when ``evaluate`` is given) runs on a background thread after the
-controls have been still for ``debounce`` seconds, with a progress bar; a newer change abandons it.
+re-reads a tensor. A new method or parameter value is merged at once and the shown key's spectrum
+drawn from a one-key comparison; the whole-model comparison behind the other panels, then the
+accuracy (when ``evaluate`` is given), run on a background thread once the controls have been
+still for ``debounce`` seconds, with a progress bar. A newer change supersedes that work: a
+finished comparison is kept in the cache, scoring stops early.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from weightlens.widgets._common import (
     short_key,
 )
 
-__all__ = ["METRICS", "MergeStudio", "param_control"]
+__all__ = ["METRICS", "PANELS", "MergeStudio", "param_control"]
 
 METRICS = ("sar", "kept", "cos", "agreement")
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 _CACHE_SIZE = 8  # comparisons kept per studio
+PANELS = ("spectrum", "retained", "conflicts")
 _HEIGHT, _WIDTH = 420, 600  # px, every panel (a FigureWidget does not follow its container's width)
 
 
@@ -158,21 +162,27 @@ class MergeStudio(Panel):
         self.split = split
         self._keys = list(keys) if keys is not None else None
         self._comparisons: OrderedDict[tuple, Any] = OrderedDict()
+        self._key_comparisons: OrderedDict[tuple, Any] = OrderedDict()
         self._references: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the panels' state: callbacks vs background thread
+        self._compare_lock = threading.Lock()  # one whole-model compare at a time
         self.scores = pd.DataFrame(columns=["task", "model", "accuracy"])
         self._build_controls(method, tasks, key, metric, out_dir)
         self._drawn: dict[str, tuple] = {}
         self._held: dict[str, tuple] = {}
         start = time.perf_counter()
         self._recompute()
+        if self.comparison is None:  # the first comparison is made here, before anything is shown
+            self.comparison = compare(self.merged.task_vectors, self.merged, keys=self._keys)
+            self._key_comparison = self.comparison
+            self._store(self._comparisons, self._tag, self.comparison)
         figs = self._figures()
         self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
         self.last_update_s = time.perf_counter() - start
-        self._debouncer = Debouncer(self._evaluate_job, debounce)
+        self._debouncer = Debouncer(self._settle, debounce)
         self._layout()
         self._describe()
-        self._schedule_evaluation()
+        self._schedule()
 
     # ------------------------------------------------------------------ controls
     def _build_controls(self, method: str, tasks: Sequence[str] | None, key: str | None, metric: str,
@@ -203,9 +213,7 @@ class MergeStudio(Panel):
                                     style=style, layout=widgets.Layout(width="520px"))
         self.metric = widgets.Dropdown(options=METRICS, value=metric, description="per task", style=style)
         self.param_box = widgets.VBox(list(self.params[method].values()))
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="accuracy",
-                                            layout=widgets.Layout(visibility="visible" if self._evaluate
-                                                                  else "hidden"))
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="background")
         self.eval_status = widgets.HTML()
         self.out_path = widgets.Text(value=out_dir, description="export to", style=style,
                                      layout=widgets.Layout(width="420px"))
@@ -261,49 +269,73 @@ class MergeStudio(Panel):
 
     @property
     def state(self) -> dict[str, Any]:
-        """What the panels show now: method, parameters, tasks, key, and the headline numbers."""
-        spec = self.comparison.spectrum
+        """What the panels show now: method, parameters, tasks, key and the headline numbers.
+
+        ``pending`` is True while the whole-model comparison runs in the background (then only the
+        spectrum is current and the per-task numbers are absent).
+        """
+        shown = self.comparison if self.comparison is not None else self._key_comparison
+        spec = shown.spectrum
         rows = spec[(spec["key"] == self.key.value) & (spec["which"] == "merged")]
-        per_task = self.comparison.per_task
-        merged = per_task[per_task["which"] == "merged"]
-        return {
+        out = {
             "method": self.merged.method,
             "params": dict(self.merged.params),
             "tasks": list(self.merged.task_vectors.names),
             "key": self.key.value,
             "sigma1": float(rows["sigma"].max()) if not rows.empty else math.nan,
-            self.metric.value: dict(zip(merged["task"], merged[self.metric.value].astype(float))),
+            "pending": self.comparison is None,
         }
+        if self.comparison is not None:
+            per_task = self.comparison.per_task
+            merged = per_task[per_task["which"] == "merged"]
+            out[self.metric.value] = dict(zip(merged["task"], merged[self.metric.value].astype(float)))
+        return out
 
     def _selected_tv(self) -> TaskVectors:
         tasks = self.tasks
         return self.tv if tasks == self.tv.names else self.tv.subset(tasks)
 
+    def _cached(self, table: OrderedDict, tag: tuple, alpha: float) -> Any:
+        """A cached comparison under ``tag`` rescaled to ``alpha``, or None."""
+        comp = table.get(tag)
+        if comp is None or alpha <= 0:
+            return None
+        table.move_to_end(tag)
+        return rescale_comparison(comp, alpha)
+
+    def _store(self, table: OrderedDict, tag: tuple, comp: Any) -> None:
+        if float(comp.params["alpha"]) > 0:
+            table[tag] = comp
+            while len(table) > _CACHE_SIZE:
+                table.popitem(last=False)
+
     def _recompute(self) -> None:
-        """Merge (lazy, cached updates) and compare; an alpha move rescales a cached comparison."""
-        params = self.method_params
+        """Merge (lazy) and find the comparison: cached and rescaled when known, else the shown key's
+        now and the whole model's later (:meth:`_settle`, in the background)."""
         tv = self._selected_tv()
-        self.merged = merge(tv, method=self.method.value, lazy=True, **params)
+        self.merged = merge(tv, method=self.method.value, lazy=True, **self.method_params)
         alpha = self.merged.alpha
         frozen = tuple(sorted((k, v) for k, v in self.merged.params.items() if k != "alpha"))
-        tag = (tuple(tv.names), self.method.value, frozen, tuple(self._keys or ()))
-        cached = self._comparisons.get(tag)
-        if cached is not None and alpha > 0 and float(cached.params["alpha"]) > 0:
-            self._comparisons.move_to_end(tag)
-            self.comparison = rescale_comparison(cached, alpha)
-            return
-        self.comparison = compare(tv, self.merged, keys=self._keys)
-        if alpha > 0:
-            self._comparisons[tag] = self.comparison
-            while len(self._comparisons) > _CACHE_SIZE:
-                self._comparisons.popitem(last=False)
+        self._tag = (tuple(tv.names), self.method.value, frozen, tuple(self._keys or ()))
+        self.comparison = self._cached(self._comparisons, self._tag, alpha)
+        self._key_comparison = self.comparison
+        if self.comparison is None:
+            self._key_comparison = self._key_only()
+
+    def _key_only(self) -> Any:
+        """Comparison restricted to the shown key (cheap: one key's update, SVD and signs)."""
+        tag = (*self._tag, self.key.value)
+        comp = self._cached(self._key_comparisons, tag, self.merged.alpha)
+        if comp is None:
+            comp = compare(self.merged.task_vectors, self.merged, keys=[self.key.value])
+            self._store(self._key_comparisons, tag, comp)
+        return comp
 
     def _label(self) -> str:
         return f"{self.merged.method} alpha={self.merged.alpha:.2f}"
 
-    def _inputs(self, name: str) -> tuple:
+    def _inputs(self, name: str, comp: Any) -> tuple:
         """What figure ``name`` is drawn from; an unchanged signature means an unchanged figure."""
-        comp = self.comparison
         if name == "spectrum":
             return ("spectrum", self.key.value, comp.params["alpha"], id(comp.spectrum))
         if name == "retained":
@@ -317,19 +349,23 @@ class MergeStudio(Panel):
 
         The legend names the method (``alpha`` is in the spectrum's title and the status line), so
         the per-task and sign panels change with ``alpha`` only where their numbers do (``kept``).
+        While the whole-model comparison is pending only the spectrum is drawn.
         """
-        comps = {self.merged.method: self.comparison}
         out: dict[str, go.Figure] = {}
         for name in names:
             if name == "accuracy":
                 if self._evaluate is not None and not changed_only:
                     out[name] = figure_task_accuracy(self.scores, split=self.split)
                 continue
-            sig = self._inputs(name)
+            comp = self.comparison if self.comparison is not None else (
+                self._key_comparison if name == "spectrum" else None)
+            if comp is None:
+                continue
+            sig = self._inputs(name, comp)
             if changed_only and self._drawn.get(name) == sig:
                 continue
-            self._drawn[name] = sig
-            self._held[name] = (self.comparison.spectrum, self.comparison.signs)  # keeps the ids valid
+            self._drawn[name], self._held[name] = sig, comp  # holding comp keeps the ids in sig valid
+            comps = {self.merged.method: comp}
             if name == "spectrum":
                 fig = figure_merge_spectrum(comps, self.key.value)
                 fig.update_layout(title=f"Spectrum of the update ({self._label()}): {short_key(self.key.value)}")
@@ -337,37 +373,40 @@ class MergeStudio(Panel):
                 fig = figure_retained_alignment(comps, metric=self.metric.value)
             else:
                 fig = figure_merge_conflicts(comps)
-            out[name] = fig
-        for fig in out.values():
-            _panel_style(fig)
+            out[name] = _panel_style(fig)
         return out
+
+    def _redraw(self, names: Sequence[str]) -> None:
+        for name, fig in self._figures(names, changed_only=True).items():
+            refresh(self.figures[name], fig)
 
     # ------------------------------------------------------------------ callbacks
     def _update(self, what: str, names: Sequence[str], *, recompute: bool = False) -> None:
         start = time.perf_counter()
-        with self.guarded(what):
+        with self.guarded(what), self._lock:
             if recompute:
                 if len(self.tasks) < 2:
                     self.set_status("Tick at least two tasks (the panels still show the last merge).", error=True)
                     return
-                self.set_status(f"{what}: merging and comparing ...")
+                self.set_status(f"{what}: merging ...")
                 self._recompute()
-            for name, fig in self._figures(names, changed_only=True).items():
-                refresh(self.figures[name], fig)
+            elif self.comparison is None and "spectrum" in names:
+                self._key_comparison = self._key_only()
+            self._redraw(names)
             self.last_update_s = time.perf_counter() - start
             self._describe()
             if recompute:
-                self._schedule_evaluation()
+                self._schedule()
 
     def _on_alpha(self, change: dict[str, Any]) -> None:
-        self._update("alpha", ("spectrum", "retained", "conflicts"), recompute=True)
+        self._update("alpha", PANELS, recompute=True)
 
     def _on_param(self, change: dict[str, Any]) -> None:
-        self._update("parameters", ("spectrum", "retained", "conflicts"), recompute=True)
+        self._update("parameters", PANELS, recompute=True)
 
     def _on_method(self, change: dict[str, Any]) -> None:
         self.param_box.children = list(self.params[self.method.value].values())
-        self._update("method", ("spectrum", "retained", "conflicts"), recompute=True)
+        self._update("method", PANELS, recompute=True)
 
     def _on_key(self, change: dict[str, Any]) -> None:
         self._update("spectrum key", ("spectrum",))
@@ -377,55 +416,81 @@ class MergeStudio(Panel):
 
     def _describe(self) -> None:
         s = self.state
-        means = [v for v in s[self.metric.value].values() if not math.isnan(v)]
-        mean = sum(means) / len(means) if means else math.nan
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
+        if s["pending"]:
+            whole = "whole model: comparing in the background ..."
+        else:
+            values = [v for v in s[self.metric.value].values() if not math.isnan(v)]
+            whole = f"mean {self.metric.value}={sum(values) / len(values) if values else math.nan:.4f}"
         self.set_status(f"{s['method']}: {shown} | tasks {', '.join(s['tasks'])} | sigma1={s['sigma1']:.6g} "
-                        f"| mean {self.metric.value}={mean:.4f} | updated in {self.last_update_s * 1000:.0f} ms")
+                        f"| {whole} | updated in {self.last_update_s * 1000:.0f} ms")
 
-    # ------------------------------------------------------------------ accuracy
-    def _schedule_evaluation(self) -> None:
-        if self._evaluate is None:
+    # ------------------------------------------------------------------ background work
+    def _schedule(self) -> None:
+        """After the controls settle: the whole-model comparison if missing, then accuracy."""
+        if self.comparison is None:
+            self.eval_status.value = "<i>whole model: waiting for the controls to settle ...</i>"
+        elif self._evaluate is not None:
+            self.eval_status.value = "<i>accuracy: waiting for the controls to settle ...</i>"
+        else:
             return
-        self.eval_status.value = "<i>accuracy: waiting for the controls to settle ...</i>"
-        self._debouncer.schedule(self.merged, tuple(self.merged.task_vectors.names))
+        self._debouncer.schedule(self.merged, self._tag)
 
-    def _evaluate_job(self, gen: int, merged: Any, tasks: tuple[str, ...]) -> None:
-        """Background thread: fine-tuned references once, then the merged model on every task."""
-        with self.guarded("accuracy"):
-            todo = [t for t in tasks if (t, self.split) not in self._references]
-            self.progress.max, self.progress.value = len(tasks) + len(todo), 0
-            self.eval_status.value = f"<i>accuracy: scoring {len(tasks)} tasks on {self.split} ...</i>"
-            for task in todo:
-                if not self._debouncer.current(gen):
-                    return
-                score = self._evaluate(self.tv.finetuned[task], task, self.split)
-                self._references[task, self.split] = float(score["accuracy"])
-                self.progress.value += 1
-            state = {k: merged[k] for k in merged}  # materialise once for every task
-            rows = []
-            for task in tasks:
-                if not self._debouncer.current(gen):
-                    return
-                score = self._evaluate(state, task, self.split)
-                rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
-                         {"task": task, "model": "fine-tuned", "accuracy": self._references[task, self.split]}]
-                self.progress.value += 1
-            with self._lock:
-                if not self._debouncer.current(gen):
-                    return
-                self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
-                label = f"{merged.method} alpha={merged.alpha:.2f}"
-                fig = figure_task_accuracy(self.scores, split=self.split, label=label)
-                refresh(self.figures["accuracy"], _panel_style(fig))
-                merged_acc = self.scores[self.scores["model"] == "merged"]["accuracy"]
-                self.eval_status.value = (f"accuracy ({self.split}) of {label}: mean "
-                                          f"{merged_acc.mean():.4f}")
+    def _settle(self, gen: int, merged: Any, tag: tuple) -> None:
+        """Background thread: compare the whole model (one compare at a time), show it if it is still
+        the merge on screen (rescaled to the current alpha), then score accuracy."""
+        with self.guarded("background work"):
+            if tag not in self._comparisons:
+                self.eval_status.value = "<i>whole model: comparing with task arithmetic ...</i>"
+                self.progress.max, self.progress.value = 1, 0
+                with self._compare_lock:
+                    if tag not in self._comparisons:
+                        self._store(self._comparisons, tag, compare(merged.task_vectors, merged, keys=self._keys))
+                self.progress.value = 1
+                with self._lock:
+                    if self._tag == tag and self.comparison is None and self.merged.alpha > 0:
+                        self.comparison = self._cached(self._comparisons, tag, self.merged.alpha)
+                        self._key_comparison = self.comparison
+                        self._redraw(PANELS)
+                        self._describe()
+                if self._evaluate is None:
+                    self.eval_status.value = "whole model compared"
+            if self._evaluate is not None and self._debouncer.current(gen):
+                self._score(gen, merged, tuple(merged.task_vectors.names))
+
+    def _score(self, gen: int, merged: Any, tasks: tuple[str, ...]) -> None:
+        """Fine-tuned references once, then the merged model on every task (stops when superseded)."""
+        todo = [t for t in tasks if (t, self.split) not in self._references]
+        self.progress.max, self.progress.value = len(tasks) + len(todo), 0
+        self.eval_status.value = f"<i>accuracy: scoring {len(tasks)} tasks on {self.split} ...</i>"
+        for task in todo:
+            if not self._debouncer.current(gen):
+                return
+            score = self._evaluate(self.tv.finetuned[task], task, self.split)
+            self._references[task, self.split] = float(score["accuracy"])
+            self.progress.value += 1
+        state = {k: merged[k] for k in merged}  # materialise once for every task
+        rows = []
+        for task in tasks:
+            if not self._debouncer.current(gen):
+                return
+            score = self._evaluate(state, task, self.split)
+            rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
+                     {"task": task, "model": "fine-tuned", "accuracy": self._references[task, self.split]}]
+            self.progress.value += 1
+        with self._lock:
+            if not self._debouncer.current(gen):
+                return
+            self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
+            label = f"{merged.method} alpha={merged.alpha:.2f}"
+            fig = figure_task_accuracy(self.scores, split=self.split, label=label)
+            refresh(self.figures["accuracy"], _panel_style(fig))
+            mean = self.scores[self.scores["model"] == "merged"]["accuracy"].mean()
+            self.eval_status.value = f"accuracy ({self.split}) of {label}: mean {mean:.4f}"
 
     def wait(self, timeout: float | None = 600.0) -> bool:
-        """Block until the latest accuracy evaluation has finished (True) or ``timeout`` passed."""
-        if self._evaluate is None:
-            return True
+        """Block until the latest background work (whole-model comparison, accuracy) has finished;
+        False if ``timeout`` seconds passed first."""
         return self._debouncer.wait(timeout)
 
     def _before_snapshot(self) -> None:
