@@ -10,7 +10,8 @@ import torch
 
 import weightlens as wl
 from weightlens.merge import merge
-from weightlens.merge.arithmetic import dare_mask, global_thresholds
+from weightlens.analysis.signs import streaming_thresholds as global_thresholds
+from weightlens.merge.arithmetic import dare_mask
 
 from test_merge_methods import SHAPES, T, float_keys, make_models
 

@@ -34,10 +34,14 @@ import torch
 from weightlens.errors import InvalidParameterError
 from weightlens.taskvectors import TaskVectors
 
+_HI = 1 << 15  # |x| >= 0, so the sign bit is 0 and the high half fits in 15 bits
+_LO = 1 << 16
+
 __all__ = [
     "chance_conflict",
     "conflict_stats",
     "global_thresholds",
+    "streaming_thresholds",
     "pairwise_conflicts",
     "ties_threshold",
     "trim",
@@ -218,16 +222,61 @@ def global_thresholds(
 ) -> dict[str, float | None]:
     """Whole-model TIES trim threshold of each task (``scope="global"``, the paper's default).
 
-    Reads each task's deltas over ``keys`` (all float keys by default) into one flat vector, one
-    task at a time (memory: one task vector).
+    ``{task: threshold}`` from :func:`streaming_thresholds`; None (keep everything) at density 1.
     """
-    density = check_density(density)
-    chosen = list(tv.keys if keys is None else keys)
-    out: dict[str, float | None] = {}
-    for task in tv.names if tasks is None else tasks:
-        flat = torch.cat([tv.delta(task, k).reshape(-1).abs() for k in chosen])
-        out[task] = ties_threshold(flat, density)  # type: ignore[arg-type]
-    return out
+    if check_density(density) is None:
+        return {t: None for t in (tv.names if tasks is None else tasks)}
+    sub = tv if tasks is None else tv.subset(tasks)
+    values = streaming_thresholds(sub, density, keys)
+    return dict(zip(sub.names, (float(v) for v in values)))
+
+
+def _abs_bits(deltas: torch.Tensor) -> torch.Tensor:
+    """fp32 ``|x|`` reinterpreted as int32, flattened per task: monotone in ``|x|``."""
+    return deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32).contiguous().view(torch.int32)
+
+
+def _histograms(tv: TaskVectors, keys: list[str], select: torch.Tensor | None) -> torch.Tensor:
+    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``."""
+    T = len(tv)
+    counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
+    for key in keys:
+        bits = _abs_bits(tv.deltas(key))
+        hi = bits >> 16
+        for t in range(T):
+            if select is None:
+                counts[t] += torch.bincount(hi[t], minlength=_HI)
+            else:
+                lo = bits[t][hi[t] == select[t]] & 0xFFFF
+                counts[t] += torch.bincount(lo, minlength=_LO)
+    return counts
+
+
+def streaming_thresholds(tv: TaskVectors, density: float, keys: Iterable[str] | None = None) -> torch.Tensor:
+    """Per-task TIES threshold over the whole model: the ``(P - int(P * density))``-th smallest ``|tau_t|``.
+
+    Exact (equal to ``torch.kthvalue`` on the flattened model) by a two-pass radix select over
+    the fp32 bits of ``|tau|``, holding one key of every task and two histograms per task at a
+    time, never the flattened model. ``density = 1`` (nothing trimmed) gives 0.
+
+    Returns
+    -------
+    Tensor of shape (T,), float32.
+    """
+    keys = list(tv.keys if keys is None else keys)
+    total = sum(tv.numel(k) for k in keys)
+    rank = total - int(total * density)  # 1-based rank among ascending |tau|
+    if rank <= 0:
+        return torch.zeros(len(tv))
+    hi_counts = _histograms(tv, keys, None)
+    hi_cum = hi_counts.cumsum(1)
+    target = torch.full((len(tv), 1), rank, dtype=torch.int64)
+    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
+    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+    lo_cum = _histograms(tv, keys, bucket).cumsum(1)
+    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
+    bits = ((bucket << 16) | low).to(torch.int32)
+    return bits.view(torch.float32).clone()
 
 
 def pair_rows(key: str, tasks: Sequence[str], opposite: torch.Tensor, both: torch.Tensor) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from weightlens.analysis.signs import streaming_thresholds as global_thresholds
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 from weightlens.taskvectors import TaskVectors
@@ -57,8 +58,6 @@ __all__ = [
     "trim_tensor",
 ]
 
-_HI = 1 << 15  # |x| >= 0, so the sign bit is 0 and the high half fits in 15 bits
-_LO = 1 << 16
 Unit = Annotated[float, Interval(0, 1, "right")]
 MergeFunc = Literal["mean", "sum", "max"]
 
@@ -125,53 +124,6 @@ def majority_sign(tv: TaskVectors, trimmed_of: Callable[[str], torch.Tensor]) ->
     for key in tv.keys:
         votes += int(elect_sign(trimmed_of(key)).sum(dtype=torch.float64))
     return (votes > 0) - (votes < 0)
-
-
-# ------------------------------------------------------------------------------ global threshold
-def _abs_bits(deltas: torch.Tensor) -> torch.Tensor:
-    """fp32 ``|x|`` reinterpreted as int32, flattened per task: monotone in ``|x|``."""
-    return deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32).contiguous().view(torch.int32)
-
-
-def _histograms(tv: TaskVectors, select: torch.Tensor | None) -> torch.Tensor:
-    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``."""
-    T = len(tv)
-    counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
-    for key in tv.keys:
-        bits = _abs_bits(tv.deltas(key))
-        hi = bits >> 16
-        for t in range(T):
-            if select is None:
-                counts[t] += torch.bincount(hi[t], minlength=_HI)
-            else:
-                lo = bits[t][hi[t] == select[t]] & 0xFFFF
-                counts[t] += torch.bincount(lo, minlength=_LO)
-    return counts
-
-
-def global_thresholds(tv: TaskVectors, density: float) -> torch.Tensor:
-    """Per-task TIES threshold over the whole model: the ``(P - int(P * density))``-th smallest ``|tau_t|``.
-
-    Exact (equal to ``torch.kthvalue`` on the flattened model) by a two-pass radix select; see the
-    module docstring for the memory. ``density = 1`` (nothing trimmed) gives 0.
-
-    Returns
-    -------
-    Tensor of shape (T,), float32.
-    """
-    total = sum(tv.numel(k) for k in tv.keys)
-    rank = total - int(total * density)  # 1-based rank among ascending |tau|
-    if rank <= 0:
-        return torch.zeros(len(tv))
-    hi_counts = _histograms(tv, None)
-    hi_cum = hi_counts.cumsum(1)
-    target = torch.full((len(tv), 1), rank, dtype=torch.int64)
-    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
-    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
-    lo_cum = _histograms(tv, bucket).cumsum(1)
-    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
-    bits = ((bucket << 16) | low).to(torch.int32)
-    return bits.view(torch.float32).clone()
 
 
 # ------------------------------------------------------------------------------ TIES
