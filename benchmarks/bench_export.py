@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from _machine import machine  # noqa: E402  (benchmarks run as scripts)
 
 HIDDEN, FFN = 2048, 8192
 CHILD = r"""
@@ -46,6 +45,7 @@ from weightlens.io.export import parse_size, shard_names
 from weightlens.linalg import DecompositionCache
 from weightlens.merge import merge
 from weightlens.taskvectors import TaskVectors
+
 
 mode, folder, out, shard_size, method = sys.argv[1:6]
 proc = psutil.Process()
@@ -78,15 +78,6 @@ print(json.dumps({"seconds": seconds, "rss0": rss0, "peak": peak, "cache_bytes":
 """
 
 
-def machine() -> str:
-    """CPU model and core count, for the table header."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def layer_shapes(i: int) -> list[tuple[str, tuple[int, ...]]]:

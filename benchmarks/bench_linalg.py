@@ -16,8 +16,6 @@ Run ``python benchmarks/bench_linalg.py`` (``--help`` for options) and record th
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,21 +24,12 @@ import torch
 
 from weightlens import linalg
 
+from _machine import machine  # noqa: E402  (benchmarks run as scripts)
+
 SHAPES: list[tuple[int, ...]] = [(384, 384), (1536, 384), (768, 768), (3072, 768), (4, 384, 384)]
 DRIVERS: list[str | None] = [None, "gesvd", "gesvdj", "gesvda"]
 
 
-def device_label(device: torch.device) -> str:
-    """Human name of the device (GPU model, or CPU model and thread count)."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
 
 
 def timeit(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
@@ -141,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     devices = [linalg.resolve_device(d) for d in wanted if d != "cuda" or torch.cuda.is_available()]
     print(f"weightlens.linalg benchmark: torch {torch.__version__}, {args.dtype}, median of {args.repeats}\n")
     for device in devices:
-        print(f"### {device_label(device)}\n")
+        print(f"### {machine(device)}\n")
         print("| shape | table driver | torch svd ms | wl.svd ms | wl.svd / torch | svdvals / svd "
               "| polar / svd |")
         print("|---|---|---|---|---|---|---|")

@@ -22,8 +22,6 @@ Run ``python benchmarks/bench_lmc.py`` (``--help`` for options); build the zoo f
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,18 +34,9 @@ from torch import nn
 import weightlens as wl
 from weightlens import lmc, zoo
 
+from _machine import machine  # noqa: E402  (benchmarks run as scripts)
 
-def machine() -> str:
-    """CPU model and torch threads (or the GPU), for the table header."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+
 
 
 def timeit(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

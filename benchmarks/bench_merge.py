@@ -17,8 +17,6 @@ Run ``python benchmarks/bench_merge.py`` (``--help`` for options); build the zoo
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,21 +27,12 @@ from weightlens import zoo
 from weightlens.merge import merge
 from weightlens.taskvectors import TaskVectors
 
+from _machine import machine  # noqa: E402  (benchmarks run as scripts)
+
 METHODS = ("tsv", "iso_cts", "iso_c", "star", "ties", "task_arithmetic")
 SWITCH = {"tsv": "star", "iso_c": "iso_cts"}
 
 
-def machine() -> str:
-    """CPU model and torch threads (or the GPU), for the table header."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
 
 
 def seconds(fn: Callable[[], object]) -> float:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,16 +38,9 @@ import weightlens as wl
 from weightlens import zoo
 from weightlens.analysis import analyze
 
+from _machine import machine  # noqa: E402  (benchmarks run as scripts)
 
-def machine() -> str:
-    """CPU model, torch threads and cores, for the table header."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+
 
 
 def load() -> str:

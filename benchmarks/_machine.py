@@ -1,0 +1,22 @@
+"""What every benchmark prints in its header: the machine the figures were taken on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def machine(device: torch.device | str | None = None) -> str:
+    """The GPU's name when ``device`` is CUDA (or None and CUDA is present), else CPU model, threads, cores."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None and torch.cuda.is_available()) or (dev is not None and dev.type == "cuda"):
+        return f"{torch.cuda.get_device_name(dev)} (torch {torch.__version__})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
