@@ -156,3 +156,16 @@ def test_alpha_only_change_reuses_the_merged_svd(tv):
     # SAR does not depend on the scale; kept flips sign with alpha
     pa, pb = a.per_task.query("which == 'merged'"), b.per_task.query("which == 'merged'")
     assert np.allclose(pa["sar"], pb["sar"]) and np.allclose(pb["kept"], -0.5 * pa["kept"].to_numpy())
+
+
+@pytest.mark.parametrize("method", ["tsv", "ties"])
+def test_rescaled_comparison_equals_a_fresh_compare_at_the_new_alpha(tv, method):
+    at_half = compare(tv, merge(tv, method=method, alpha=0.5))
+    moved = at_half.rescaled(1.25)
+    fresh = compare(tv, merge(tv, method=method, alpha=1.25))
+    assert moved.params["alpha"] == 1.25
+    for table, cols in (("per_task", ["sar", "kept", "cos"]), ("spectrum", ["sigma"]), ("alignment", ["sar", "kept"])):
+        a, b = getattr(moved, table), getattr(fresh, table)
+        np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-4, atol=1e-6)
+    with pytest.raises(wl.InvalidParameterError, match="positive"):
+        at_half.rescaled(0.0)

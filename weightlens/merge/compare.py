@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -92,6 +92,37 @@ class Comparison:
             "mass_side_won": g["w"] / n,
             "opposing_mass": g["o"] / g["conflict_mass"].where(g["conflict_mass"] > 0),
         }).reset_index()
+
+    def rescaled(self, alpha: float) -> Comparison:
+        """The comparison of the same merge at another ``alpha`` (> 0), without recomputing anything.
+
+        A merge at ``alpha`` has update ``alpha * u``; for ``r = alpha / alpha_0 > 0`` the merged rows
+        change only by scale: singular values and ``kept`` are multiplied by ``r``; SAR (the top-k
+        subspace and its rank rule), ``cos`` and every sign statistic are unchanged. The
+        task-arithmetic rows never depend on ``alpha``. This is what lets a slider move in milliseconds.
+        """
+        alpha0 = float(self.params["alpha"])
+        if not (alpha > 0 and alpha0 > 0):
+            raise InvalidParameterError(
+                f"Comparison.rescaled needs positive alphas; got {alpha0} -> {alpha}. Call compare() on that merge."
+            )
+        if alpha == alpha0:
+            return self
+        r = alpha / alpha0
+
+        def scaled(table: pd.DataFrame, column: str) -> pd.DataFrame:
+            out = table.copy()
+            mask = out["which"] == "merged"
+            out.loc[mask, column] = out.loc[mask, column] * r
+            return out
+
+        return replace(
+            self,
+            params={**self.params, "alpha": float(alpha)},
+            per_task=scaled(self.per_task, "kept"),
+            alignment=scaled(self.alignment, "kept"),
+            spectrum=scaled(self.spectrum, "sigma"),
+        )
 
 
 # ------------------------------------------------------------------------------- small pieces

@@ -1,6 +1,6 @@
 """Pieces shared by the widgets: in-place FigureWidget updates, debouncing, errors, headless display.
 
-Nothing here computes a metric. :func:`rescale_comparison` only applies the scaling identities of
+Nothing here computes a metric. :meth:`weightlens.merge.Comparison.rescaled` applies the scaling identities of
 ``weightlens.merge.compare`` under a change of ``alpha`` (documented there and checked against a
 fresh :func:`~weightlens.merge.compare` in ``tests/test_widgets.py``).
 
@@ -12,7 +12,6 @@ every update (``../shared/recipes/jupyter-and-browser.md``, pitfall P1).
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import os
@@ -34,7 +33,6 @@ __all__ = [
     "figure_widget",
     "headless",
     "refresh",
-    "rescale_comparison",
     "resync",
     "short_key",
 ]
@@ -92,41 +90,6 @@ def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
 
 
 # ------------------------------------------------------------------------------ comparisons
-def rescale_comparison(comparison: Any, alpha: float) -> Any:
-    """The :class:`~weightlens.merge.Comparison` of the same merge at another ``alpha`` (> 0).
-
-    A merge at ``alpha`` has update ``alpha * u``; for ``r = alpha / alpha_0 > 0`` the merged rows
-    change only by scale: singular values and ``kept`` are multiplied by ``r``; SAR (the top-k
-    subspace and its rank rule), ``cos`` and every sign statistic are unchanged. The
-    task-arithmetic rows never depend on ``alpha``.
-
-    Raises
-    ------
-    ValueError
-        If either alpha is not positive (then call ``compare`` on the merge itself).
-    """
-    alpha0 = float(comparison.params["alpha"])
-    if not (alpha > 0 and alpha0 > 0):
-        raise ValueError(f"rescale_comparison needs positive alphas; got {alpha0} -> {alpha}.")
-    if alpha == alpha0:
-        return comparison
-    r = alpha / alpha0
-
-    def scaled(table: Any, column: str) -> Any:
-        out = table.copy()
-        mask = out["which"] == "merged"
-        out.loc[mask, column] = out.loc[mask, column] * r
-        return out
-
-    return dataclasses.replace(
-        comparison,
-        params={**comparison.params, "alpha": float(alpha)},
-        per_task=scaled(comparison.per_task, "kept"),
-        alignment=scaled(comparison.alignment, "kept"),
-        spectrum=scaled(comparison.spectrum, "sigma"),
-    )
-
-
 # ------------------------------------------------------------------------------ debouncing
 class Debouncer:
     """Run ``fn(*args)`` on a background thread ``delay`` seconds after the last :meth:`schedule`.

@@ -6,7 +6,7 @@ Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.s
 
 Speed: merges are lazy and their unscaled updates cached in ``tv.cache``; a comparison is computed
 once per (tasks, method, parameters other than ``alpha``) and a move of ``alpha`` rescales it
-(:func:`~weightlens.widgets._common.rescale_comparison`), so the slider never recomputes an SVD or
+(:meth:`~weightlens.merge.Comparison.rescaled`), so the slider never recomputes an SVD or
 re-reads a tensor. A new method or parameter value is merged at once and the shown key's spectrum
 drawn from a one-key comparison; the whole-model comparison behind the other panels, then the
 accuracy (when ``evaluate`` is given), run on a background thread once the controls have been
@@ -40,7 +40,6 @@ from weightlens.widgets._common import (
     Panel,
     figure_widget,
     refresh,
-    rescale_comparison,
     short_key,
 )
 
@@ -301,7 +300,7 @@ class MergeStudio(Panel):
         if comp is None or alpha <= 0:
             return None
         table.move_to_end(tag)
-        return rescale_comparison(comp, alpha)
+        return comp.rescaled(alpha)
 
     def _store(self, table: OrderedDict, tag: tuple, comp: Any) -> None:
         if float(comp.params["alpha"]) > 0:
