@@ -23,3 +23,10 @@ def test_documented_names_resolve():
         assert getattr(wl, name) is not None, name
     assert callable(wl.analyze) and callable(wl.merge)
     assert set(wl._LAZY) <= set(dir(wl))
+
+
+def test_importing_the_merge_subpackage_keeps_wl_merge_a_function():
+    import weightlens.merge.compare  # noqa: F401  (binds the subpackage on its parent)
+    from weightlens.merge import merge
+
+    assert wl.merge is merge and callable(wl.merge)

@@ -13,6 +13,8 @@ Examples
 """
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from weightlens.errors import (
@@ -47,6 +49,20 @@ _LAZY = {
     "widgets": ("weightlens.widgets", None),
     "zoo": ("weightlens.zoo", None),
 }
+
+
+class _Package(types.ModuleType):
+    """``weightlens`` itself: importing the subpackage ``weightlens.merge`` must not replace the
+    function ``wl.merge`` (the import system binds a subpackage on its parent by name)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS_NAMED_LIKE_SUBPACKAGES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_FUNCTIONS_NAMED_LIKE_SUBPACKAGES = {"merge"}
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
