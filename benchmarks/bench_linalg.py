@@ -10,7 +10,7 @@ For each device present (CPU; CUDA when available) and each shape it reports, as
   ``max |U^T U - I|`` (both in float64), and the driver the table in ``weightlens.linalg`` picks.
 
 Run ``python benchmarks/bench_linalg.py`` (``--help`` for options) and record the figures in
-``benchmarks/RESULTS.md``; retune ``weightlens.linalg.backend.CUDA_DRIVER_TABLE`` from them.
+``benchmarks/RESULTS.md``; retune ``weightlens.linalg.devices.CUDA_DRIVER_TABLE`` from them.
 """
 
 from __future__ import annotations

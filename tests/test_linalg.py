@@ -16,7 +16,7 @@ import torch
 
 from weightlens import linalg
 from weightlens.errors import DTypeError, InvalidParameterError, NonFiniteError, WeightlensError
-from weightlens.linalg import SVD, DecompositionCache, DecompositionError, backend
+from weightlens.linalg import SVD, DecompositionCache, DecompositionError, backend, devices
 
 HAS_CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
@@ -118,11 +118,11 @@ def test_choose_driver_table(monkeypatch):
     assert linalg.choose_driver((256, 256), cuda) == "gesvda"
     assert linalg.choose_driver((768, 3072), cuda) == "gesvda"
     assert linalg.choose_driver((4, 384, 384), cuda) == "gesvda"  # batched shapes: last two dims
-    monkeypatch.setattr(backend, "CUDA_DRIVER_TABLE", ((1024, "gesvd"), (64, "gesvdj"), (0, None)))
+    monkeypatch.setattr(devices, "CUDA_DRIVER_TABLE", ((1024, "gesvd"), (64, "gesvdj"), (0, None)))
     assert linalg.choose_driver((2048, 2048), cuda) == "gesvd"
     assert linalg.choose_driver((100, 100), cuda) == "gesvdj"
     assert linalg.choose_driver((8, 8), cuda) is None
-    monkeypatch.setattr(backend, "_magma_preferred", lambda: True)
+    monkeypatch.setattr(devices, "_magma_preferred", lambda: True)
     assert linalg.choose_driver((2048, 2048), cuda) is None
 
 

@@ -30,7 +30,7 @@ eps(dtype)`` (3.3e-4 at 768x768 in float32, ~1000x the H100 figure); a failure r
 
 **The table is unmeasured in this session (written without a GPU).** Re-measure with
 ``python benchmarks/bench_linalg.py`` on the GPU, record the figures in ``benchmarks/RESULTS.md``
-and edit :data:`CUDA_DRIVER_TABLE`. When torch prefers MAGMA no driver is passed (torch accepts
+and edit :data:`~weightlens.linalg.devices.CUDA_DRIVER_TABLE`. When torch prefers MAGMA no driver is passed (torch accepts
 ``driver=`` only with cuSOLVER).
 
 Conventions
@@ -57,6 +57,13 @@ import torch
 from torch import Tensor
 
 from weightlens.errors import DTypeError, InvalidParameterError, NonFiniteError, WeightlensError
+from weightlens.linalg.devices import (  # noqa: F401  (re-exported: the backend's public surface)
+    CUDA_DRIVER_TABLE,
+    GESVDA_RTOL_FACTOR,
+    choose_driver,
+    gesvda_tolerance,
+    resolve_device,
+)
 
 __all__ = [
     "CUDA_DRIVER_TABLE",
@@ -74,18 +81,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-#: CUDA driver per shape, rows ``(smallest min(m, n), driver)``; the first row whose threshold
-#: ``min(m, n)`` reaches wins, so keep thresholds descending. ``None`` = torch's default (Jacobi
-#: with torch's fallback to gesvd; ``gesvdjBatched`` for <= 32x32). Unmeasured in this session;
-#: figures go to benchmarks/RESULTS.md. gesvda results are always verified (see module docstring).
-CUDA_DRIVER_TABLE: tuple[tuple[int, str | None], ...] = (
-    (256, "gesvda"),
-    (0, None),
-)
-
-#: gesvda is accepted when its probe residuals are below ``factor * sqrt(max(m, n)) * eps``.
-GESVDA_RTOL_FACTOR: float = 100.0
 
 #: ``method="auto"`` in :func:`topk_svd` goes randomized when ``min(m, n) >= _RANDOMIZED_MIN_SIDE``
 #: and ``k <= min(m, n) // _RANDOMIZED_FRACTION``.
@@ -131,112 +126,6 @@ class _Attempt(NamedTuple):
 
     def describe(self) -> str:
         return f"{self.device}/{str(self.dtype).removeprefix('torch.')}/{self.driver or 'default'}"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device`` into a device.
-
-    Parameters
-    ----------
-    device : str or torch.device, default="auto"
-        ``"auto"`` is CUDA (the current GPU) when available, else the CPU.
-
-    Returns
-    -------
-    torch.device
-        ``cpu`` or ``cuda:<index>`` (always with an index, so equal devices compare equal).
-
-    Raises
-    ------
-    InvalidParameterError
-        CUDA requested where it is not available, an index past the last GPU, or another device.
-    """
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return _current_cuda() if torch.cuda.is_available() else _CPU
-    dev = _parse_device(device)
-    if dev.type == "cpu":
-        return _CPU
-    if dev.type != "cuda":
-        raise InvalidParameterError(
-            f"The 'device' parameter must be 'auto', 'cpu' or 'cuda[:index]'. Got {device!r} "
-            f"instead; weightlens decomposes on CPU or CUDA only."
-        )
-    if not torch.cuda.is_available():
-        raise InvalidParameterError(
-            f"device={device!r} was requested but CUDA is not available here (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Pass device='cpu', "
-            f"or device='auto' to use a GPU only when one is present."
-        )
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise InvalidParameterError(
-            f"device={device!r} was requested but only {count} CUDA device(s) exist "
-            f"(indices 0..{count - 1})."
-        )
-    return torch.device("cuda", index)
-
-
-def _parse_device(device: object) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
-        try:
-            return torch.device(device.strip())
-        except RuntimeError as exc:
-            raise InvalidParameterError(
-                f"The 'device' parameter must be 'auto', 'cpu' or 'cuda[:index]'. Got {device!r} "
-                f"instead ({exc})."
-            ) from None
-    raise InvalidParameterError(
-        f"The 'device' parameter must be a str or torch.device. Got {type(device).__name__} "
-        f"{device!r} instead."
-    )
-
-
-def _current_cuda() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def choose_driver(shape: tuple[int, int], device: torch.device) -> str | None:
-    """cuSOLVER driver for an ``(m, n)`` matrix on ``device`` (``None`` on the CPU).
-
-    Looks ``min(m, n)`` up in :data:`CUDA_DRIVER_TABLE` (the one table to retune). ``None`` means
-    torch's default driver. Also ``None`` when torch prefers MAGMA, which takes no driver.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        ``(m, n)``; longer shapes use their last two entries.
-    device : torch.device
-        The compute device.
-
-    Returns
-    -------
-    str or None
-        ``"gesvd"``, ``"gesvdj"``, ``"gesvda"`` or ``None``.
-    """
-    if torch.device(device).type != "cuda" or _magma_preferred():
-        return None
-    side = min(int(shape[-2]), int(shape[-1]))
-    for threshold, driver in CUDA_DRIVER_TABLE:
-        if side >= threshold:
-            return driver
-    return None
-
-
-def _magma_preferred() -> bool:
-    try:
-        backend = torch.backends.cuda.preferred_linalg_library()
-        return backend == torch._C._LinalgBackend.Magma
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def gesvda_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
-    """Relative tolerance a gesvda result must meet: ``factor * sqrt(max(m, n)) * eps(dtype)``."""
-    side = max(int(shape[-2]), int(shape[-1]), 1)
-    return GESVDA_RTOL_FACTOR * math.sqrt(side) * torch.finfo(dtype).eps
 
 
 def svd(
