@@ -278,8 +278,46 @@ def test_topk_method_auto_rule():
     assert backend._pick_method("auto", 5, (100, 100)) == "exact"  # small matrix
     assert backend._pick_method("auto", 8, (700, 560)) == "randomized"
     assert backend._pick_method("auto", 64, (512, 768)) == "randomized"
-    assert backend._pick_method("auto", 65, (512, 768)) == "exact"  # k > min // 8
+    assert backend._pick_method("auto", 65, (512, 768)) == "eigh"  # k > min // 8, k <= min // 4, CPU
+    assert backend._pick_method("auto", 65, (512, 768), torch.device("cuda")) == "exact"
+    assert backend._pick_method("auto", 129, (512, 768)) == "exact"  # k > min // 4
+    assert backend._pick_method("auto", 19, (384, 384)) == "eigh"
+    assert backend._pick_method("auto", 8, (700, 560), approximate=False) == "eigh"  # exact methods only
+    assert backend._pick_method("auto", 8, (700, 560), torch.device("cuda"), approximate=False) == "exact"
     assert backend._pick_method("exact", 1, (4096, 4096)) == "exact"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(300, 140), (140, 300), (2, 150, 150)])
+def test_topk_eigh_matches_float64_reference(device, dtype, shape):
+    *batch, m, n = shape
+    r, k = min(m, n), 20
+    values = np.geomspace(50.0, 0.05, r)  # distinct values, a 1000x range inside the top k and below
+    a = np.stack([planted(m, n, values, seed=40 + i) for i in range(batch[0] if batch else 1)])
+    a = a if batch else a[0]
+    res = linalg.topk_svd(torch.from_numpy(a), k, method="eigh", device=device, dtype=dtype)
+    assert res.U.shape == (*batch, m, k) and res.S.shape == (*batch, k) and res.Vh.shape == (*batch, k, n)
+    assert all(t.device.type == device and t.dtype == dtype for t in res)
+    U, S, Vh = np.linalg.svd(a, full_matrices=False)
+    tol = 10 * TOL[torch.float32]  # the float64 Gram matrix is at least as accurate as a float32 SVD
+    assert np.abs(np64(res.S) - S[..., :k]).max() <= tol * S.max()
+    eye = np.eye(k)
+    assert np.abs(np64(res.U).swapaxes(-1, -2) @ np64(res.U) - eye).max() <= tol
+    assert np.abs(np64(res.Vh) @ np64(res.Vh).swapaxes(-1, -2) - eye).max() <= tol
+    proj = np64(res.U) @ np64(res.U).swapaxes(-1, -2)  # the same leading subspace as LAPACK's
+    assert np.abs(proj - U[..., :k] @ U[..., :k].swapaxes(-1, -2)).max() <= tol
+    exact = linalg.topk_svd(torch.from_numpy(a), k, method="exact", device=device, dtype=dtype)
+    assert np.abs(np64(res.U) - np64(exact.U)).max() <= 1e-3  # same sign convention
+
+
+def test_topk_eigh_falls_back_to_exact_below_its_range():
+    rank3 = planted(200, 160, np.array([3.0, 2.0, 1.0]), seed=44)  # k = 8 > rank: zero values in the top k
+    steep = planted(200, 160, np.geomspace(1.0, 1e-7, 160), seed=45)  # sigma_k / sigma_1 < 1e-4
+    for a in (rank3, steep):
+        res = linalg.topk_svd(torch.from_numpy(a), 8 if a is rank3 else 100, method="eigh")
+        exact = linalg.topk_svd(torch.from_numpy(a), res.S.shape[0], method="exact")
+        assert all(torch.equal(x, y) for x, y in zip(res, exact))
 
 
 def test_topk_k_zero_and_validation():
@@ -292,6 +330,8 @@ def test_topk_k_zero_and_validation():
             linalg.topk_svd(a, bad)
     with pytest.raises(InvalidParameterError, match="'method'"):
         linalg.topk_svd(a, 2, method="arpack")
+    with pytest.raises(InvalidParameterError, match="'eigh'"):  # the message lists every method
+        linalg.topk_svd(a, 2, method="lanczos")
     with pytest.raises(InvalidParameterError, match="'oversample'"):
         linalg.topk_svd(a, 2, oversample=-1)
     with pytest.raises(InvalidParameterError, match="'niter'"):
@@ -641,7 +681,7 @@ def test_cache_threads_share_results():
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
     allowed = {"__future__", "collections", "dataclasses", "functools", "math", "threading", "typing",
-               "numpy", "scipy", "torch", "weightlens"}
+               "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -353,3 +353,39 @@ def test_iso_cts_size_guard_is_noted():
     merged = merge(wl.TaskVectors(base, fts), method="iso_cts", common_fraction=0.1)
     notes = list(merged.notes["note"])
     assert "negative common size" in notes[0] and "no task-specific room" in notes[1]
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_methods_hand_over_an_svd_of_their_update(tv, method):
+    merged = merge(tv, method=method, alpha=0.7)
+    for key in ("enc.weight", "dec.weight"):
+        factors = merged.key_update(key).factors
+        assert factors is not None, key
+        U, S, Vh = (t.double() for t in merged.update_svd(key))
+        want = merged.update(key).double()
+        r = min(want.shape)
+        torch.testing.assert_close(U @ torch.diag(S) @ Vh, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        torch.testing.assert_close(U.T @ U, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-5)
+        torch.testing.assert_close(Vh @ Vh.T, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-5)
+        ref = torch.linalg.svdvals(want)  # independent: float64 LAPACK on the materialised update
+        torch.testing.assert_close(S, ref, rtol=0, atol=1e-5 * float(ref[0]))
+    assert not any(k[0] == "update_svd" for k in tv.cache._entries)  # nothing was decomposed
+
+
+def test_factors_of_the_wrong_shape_are_rejected(tv):
+    from weightlens import linalg
+    from weightlens.merge.registry import KeyUpdate, register_merge, unregister
+
+    @register_merge("test_bad_factors")
+    def bad_factors(ctx, key) -> KeyUpdate:
+        total = ctx.deltas(key).sum(0)
+        if total.ndim != 2:
+            return KeyUpdate(total)
+        U, S, Vh = linalg.svd(total)
+        return KeyUpdate(total, (), linalg.SVD(U[:, :1], S[:1], Vh[:1]))
+
+    try:
+        with pytest.raises(wl.ShapeMismatchError, match=r"test_bad_factors.*factors of shapes.*key 'enc.weight'"):
+            merge(tv, method="test_bad_factors").update_svd("enc.weight")
+    finally:
+        unregister("test_bad_factors")

@@ -128,35 +128,61 @@ class Comparison:
 # ------------------------------------------------------------------------------- small pieces
 def sign_outcomes(deltas: torch.Tensor, update: torch.Tensor) -> dict[str, float]:
     """Sign-conflict statistics of one key for one update (see module docstring)."""
-    flat = deltas.reshape(deltas.shape[0], -1).to(torch.float64)
-    u = torch.sign(update.reshape(-1).to(torch.float64))
-    pos, neg = (flat > 0).sum(0), (flat < 0).sum(0)
-    contested = (pos + neg) >= 2
-    conflict = (pos > 0) & (neg > 0)
-    n_conf = int(conflict.sum())
-    mass = flat.abs()[:, conflict]
-    against = (torch.sign(flat[:, conflict]) == -u[conflict]) & (u[conflict] != 0)
-    total_mass = float(mass.sum())
-    return {
-        "coords": flat.shape[1],
-        "contested": int(contested.sum()),
-        "conflicting": n_conf,
-        "zeroed": float((u[conflict] == 0).double().mean()) if n_conf else math.nan,
-        "mass_side_won": float((u[conflict] == torch.sign(flat[:, conflict].sum(0))).double().mean())
-        if n_conf else math.nan,
-        "opposing_mass": float(mass[against].sum()) / total_mass if total_mass > 0 else math.nan,
-        "conflict_mass": total_mass,
-    }
+    return _outcomes(deltas, update)[0]
 
 
 def task_agreement(delta: torch.Tensor, update: torch.Tensor) -> tuple[int, int]:
     """``(nonzero, agree)``: non-zero entries of ``delta`` and how many share the update's sign."""
-    nz = delta != 0
-    return int(nz.sum()), int((torch.sign(delta) == torch.sign(update))[nz].sum())
+    per_task = _outcomes(delta[None], update)[1]
+    return per_task["nonzero"][0], per_task["agree"][0]
 
 
-def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.to(torch.float64) * b.to(torch.float64)).sum())
+def _outcomes(deltas: torch.Tensor, update: torch.Tensor) -> tuple[dict[str, float], dict[str, list]]:
+    """Sign statistics of one key, and per task: non-zero and agreeing entries, inner products.
+
+    Elementwise work stays in float32 (signs are exact there, and it is several times faster than
+    float64 on the CPU) without boolean indexing; counts are exact integers (``count_nonzero``),
+    inner products are float64. Vectorised over tasks.
+    """
+    x = deltas.reshape(deltas.shape[0], -1).to(torch.float32)
+    u = update.reshape(-1).to(torch.float32)
+    if not bool(x.any()):  # frozen in every task (e.g. embeddings): nothing is contested
+        return _frozen_outcomes(x, u)
+    sd, su = torch.sign(x), torch.sign(u)
+    net, count = sd.sum(0), sd.abs().sum(0)  # pos - neg and pos + neg per coordinate (exact for T < 2^24)
+    conflict = net.abs() < count  # both signs present
+    n_conf = int(torch.count_nonzero(conflict))
+    mag = x.abs()
+    total_mass = float((mag * conflict).sum())
+    against = (sd == -su) & (su != 0) & conflict
+    won = (su == torch.sign(x.sum(0))) & conflict  # the sum's sign: as task arithmetic computes it
+    stats = {
+        "coords": x.shape[1],
+        "contested": int(torch.count_nonzero(count >= 2)),
+        "conflicting": n_conf,
+        "zeroed": int(torch.count_nonzero((su == 0) & conflict)) / n_conf if n_conf else math.nan,
+        "mass_side_won": int(torch.count_nonzero(won)) / n_conf if n_conf else math.nan,
+        "opposing_mass": float((mag * against).sum()) / total_mass if total_mass > 0 else math.nan,
+        "conflict_mass": total_mass,
+    }
+    x64, u64 = x.to(torch.float64), u.to(torch.float64)
+    per_task = {
+        "nonzero": torch.count_nonzero(sd, dim=1).tolist(),
+        "agree": torch.count_nonzero(sd * su > 0, dim=1).tolist(),  # same non-zero sign
+        "tu": (x64 @ u64).tolist(),
+        "tt": torch.linalg.vector_norm(x64, dim=1).square().tolist(),
+        "uu": float(u64 @ u64),
+    }
+    return stats, per_task
+
+
+def _frozen_outcomes(x: torch.Tensor, u: torch.Tensor) -> tuple[dict[str, float], dict[str, list]]:
+    """What :func:`_outcomes` gives for all-zero task matrices, without the elementwise passes."""
+    T, n = x.shape
+    stats = {"coords": n, "contested": 0, "conflicting": 0, "zeroed": math.nan, "mass_side_won": math.nan,
+             "opposing_mass": math.nan, "conflict_mass": 0.0}
+    uu = float(torch.linalg.vector_norm(u.to(torch.float64)) ** 2)
+    return stats, {"nonzero": [0] * T, "agree": [0] * T, "tu": [0.0] * T, "tt": [0.0] * T, "uu": uu}
 
 
 # ------------------------------------------------------------------------------- the walk
@@ -168,44 +194,53 @@ def _merged_update(merged: Mapping[str, torch.Tensor], tv: TaskVectors, key: str
     return merged[key].to(torch.float32) - tv.base_tensor(key).to(torch.float32)
 
 
-def _spectral_rows(
-    tv: TaskVectors, key: str, updates: dict[str, torch.Tensor], deltas: torch.Tensor, opts: dict[str, Any]
-) -> tuple[list[dict], list[dict]]:
-    """Alignment and spectrum rows of one matrix key for both updates."""
-    align, spec = [], []
-    svds = {
-        "merged": opts["merged_svd"](key),
-        "task_arithmetic": decompose.sum_svd(tv, key, device=opts["device"], delta=updates["task_arithmetic"]),
-    }
-    for which, (U, S, _) in svds.items():
+def _side_rows(
+    tv: TaskVectors, key: str, which: str, upd: torch.Tensor, deltas: torch.Tensor,
+    svd: linalg.SVD | None, opts: dict[str, Any],
+) -> dict[str, list]:
+    """Every row of one key for one update: alignment and spectrum (matrices), signs, per-task sums."""
+    out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
+    if svd is not None:
+        U, S, _ = svd
         S = S.cpu()
         k = rank_for_energy(S, opts["eps"], criterion=opts["criterion"])
         curve = sar_curve(deltas, U[:, :k])  # (T, k + 1): SAR at every rank up to k
-        spec += [{"key": key, "which": which, "index": i, "sigma": float(s)} for i, s in enumerate(S)]
-        for t, task in enumerate(tv.names):
-            align.append({"task": task, "key": key, "which": which, "sar": float(curve[t, k]), "k": k})
-    return align, spec
+        out["spectrum"] = [{"key": key, "which": which, "index": i, "sigma": float(s)} for i, s in enumerate(S)]
+        out["alignment"] = [{"task": task, "key": key, "which": which, "sar": float(curve[t, k]), "k": k}
+                            for t, task in enumerate(tv.names)]
+    stats, per_task = _outcomes(deltas, upd)
+    rate = stats["conflicting"] / stats["contested"] if stats["contested"] else math.nan
+    out["signs"].append({"key": key, "which": which, **stats, "conflict_rate": rate,
+                         "chance_rate": chance_conflict(len(tv))})
+    for t, task in enumerate(tv.names):
+        nonzero, agree = per_task["nonzero"][t], per_task["agree"][t]
+        out["task_signs"].append({"task": task, "key": key, "which": which, "nonzero": nonzero, "agree": agree,
+                                  "agreement": agree / nonzero if nonzero else math.nan})
+        out["inner"].append({"task": task, "key": key, "which": which, "tu": per_task["tu"][t],
+                             "tt": per_task["tt"][t], "uu": per_task["uu"]})
+    return out
 
 
 def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opts: dict[str, Any]) -> dict:
+    """Rows of one key for the merge and for task arithmetic.
+
+    The task-arithmetic rows depend only on the task vectors and the rank rule, so they are cached
+    in ``tv.cache``: comparing another merge of the same tasks (a method switch in the studio)
+    computes only the merge's half.
+    """
+    spectral = tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
     deltas = tv.deltas(key)
-    updates = {"merged": _merged_update(merged, tv, key), "task_arithmetic": deltas.sum(0)}
-    out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
-    if tv.kind(key) == "matrix" and min(tv.shape(key)) > 0:
-        out["alignment"], out["spectrum"] = _spectral_rows(tv, key, updates, deltas, opts)
-    chance = chance_conflict(len(tv))
-    for which, upd in updates.items():
-        stats = sign_outcomes(deltas, upd)
-        rate = stats["conflicting"] / stats["contested"] if stats["contested"] else math.nan
-        out["signs"].append({"key": key, "which": which, **stats, "conflict_rate": rate, "chance_rate": chance})
-        uu = _inner(upd, upd)
-        for t, task in enumerate(tv.names):
-            nonzero, agree = task_agreement(deltas[t], upd)
-            out["task_signs"].append({"task": task, "key": key, "which": which, "nonzero": nonzero, "agree": agree,
-                                      "agreement": agree / nonzero if nonzero else math.nan})
-            out["inner"].append({"task": task, "key": key, "which": which, "tu": _inner(deltas[t], upd),
-                                 "tt": _inner(deltas[t], deltas[t]), "uu": uu})
-    return out
+    merged_rows = _side_rows(tv, key, "merged", _merged_update(merged, tv, key), deltas,
+                             opts["merged_svd"](key) if spectral else None, opts)
+
+    def task_arithmetic() -> dict[str, list]:
+        total = deltas.sum(0)
+        svd = decompose.sum_svd(tv, key, device=opts["device"], delta=total) if spectral else None
+        return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts)
+
+    tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))
+    ta_rows = tv.cache.get_or_compute(tag, task_arithmetic)
+    return {name: rows + ta_rows[name] for name, rows in merged_rows.items()}
 
 
 def _finish(rows: dict[str, list]) -> dict[str, pd.DataFrame]:

@@ -195,11 +195,17 @@ class MergeResult(Mapping[str, torch.Tensor]):
         """Thin SVD of :meth:`update` for a matrix key; the unscaled factors are cached in ``tv.cache``.
 
         A call on a merge that differs only in ``alpha`` reuses them (``S`` scales by ``|alpha|``).
+        Methods that build their update from orthonormal factors (TSV-M, Iso-C, Iso-CTS) hand them
+        over (``KeyUpdate.factors``): no decomposition at all. For Iso's flat spectra the leading
+        columns are then the method's own ordering (the sum's, for Iso-C), not an arbitrary basis.
         """
-        u = self.key_update(key).update
+        ku = self.key_update(key)
         ctx = self._ctx
-        U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
-                              lambda: linalg.svd(u, device=ctx.device, name=key))
+        if ku.factors is not None:  # the method built its update from these (TSV-M, Iso)
+            U, S, Vh = ku.factors
+        else:
+            U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
+                                  lambda: linalg.svd(ku.update, device=ctx.device, name=key))
         a = self.alpha
         return linalg.SVD(U, abs(a) * S, Vh if a >= 0 else -Vh)
 
@@ -314,7 +320,22 @@ def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
         raise ShapeMismatchError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for "
                                  f"key {key!r}; expected {shape} (the key's shape).")
     update = ku.update.detach().to(device="cpu", dtype=torch.float32)
-    return KeyUpdate(update, tuple(ku.notes))
+    return KeyUpdate(update, tuple(ku.notes), _checked_factors(spec, key, ku.factors, shape))
+
+
+def _checked_factors(spec: MergeMethod, key: str, factors: Any, shape: tuple[int, ...]) -> linalg.SVD | None:
+    """A method's SVD of its update, shape-checked (``None`` when it gave none)."""
+    if factors is None:
+        return None
+    U, S, Vh = factors
+    r = min(shape)
+    if tuple(U.shape) != (shape[0], r) or tuple(S.shape) != (r,) or tuple(Vh.shape) != (r, shape[1]):
+        raise ShapeMismatchError(
+            f"Merge method {spec.name!r} returned factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, "
+            f"{tuple(Vh.shape)} for key {key!r}; a thin SVD of shape {shape} needs ({shape[0]}, {r}), "
+            f"({r},), ({r}, {shape[1]})."
+        )
+    return linalg.SVD(U.detach(), S.detach(), Vh.detach())
 
 
 def _full(base: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:

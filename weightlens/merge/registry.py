@@ -82,10 +82,14 @@ class KeyUpdate:
     ----------
     update : unscaled merged update (fp32, CPU, shape of the key); the engine multiplies by alpha.
     notes : degenerate cases met on this key, one sentence each (reported in ``MergeResult.notes``).
+    factors : optional thin SVD ``(U, S, Vh)`` of ``update`` (``S`` descending, ``min(m, n)``
+        values) for a method that builds its update from orthonormal factors anyway (TSV-M, Iso):
+        ``MergeResult.update_svd`` then needs no decomposition.
     """
 
     update: torch.Tensor
     notes: tuple[str, ...] = ()
+    factors: Any = None
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,16 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
     V_perp = linalg.polar(V_hat, device=dev, name=key)
     notes = _zero_notes(ctx, key, "TSV-M", "its singular vectors are arbitrary (weight 0) but still "
                         "enter the orthogonalisation (reference behaviour)")
-    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes))
+    order = torch.argsort(S_hat, descending=True, stable=True)  # U_perp, V_perp orthonormal: an SVD
+    factors = linalg.SVD(U_perp[:, order], S_hat[order], V_perp[:, order].mT)
+    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
+
+
+def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, r: int) -> linalg.SVD | None:
+    """``(U, sigma * 1, Vh)``: the SVD of ``sigma * U @ Vh`` for orthonormal ``U``, ``Vh`` of ``r`` columns."""
+    if U.shape[1] != r:
+        return None  # restricted to fewer directions: let update_svd decompose it
+    return linalg.SVD(U, sigma * torch.ones(r, dtype=U.dtype, device=U.device), Vh)
 
 
 # --------------------------------------------------------------------------------------- Iso
@@ -117,7 +126,8 @@ def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> K
     if rank == 0:
         return KeyUpdate(torch.zeros(ctx.shape(key)), (f"{method}: the task-arithmetic sum is zero: zero update.",))
     sigma_bar = S[:keep].mean()
-    return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes)
+    factors = _flat(U[:, :keep], sigma_bar, Vh[:keep], S.numel())
+    return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes, factors)
 
 
 @register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025")
@@ -155,14 +165,17 @@ def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, in
     return r - n_tasks * s, s
 
 
-def _residual_svd(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor) -> linalg.SVD:
-    """Thin SVD of ``R_t = delta_t - Uc Uc^T delta_t`` (cached per task set, key, task and k)."""
+def _residual_svd(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor, s: int) -> linalg.SVD:
+    """Leading ``s`` triplets of ``R_t = delta_t - Uc Uc^T delta_t`` (cached per task set, key, task, k, s).
+
+    Only the top ``s`` are used, so ``linalg.topk_svd`` picks its cheapest *exact* method for them.
+    """
 
     def compute() -> linalg.SVD:
         d = ctx.delta(task, key).to(Uc.device)
-        return linalg.svd(d - Uc @ (Uc.mT @ d), device=Uc.device, name=key)
+        return linalg.topk_svd(d - Uc @ (Uc.mT @ d), s, approximate=False, device=Uc.device, name=key)
 
-    return ctx.cached(("iso_cts_residual", key, task, Uc.shape[1]), compute)
+    return ctx.cached(("iso_cts_residual", key, task, Uc.shape[1], s), compute)
 
 
 def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int, restrict: bool) -> tuple[list, list, list, list[str]]:
@@ -175,7 +188,7 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int, restrict: bool) -> 
     kc = min(k, rank) if restrict else k
     Us, Vs, sig = [U[:, :kc]], [Vh[:kc].mT], [S[:kc]]
     for task in ctx.tasks:  # restricted: only the kept common directions are projected out
-        Ur, Sr, Vhr = _residual_svd(ctx, key, task, U[:, :kc])
+        Ur, Sr, Vhr = _residual_svd(ctx, key, task, U[:, :kc], s)
         rank = linalg.numerical_rank(Sr, shape)
         if rank < s:
             notes.append(_rank_note("Iso-CTS", f"the residual of task {task!r}", rank, s, restrict))
@@ -222,7 +235,7 @@ def iso_cts(
         ku = _iso_c_update(ctx, key, restrict_to_numerical_rank, "Iso-CTS")
         note = (f"Iso-CTS: no task-specific room (r={r}, T={T}, common_fraction="
                 f"{common_fraction} gives k={k}, s=0): Iso-C update.")
-        return KeyUpdate(ku.update, (*guard, note, *ku.notes))
+        return KeyUpdate(ku.update, (*guard, note, *ku.notes), ku.factors)
     Us, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
     notes = [*guard, *notes]
     if sum(u.shape[1] for u in Us) == 0:
@@ -231,7 +244,8 @@ def iso_cts(
     U_perp = linalg.polar(torch.cat(Us, 1), device=dev, name=key)
     V_perp = linalg.polar(torch.cat(Vs, 1), device=dev, name=key)
     sigma_bar = torch.cat(sig).mean()
-    return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes))
+    factors = _flat(U_perp, sigma_bar, V_perp.mT, r)
+    return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes), factors)
 
 
 # --------------------------------------------------------------------------------------- STAR
