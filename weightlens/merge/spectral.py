@@ -165,30 +165,44 @@ def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, in
     return r - n_tasks * s, s
 
 
-def _residual_svd(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor, s: int) -> linalg.SVD:
+def _residual_svd(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor, s: int,
+                  complement: torch.Tensor | None) -> linalg.SVD:
     """Leading ``s`` triplets of ``R_t = delta_t - Uc Uc^T delta_t`` (cached per task set, key, task, k, s).
 
-    Only the top ``s`` are used, so ``linalg.topk_svd`` picks its cheapest *exact* method for them.
+    With ``complement`` (an orthonormal basis ``C`` of the orthogonal complement of ``Uc``, so that
+    ``R_t = C (C^T delta_t)``) the SVD is that of the small ``C^T delta_t`` and ``U`` is returned in
+    ``C``'s coordinates: ``R_t``'s left vectors are ``C @ U``. Only the top ``s`` are used, so
+    ``linalg.topk_svd`` picks its cheapest *exact* method for them.
     """
 
     def compute() -> linalg.SVD:
         d = ctx.delta(task, key).to(Uc.device)
-        return linalg.topk_svd(d - Uc @ (Uc.mT @ d), s, approximate=False, device=Uc.device, name=key)
+        small = d - Uc @ (Uc.mT @ d) if complement is None else complement.mT @ d
+        return linalg.topk_svd(small, s, approximate=False, device=Uc.device, name=key)
 
-    return ctx.cached(("iso_cts_residual", key, task, Uc.shape[1], s), compute)
+    return ctx.cached(("iso_cts_residual", key, task, Uc.shape[1], s, complement is not None), compute)
 
 
-def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int, restrict: bool) -> tuple[list, list, list, list[str]]:
-    """Columns of U*, V* and the singular values: common block then one block per task."""
+def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int,
+                restrict: bool) -> tuple[torch.Tensor, list, list, list[str]]:
+    """The orthogonalised left block ``U*``, the columns of ``V*`` and the singular values.
+
+    Blocks: the common one, then one per task. When the sum's thin ``U`` is square (``m <= n``), its
+    trailing columns ``C`` span the complement of the common block, every task block lies in ``C``
+    (``R_t = C C^T delta_t``), and the polar factor splits exactly:
+    ``polar([Uc, C W]) = [Uc, C polar(W)]`` with the small ``W`` of the tasks' residual vectors in
+    ``C``'s coordinates. Otherwise the full ``m x r`` polar factor is taken.
+    """
     U, S, Vh = ctx.sum_svd(key)
     shape, notes = ctx.shape(key), []
     rank = linalg.numerical_rank(S, shape)
     if rank < S.numel():
         notes.append(_rank_note("Iso-CTS", "the task-arithmetic sum", rank, S.numel(), restrict))
     kc = min(k, rank) if restrict else k
-    Us, Vs, sig = [U[:, :kc]], [Vh[:kc].mT], [S[:kc]]
+    complement = U[:, kc:] if U.shape[1] == shape[0] else None
+    Us, Vs, sig = [], [Vh[:kc].mT], [S[:kc]]
     for task in ctx.tasks:  # restricted: only the kept common directions are projected out
-        Ur, Sr, Vhr = _residual_svd(ctx, key, task, U[:, :kc], s)
+        Ur, Sr, Vhr = _residual_svd(ctx, key, task, U[:, :kc], s, complement)
         rank = linalg.numerical_rank(Sr, shape)
         if rank < s:
             notes.append(_rank_note("Iso-CTS", f"the residual of task {task!r}", rank, s, restrict))
@@ -196,7 +210,13 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int, restrict: bool) -> 
         Us.append(Ur[:, :ks])
         Vs.append(Vhr[:ks].mT)
         sig.append(Sr[:ks])
-    return Us, Vs, sig, notes
+    specific = torch.cat(Us, 1)
+    if specific.shape[1] and complement is not None:
+        specific = complement @ linalg.polar(specific, device=specific.device, name=key)
+    left = torch.cat([U[:, :kc], specific], 1)
+    if left.shape[1] and complement is None:
+        left = linalg.polar(left, device=left.device, name=key)
+    return left, Vs, sig, notes
 
 
 @register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025")
@@ -236,13 +256,11 @@ def iso_cts(
         note = (f"Iso-CTS: no task-specific room (r={r}, T={T}, common_fraction="
                 f"{common_fraction} gives k={k}, s=0): Iso-C update.")
         return KeyUpdate(ku.update, (*guard, note, *ku.notes), ku.factors)
-    Us, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
+    U_perp, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
     notes = [*guard, *notes]
-    if sum(u.shape[1] for u in Us) == 0:
+    if U_perp.shape[1] == 0:
         return KeyUpdate(torch.zeros(ctx.shape(key)), (*notes, "Iso-CTS: nothing left to merge: zero update."))
-    dev = Us[0].device
-    U_perp = linalg.polar(torch.cat(Us, 1), device=dev, name=key)
-    V_perp = linalg.polar(torch.cat(Vs, 1), device=dev, name=key)
+    V_perp = linalg.polar(torch.cat(Vs, 1), device=U_perp.device, name=key)
     sigma_bar = torch.cat(sig).mean()
     factors = _flat(U_perp, sigma_bar, V_perp.mT, r)
     return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes), factors)
