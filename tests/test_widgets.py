@@ -264,3 +264,20 @@ def test_headless_display_shows_static_figures(tv, monkeypatch):
     shown.clear()
     studio._ipython_display_()
     assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0]
+
+
+def test_background_work_runs_on_half_the_intra_op_threads_and_restores_them():
+    from weightlens.widgets._common import Debouncer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        debouncer = Debouncer(lambda gen: seen.append((threading.current_thread() is threading.main_thread(),
+                                                       torch.get_num_threads())), delay=0.0)
+        debouncer.schedule()
+        assert debouncer.wait(30)
+        assert seen == [(False, 1)]  # on the worker thread, with one of the two threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
