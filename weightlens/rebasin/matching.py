@@ -26,6 +26,8 @@ import torch
 
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.rebasin._cost import Problem, as_state_dict, work_device
+from weightlens.rebasin.lap import check_solver
+from weightlens.rebasin.lap import solve as solve_lap
 from weightlens.rebasin.spec import (
     VIEWS,
     HeadPerm,
@@ -40,26 +42,27 @@ __all__ = ["MergeManyResult", "activation_matching", "merge_many", "weight_match
 StateDict = Mapping[str, torch.Tensor]
 
 
-def lap(cost: np.ndarray) -> np.ndarray:
-    """Column of each row in a maximum-weight assignment of a square float64 matrix."""
-    from scipy.optimize import linear_sum_assignment  # imported here: scipy.optimize is slow to import
+def _lap(cost: np.ndarray, solver: str = "scipy", device: torch.device | None = None) -> np.ndarray:
+    """Column of each row in a maximum-weight assignment of a square float64 matrix.
 
-    if cost.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    return linear_sum_assignment(cost, maximize=True)[1].astype(np.int64)
+    ``solver="auction"`` runs on ``device`` (see :mod:`weightlens.rebasin.lap`).
+    """
+    if solver == "auction" and device is not None and cost.size:
+        return solve_lap(torch.from_numpy(cost).to(device), solver)
+    return solve_lap(cost, solver)
 
 
 def _gain(new: float, old: float, tol: float) -> bool:
     return new - old > tol * max(abs(old), abs(new))
 
 
-def _solve_plain(problem: Problem, name: str, perms: dict[str, torch.Tensor], tol: float) -> bool:
+def _solve_plain(problem: Problem, name: str, perms: dict[str, torch.Tensor], tol: float, solver: str) -> bool:
     c = problem.cost(name, perms)
     rows = np.arange(c.shape[0])
     cur = perms[name].numpy()
     if c.size == 0 or np.all(c[rows, cur] >= c.max(axis=1)):
         return False  # every row already takes its maximum: the current assignment is optimal
-    col = lap(c)
+    col = _lap(c, solver, problem.device)
     if _gain(float(c[rows, col].sum()), float(c[rows, cur].sum()), tol):
         perms[name] = torch.from_numpy(col)
         return True
@@ -75,13 +78,13 @@ def _head_pair(q: np.ndarray, k: np.ndarray, v: np.ndarray, o: np.ndarray, rope:
     tau, ar = np.arange(r), np.arange(r)
     for it in range(20):
         m_qk = k + q[ar, :, tau, :].sum(0)
-        s_qk = np.arange(d) if rope else lap(m_qk)
+        s_qk = np.arange(d) if rope else _lap(m_qk)
         m_vo = v + o[ar, :, tau, :].sum(0)
-        s_vo = lap(m_vo)
+        s_vo = _lap(m_vo)
         if r == 1 or it == 19:
             break
         heads = q[:, np.arange(d), :, s_qk].sum(0) + o[:, np.arange(e), :, s_vo].sum(0)
-        new_tau = lap(heads)
+        new_tau = _lap(heads)
         if np.array_equal(new_tau, tau):
             break
         tau = new_tau
@@ -107,7 +110,7 @@ def _solve_heads(
         for gb in range(n_kv):
             score[ga, gb], *parts[ga, gb] = _head_pair(q[ga, :, :, gb], k[ga, :, gb], v[ga, :, gb],
                                                       o[ga, :, :, gb], group.rope)
-    grp = lap(score)
+    grp = _lap(score)
     chosen = [parts[ga, gb] for ga, gb in enumerate(grp)]
     new = HeadPerm(torch.from_numpy(grp), *(torch.from_numpy(np.stack([p[j] for p in chosen])) for j in range(3)))
 
@@ -123,7 +126,7 @@ def _solve_heads(
 
 
 def _descend(problem: Problem, start: Permutations, *, seed: int, max_iter: int, tol: float,
-             progress: bool) -> Permutations:
+             progress: bool, solver: str = "scipy") -> Permutations:
     perms, heads = dict(start.perms), dict(start.heads)
     units = problem.spec.units
     rng = np.random.default_rng(seed)
@@ -145,7 +148,7 @@ def _descend(problem: Problem, start: Permutations, *, seed: int, max_iter: int,
             if unit in problem.spec.heads:
                 changed = _solve_heads(problem, unit, perms, heads, tol)
             else:
-                changed = _solve_plain(problem, unit, perms, tol)
+                changed = _solve_plain(problem, unit, perms, tol, solver)
             if changed:
                 version[unit] += 1
                 moved = True
@@ -192,6 +195,7 @@ def weight_matching(
     init: Permutations | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    lap: str = "scipy",
 ) -> Permutations:
     """Permutations of ``b`` that bring it closest to ``a`` (Git Re-Basin weight matching).
 
@@ -205,6 +209,8 @@ def weight_matching(
     init : starting permutations (default identity), e.g. from an earlier run.
     device : where cost matrices are built (``None``: CPU, float64; a GPU uses float32).
     progress : show a bar over sweeps.
+    lap : LAP solver of the plain permutations, ``"scipy"`` (CPU, exact) or ``"auction"`` (torch, on
+        ``device``; see :mod:`weightlens.rebasin.lap`). Head groups' small LAPs always use SciPy.
 
     Returns
     -------
@@ -223,10 +229,12 @@ def weight_matching(
     True
     """
     _check_options(seed, max_iter, tol)
+    check_solver(lap)
     a, b = as_state_dict(a), as_state_dict(b)
     problem = Problem(spec, a, b, device)
     start = _check_init(init, spec, b)
-    return _descend(problem, start, seed=int(seed), max_iter=max_iter, tol=float(tol), progress=progress)
+    return _descend(problem, start, seed=int(seed), max_iter=max_iter, tol=float(tol), progress=progress,
+                    solver=lap)
 
 
 # -------------------------------------------------------------------------------------- MergeMany
@@ -261,6 +269,7 @@ def merge_many(
     max_iter: int = 100,
     device: str | torch.device | None = None,
     progress: bool = False,
+    lap: str = "scipy",
 ) -> MergeManyResult:
     """Align N models to each other with no anchor, then average them (Git Re-Basin MergeMany).
 
@@ -277,8 +286,10 @@ def merge_many(
     max_iter : most rounds (and most sweeps of each weight matching).
     device : where cost matrices are built (see :func:`weight_matching`).
     progress : show a bar over rounds.
+    lap : LAP solver (see :func:`weight_matching`).
     """
     _check_options(seed, max_iter, 0.0)
+    check_solver(lap)
     models = [as_state_dict(s) for s in state_dicts]
     if len(models) < 2:
         raise InvalidParameterError(f"merge_many needs at least 2 models. Got {len(models)}.")
@@ -300,7 +311,7 @@ def merge_many(
             mean = _mean(current, [k for k in spec.keys if k in floats], skip=int(i))
             target = {k: mean.get(k, base[i][k]) for k in spec.keys}
             found = weight_matching(target, base[i], spec, seed=int(rng.integers(2**31)), max_iter=max_iter,
-                                    init=perms[i], device=device)
+                                    init=perms[i], device=device, lap=lap)
             if not found.equals(perms[i]):
                 perms[i], current[i], changed = found, found.apply(base[i]), True
         if bar is not None:
@@ -443,6 +454,7 @@ def activation_matching(
     correlation: str = "moment",
     batch_size: int = 500,
     device: str | torch.device | None = None,
+    lap: str = "scipy",
 ) -> Permutations:
     """Permutations of ``b`` whose units best match ``a``'s activations on data (Git Re-Basin 9.3).
 
@@ -462,12 +474,14 @@ def activation_matching(
     correlation : ``"moment"`` or ``"pearson"``.
     batch_size : batch size when ``data`` is a tensor.
     device : where the models run (``None``: CPU).
+    lap : LAP solver (see :func:`weight_matching`).
 
     Returns
     -------
     Permutations
         ``objective_history`` holds ``sum_perms trace(M pi)`` before and after matching.
     """
+    check_solver(lap)
     if correlation not in ("moment", "pearson"):
         raise InvalidParameterError(f"The 'correlation' parameter must be 'moment' or 'pearson'. Got {correlation!r}.")
     if spec.heads:
@@ -485,7 +499,7 @@ def activation_matching(
     plain, before, after = {}, 0.0, 0.0
     for name, st in stats.items():
         c = st.matrix(correlation)
-        col = lap(c)
+        col = _lap(c, lap, dev)
         plain[name] = torch.from_numpy(col)
         before += float(np.trace(c))
         after += float(c[np.arange(len(col)), col].sum())
