@@ -30,3 +30,19 @@ def test_importing_the_merge_subpackage_keeps_wl_merge_a_function():
     from weightlens.merge import merge
 
     assert wl.merge is merge and callable(wl.merge)
+
+
+def test_every_figure_builder_is_exported_from_weightlens_figures():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import weightlens.figures as figures
+
+    defined = set()
+    for info in pkgutil.iter_modules(figures.__path__):
+        module = importlib.import_module(f"weightlens.figures.{info.name}")
+        defined |= {n for n, f in inspect.getmembers(module, inspect.isfunction)
+                    if n.startswith("figure_") and f.__module__ == module.__name__}
+    assert defined and defined <= set(figures.__all__)
+    assert all(callable(getattr(figures, n)) for n in figures.__all__)
