@@ -12,7 +12,7 @@ Two solvers, one answer format (the column of each row):
   Float64 throughout.
 
 Which one wins where is measured by ``benchmarks/bench_lap.py``; on the 2-core CPU the SciPy solver
-is 5-10x faster, so it stays the default (GPU timings: see ``benchmarks/RESULTS.md``).
+is 6-30x faster (n = 256-2048), so it stays the default (GPU timings: see ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
