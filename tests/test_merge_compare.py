@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -169,3 +170,17 @@ def test_rescaled_comparison_equals_a_fresh_compare_at_the_new_alpha(tv, method)
         np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-4, atol=1e-6)
     with pytest.raises(wl.InvalidParameterError, match="positive"):
         at_half.rescaled(0.0)
+
+
+def test_the_task_arithmetic_half_is_computed_once_per_task_set(tv):
+    first = compare(tv, merge(tv, method="ties", density=0.5))
+    tags = [k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"]
+    assert len(tags) == len(tv.keys)
+    second = compare(tv, merge(tv, method="tsv"))  # another merge: only its own half is computed
+    assert [k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"] == tags
+    other = wl.TaskVectors(*make_models(seed=5))  # the same task vectors, an empty cache
+    fresh = compare(other, merge(other, method="tsv"))
+    for table in ("alignment", "spectrum", "signs", "task_signs", "per_task"):
+        ta = [getattr(c, table).query("which == 'task_arithmetic'").reset_index(drop=True) for c in (first, second, fresh)]
+        pd.testing.assert_frame_equal(ta[0], ta[1])
+        pd.testing.assert_frame_equal(ta[1], ta[2], check_exact=False, rtol=1e-6)

@@ -73,7 +73,8 @@ def auction(benefit: torch.Tensor, *, eps_rel: float = 1e-9, factor: float = 5.0
         return torch.arange(n, device=c.device)
     dev = c.device
     price = torch.zeros(n, dtype=torch.float64, device=dev)
-    eps, eps_min = span / 4.0, span * eps_rel / n
+    # a bid must move a price by more than its rounding error, or a phase could stall
+    eps, eps_min = span / 4.0, max(span * eps_rel / n, span * 64 * torch.finfo(torch.float64).eps)
     while True:
         col = _auction_phase(c, price, eps)  # prices carry over between phases
         if eps <= eps_min:
