@@ -23,7 +23,7 @@ from weightlens.errors import InvalidParameterError, NonFiniteError
 from weightlens.io import Recipe, TargetExistsError, export, load_recipe
 from weightlens.io.export import parse_size
 from weightlens.io.recipe import mergekit_config
-from weightlens.merge import merge
+from weightlens.merge import merge, run_recipe
 
 export_mod = importlib.import_module("weightlens.io.export")  # the module (``weightlens.io.export`` is the function)
 
@@ -324,7 +324,7 @@ def test_recipe_rerun_reproduces_identical_tensors(tmp_path, method, params):
     first = export(m, tmp_path / "first", shard_size=300, progress=False)
     recipe = load_recipe(first / "weightlens_recipe.yaml")
     assert recipe.params == m.params and list(recipe.finetuned) == ["task0", "task1", "task2"]
-    again = recipe.run(tmp_path / "again", progress=False)
+    again = run_recipe(recipe, tmp_path / "again", progress=False)
     assert recipe.check(again) == []
     a, b = wl.load(first), wl.load(again)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -336,7 +336,7 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({
         "base": "base.safetensors", "finetuned": {"t0": "task0.safetensors", "t1": "task1.safetensors"},
         "method": "task_arithmetic", "params": {"alpha": 0.5}, "output": "merged"}))
-    out = load_recipe(tmp_path / "r.yaml").run(progress=False)
+    out = run_recipe(tmp_path / "r.yaml", progress=False)  # a path works as well as a Recipe
     assert out == tmp_path / "merged"
     want = merge(base, {"t0": fts["task0"], "t1": fts["task1"]}, method="task_arithmetic", alpha=0.5)
     assert torch.equal(wl.load(out)["fc1.weight"], want["fc1.weight"])

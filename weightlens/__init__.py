@@ -31,7 +31,7 @@ from weightlens.errors import (
 from weightlens.io import Checkpoint, load
 from weightlens.taskvectors import TaskVectors
 
-__version__ = "0.1.0"
+from weightlens._version import __version__
 
 # public name -> (module, attribute or None for the module itself)
 _LAZY = {
@@ -41,6 +41,7 @@ _LAZY = {
     "compare": ("weightlens.merge", "compare"),
     "sweep": ("weightlens.merge", "sweep"),
     "export": ("weightlens.io", "export"),
+    "run_recipe": ("weightlens.merge", "run_recipe"),
     "analysis": ("weightlens.analysis", None),
     "figures": ("weightlens.figures", None),
     "linalg": ("weightlens.linalg", None),

@@ -134,6 +134,7 @@ def _recipe_from_flags(args: argparse.Namespace) -> Any:
 
 def _merge(args: argparse.Namespace) -> int:
     from weightlens.io import load_recipe
+    from weightlens.merge import run_recipe
 
     if args.recipe:
         given = [f for f, v in (("--base", args.base), ("--ft", args.ft), ("--method", args.method),
@@ -146,7 +147,7 @@ def _merge(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe)
     else:
         recipe = _recipe_from_flags(args)
-    out = recipe.run(args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    out = run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
     if args.recipe and recipe.expect:
         bad = recipe.check(out)
         if bad and args.verify:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,24 +54,11 @@ from weightlens.analysis.signs import (
 )
 from weightlens.analysis.spectra import CRITERIA, spectrum_rows
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.io.keys import block_of
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["AnalysisOptions", "Report", "analyze", "block_of"]
 
-_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def block_of(key: str) -> str:
-    """Block of a tensor key: the prefix up to its first numeric component (the layer index).
-
-    ``"encoder.layer.3.attention.self.query.weight"`` -> ``"encoder.layer.3"``. Keys without a
-    layer index keep their module path (``"embeddings.word_embeddings.weight"`` ->
-    ``"embeddings.word_embeddings"``); a bare name is its own block.
-    """
-    match = _LAYER.match(key)
-    if match:
-        return match.group(1)
-    return key.rsplit(".", 1)[0] if "." in key else key
 
 
 # ------------------------------------------------------------------------------------ aggregates

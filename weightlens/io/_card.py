@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from weightlens.errors import InvalidParameterError
-from weightlens.io.export import CARD, FIGURE, MERGEKIT, RECIPE, WrittenWeights, dtype_name, write_text
+from weightlens.io._atomic import write_text
+from weightlens.io._layout import CARD, FIGURE, MERGEKIT, RECIPE, WrittenWeights, dtype_name
+from weightlens.io.keys import block_of
 from weightlens.io.sources import _display_name
 from weightlens.io.recipe import Recipe, _is_merge, _version as file_version, mergekit_config, not_reproducible
 
@@ -51,8 +53,6 @@ def markdown_table(table: Any, index_name: str = "") -> str:
 
 def block_changes(moved: Mapping[str, tuple[float, float]]) -> dict[str, float]:
     """``{block: ||w - w_base|| / ||w_base||}`` over the keys of each block, in key order."""
-    from weightlens.analysis.report import block_of
-
     sums: dict[str, list[float]] = {}
     for key, (num, den) in moved.items():
         acc = sums.setdefault(block_of(key), [0.0, 0.0])
@@ -84,12 +84,10 @@ def svg_bars(labels: Sequence[str], values: Sequence[float], *, title: str) -> s
     return "\n".join(parts) + "\n"
 
 
-def _method_line(method: str) -> str:
-    from weightlens.merge import get_method
-
-    try:
-        spec = get_method(method)
-    except InvalidParameterError:  # a method registered elsewhere: its name is enough
+def _method_line(method: str, merged: Any) -> str:
+    """The method's name for the card; pretty name and reference from a merge result's registry entry."""
+    spec = getattr(merged, "spec", None)
+    if getattr(spec, "name", None) != method:  # plain weights with a recipe: its name is enough
         return f"`{method}`"
     ref = f" ({spec.reference})" if spec.reference else ""
     return f"**{spec.pretty_name}** (`{method}`){ref}"
@@ -124,7 +122,7 @@ def _merge_section(merged: Any, recipe: Recipe | None) -> list[str]:
     params = recipe.params if recipe is not None else merged.params
     sources = _sources(merged, recipe)
     n = len(sources) - 1
-    lines = [f"A merge of {n} fine-tune{'s' if n != 1 else ''} of one base model with {_method_line(method)}, "
+    lines = [f"A merge of {n} fine-tune{'s' if n != 1 else ''} of one base model with {_method_line(method, merged)}, "
              f"made with weightlens {file_version()}.", "",
              "## Merge", "", markdown_table({k: {"value": v} for k, v in params.items()}, "parameter"), ""]
     if recipe is not None and (recipe.include or recipe.exclude):

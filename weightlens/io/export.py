@@ -22,12 +22,11 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,61 +43,28 @@ from weightlens.errors import (
 from weightlens.io import _safetensors as st
 from weightlens.errors import TargetExistsError
 from weightlens.io._atomic import atomic_folder, write_text
+from weightlens.io._layout import (
+    CARD,
+    FIGURE,
+    INDEX,
+    MERGEKIT,
+    RECIPE,
+    WrittenWeights,
+    dtype_name,
+    parse_dtype,
+    parse_size,
+)
 from weightlens.io.sources import Checkpoint, load
 
 __all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]
 
 _CODES = {dtype: code for code, dtype in st.DTYPES.items()}
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
-}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Never copied from the `like` folder: weights in any format, and what export writes itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".gguf",
                     ".onnx", ".tflite", ".npz", ".pkl")
 _SKIP_DIRS = {"onnx", "openvino", "coreml", ".git", "__pycache__", ".cache"}
-CARD, RECIPE, MERGEKIT, FIGURE, INDEX = (
-    "README.md", "weightlens_recipe.yaml", "mergekit_config.yml", "update_norms.svg", "model.safetensors.index.json")
 _OWN_FILES = {CARD, RECIPE, MERGEKIT, FIGURE}
 _SAMPLE = 1 << 20  # entries per tensor used to measure how far a key moved (the card's figure)
-
-
-# ---------------------------------------------------------------------------------------- options
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or ``"5GB"`` (10**9, as HF) / ``"500MiB"`` (2**20) / ``"1000"``."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
-        if not match:
-            raise InvalidParameterError(
-                f"The 'shard_size' parameter must be an int (bytes) or a string like '5GB', '500MB' or "
-                f"'2GiB'. Got {size!r} instead."
-            )
-        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
-    if value < 1:
-        raise InvalidParameterError(f"The 'shard_size' parameter must be at least 1 byte. Got {size!r} instead.")
-    return value
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.dtype`` of ``dtype`` (``None``, a float ``torch.dtype`` or a name such as ``"bf16"``)."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
-    raise InvalidParameterError(
-        f"The 'dtype' parameter must be None, a floating torch.dtype or one of "
-        f"{', '.join(sorted(set(_DTYPE_NAMES)))}. Got {dtype!r} instead."
-    )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``"bfloat16"`` for ``torch.bfloat16``."""
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -203,17 +169,6 @@ class _Shard:
 
     def abort(self) -> None:
         self._file.close()
-
-
-@dataclass
-class WrittenWeights:
-    """What was written: ``{file: sha256}``, ``{key: file}``, bytes, and how far each key moved."""
-
-    files: dict[str, str] = field(default_factory=dict)
-    weight_map: dict[str, str] = field(default_factory=dict)
-    total_size: int = 0
-    n_tensors: int = 0
-    moved: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (|w - w0|^2, |w0|^2)
 
 
 class _WeightWriter:

@@ -17,8 +17,9 @@ Schema (``weightlens_recipe: 1``)::
     output: /models/merged             # default output folder of `weightlens merge`
     expect: {model.safetensors: <sha256>}   # what the run that wrote the recipe produced
 
-Relative paths are taken relative to the recipe file's folder. ``Recipe.run()`` merges lazily and
-exports key by key; ``Recipe.check(folder)`` compares the weight files with ``expect``.
+Relative paths are taken relative to the recipe file's folder. ``weightlens.merge.run_recipe`` merges
+lazily and exports key by key; ``Recipe.check(folder)`` compares the weight files with ``expect``.
+This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
 
 Also here: the mergekit configuration equivalent to a task arithmetic, TIES or DARE recipe.
 """
@@ -36,21 +37,21 @@ import torch
 import yaml
 
 from weightlens.errors import CheckpointError, InvalidParameterError
-from weightlens.io.export import MERGEKIT, RECIPE, parse_dtype, parse_size, write_text
+from weightlens.io._atomic import write_text
+from weightlens.io._layout import MERGEKIT, RECIPE, parse_dtype, parse_size
 
 __all__ = ["Recipe", "load_recipe", "mergekit_config", "name_paths"]
 
 RECIPE_VERSION = 1
-_RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
 _REQUIRED = ("base", "finetuned", "method")
 _OPTIONAL = ("params", "include", "exclude", "device", "dtype", "shard_size", "like", "output", "expect",
              "weightlens_recipe", "weightlens_version")
 
 
 def _version() -> str:
-    import weightlens
+    from weightlens._version import __version__
 
-    return str(getattr(weightlens, "__version__", "unknown"))
+    return __version__
 
 
 def _patterns(value: Any, name: str, where: str) -> list[str] | None:
@@ -174,37 +175,6 @@ class Recipe:
         """``value`` as a path, relative ones taken from the recipe file's folder."""
         p = Path(value).expanduser()
         return str(p if p.is_absolute() or self.root is None else self.root / p)
-
-    def merge(self, *, device: str | None = None, progress: bool = False) -> Any:
-        """The merge this recipe describes, lazy (keys are computed when read)."""
-        from weightlens.linalg import DecompositionCache
-        from weightlens.merge import merge
-        from weightlens.taskvectors import TaskVectors
-
-        device = device or self.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidParameterError(
-                f"The recipe's merge ran on {device!r}, and no CUDA device is present here; pass "
-                "device='cpu' (command line: --device cpu). The weights may then differ from the recorded "
-                "sha256 in the last bits."
-            )
-        tv = TaskVectors(self.path(self.base), {n: self.path(p) for n, p in self.finetuned.items()},
-                         include=self.include, exclude=self.exclude, cache=DecompositionCache(_RUN_CACHE_BYTES))
-        return merge(tv, method=self.method, device=device, progress=progress, lazy=True, **self.params)
-
-    def run(self, out: str | os.PathLike[str] | None = None, *, overwrite: bool = False, progress: bool = True,
-            device: str | None = None) -> Path:
-        """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder."""
-        from weightlens.io.export import export
-
-        target = out if out is not None else (self.path(self.output) if self.output else None)
-        if target is None:
-            raise InvalidParameterError("The recipe has no 'output' folder; pass one (command line: --out DIR).")
-        merged = self.merge(device=device)
-        like: Any = self.path(self.like) if self.like else False
-        done = replace(self, params=dict(merged.params), device=device or self.device)
-        return export(merged, target, like=like, recipe=done,
-                      shard_size=self.shard_size, dtype=self.dtype, overwrite=overwrite, progress=progress)
 
     def check(self, folder: str | os.PathLike[str]) -> list[str]:
         """Weight files in ``folder`` whose sha256 differs from ``expect`` (empty: reproduced)."""

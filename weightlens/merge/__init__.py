@@ -2,7 +2,8 @@
 
 ``merge(tv, method=..., **params)`` returns the full merged weights; ``compare(tv, merged)`` shows
 what the merge kept of each task and which sign conflicts it settled; ``sweep`` scores a grid of
-coefficients (chosen on validation, reported on test).
+coefficients (chosen on validation, reported on test); ``run_recipe`` repeats a recorded merge
+and its export.
 
 Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.arithmetic`);
 ``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`). Add one with
@@ -21,6 +22,7 @@ from weightlens.merge.engine import MergeContext, MergeResult, merge
 from weightlens.merge import arithmetic as _arithmetic  # noqa: F401  (registers the methods)
 from weightlens.merge import spectral as _spectral  # noqa: F401
 from weightlens.merge.compare import Comparison, compare
+from weightlens.merge.recipes import merge_recipe, run_recipe
 from weightlens.merge.sweep import SweepResult, alpha_grid, reference_scores, sweep
 
 __all__ = [
@@ -36,7 +38,9 @@ __all__ = [
     "get_method",
     "list_methods",
     "merge",
+    "merge_recipe",
     "reference_scores",
     "register_merge",
+    "run_recipe",
     "sweep",
 ]

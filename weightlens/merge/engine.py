@@ -111,6 +111,8 @@ class MergeResult(Mapping[str, torch.Tensor]):
     ----------
     method : str
         Registry name of the method.
+    spec : MergeMethod
+        The registry entry: ``pretty_name``, ``reference``, parameter schema.
     params : dict
         Every parameter of the method, defaults filled in, ``alpha`` resolved to a float.
     task_vectors : TaskVectors
@@ -121,6 +123,7 @@ class MergeResult(Mapping[str, torch.Tensor]):
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool) -> None:
         self._ctx, self._spec = ctx, spec
+        self.spec = spec
         self.method = spec.name
         self.params = dict(params)
         self.task_vectors = ctx.tv
