@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ from weightlens.io.keys import block_of
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["AnalysisOptions", "Report", "analyze", "block_of"]
+
+#: Task matrices read ahead and decomposed side by side at most (bytes; one key always fits).
+_CHUNK_BYTES = 256 * 2**20
 
 
 
@@ -344,9 +348,36 @@ def analyze(
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
     run = _Run(tv, opts, device, merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
-    for key in tqdm(chosen, desc="analyze", disable=not progress):
-        _analyze_key(run, key)
+    with tqdm(total=len(chosen), desc="analyze", disable=not progress) as bar:
+        for chunk in _chunks(tv, chosen):
+            deltas = [tv.deltas(key) for key in chunk]  # the only read of these keys
+            parts = [dataclasses.replace(run, rows={}, gram=torch.zeros_like(run.gram)) for _ in chunk]
+            jobs = [partial(_analyze_key, part, key, d) for part, key, d in zip(parts, chunk, deltas)]
+            linalg.side_by_side(jobs, device)  # keys are independent: analysed side by side on the CPU
+            for part in parts:  # rows in key order, whatever the order the keys finished in
+                run.gram += part.gram
+                for table, rows in part.rows.items():
+                    run.add(table, rows)
+            bar.update(len(chunk))
     return _build_report(run, chosen)
+
+
+def _chunks(tv: TaskVectors, keys: list[str]) -> Iterable[list[str]]:
+    """Consecutive keys whose task matrices fit ``_CHUNK_BYTES`` together (at least one key), with at
+    most twice as many matrix keys as torch has threads: analysed side by side."""
+    chunk: list[str] = []
+    size, matrices, most = 0, 0, 2 * max(1, torch.get_num_threads())
+    for key in keys:
+        nbytes = 4 * len(tv) * tv.numel(key)
+        is_matrix = tv.kind(key) == "matrix"
+        if chunk and (size + nbytes > _CHUNK_BYTES or (is_matrix and matrices == most)):
+            yield chunk
+            chunk, size, matrices = [], 0, 0
+        chunk.append(key)
+        size += nbytes
+        matrices += is_matrix
+    if chunk:
+        yield chunk
 
 
 def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[str, Any] | None) -> list[str]:
@@ -366,9 +397,9 @@ def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[st
     return chosen
 
 
-def _analyze_key(run: _Run, key: str) -> None:
-    """Signs, cosines and pair rows of any key; spectra and alignment of a matrix key."""
-    deltas = run.tv.deltas(key)  # the only read of this key
+def _analyze_key(run: _Run, key: str, deltas: torch.Tensor) -> None:
+    """Signs, cosines and pair rows of any key (``deltas``: its task matrices); spectra and alignment
+    of a matrix key."""
     kind, numel, block = run.tv.kind(key), run.tv.numel(key), block_of(key)
     T = deltas.shape[0]
     if bool(deltas.any()):
@@ -390,6 +421,13 @@ def _analyze_key(run: _Run, key: str) -> None:
     if kind == "matrix":
         _matrix_key(run, key, deltas, g, {(r["task_a"], r["task_b"]): r for r in pairs})
     run.add("pairs", pairs)
+
+
+def _ranks(run: _Run, key: str) -> tuple[int, int]:
+    """``(kv, r)``: triplets kept per matrix (``top_n`` when set and smaller) and ``min(m, n)``."""
+    r = min(run.tv.shape(key))
+    top_n = run.opts.top_n
+    return (top_n if top_n is not None and r > top_n else r), r
 
 
 def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tuple[list[Any], Any]:
@@ -427,7 +465,7 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
         zeros = {name: (torch.zeros(r), 0.0) for name in [*run.names, "sum"]}
         run.add("spectra", [{**row, "block": block, "zero": True} for row in spectrum_rows(key, (m, n), zeros, **spec)])
         return
-    kv = opts.top_n if opts.top_n is not None and r > opts.top_n else r
+    kv, r = _ranks(run, key)
     truncated = kv < r  # truncated spectra take their total energy from the deltas themselves
     tasks, ref = _decompose(run, key, deltas, kv, r)
     values = {name: (tasks[t].S, norms2[t] if truncated else None) for t, name in enumerate(run.names)}
