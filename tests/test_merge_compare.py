@@ -174,10 +174,10 @@ def test_rescaled_comparison_equals_a_fresh_compare_at_the_new_alpha(tv, method)
 
 def test_the_task_arithmetic_half_is_computed_once_per_task_set(tv):
     first = compare(tv, merge(tv, method="ties", density=0.5))
-    tags = [k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"]
+    tags = {k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"}
     assert len(tags) == len(tv.keys)
     second = compare(tv, merge(tv, method="tsv"))  # another merge: only its own half is computed
-    assert [k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"] == tags
+    assert {k for k in tv.cache._entries if k[0] == "compare_task_arithmetic"} == tags
     other = wl.TaskVectors(*make_models(seed=5))  # the same task vectors, an empty cache
     fresh = compare(other, merge(other, method="tsv"))
     for table in ("alignment", "spectrum", "signs", "task_signs", "per_task"):

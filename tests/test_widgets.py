@@ -140,7 +140,8 @@ def test_alpha_slider_updates_every_panel(tv, digits_zoo):
     slider.value = 0.55
     ref = compare(fresh(digits_zoo), merge(fresh(digits_zoo), method="task_arithmetic", alpha=0.55))
     after = np.array(trace(studio.figures["spectrum"], "task_arithmetic").y)
-    np.testing.assert_allclose(after, merged_sigma(ref, key), rtol=1e-5)
+    want = merged_sigma(ref, key)  # float32 SVDs agree to ~eps * sigma_1 (thread counts change the rounding)
+    np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-6 * want.max())
     np.testing.assert_allclose(after / before, 0.55 / 0.3, rtol=1e-5)
     kept = ref.per_task[ref.per_task["which"] == "merged"]["kept"].to_numpy()
     np.testing.assert_allclose(trace(studio.figures["retained"], "task_arithmetic").y, kept, rtol=1e-5)
@@ -182,9 +183,11 @@ def test_task_selection_and_key(tv, digits_zoo):
     other = [k for k in studio.key.options if k[1] != studio.key.value][0][1]
     studio.key.value = other  # while the whole model is compared: the shown key alone, now
     ref = compare(fresh(digits_zoo, kept), merge(fresh(digits_zoo, kept), method="tsv"))
-    np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, merged_sigma(ref, other), rtol=1e-5)
+    want = merged_sigma(ref, other)
+    np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, want, rtol=1e-5, atol=1e-6 * want.max())
     assert studio.wait(300)
-    np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, merged_sigma(ref, other), rtol=1e-5)
+    want = merged_sigma(ref, other)
+    np.testing.assert_allclose(trace(studio.figures["spectrum"], "tsv").y, want, rtol=1e-5, atol=1e-6 * want.max())
     assert list(trace(studio.figures["retained"], "tsv").x) == kept
     for t in kept[:-1]:
         studio.task_boxes[t].value = False
@@ -266,18 +269,24 @@ def test_headless_display_shows_static_figures(tv, monkeypatch):
     assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0]
 
 
-def test_background_work_runs_on_half_the_intra_op_threads_and_restores_them():
-    from weightlens.widgets._common import Debouncer
+def test_background_work_runs_on_a_worker_thread_and_scoring_on_half_the_threads():
+    from weightlens.widgets._common import Debouncer, background_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen = []
+
+    def work(gen):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        with background_threads():
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+
     try:
-        debouncer = Debouncer(lambda gen: seen.append((threading.current_thread() is threading.main_thread(),
-                                                       torch.get_num_threads())), delay=0.0)
+        debouncer = Debouncer(work, delay=0.0)
         debouncer.schedule()
         assert debouncer.wait(30)
-        assert seen == [(False, 1)]  # on the worker thread, with one of the two threads
+        assert seen == [(False, 2), 1, 2]  # a worker thread; one of two threads inside, restored after
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

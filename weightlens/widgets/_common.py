@@ -98,7 +98,8 @@ def background_threads() -> Iterator[None]:
 
     A second OpenMP team started from a background thread contends with the kernel's: measured on 2
     cores, the SVDs of a whole-model comparison ran 1.5-2.5x slower with 2 threads than with 1 there.
-    Keeping half also leaves the kernel responsive on larger machines.
+    Keeping half also leaves the kernel responsive on larger machines. (Work that runs through
+    ``linalg.side_by_side`` needs no such guard: its workers run on one thread each.)
     """
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before // 2))
@@ -142,8 +143,7 @@ class Debouncer:
     def _run(self, gen: int, *args: Any) -> None:
         try:
             if self.current(gen):
-                with background_threads():
-                    self._fn(gen, *args)
+                self._fn(gen, *args)
         finally:
             with self._cond:
                 self._finished = max(self._finished, gen)

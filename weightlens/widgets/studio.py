@@ -38,6 +38,7 @@ from weightlens.taskvectors import TaskVectors
 from weightlens.widgets._common import (
     Debouncer,
     Panel,
+    background_threads,
     figure_widget,
     refresh,
     short_key,
@@ -455,7 +456,8 @@ class MergeStudio(Panel):
                 if self._evaluate is None:
                     self.eval_status.value = "whole model compared"
             if self._evaluate is not None and self._debouncer.current(gen):
-                self._score(gen, merged, tuple(merged.task_vectors.names))
+                with background_threads():  # model forwards: keep one OpenMP team off the kernel's
+                    self._score(gen, merged, tuple(merged.task_vectors.names))
 
     def _score(self, gen: int, merged: Any, tasks: tuple[str, ...]) -> None:
         """Fine-tuned references once, then the merged model on every task (stops when superseded)."""
