@@ -350,10 +350,9 @@ def analyze(
     run = _Run(tv, opts, device, merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
     with tqdm(total=len(chosen), desc="analyze", disable=not progress) as bar:
         for chunk in _chunks(tv, chosen):
-            deltas = [tv.deltas(key) for key in chunk]  # the only read of these keys
             parts = [dataclasses.replace(run, rows={}, gram=torch.zeros_like(run.gram)) for _ in chunk]
-            jobs = [partial(_analyze_key, part, key, d) for part, key, d in zip(parts, chunk, deltas)]
-            linalg.side_by_side(jobs, device)  # keys are independent: analysed side by side on the CPU
+            jobs = [partial(_read_and_analyze, part, key) for part, key in zip(parts, chunk)]
+            linalg.side_by_side(jobs, device)  # keys are independent: read and analysed side by side
             for part in parts:  # rows in key order, whatever the order the keys finished in
                 run.gram += part.gram
                 for table, rows in part.rows.items():
@@ -395,6 +394,10 @@ def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[st
     if not chosen:
         raise KeyMismatchError("analyze() has no keys to analyse (keys=[] or everything excluded).")
     return chosen
+
+
+def _read_and_analyze(run: _Run, key: str) -> None:
+    _analyze_key(run, key, run.tv.deltas(key))  # the only read of this key
 
 
 def _analyze_key(run: _Run, key: str, deltas: torch.Tensor) -> None:
