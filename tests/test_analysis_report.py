@@ -340,26 +340,3 @@ def test_trimmed_sign_statistics_follow_the_scope(tv, scope):
         assert signs.loc[key, "conflict_rate"] == pytest.approx(conflict.sum() / (n >= 2).sum(), rel=1e-12)
         assert signs.loc[key, "kept_fraction"] == pytest.approx((kept != 0).mean(), rel=1e-12)
 
-
-def test_keys_analysed_side_by_side_keep_their_order_and_values(tv, monkeypatch):
-    from weightlens.analysis import report as report_module
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # several keys per chunk, run by two workers
-    try:
-        forward = analyze(tv, device="cpu", progress=False)
-
-        sizes = []
-
-        def backwards(jobs, device="auto"):  # the last key of a chunk finishes first
-            sizes.append(len(jobs))
-            return [job() for job in reversed(jobs)][::-1]
-
-        monkeypatch.setattr(report_module.linalg, "side_by_side", backwards)
-        reverse = analyze(tv, device="cpu", progress=False)
-        assert max(sizes) > 1 and sum(sizes) == len(tv.keys)  # chunks of several keys, each key once
-    finally:
-        torch.set_num_threads(before)
-    for table in ("spectra", "alignment", "pairs", "interference", "signs", "singular_values"):
-        pd.testing.assert_frame_equal(getattr(forward, table), getattr(reverse, table), check_exact=False, rtol=1e-5)
-    pd.testing.assert_frame_equal(forward.cosines, reverse.cosines, check_exact=False, rtol=1e-9)

@@ -680,7 +680,7 @@ def test_cache_threads_share_results():
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
-    allowed = {"__future__", "collections", "concurrent", "dataclasses", "functools", "math", "threading", "typing",
+    allowed = {"__future__", "collections", "dataclasses", "functools", "math", "threading", "typing",
                "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
     for path in root.glob("*.py"):
@@ -695,28 +695,3 @@ def test_linalg_imports_only_torch_numpy_scipy_and_errors():
                 if name.startswith("weightlens."):
                     assert name in ("weightlens.errors",) or name.startswith("weightlens.linalg"), name
 
-
-def test_side_by_side_keeps_order_restores_threads_and_raises():
-    import threading
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
-
-        def job(i):
-            seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-            return linalg.svdvals(torch.diag(torch.tensor([float(i + 1), 1.0])), device="cpu")[0].item()
-
-        out = linalg.side_by_side([lambda i=i: job(i) for i in range(6)], "cpu")
-        assert out == [float(i + 1) if i else 1.0 for i in range(6)]
-        assert all(not main and threads == 1 for main, threads in seen)  # workers, one thread each
-        assert torch.get_num_threads() == 2
-        with pytest.raises(ZeroDivisionError):
-            linalg.side_by_side([lambda: 1, lambda: 1 / 0], "cpu")
-        assert torch.get_num_threads() == 2
-        seen.clear()
-        linalg.side_by_side([lambda: job(0)], "cpu")  # one job: in the caller's thread
-        assert seen == [(True, 2)]
-    finally:
-        torch.set_num_threads(before)

@@ -389,3 +389,32 @@ def test_factors_of_the_wrong_shape_are_rejected(tv):
             merge(tv, method="test_bad_factors").update_svd("enc.weight")
     finally:
         unregister("test_bad_factors")
+
+
+def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():
+    # Merges reuse cached decompositions (analysis, the studio's background comparison). LAPACK's results
+    # depend on the intra-op thread count in the last bits, so those must be computed as a fresh merge
+    # would be, or a recipe's recorded sha256 would not match its re-run. Matrices large enough for
+    # LAPACK to use both threads.
+    import threading
+
+    from weightlens.analysis import analyze
+    from weightlens.merge import compare
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(384, 256, generator=g), "v": torch.randn(256, 384, generator=g)}
+    fts = {f"t{i}": {k: b + 0.01 * torch.randn(b.shape, generator=g) for k, b in base.items()} for i in range(3)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        used = wl.TaskVectors(base, fts)
+        analyze(used, device="cpu", progress=False)
+        studio = threading.Thread(target=lambda: compare(used, merge(used, method="iso_cts", lazy=True)))
+        studio.start()
+        studio.join()
+        fresh = wl.TaskVectors(base, fts)
+        for method in ("tsv", "star", "iso_c", "iso_cts"):
+            a, b = merge(used, method=method), merge(fresh, method=method)
+            assert all(torch.equal(a[k], b[k]) for k in base), method
+    finally:
+        torch.set_num_threads(before)

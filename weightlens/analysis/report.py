@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +58,6 @@ from weightlens.io.keys import block_of
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["AnalysisOptions", "Report", "analyze", "block_of"]
-
-#: Task matrices read ahead and decomposed side by side at most (bytes; one key always fits).
-_CHUNK_BYTES = 256 * 2**20
 
 
 
@@ -348,35 +344,9 @@ def analyze(
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
     run = _Run(tv, opts, device, merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
-    with tqdm(total=len(chosen), desc="analyze", disable=not progress) as bar:
-        for chunk in _chunks(tv, chosen):
-            parts = [dataclasses.replace(run, rows={}, gram=torch.zeros_like(run.gram)) for _ in chunk]
-            jobs = [partial(_read_and_analyze, part, key) for part, key in zip(parts, chunk)]
-            linalg.side_by_side(jobs, device)  # keys are independent: read and analysed side by side
-            for part in parts:  # rows in key order, whatever the order the keys finished in
-                run.gram += part.gram
-                for table, rows in part.rows.items():
-                    run.add(table, rows)
-            bar.update(len(chunk))
+    for key in tqdm(chosen, desc="analyze", disable=not progress):
+        _analyze_key(run, key, tv.deltas(key))  # the only read of this key
     return _build_report(run, chosen)
-
-
-def _chunks(tv: TaskVectors, keys: list[str]) -> Iterable[list[str]]:
-    """Consecutive keys whose task matrices fit ``_CHUNK_BYTES`` together (at least one key), with at
-    most twice as many matrix keys as torch has threads: analysed side by side."""
-    chunk: list[str] = []
-    size, matrices, most = 0, 0, 2 * max(1, torch.get_num_threads())
-    for key in keys:
-        nbytes = 4 * len(tv) * tv.numel(key)
-        is_matrix = tv.kind(key) == "matrix"
-        if chunk and (size + nbytes > _CHUNK_BYTES or (is_matrix and matrices == most)):
-            yield chunk
-            chunk, size, matrices = [], 0, 0
-        chunk.append(key)
-        size += nbytes
-        matrices += is_matrix
-    if chunk:
-        yield chunk
 
 
 def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[str, Any] | None) -> list[str]:
@@ -394,10 +364,6 @@ def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[st
     if not chosen:
         raise KeyMismatchError("analyze() has no keys to analyse (keys=[] or everything excluded).")
     return chosen
-
-
-def _read_and_analyze(run: _Run, key: str) -> None:
-    _analyze_key(run, key, run.tv.deltas(key))  # the only read of this key
 
 
 def _analyze_key(run: _Run, key: str, deltas: torch.Tensor) -> None:

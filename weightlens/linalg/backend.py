@@ -64,7 +64,6 @@ from weightlens.linalg.devices import (  # noqa: F401  (re-exported: the backend
     choose_driver,
     gesvda_tolerance,
     resolve_device,
-    side_by_side,
 )
 
 __all__ = [
@@ -77,7 +76,6 @@ __all__ = [
     "numerical_rank",
     "polar",
     "resolve_device",
-    "side_by_side",
     "svd",
     "svdvals",
     "topk_svd",

@@ -2,25 +2,18 @@
 
 :func:`resolve_device` turns ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a ``torch.device``;
 :func:`choose_driver` picks the cuSOLVER driver for a matrix shape from :data:`CUDA_DRIVER_TABLE`;
-:func:`gesvda_tolerance` is the accuracy bar a ``gesvda`` result must pass; :func:`side_by_side`
-runs independent CPU decompositions concurrently.
+:func:`gesvda_tolerance` is the accuracy bar a ``gesvda`` result must pass.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "choose_driver", "gesvda_tolerance", "resolve_device",
-           "side_by_side"]
-
-T = TypeVar("T")
+__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "choose_driver", "gesvda_tolerance", "resolve_device"]
 
 _CPU = torch.device("cpu")
 
@@ -142,23 +135,3 @@ def gesvda_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     side = max(int(shape[-2]), int(shape[-1]), 1)
     return GESVDA_RTOL_FACTOR * math.sqrt(side) * torch.finfo(dtype).eps
 
-
-def side_by_side(jobs: Sequence[Callable[[], T]], device: str | torch.device = "auto") -> list[T]:
-    """Results of independent jobs (decompositions, say), run concurrently on the CPU.
-
-    On the CPU each of ``torch.get_num_threads()`` workers runs its jobs on one intra-op thread:
-    LAPACK's own threading gains little at the sizes of task-vector layers, so two single-threaded
-    SVDs side by side did 1.8x the work of one two-threaded SVD at a time (2 cores; 384 x 384 and
-    1536 x 384). Elsewhere (CUDA), or with one thread or job, the jobs run one after another. The
-    thread setting is restored afterwards; results keep the order of ``jobs``; the first exception
-    propagates.
-    """
-    threads = torch.get_num_threads()
-    if resolve_device(device).type != "cpu" or threads < 2 or len(jobs) < 2:
-        return [job() for job in jobs]
-    try:
-        with ThreadPoolExecutor(min(threads, len(jobs)), initializer=torch.set_num_threads,
-                                initargs=(1,)) as pool:
-            return list(pool.map(lambda job: job(), jobs))
-    finally:
-        torch.set_num_threads(threads)  # a worker's setting can reach the caller's

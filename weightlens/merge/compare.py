@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -319,11 +318,8 @@ def compare(
             return linalg.svd(_merged_update(merged, tv, key), device=dev, name=key)
     opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
-    # keys are independent (a lazy merge computes each key's update on first read): side by side on the
-    # CPU, rows kept in key order
-    jobs = [partial(_key_rows, tv, merged, key, opts) for key in chosen]
-    for key_rows in linalg.side_by_side(jobs, merged.device if isinstance(merged, MergeResult) else dev):
-        for name, part in key_rows.items():
+    for key in chosen:
+        for name, part in _key_rows(tv, merged, key, opts).items():
             rows[name].extend(part)
     method = merged.method if isinstance(merged, MergeResult) else "weights"
     params = dict(merged.params) if isinstance(merged, MergeResult) else {}

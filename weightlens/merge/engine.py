@@ -181,11 +181,6 @@ class MergeResult(Mapping[str, torch.Tensor]):
         return self
 
     @property
-    def device(self) -> torch.device:
-        """Where the method's decompositions run."""
-        return self._ctx.device
-
-    @property
     def alpha(self) -> float:
         """The coefficient the unscaled updates were multiplied by."""
         return float(self.params["alpha"])

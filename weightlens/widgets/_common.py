@@ -96,10 +96,10 @@ def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
 def background_threads() -> Iterator[None]:
     """Half of torch's intra-op threads (at least one) for work on a background thread, restored after.
 
-    A second OpenMP team started from a background thread contends with the kernel's: measured on 2
-    cores, the SVDs of a whole-model comparison ran 1.5-2.5x slower with 2 threads than with 1 there.
-    Keeping half also leaves the kernel responsive on larger machines. (Work that runs through
-    ``linalg.side_by_side`` needs no such guard: its workers run on one thread each.)
+    A second OpenMP team started from a background thread contends with the kernel's (measured on 2
+    cores: 1.5-2.5x slower SVDs); keeping half also leaves the kernel responsive. Only for work whose
+    results are not cached for merges (model forwards when scoring): LAPACK's results depend on the
+    thread count in the last bits, and a merge must come out bitwise the same whatever ran before it.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before // 2))
