@@ -1,4 +1,4 @@
-"""What every benchmark prints in its header: the machine the figures were taken on."""
+"""What every benchmark prints in its header: the machine the figures were taken on, and its load."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def machine(device: torch.device | str | None = None) -> str:
     except (OSError, StopIteration):
         pass
     return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (other processes skew every timing)."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"

@@ -27,7 +27,6 @@ printed before and after: other processes on the machine skew every case.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,17 +37,9 @@ import weightlens as wl
 from weightlens import zoo
 from weightlens.analysis import analyze
 
-from _machine import machine  # noqa: E402  (benchmarks run as scripts)
+from _machine import load_average, machine  # noqa: E402  (benchmarks run as scripts)
 
 
-
-
-def load() -> str:
-    """1-minute load average (other processes skew the timings)."""
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "n/a"
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -88,7 +79,7 @@ def main() -> None:
     tv = zoo.load("minilm-tasks", size=args.size, root=args.root).task_vectors()
     matrices = tv.keys_of_kind("matrix")
     live = [k for k in matrices if bool(tv.deltas(k).any())]
-    load_before = load()
+    load_before = load_average()
     cases: dict[str, Callable[[], object]] = {
         "naive": lambda: naive(tv, matrices),
         "naive, live keys": lambda: naive(tv, live),
@@ -107,7 +98,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"# bench_report: MiniLM zoo ({args.size}), {len(tv)} tasks, {len(tv.keys)} keys, "
           f"{len(matrices)} matrices ({len(live)} changed); {machine()}; torch {torch.__version__}; "
-          f"load average {load_before} before, {load()} after")
+          f"load average {load_before} before, {load_average()} after")
     print(f"naive: {len(matrices) * len(tv)} thin SVDs; report: {decomps} decompositions "
           f"(frozen all-zero keys skipped)\n")
     print("| case | seconds (median) | runs | ratio naive / case |")

@@ -25,8 +25,6 @@ after ``weightlens zoo build --size ci --names minilm-tasks``; it prints a Markd
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -40,20 +38,10 @@ from weightlens.figures.merge import figure_merge_conflicts, figure_merge_spectr
 from weightlens.merge import compare, merge
 from weightlens.widgets import MergeStudio
 
+from _machine import load_average, machine  # noqa: E402  (benchmarks run as scripts)
+
 METHODS = ("ties", "dare", "tsv", "iso_c", "iso_cts", "star", "task_arithmetic")
 FROZEN = ["embeddings.*", "pooler.*"]
-
-
-def machine() -> str:
-    """CPU model, torch threads and the load average, for the table header."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average {load}"
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -96,7 +84,7 @@ def main() -> None:
     z = zoo.load("minilm-tasks", size=args.size)
     tv = z.task_vectors(exclude=FROZEN)
     print(f"# MergeStudio latency, {z.name} ({args.size}), {len(tv)} tasks, {len(tv.keys)} keys "
-          f"({sum(tv.numel(k) for k in tv.keys) / 1e6:.1f} M parameters)\n\n{machine()}\n")
+          f"({sum(tv.numel(k) for k in tv.keys) / 1e6:.1f} M parameters)\n\n{machine()}, load average {load_average()}\n")
     t_analyze = seconds(lambda: analyze(tv, progress=False))
     holder: dict[str, MergeStudio] = {}
     t_build = seconds(lambda: holder.setdefault("s", MergeStudio(tv, debounce=0.0)))
