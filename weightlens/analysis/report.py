@@ -392,13 +392,6 @@ def _analyze_key(run: _Run, key: str, deltas: torch.Tensor) -> None:
     run.add("pairs", pairs)
 
 
-def _ranks(run: _Run, key: str) -> tuple[int, int]:
-    """``(kv, r)``: triplets kept per matrix (``top_n`` when set and smaller) and ``min(m, n)``."""
-    r = min(run.tv.shape(key))
-    top_n = run.opts.top_n
-    return (top_n if top_n is not None and r > top_n else r), r
-
-
 def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tuple[list[Any], Any]:
     """Per-task decompositions (SVD, or singular values alone) and the SVD of the sum (cached)."""
     kw = {"device": run.device, "dtype": run.opts.dtype}
@@ -434,7 +427,7 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
         zeros = {name: (torch.zeros(r), 0.0) for name in [*run.names, "sum"]}
         run.add("spectra", [{**row, "block": block, "zero": True} for row in spectrum_rows(key, (m, n), zeros, **spec)])
         return
-    kv, r = _ranks(run, key)
+    kv = opts.top_n if opts.top_n is not None and r > opts.top_n else r
     truncated = kv < r  # truncated spectra take their total energy from the deltas themselves
     tasks, ref = _decompose(run, key, deltas, kv, r)
     values = {name: (tasks[t].S, norms2[t] if truncated else None) for t, name in enumerate(run.names)}

@@ -122,8 +122,7 @@ class MergeResult(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool) -> None:
-        self._ctx, self._spec = ctx, spec
-        self.spec = spec
+        self._ctx, self.spec = ctx, spec
         self.method = spec.name
         self.params = dict(params)
         self.task_vectors = ctx.tv
@@ -166,7 +165,7 @@ class MergeResult(Mapping[str, torch.Tensor]):
                 f"{'copied from the base' if key in self else 'not in the model'}); "
                 f"updated keys are the task vectors' keys ({len(self._selected)})."
             )
-        ctx, spec = self._ctx, self._spec
+        ctx, spec = self._ctx, self.spec
         ku = ctx.cached(("update", spec.name, self._frozen, key), lambda: _checked(spec, ctx, key))
         if not self.lazy:
             self._updates[key] = ku
