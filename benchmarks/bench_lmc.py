@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=None,
                         help="Evaluator memory budget (default: 1 GiB on CPU, 1/4 of free GPU memory)")
     args = parser.parse_args()
-    print(f"# bench_lmc: {machine()}, torch {torch.__version__}, {args.points} alphas, median of {args.repeats}\n")
+    print(f"# bench_lmc: {machine()}, {args.points} alphas, median of {args.repeats}\n")
     print("| case | models per pass | batched s | loop s | loop / batched | other baselines | max abs loss diff |")
     print("|---|---|---|---|---|---|---|")
     for case in cases(args):

@@ -97,7 +97,7 @@ def main() -> None:
     decomps = tv.cache.misses
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"# bench_report: MiniLM zoo ({args.size}), {len(tv)} tasks, {len(tv.keys)} keys, "
-          f"{len(matrices)} matrices ({len(live)} changed); {machine()}; torch {torch.__version__}; "
+          f"{len(matrices)} matrices ({len(live)} changed); {machine()}; "
           f"load average {load_before} before, {load_average()} after")
     print(f"naive: {len(matrices) * len(tv)} thin SVDs; report: {decomps} decompositions "
           f"(frozen all-zero keys skipped)\n")

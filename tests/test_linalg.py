@@ -21,7 +21,7 @@ from weightlens.linalg import SVD, DecompositionCache, DecompositionError, backe
 HAS_CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU, id="cuda")]
-SHAPES = [(40, 40), (60, 25), (25, 60), (3, 30, 20), (2, 2, 16, 12)]
+SHAPES = [(40, 40), (60, 25), (25, 60), (3, 30, 20), (2, 12, 30), (2, 2, 16, 12)]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 KEY = "blocks.0.attn.qkv.weight"
 
@@ -172,12 +172,12 @@ def test_svd_matches_numpy(device, dtype, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_svd_rank_deficient(device, dtype):
-    a = rank3()
-    res = linalg.svd(torch.from_numpy(a), device=device, dtype=dtype)
-    assert_svd(a, res, TOL[dtype], device=device, dtype=dtype)
-    S = res.S.cpu()
-    assert float(S[3:].max()) <= TOL[dtype] * float(S[0])
-    assert linalg.numerical_rank(S, a.shape, dtype) == 3
+    for a in (rank3(), rank3().T):  # tall, and wide (decomposed through its transpose on the CPU)
+        res = linalg.svd(torch.from_numpy(a), device=device, dtype=dtype)
+        assert_svd(a, res, TOL[dtype], device=device, dtype=dtype)
+        S = res.S.cpu()
+        assert float(S[3:].max()) <= TOL[dtype] * float(S[0])
+        assert linalg.numerical_rank(S, a.shape, dtype) == 3
 
     zero = np.zeros((30, 20))
     res = linalg.svd(torch.from_numpy(zero), device=device, dtype=dtype)

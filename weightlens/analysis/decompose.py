@@ -80,17 +80,8 @@ def task_svdvals(
         return task_svd(tv, task, key, device=device, dtype=dtype).S
     return tv.cache.get_or_compute(
         ("svdvals", task, key, *tag),
-        lambda: linalg.svdvals(_tall(_or_read(tv, task, key, delta)), device=device, dtype=dtype, name=key),
+        lambda: linalg.svdvals(_or_read(tv, task, key, delta), device=device, dtype=dtype, name=key),
     )
-
-
-def _tall(a: torch.Tensor) -> torch.Tensor:
-    """``a`` or its transpose, whichever has at least as many rows as columns.
-
-    Singular values do not change under transposition, and LAPACK computes them for a tall matrix
-    up to ~1.6x faster than for the same matrix wide (measured on 384 x 1536 float32, MKL).
-    """
-    return a.mT if a.shape[-1] > a.shape[-2] else a
 
 
 def _or_read(tv: TaskVectors, task: str, key: str, delta: torch.Tensor | None) -> torch.Tensor:
@@ -148,7 +139,7 @@ def sum_svdvals(
         return sum_svd(tv, key, names, device=device, dtype=dtype).S
     return tv.cache.get_or_compute(
         ("svdvals_sum", names, key, *tag),
-        lambda: linalg.svdvals(_tall(_or_sum(tv, key, names, delta)), device=device, dtype=dtype, name=key),
+        lambda: linalg.svdvals(_or_sum(tv, key, names, delta), device=device, dtype=dtype, name=key),
     )
 
 
