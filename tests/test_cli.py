@@ -206,3 +206,21 @@ def test_merge_flags_with_include_and_dtype_round_trip_through_the_recipe(tmp_pa
     assert main(["merge", str(first / "weightlens_recipe.yaml"), "--out", str(tmp_path / "again"), "--verify",
                  "-q"]) == 0
     assert "reproduced bitwise" in capsys.readouterr().err
+
+
+def test_a_recipe_that_does_not_reproduce_says_why(tmp_path, capsys):
+    base, (a, b) = mlp_files(tmp_path)
+    first = tmp_path / "first"
+    assert main(["merge", "--base", str(base), "--ft", f"a={a}", "--ft", f"b={b}", "--method", "tsv",
+                 "--out", str(first), "--device", "cpu", "-q"]) == 0
+    path = first / "weightlens_recipe.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["expect"] = {name: "0" * 64 for name in data["expect"]}  # as if written elsewhere
+    data["weightlens_version"] = "0.0.1"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["merge", str(path), "--out", str(tmp_path / "again"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "0 of 1 weight file(s) match" in err
+    assert "this recipe: weightlens 0.0.1, here: " in err and "thread counts" in err
+    assert main(["merge", str(path), "--out", str(tmp_path / "third"), "--verify", "-q"]) != 0
+    assert "differ from the sha256 recorded" in capsys.readouterr().err

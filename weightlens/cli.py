@@ -151,13 +151,25 @@ def _merge(args: argparse.Namespace) -> int:
     if args.recipe and recipe.expect:
         bad = recipe.check(out)
         if bad and args.verify:
-            raise WeightlensError(f"{out}: {', '.join(bad)} differ from the sha256 recorded in {args.recipe}.")
+            raise WeightlensError(f"{out}: {', '.join(bad)} differ from the sha256 recorded in {args.recipe}. "
+                                  + _why_bits_differ(recipe))
         sys.stderr.write(
             f"weightlens: {len(recipe.expect) - len(bad)} of {len(recipe.expect)} weight file(s) match the "
             f"recipe's sha256{' (' + ', '.join(bad) + ' differ)' if bad else ': reproduced bitwise'}.\n"
+            + (f"weightlens: {_why_bits_differ(recipe)}\n" if bad else "")
         )
     sys.stdout.write(f"{out}\n")
     return 0
+
+
+def _why_bits_differ(recipe: Any) -> str:
+    """What makes a re-run differ in the last bits (for SVD-based methods), naming what this run changed."""
+    from weightlens._version import __version__
+
+    versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
+                if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
+    return ("Methods built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) differ in the last bits across weightlens "
+            f"versions{versions}, devices, LAPACK builds and torch thread counts (torch.set_num_threads).")
 
 
 # ---------------------------------------------------------------------------------------- rebasin

@@ -3,7 +3,7 @@
 Schema (``weightlens_recipe: 1``)::
 
     weightlens_recipe: 1
-    weightlens_version: 0.1.0
+    weightlens_version: 0.2.0
     base: /models/base                 # any source wl.load accepts (file or HF folder)
     finetuned: {math: /models/math, code: /models/code}   # order matters (it is the task order)
     method: ties
