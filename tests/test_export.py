@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -342,11 +345,67 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path):
     assert torch.equal(wl.load(out)["fc1.weight"], want["fc1.weight"])
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_wide_task_files(folder: Path) -> tuple[Path, dict[str, Path]]:
+    """Two fine-tunes of one 384 x 384 layer: large enough for LAPACK to use several threads."""
+    g = torch.Generator().manual_seed(5)
+    base = {"proj.weight": torch.randn(384, 384, generator=g)}
+    save_file(base, str(folder / "base.safetensors"))
+    fts = {}
+    for i in range(2):
+        save_file({"proj.weight": base["proj.weight"] + 0.01 * torch.randn(384, 384, generator=g)},
+                  str(folder / f"t{i}.safetensors"))
+        fts[f"t{i}"] = folder / f"t{i}.safetensors"
+    return folder / "base.safetensors", fts
+
+
+def test_a_recipe_records_its_thread_count_and_reruns_bitwise_on_another(tmp_path):
+    if _cores() < 2:
+        pytest.skip("needs two cores")
+    base, fts = write_wide_task_files(tmp_path)
+    with torch_threads(2):
+        first = export(merge(base, fts, method="tsv", device="cpu"), tmp_path / "first", progress=False)
+    with torch_threads(1):
+        one_thread = merge(base, fts, method="tsv", device="cpu")["proj.weight"]
+    if torch.equal(one_thread, wl.load(first)["proj.weight"]):
+        pytest.skip("this LAPACK gives the same bits on 1 and 2 threads: nothing to reproduce")
+    recipe = load_recipe(first / "weightlens_recipe.yaml")
+    assert recipe.threads == 2
+    with torch_threads(1):  # a re-run from a session with another thread count
+        again = run_recipe(recipe, tmp_path / "again", progress=False)
+        assert torch.get_num_threads() == 1  # restored
+    assert recipe.check(again) == []
+    assert load_recipe(again / "weightlens_recipe.yaml").threads == 2
+
+
+def test_a_recipe_from_a_bigger_machine_runs_on_this_ones_threads_and_says_so(tmp_path):
+    base, fts = write_task_files(tmp_path)
+    first = export(merge(base, fts, method="tsv", device="cpu"), tmp_path / "first", progress=False)
+    recipe = replace(load_recipe(first / "weightlens_recipe.yaml"), threads=_cores() + 1)
+    with pytest.warns(RuntimeWarning, match=f"ran on {_cores() + 1} CPU threads and this machine has {_cores()} cores"):
+        again = run_recipe(recipe, tmp_path / "again", progress=False)
+    assert load_recipe(again / "weightlens_recipe.yaml").threads == torch.get_num_threads()
+
+
 @pytest.mark.parametrize("data, match", [
     ({"base": "b", "finetuned": {"a": "a"}, "method": "ties", "alpah": 1}, r"unknown field\(s\) 'alpah'"),
     ({"base": "b", "method": "ties"}, r"missing field\(s\) 'finetuned'"),
     ({"base": "b", "finetuned": {"a": "a"}, "method": "ties", "dtype": "int4"}, "'dtype' parameter"),
     ({"base": "b", "finetuned": {"a": "a"}, "method": "ties", "weightlens_recipe": 9}, "not supported"),
+    ({"base": "b", "finetuned": {"a": "a"}, "method": "ties", "threads": 0}, "'threads' must be a positive"),
 ])
 def test_recipe_validation_names_the_file_and_field(tmp_path, data, match):
     path = tmp_path / "bad.yaml"

@@ -168,8 +168,9 @@ def _why_bits_differ(recipe: Any) -> str:
 
     versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
                 if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
+    threads = "" if recipe.threads else " and torch thread counts (this recipe records none)"
     return ("Methods built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) differ in the last bits across weightlens "
-            f"versions{versions}, devices, LAPACK builds and torch thread counts (torch.set_num_threads).")
+            f"versions{versions}, devices, CPU LAPACK builds{threads}.")
 
 
 # ---------------------------------------------------------------------------------------- rebasin

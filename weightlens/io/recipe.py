@@ -11,6 +11,7 @@ Schema (``weightlens_recipe: 1``)::
     include: null                      # glob patterns on tensor keys, or null
     exclude: null
     device: cpu                        # where the merge ran (cuda results differ in the last bits)
+    threads: 2                         # torch's CPU threads then: LAPACK's last bits depend on it
     dtype: null                        # export dtype (null: the base's)
     shard_size: 5GB
     like: /models/base                 # HF folder whose config and tokenizer are copied
@@ -18,7 +19,8 @@ Schema (``weightlens_recipe: 1``)::
     expect: {model.safetensors: <sha256>}   # what the run that wrote the recipe produced
 
 Relative paths are taken relative to the recipe file's folder. ``weightlens.merge.run_recipe`` merges
-lazily and exports key by key; ``Recipe.check(folder)`` compares the weight files with ``expect``.
+lazily and exports key by key, on ``threads`` CPU threads when the recipe records them (a CPU SVD's
+last bits depend on the thread count, so this is what makes a re-run on another machine bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
 This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
 
 Also here: the mergekit configuration equivalent to a task arithmetic, TIES or DARE recipe.
@@ -44,7 +46,7 @@ __all__ = ["Recipe", "load_recipe", "mergekit_config", "name_paths"]
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
-_OPTIONAL = ("params", "include", "exclude", "device", "dtype", "shard_size", "like", "output", "expect",
+_OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shard_size", "like", "output", "expect",
              "weightlens_recipe", "weightlens_version")
 
 
@@ -97,6 +99,7 @@ class Recipe:
     include: list[str] | None = None
     exclude: list[str] | None = None
     device: str = "cpu"
+    threads: int | None = None
     dtype: str | None = None
     shard_size: str | int = "5GB"
     like: str | None = None
@@ -133,6 +136,11 @@ class Recipe:
         if not isinstance(params, Mapping):
             raise InvalidParameterError(f"{where}: 'params' must be a mapping of parameter names to values.")
         expect = data.get("expect") or {}
+        threads = data.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidParameterError(
+                f"{where}: 'threads' must be a positive integer (torch's CPU thread count) or null. Got {threads!r}."
+            )
         try:
             dtype = parse_dtype(data.get("dtype"))
             parse_size(data.get("shard_size") or "5GB")
@@ -142,6 +150,7 @@ class Recipe:
             base=str(data["base"]), finetuned={str(k): str(v) for k, v in ft.items()}, method=str(data["method"]),
             params=dict(params), include=_patterns(data.get("include"), "include", where),
             exclude=_patterns(data.get("exclude"), "exclude", where), device=str(data.get("device") or "cpu"),
+            threads=threads,
             dtype=None if dtype is None else str(dtype).removeprefix("torch."), shard_size=data.get("shard_size") or "5GB",
             like=None if data.get("like") is None else str(data["like"]),
             output=None if data.get("output") is None else str(data["output"]),
@@ -154,7 +163,7 @@ class Recipe:
         return {
             "weightlens_recipe": RECIPE_VERSION, "weightlens_version": self.weightlens_version or _version(),
             "base": self.base, "finetuned": dict(self.finetuned), "method": self.method, "params": dict(self.params),
-            "include": self.include, "exclude": self.exclude, "device": self.device, "dtype": self.dtype,
+            "include": self.include, "exclude": self.exclude, "device": self.device, "threads": self.threads, "dtype": self.dtype,
             "shard_size": self.shard_size, "like": self.like, "output": self.output, "expect": dict(self.expect),
         }
 
@@ -216,6 +225,11 @@ def _merge_device(merged: Any) -> str:
     return str(device) if device is not None else "cpu"
 
 
+def _cpu_threads(device: str) -> int | None:
+    """torch's intra-op thread count for a CPU merge (None on CUDA, where it does not matter)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
+
+
 def not_reproducible(merged: Any) -> str | None:
     """Why no recipe can be derived from ``merged`` (``None`` when one can)."""
     if not _is_merge(merged):
@@ -249,7 +263,8 @@ def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype:
         base=os.path.abspath(tv.base.source),
         finetuned={n: os.path.abspath(c.source) for n, c in tv.finetuned.items()},
         method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
-        device=_merge_device(merged), dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        device=_merge_device(merged), threads=_cpu_threads(_merge_device(merged)),
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         shard_size=shard_size, like=None if like is None else os.path.abspath(like), output=output,
         weightlens_version=_version(),
     )
