@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weightlens as wl
+from weightlens import linalg
 from weightlens.errors import InvalidParameterError, NonFiniteError
 from weightlens.io import Recipe, TargetExistsError, export, load_recipe
 from weightlens.io.export import parse_size
@@ -345,20 +344,6 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path):
     assert torch.equal(wl.load(out)["fc1.weight"], want["fc1.weight"])
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def write_wide_task_files(folder: Path) -> tuple[Path, dict[str, Path]]:
     """Two fine-tunes of one 384 x 384 layer: large enough for LAPACK to use several threads."""
     g = torch.Generator().manual_seed(5)
@@ -373,18 +358,18 @@ def write_wide_task_files(folder: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def test_a_recipe_records_its_thread_count_and_reruns_bitwise_on_another(tmp_path):
-    if _cores() < 2:
+    if linalg.available_cores() < 2:
         pytest.skip("needs two cores")
     base, fts = write_wide_task_files(tmp_path)
-    with torch_threads(2):
+    with linalg.torch_threads(2):
         first = export(merge(base, fts, method="tsv", device="cpu"), tmp_path / "first", progress=False)
-    with torch_threads(1):
+    with linalg.torch_threads(1):
         one_thread = merge(base, fts, method="tsv", device="cpu")["proj.weight"]
     if torch.equal(one_thread, wl.load(first)["proj.weight"]):
         pytest.skip("this LAPACK gives the same bits on 1 and 2 threads: nothing to reproduce")
     recipe = load_recipe(first / "weightlens_recipe.yaml")
     assert recipe.threads == 2
-    with torch_threads(1):  # a re-run from a session with another thread count
+    with linalg.torch_threads(1):  # a re-run from a session with another thread count
         again = run_recipe(recipe, tmp_path / "again", progress=False)
         assert torch.get_num_threads() == 1  # restored
     assert recipe.check(again) == []
@@ -394,8 +379,8 @@ def test_a_recipe_records_its_thread_count_and_reruns_bitwise_on_another(tmp_pat
 def test_a_recipe_from_a_bigger_machine_runs_on_this_ones_threads_and_says_so(tmp_path):
     base, fts = write_task_files(tmp_path)
     first = export(merge(base, fts, method="tsv", device="cpu"), tmp_path / "first", progress=False)
-    recipe = replace(load_recipe(first / "weightlens_recipe.yaml"), threads=_cores() + 1)
-    with pytest.warns(RuntimeWarning, match=f"ran on {_cores() + 1} CPU threads and this machine has {_cores()} cores"):
+    recipe = replace(load_recipe(first / "weightlens_recipe.yaml"), threads=linalg.available_cores() + 1)
+    with pytest.warns(RuntimeWarning, match=f"ran on {linalg.available_cores() + 1} CPU threads and this machine has {linalg.available_cores()} cores"):
         again = run_recipe(recipe, tmp_path / "again", progress=False)
     assert load_recipe(again / "weightlens_recipe.yaml").threads == torch.get_num_threads()
 

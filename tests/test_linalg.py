@@ -6,6 +6,7 @@ Tests parametrized over ``DEVICES`` run on CUDA too when it is present (marked `
 from __future__ import annotations
 
 import ast
+import os
 import threading
 from pathlib import Path
 
@@ -680,7 +681,7 @@ def test_cache_threads_share_results():
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
-    allowed = {"__future__", "collections", "dataclasses", "functools", "math", "threading", "typing",
+    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading", "typing",
                "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
     for path in root.glob("*.py"):
@@ -695,3 +696,17 @@ def test_linalg_imports_only_torch_numpy_scipy_and_errors():
                 if name.startswith("weightlens."):
                     assert name in ("weightlens.errors",) or name.startswith("weightlens.linalg"), name
 
+
+
+def test_torch_threads_sets_and_restores_the_count_even_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with linalg.torch_threads(1) as n:
+            assert n == 1 and torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidParameterError, match="positive thread count"):
+            with linalg.torch_threads(bad):
+                pass
+    assert 1 <= linalg.available_cores() <= (os.cpu_count() or 1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import weightlens as wl
+from weightlens import linalg
 from weightlens.merge import merge
 from weightlens.analysis.signs import streaming_thresholds as global_thresholds
 from weightlens.merge.arithmetic import dare_mask
@@ -404,9 +405,7 @@ def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(384, 256, generator=g), "v": torch.randn(256, 384, generator=g)}
     fts = {f"t{i}": {k: b + 0.01 * torch.randn(b.shape, generator=g) for k, b in base.items()} for i in range(3)}
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with linalg.torch_threads(2):
         used = wl.TaskVectors(base, fts)
         analyze(used, device="cpu", progress=False)
         studio = threading.Thread(target=lambda: compare(used, merge(used, method="iso_cts", lazy=True)))
@@ -416,5 +415,3 @@ def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():
         for method in ("tsv", "star", "iso_c", "iso_cts"):
             a, b = merge(used, method=method), merge(fresh, method=method)
             assert all(torch.equal(a[k], b[k]) for k in base), method
-    finally:
-        torch.set_num_threads(before)

@@ -26,6 +26,7 @@ from weightlens.linalg.backend import (
     topk_svd,
 )
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
+from weightlens.linalg.devices import available_cores, torch_threads
 
 __all__ = [
     "CUDA_DRIVER_TABLE",
@@ -33,6 +34,7 @@ __all__ = [
     "SVD",
     "DecompositionCache",
     "DecompositionError",
+    "available_cores",
     "choose_driver",
     "gesvda_tolerance",
     "numerical_rank",
@@ -41,5 +43,6 @@ __all__ = [
     "svd",
     "svdvals",
     "topk_svd",
+    "torch_threads",
     "value_nbytes",
 ]

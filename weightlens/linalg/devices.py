@@ -2,18 +2,24 @@
 
 :func:`resolve_device` turns ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a ``torch.device``;
 :func:`choose_driver` picks the cuSOLVER driver for a matrix shape from :data:`CUDA_DRIVER_TABLE`;
-:func:`gesvda_tolerance` is the accuracy bar a ``gesvda`` result must pass.
+:func:`gesvda_tolerance` is the accuracy bar a ``gesvda`` result must pass; :func:`torch_threads`
+sets torch's CPU thread count for a block (LAPACK's last bits depend on it) and :func:`available_cores`
+says how many cores this process may use.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "choose_driver", "gesvda_tolerance", "resolve_device"]
+__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "choose_driver", "gesvda_tolerance",
+           "resolve_device", "torch_threads"]
 
 _CPU = torch.device("cpu")
 
@@ -135,3 +141,25 @@ def gesvda_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     side = max(int(shape[-2]), int(shape[-1]), 1)
     return GESVDA_RTOL_FACTOR * math.sqrt(side) * torch.finfo(dtype).eps
 
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """Run the block on ``n`` torch intra-op (CPU) threads, then restore the caller's count; yields ``n``.
+
+    The count changes the last bits of LAPACK results, and more threads than cores spin (16 on 2 cores
+    made SVDs 270x slower, measured), so callers choose it deliberately.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidParameterError(f"torch_threads needs a positive thread count. Got {n!r} instead.")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)

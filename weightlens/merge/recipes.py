@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 from weightlens.errors import InvalidParameterError
 from weightlens.io.export import export
 from weightlens.io.recipe import Recipe, load_recipe
-from weightlens.linalg import DecompositionCache
+from weightlens.linalg import DecompositionCache, available_cores, torch_threads
 from weightlens.merge.engine import MergeResult, merge
 from weightlens.taskvectors import TaskVectors
 
@@ -73,7 +71,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     cpu = torch.device(device or recipe.device).type == "cpu"
     threads = _threads_for(recipe) if cpu else torch.get_num_threads()
     done = replace(recipe, params=dict(merged.params), device=device or recipe.device, threads=threads if cpu else None)
-    with _torch_threads(threads):  # the merge is lazy: its decompositions run during the export
+    with torch_threads(threads):  # the merge is lazy: its decompositions run during the export
         return export(merged, target, like=like, recipe=done,
                       shard_size=recipe.shard_size, dtype=recipe.dtype, overwrite=overwrite, progress=progress)
 
@@ -87,7 +85,7 @@ def _threads_for(recipe: Recipe) -> int:
     """
     if not recipe.threads:
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if recipe.threads <= cores:
         return recipe.threads
     warnings.warn(
@@ -97,14 +95,3 @@ def _threads_for(recipe: Recipe) -> int:
         RuntimeWarning, stacklevel=3,
     )
     return torch.get_num_threads()
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` for the duration."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

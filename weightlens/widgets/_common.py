@@ -18,7 +18,7 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -26,6 +26,8 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+
+from weightlens.linalg import torch_threads
 
 __all__ = [
     "HEADLESS_ENV",
@@ -90,10 +92,8 @@ def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
     resync(fw)
 
 
-# ------------------------------------------------------------------------------ comparisons
 # ------------------------------------------------------------------------------ debouncing
-@contextmanager
-def background_threads() -> Iterator[None]:
+def background_threads() -> AbstractContextManager[int]:
     """Half of torch's intra-op threads (at least one) for work on a background thread, restored after.
 
     A second OpenMP team started from a background thread contends with the kernel's (measured on 2
@@ -101,12 +101,7 @@ def background_threads() -> Iterator[None]:
     results are not cached for merges (model forwards when scoring): LAPACK's results depend on the
     thread count in the last bits, and a merge must come out bitwise the same whatever ran before it.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // 2))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(max(1, torch.get_num_threads() // 2))
 
 
 class Debouncer:

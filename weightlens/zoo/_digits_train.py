@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from weightlens.errors import KeyMismatchError, ShapeMismatchError
+from weightlens.linalg import torch_threads
 
 BUILD_THREADS = 1
 """Torch intra-op threads while building: a fixed count keeps builds bitwise reproducible."""
@@ -40,15 +41,9 @@ class Body(nn.Module):
         return F.relu(self.fc2(F.relu(self.fc1(x))))
 
 
-@contextmanager
-def build_threads(n: int = BUILD_THREADS) -> Iterator[None]:
-    """Run the block with ``n`` torch threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def build_threads(n: int = BUILD_THREADS) -> AbstractContextManager[int]:
+    """Run the block with ``n`` torch threads (the builds' fixed count), then restore the caller's."""
+    return torch_threads(n)
 
 
 def seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:

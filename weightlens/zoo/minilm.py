@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import platform
 import shutil
 import time
@@ -41,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.linalg import available_cores, torch_threads
 from weightlens.zoo._bert import BertConfig, BertEncoder, sentence_embedding
 from weightlens.zoo._common import Metrics, TaskZoo, read_manifest
 
@@ -314,17 +314,9 @@ class _Scorer:
         return {t: {s: _score(model, self.heads[t], self.data(t, s)) for s in splits} for t in tasks}
 
 
-@contextlib.contextmanager
-def _threads() -> Iterator[int]:
+def _threads() -> contextlib.AbstractContextManager[int]:
     """Use the cores this process may run on (at most 8) and restore torch's setting afterwards."""
-    old = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = max(1, min(cores, 8))
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(old)
+    return torch_threads(max(1, min(available_cores(), 8)))
 
 
 def _sha256(path: Path) -> str:
