@@ -71,6 +71,15 @@ def test_lmc_explorer_is_exported_lazily():
 
 
 # ------------------------------------------------------------------------------ dashboard
+def test_dashboard_says_it_is_analysing_before_a_new_task_set(tv, monkeypatch):
+    dash = InterferenceDashboard(tv)
+    seen, original = [], dash._report_for
+    monkeypatch.setattr(dash, "_report_for", lambda tasks: (seen.append(dash.status.value), original(tasks))[1])
+    dash.task_boxes[dash.tasks[0]].value = False
+    assert len(seen) == 1 and "analysing" in seen[0]
+    assert "updated in" in dash.status.value
+
+
 def test_dashboard_spectra_follow_tasks_and_block(tv, digits_zoo):
     dash = InterferenceDashboard(tv)
     ref = analyze(fresh(digits_zoo), progress=False)

@@ -230,6 +230,8 @@ class InterferenceDashboard(Panel):
                 self.set_status("Select at least two tasks (the figures still show the last selection).",
                                 error=True)
                 return
+            if tuple(tasks) not in self._reports:  # say so before the kernel is busy (a warm report: seconds)
+                self.set_status(f"task selection: analysing {', '.join(tasks)} ...")
             self.report = self._report_for(tasks)
             self._update("task selection")
 
