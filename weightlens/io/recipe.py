@@ -19,8 +19,9 @@ Schema (``weightlens_recipe: 1``)::
     expect: {model.safetensors: <sha256>}   # what the run that wrote the recipe produced
 
 Relative paths are taken relative to the recipe file's folder. ``weightlens.merge.run_recipe`` merges
-lazily and exports key by key, on ``threads`` CPU threads when the recipe records them (a CPU SVD's
-last bits depend on the thread count, so this is what makes a re-run on another machine bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
+lazily and exports key by key, on ``threads`` CPU threads when the recipe records them and the machine
+has the cores (a CPU SVD's last bits depend on the thread count: this is what lets a re-run on another
+machine come out bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
 This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
 
 Also here: the mergekit configuration equivalent to a task arithmetic, TIES or DARE recipe.
