@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -681,7 +682,8 @@ def test_cache_threads_share_results():
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
-    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading", "typing",
+    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading",
+               "typing", "warnings",
                "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
     for path in root.glob("*.py"):
@@ -710,3 +712,37 @@ def test_torch_threads_sets_and_restores_the_count_even_on_error():
             with linalg.torch_threads(bad):
                 pass
     assert 1 <= linalg.available_cores() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({}, None),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
+])
+def test_cgroup_cpu_quota_reads_v1_and_v2(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert linalg.devices.cgroup_cpu_quota(str(tmp_path)) == quota
+    cores = linalg.available_cores(str(tmp_path))
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cores == (affinity if quota is None else max(1, min(affinity, int(quota))))
+
+
+def test_more_torch_threads_than_cores_warns_once_per_count(monkeypatch):
+    from weightlens.linalg import devices
+
+    monkeypatch.setattr(devices, "available_cores", lambda: 1)
+    monkeypatch.setattr(devices, "_threads_checked", None)
+    x = torch.randn(8, 6)
+    with linalg.torch_threads(2):
+        with pytest.warns(RuntimeWarning, match=r"torch runs on 2 CPU threads .* 1 core\(s\).*set_num_threads\(1\)"):
+            linalg.svd(x, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            linalg.svdvals(x, device="cpu")  # the same count is not checked again
+    with linalg.torch_threads(1), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linalg.svd(x, device="cpu")  # within the cores: silent

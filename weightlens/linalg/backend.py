@@ -64,6 +64,7 @@ from weightlens.linalg.devices import (  # noqa: F401  (re-exported: the backend
     choose_driver,
     gesvda_tolerance,
     resolve_device,
+    warn_if_oversubscribed,
 )
 
 __all__ = [
@@ -472,6 +473,8 @@ def _run(
 ) -> T:
     """Prepare ``a``, then run ``compute`` through the attempt plan until a result is accepted."""
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        warn_if_oversubscribed()
     _check_dtype(op, dtype)
     src = _as_tensor(a, op, name)
     x = _cast(src, dev, dtype)

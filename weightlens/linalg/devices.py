@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,8 +19,8 @@ import torch
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "choose_driver", "gesvda_tolerance",
-           "resolve_device", "torch_threads"]
+__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "cgroup_cpu_quota", "choose_driver",
+           "gesvda_tolerance", "resolve_device", "torch_threads", "warn_if_oversubscribed"]
 
 _CPU = torch.device("cpu")
 
@@ -143,9 +144,34 @@ def gesvda_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
 
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS reports one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (``docker --cpus``).
+
+    torch's default thread count follows the machine's cores, not a container's quota, and more
+    threads than cores make decompositions spin (see :func:`torch_threads`).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs granted by the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None if unlimited."""
+    def read(*parts: str) -> str | None:
+        try:
+            with open(os.path.join(root, *parts)) as fh:
+                return fh.read().strip()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")  # "max 100000" or "<quota> <period>"
+    if v2:
+        quota, _, period = v2.partition(" ")
+        return None if quota == "max" or not period else int(quota) / int(period)
+    quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+    if quota and period and int(quota) > 0 and int(period) > 0:
+        return int(quota) / int(period)
+    return None
 
 
 @contextmanager
@@ -163,3 +189,22 @@ def torch_threads(n: int) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+_threads_checked: int | None = None
+
+
+def warn_if_oversubscribed() -> None:
+    """Warn when torch uses more CPU threads than this process may use cores (checked once per count)."""
+    global _threads_checked
+    threads = torch.get_num_threads()
+    if threads == _threads_checked:
+        return
+    _threads_checked = threads
+    cores = available_cores()
+    if threads > cores:
+        warnings.warn(
+            f"torch runs on {threads} CPU threads and this process may use {cores} core(s) (affinity and "
+            f"cgroup quota); decompositions then spin and can run 100x slower. Call torch.set_num_threads({cores}).",
+            RuntimeWarning, stacklevel=4,
+        )
