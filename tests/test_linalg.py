@@ -718,6 +718,7 @@ def test_torch_threads_sets_and_restores_the_count_even_on_error():
     ({}, None),
     ({"cpu.max": "max 100000\n"}, None),
     ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "garbage"}, None),
     ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
     ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
 ])

@@ -143,7 +143,6 @@ def gesvda_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     return GESVDA_RTOL_FACTOR * math.sqrt(side) * torch.finfo(dtype).eps
 
 
-
 def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (``docker --cpus``).
 
@@ -164,14 +163,18 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         except OSError:
             return None
 
+    def ratio(quota: str | None, period: str | None) -> float | None:
+        try:
+            q, p = int(quota or ""), int(period or "")
+        except ValueError:  # "max" (no limit), missing or unreadable
+            return None
+        return q / p if q > 0 and p > 0 else None
+
     v2 = read("cpu.max")  # "max 100000" or "<quota> <period>"
-    if v2:
+    if v2 is not None:
         quota, _, period = v2.partition(" ")
-        return None if quota == "max" or not period else int(quota) / int(period)
-    quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
-    if quota and period and int(quota) > 0 and int(period) > 0:
-        return int(quota) / int(period)
-    return None
+        return ratio(quota, period)
+    return ratio(read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us"))
 
 
 @contextmanager
