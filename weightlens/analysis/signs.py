@@ -164,7 +164,7 @@ def conflict_stats(
     gamma = _elected_sign(total)
     discarded = float(torch.where(gamma != 0, mass - gamma * total, 0.0).sum()) / 2
     # joint histogram of (n, |n+ - n-|): exact counts behind the chance baseline and the agreement
-    joint = torch.bincount((n * (T + 1) + net.abs()).to(torch.int64), minlength=(T + 1) ** 2)
+    joint = torch.bincount((n * (T + 1) + net.abs()).to(torch.int32), minlength=(T + 1) ** 2)
     joint = joint.reshape(T + 1, T + 1).to(_F64)  # [survivors, |net|]
     survivors = torch.arange(T + 1, dtype=_F64)
     counts = torch.where(survivors >= 2, joint.sum(1), 0.0)  # coordinates with n >= 2 survivors
