@@ -189,6 +189,31 @@ def wait_rendered(page) -> None:
     expect(page.get_by_text("Loading widget")).to_have_count(0)
 
 
+def reload_until_restored(page, tries: int = 4) -> None:
+    """Reload the page until JupyterLab's widget manager has restored the kernel's widgets.
+
+    On a reload the manager asks the kernel for every widget's state while the saved outputs render;
+    now and then (upstream race, seen on busy 2-core machines) it loses and the outputs stay "Error
+    displaying widget: model not found" with no re-render. That is not what this test checks (that
+    the restored figures show the current state), so such a page is reloaded again, at most ``tries``
+    times; a page that never restores still fails.
+    """
+    from playwright.sync_api import expect
+
+    lost = page.get_by_text("Error displaying widget: model not found")
+    rendered = page.locator(".wl-studio .js-plotly-plot .main-svg")
+    for attempt in range(tries):
+        page.reload()
+        wait_kernel_idle(page)
+        expect(rendered.first.or_(lost.first)).to_be_attached()
+        if lost.count() == 0 or attempt == tries - 1:
+            break
+        print(f"reload {attempt + 1}: the widget manager lost the kernel's widgets; reloading again")
+        page.screenshot(path=ARTIFACTS / f"reload_lost_{attempt + 1}.png")
+        page.wait_for_timeout(5_000)
+    wait_rendered(page)
+
+
 def shoot(page, name: str, *, element: str | None = None, readme: bool = False) -> Path:
     """A screenshot in ``artifacts/browser/``; ``readme``: also the README's copy when asked to."""
     path = ARTIFACTS / f"{name}.png"
@@ -296,9 +321,7 @@ def test_tour_widgets_in_jupyterlab(browser, lab):
     # ---- save, reload: the figures must show the current state, not the one they were built with
     page.keyboard.press("Control+s")
     expect(page.locator(".jp-mod-dirty")).to_have_count(0)
-    page.reload()
-    wait_kernel_idle(page)
-    wait_rendered(page)
+    reload_until_restored(page)
     said = kernel_says(page, studio)
     assert said["method"] == "tsv"
     spectrum = plot(page, studio, "Spectrum of the update")
