@@ -47,8 +47,8 @@ __all__ = ["Recipe", "load_recipe", "mergekit_config", "name_paths"]
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
-_OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shard_size", "like", "output", "expect",
-             "weightlens_recipe", "weightlens_version")
+_OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shard_size", "like", "output",
+             "expect", "weightlens_recipe", "weightlens_version")
 
 
 def _version() -> str:
@@ -164,8 +164,8 @@ class Recipe:
         return {
             "weightlens_recipe": RECIPE_VERSION, "weightlens_version": self.weightlens_version or _version(),
             "base": self.base, "finetuned": dict(self.finetuned), "method": self.method, "params": dict(self.params),
-            "include": self.include, "exclude": self.exclude, "device": self.device, "threads": self.threads, "dtype": self.dtype,
-            "shard_size": self.shard_size, "like": self.like, "output": self.output, "expect": dict(self.expect),
+            "include": self.include, "exclude": self.exclude, "device": self.device, "threads": self.threads,
+            "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output, "expect": dict(self.expect),
         }
 
     def to_yaml(self) -> str:
@@ -259,12 +259,12 @@ def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype:
         )
     if not_reproducible(merged) is not None:
         return None
-    tv = merged.task_vectors
+    tv, device = merged.task_vectors, _merge_device(merged)
     return Recipe(
         base=os.path.abspath(tv.base.source),
         finetuned={n: os.path.abspath(c.source) for n, c in tv.finetuned.items()},
         method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
-        device=_merge_device(merged), threads=_cpu_threads(_merge_device(merged)),
+        device=device, threads=_cpu_threads(device),
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         shard_size=shard_size, like=None if like is None else os.path.abspath(like), output=output,
         weightlens_version=_version(),
