@@ -699,7 +699,6 @@ def test_linalg_imports_only_torch_numpy_scipy_and_errors():
                     assert name in ("weightlens.errors",) or name.startswith("weightlens.linalg"), name
 
 
-
 def test_torch_threads_sets_and_restores_the_count_even_on_error():
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="inside"):

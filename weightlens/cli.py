@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from weightlens._version import __version__
 from weightlens.errors import WeightlensError
 
 _EPILOG = __doc__.split("Examples\n--------\n", 1)[1]
@@ -164,8 +165,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _why_bits_differ(recipe: Any) -> str:
     """What makes a re-run differ in the last bits (for SVD-based methods), naming what this run changed."""
-    from weightlens._version import __version__
-
     versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
                 if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
     threads = "" if recipe.threads else " and torch thread counts (this recipe records none)"

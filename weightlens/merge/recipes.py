@@ -68,10 +68,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
         raise InvalidParameterError("The recipe has no 'output' folder; pass one (command line: --out DIR).")
     merged = merge_recipe(recipe, device=device)
     like: Any = recipe.path(recipe.like) if recipe.like else False
-    cpu = torch.device(device or recipe.device).type == "cpu"
-    threads = _threads_for(recipe) if cpu else torch.get_num_threads()
-    done = replace(recipe, params=dict(merged.params), device=device or recipe.device, threads=threads if cpu else None)
-    with torch_threads(threads):  # the merge is lazy: its decompositions run during the export
+    threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
+    done = replace(recipe, params=dict(merged.params), device=device or recipe.device, threads=threads)
+    with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
         return export(merged, target, like=like, recipe=done,
                       shard_size=recipe.shard_size, dtype=recipe.dtype, overwrite=overwrite, progress=progress)
 

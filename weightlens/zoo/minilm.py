@@ -316,7 +316,7 @@ class _Scorer:
 
 def _threads() -> contextlib.AbstractContextManager[int]:
     """Use the cores this process may run on (at most 8) and restore torch's setting afterwards."""
-    return torch_threads(max(1, min(available_cores(), 8)))
+    return torch_threads(min(available_cores(), 8))
 
 
 def _sha256(path: Path) -> str:
