@@ -18,6 +18,8 @@ __all__ = [
     "DTypeError",
     "NonFiniteError",
     "InvalidParameterError",
+    "UnsafePathError",
+    "ReproducibilityError",
 ]
 
 
@@ -58,3 +60,11 @@ class TargetExistsError(WeightlensError, FileExistsError):
 
 class InvalidParameterError(WeightlensError, ValueError, TypeError):
     """A public function got a parameter outside its documented range or options."""
+
+
+class UnsafePathError(WeightlensError, ValueError):
+    """An output path that writing to could lose the user's data (the current folder, home, an input)."""
+
+
+class ReproducibilityError(WeightlensError, ValueError):
+    """A recipe's inputs changed since it was written, or its re-run did not give the recorded files."""

@@ -25,7 +25,7 @@ import os
 import shutil
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,7 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
     card: Mapping[str, Any] | None = None,
+    verify: Callable[[Mapping[str, str]], None] | None = None,
 ) -> Path:
     """Write merged weights as an HF-style model folder, atomically and key by key.
 
@@ -403,6 +404,10 @@ def export(
     card : mapping, optional
         Extras for the model card: ``"title"``, ``"metrics"`` (``{task: {metric: value}}`` or a
         DataFrame), ``"report"`` (an analysis ``Report`` or its ``summary()``), ``"notes"`` (text).
+    verify : callable, optional
+        Called with ``{weight file: sha256}`` once the weights are written, before anything else is
+        and before the folder is moved into place; an exception it raises leaves no output behind
+        (``run_recipe`` checks a re-run against the recipe's recorded sha256 this way).
 
     Returns
     -------
@@ -452,6 +457,8 @@ def export(
             else:
                 writer.write_buffered(max_bytes, bar)
         written = writer.out
+        if verify is not None:
+            verify(dict(written.files))
         if len(written.files) > 1:
             write_index(tmp, written, meta)
         copied = copy_like(like_dir, tmp, target) if like_dir is not None else []
