@@ -377,6 +377,7 @@ def export(
     progress: bool = True,
     card: Mapping[str, Any] | None = None,
     verify: Callable[[Mapping[str, str]], None] | None = None,
+    fingerprint: str = "header",
 ) -> Path:
     """Write merged weights as an HF-style model folder, atomically and key by key.
 
@@ -408,6 +409,10 @@ def export(
         Called with ``{weight file: sha256}`` once the weights are written, before anything else is
         and before the folder is moved into place; an exception it raises leaves no output behind
         (``run_recipe`` checks a re-run against the recipe's recorded sha256 this way).
+    fingerprint : {"header", "full"}, default="header"
+        How the derived recipe fingerprints each input file: its size and a sha256 of its header
+        (``"header"``, cheap), or also a sha256 of the whole file (``"full"``, reads every byte);
+        a re-run refuses inputs that changed. A recipe given as ``recipe=`` keeps its own.
 
     Returns
     -------
@@ -443,7 +448,8 @@ def export(
     out = Path(out_dir).expanduser()
     like_dir = like_folder(like, merged)
     _check_not_input(out, merged, like_dir)
-    rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size)
+    rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
+                             fingerprint=fingerprint)
     meta = _recipe.file_metadata(merged, rec)
     where = f"export to {out}"
     with atomic_folder(out, overwrite=overwrite) as tmp:

@@ -17,9 +17,16 @@ Schema (``weightlens_recipe: 1``)::
     like: /models/base                 # HF folder whose config and tokenizer are copied
     output: /models/merged             # default output folder of `weightlens merge`
     expect: {model.safetensors: <sha256>}   # what the run that wrote the recipe produced
+    fingerprints:                      # the inputs as they were (optional; older recipes have none)
+      base: {base.safetensors: {size: 1234, header: <sha256>}}        # sha256: <...> too in "full" mode
+      finetuned: {math: {model.safetensors: {size: 1234, header: <sha256>}}}
 
-Relative paths are taken relative to the recipe file's folder. ``weightlens.merge.run_recipe`` merges
-lazily and exports key by key, on ``threads`` CPU threads when the recipe records them and the machine
+Relative paths are taken relative to the recipe file's folder. The file is plain YAML: anchors,
+aliases and tags are refused, and every field's type is checked. ``fingerprints`` are defined in
+``weightlens.io._fingerprint`` (size and a sha256 of the safetensors header per file read; a full
+sha256 with ``export(..., fingerprint="full")``). ``weightlens.merge.run_recipe`` refuses inputs
+that changed, treats ``expect`` as a check (a mismatch leaves no output), and merges lazily and
+exports key by key, on ``threads`` CPU threads when the recipe records them and the machine
 has the cores (a CPU SVD's last bits depend on the thread count: this is what lets a re-run on another
 machine come out bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
 This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,15 +49,20 @@ import torch
 import yaml
 
 from weightlens.errors import CheckpointError, InvalidParameterError
+from weightlens.io import _fingerprint as _fp
 from weightlens.io._atomic import write_text
 from weightlens.io._layout import MERGEKIT, RECIPE, parse_dtype, parse_size
 
-__all__ = ["Recipe", "load_recipe", "mergekit_config", "name_paths"]
+__all__ = ["Recipe", "input_fingerprints", "load_recipe", "mergekit_config", "name_paths", "plain_yaml"]
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
 _OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shard_size", "like", "output",
-             "expect", "weightlens_recipe", "weightlens_version")
+             "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
+_SCALARS = (bool, int, float, str, type(None))
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
 
 
 def _version() -> str:
@@ -57,6 +71,49 @@ def _version() -> str:
     return __version__
 
 
+def _short(value: Any) -> str:
+    """A bounded repr for messages (a hostile value never makes a long or slow message)."""
+    return _SHORT.repr(value)
+
+
+# ---------------------------------------------------------------------------------------- plain YAML
+class _Refused(yaml.YAMLError):
+    """A YAML construct a recipe may not use."""
+
+    def __init__(self, what: str, mark: Any) -> None:
+        super().__init__(f"line {mark.line + 1}: {what}" if mark is not None else what)
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader without anchors, aliases or explicit tags: plain data in, nothing expanded or run."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"alias *{event.anchor} (YAML anchors and aliases are not allowed: they can "
+                           "expand a small file into an enormous value)", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(f"anchor &{event.anchor} (YAML anchors and aliases are not allowed: they can "
+                           "expand a small file into an enormous value)", event.start_mark)
+        if getattr(event, "tag", None) not in (None, "!"):
+            raise _Refused(f"tag {event.tag} (YAML tags are not allowed: write plain values)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def plain_yaml(text: str, where: str) -> Any:
+    """Parse ``text`` as YAML without anchors, aliases or tags; errors name ``where``.
+
+    Raises ``InvalidParameterError`` naming ``where``, the line and what is not allowed.
+    """
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader that also refuses more)
+    except _Refused as exc:
+        raise InvalidParameterError(f"{where}: {exc}.") from None
+    except yaml.YAMLError as exc:
+        raise InvalidParameterError(f"{where}: not valid YAML ({' '.join(str(exc).split())[:200]}).") from None
+
+
+# ---------------------------------------------------------------------------------------- field types
 def _patterns(value: Any, name: str, where: str) -> list[str] | None:
     if value is None:
         return None
@@ -64,7 +121,131 @@ def _patterns(value: Any, name: str, where: str) -> list[str] | None:
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise InvalidParameterError(f"{where}: '{name}' must be a glob pattern, a list of them or null. Got {value!r}.")
+    raise InvalidParameterError(
+        f"{where}: '{name}' must be a glob pattern, a list of them or null. Got {_short(value)}.")
+
+
+def _text(data: Mapping[str, Any], name: str, where: str, *, null: bool = False, path: bool = False) -> str | None:
+    """Field ``name`` as a string (``None`` when absent and ``null``); anything else is refused."""
+    value = data.get(name)
+    if value is None and null:
+        return None
+    if path and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        kind = "a string (a path)" if path else "a string"
+        raise InvalidParameterError(f"{where}: '{name}' must be {kind}{' or null' if null else ''}. "
+                                    f"Got {_short(value)} ({type(value).__name__}).")
+    return value
+
+
+def _finetuned(value: Any, where: str) -> dict[str, str]:
+    """``finetuned``: ``{name: path}`` or a list of paths (names from the file names)."""
+    if isinstance(value, list) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return name_paths([os.fspath(v) for v in value])
+    if (isinstance(value, Mapping) and all(isinstance(k, str) and k for k in value)
+            and all(isinstance(v, (str, os.PathLike)) for v in value.values())):
+        return {k: os.fspath(v) for k, v in value.items()}
+    raise InvalidParameterError(
+        f"{where}: 'finetuned' must map task names (strings) to paths, or list paths. Got {_short(value)}.")
+
+
+def _params(value: Any, where: str) -> dict[str, Any]:
+    """``params``: ``{name: scalar or list of scalars}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(f"{where}: 'params' must map parameter names to values. Got {_short(value)}.")
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise InvalidParameterError(f"{where}: 'params' names must be strings. Got {_short(key)}.")
+        if not (isinstance(v, _SCALARS) or isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v)):
+            raise InvalidParameterError(
+                f"{where}: params.{key} must be a number, string, bool, null or a list of them. Got {_short(v)}.")
+    return dict(value)
+
+
+def _expect(value: Any, where: str) -> dict[str, str]:
+    """``expect``: ``{weight file name: sha256}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(f"{where}: 'expect' must map weight file names to sha256. Got {_short(value)}.")
+    for name, sha in value.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise InvalidParameterError(f"{where}: 'expect' keys must be plain file names. Got {_short(name)}.")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise InvalidParameterError(
+                f"{where}: expect[{name!r}] must be a sha256 (64 lowercase hex digits). Got {_short(sha)}.")
+    return dict(value)
+
+
+def _fingerprints(value: Any, finetuned: Mapping[str, str], where: str) -> dict[str, Any]:
+    """``fingerprints``: ``{base: {file: fp}, finetuned: {task: {file: fp}}}`` (see ``_fingerprint``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not set(value) <= {"base", "finetuned"}:
+        raise InvalidParameterError(
+            f"{where}: 'fingerprints' must be a mapping with 'base' and 'finetuned'. Got {_short(value)}.")
+    out: dict[str, Any] = {}
+    if "base" in value:
+        out["base"] = _fp.check_shape(value["base"], f"{where}: fingerprints.base")
+    tasks = value.get("finetuned") or {}
+    if not isinstance(tasks, Mapping) or not set(tasks) <= set(finetuned):
+        raise InvalidParameterError(
+            f"{where}: fingerprints.finetuned must map the recipe's task names ({', '.join(finetuned)}) to "
+            f"file fingerprints. Got {_short(tasks)}.")
+    out["finetuned"] = {n: _fp.check_shape(tasks[n], f"{where}: fingerprints.finetuned.{n}") for n in tasks}
+    return out
+
+
+def _threads(value: Any, where: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidParameterError(
+            f"{where}: 'threads' must be a positive integer (torch's CPU thread count) or null. Got {_short(value)}.")
+    return value
+
+
+def _shard_size(value: Any, where: str) -> str | int:
+    value = "5GB" if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidParameterError(f"{where}: 'shard_size' must be a size like '5GB' or bytes. Got {_short(value)}.")
+    try:
+        parse_size(value)
+    except InvalidParameterError as err:
+        raise InvalidParameterError(f"{where}: {err}") from None
+    return value
+
+
+def _dtype(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidParameterError(f"{where}: 'dtype' must be a dtype name such as bfloat16, or null. "
+                                    f"Got {_short(value)}.")
+    try:
+        dtype = parse_dtype(value)
+    except InvalidParameterError as err:
+        raise InvalidParameterError(f"{where}: {err}") from None
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _check_fields(data: Any, where: str) -> None:
+    """A mapping with the required fields, no unknown ones, and a recipe version this weightlens reads."""
+    if not isinstance(data, Mapping):
+        raise InvalidParameterError(f"{where}: a recipe is a YAML mapping with {', '.join(_REQUIRED)}.")
+    unknown = [k for k in data if k not in _REQUIRED + _OPTIONAL]
+    missing = [k for k in _REQUIRED if data.get(k) is None or data.get(k) in ("", {}, [])]
+    if unknown or missing:
+        problem = (f"unknown field(s) {', '.join(_short(k) for k in unknown[:5])}" if unknown
+                   else f"missing field(s) {', '.join(map(repr, missing))}")
+        raise InvalidParameterError(
+            f"{where}: {problem}. Fields: {', '.join(_REQUIRED)} (required), {', '.join(_OPTIONAL[:-2])}."
+        )
+    version = data.get("weightlens_recipe", RECIPE_VERSION)
+    if isinstance(version, bool) or version != RECIPE_VERSION:
+        raise InvalidParameterError(
+            f"{where}: weightlens_recipe {_short(version)} is not supported (this weightlens "
+            f"reads version {RECIPE_VERSION}); upgrade weightlens."
+        )
 
 
 def name_paths(paths: list[str]) -> dict[str, str]:
@@ -106,58 +287,41 @@ class Recipe:
     like: str | None = None
     output: str | None = None
     expect: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, Any] = field(default_factory=dict)
     weightlens_version: str = ""
     root: Path | None = field(default=None, compare=False, repr=False)
+    file: Path | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_mapping(cls, data: Any, *, where: str = "recipe", root: Path | None = None) -> Recipe:
-        """Validate a parsed recipe; errors name ``where`` (the file) and the field."""
-        if not isinstance(data, Mapping):
-            raise InvalidParameterError(f"{where}: a recipe is a YAML mapping with {', '.join(_REQUIRED)}.")
-        unknown = [k for k in data if k not in _REQUIRED + _OPTIONAL]
-        missing = [k for k in _REQUIRED if data.get(k) in (None, "", {}, [])]
-        if unknown or missing:
-            problem = (f"unknown field(s) {', '.join(map(repr, unknown))}" if unknown
-                       else f"missing field(s) {', '.join(map(repr, missing))}")
-            raise InvalidParameterError(
-                f"{where}: {problem}. Fields: {', '.join(_REQUIRED)} (required), {', '.join(_OPTIONAL[:-2])}."
-            )
-        if data.get("weightlens_recipe", RECIPE_VERSION) != RECIPE_VERSION:
-            raise InvalidParameterError(
-                f"{where}: weightlens_recipe {data['weightlens_recipe']!r} is not supported (this weightlens "
-                f"reads version {RECIPE_VERSION}); upgrade weightlens."
-            )
-        ft = data["finetuned"]
-        if isinstance(ft, list):
-            ft = name_paths([str(p) for p in ft])
-        if not isinstance(ft, Mapping) or not all(isinstance(v, (str, os.PathLike)) for v in ft.values()):
-            raise InvalidParameterError(f"{where}: 'finetuned' must map task names to paths. Got {ft!r}.")
-        params = data.get("params") or {}
-        if not isinstance(params, Mapping):
-            raise InvalidParameterError(f"{where}: 'params' must be a mapping of parameter names to values.")
-        expect = data.get("expect") or {}
-        threads = data.get("threads")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InvalidParameterError(
-                f"{where}: 'threads' must be a positive integer (torch's CPU thread count) or null. Got {threads!r}."
-            )
-        try:
-            dtype = parse_dtype(data.get("dtype"))
-            parse_size(data.get("shard_size") or "5GB")
-        except InvalidParameterError as err:
-            raise InvalidParameterError(f"{where}: {err}") from None
+    def from_mapping(cls, data: Any, *, where: str = "recipe", root: Path | None = None,
+                     file: Path | None = None) -> Recipe:
+        """Validate a parsed recipe field by field; errors name ``where`` (the file) and the field."""
+        _check_fields(data, where)
+        ft = _finetuned(data["finetuned"], where)
         return cls(
-            base=str(data["base"]), finetuned={str(k): str(v) for k, v in ft.items()}, method=str(data["method"]),
-            params=dict(params), include=_patterns(data.get("include"), "include", where),
-            exclude=_patterns(data.get("exclude"), "exclude", where), device=str(data.get("device") or "cpu"),
-            threads=threads,
-            dtype=None if dtype is None else str(dtype).removeprefix("torch."), shard_size=data.get("shard_size") or "5GB",
-            like=None if data.get("like") is None else str(data["like"]),
-            output=None if data.get("output") is None else str(data["output"]),
-            expect={str(k): str(v) for k, v in dict(expect).items()},
-            weightlens_version=str(data.get("weightlens_version") or ""), root=root,
+            base=_text(data, "base", where, path=True), finetuned=ft, method=_text(data, "method", where),
+            params=_params(data.get("params"), where), include=_patterns(data.get("include"), "include", where),
+            exclude=_patterns(data.get("exclude"), "exclude", where),
+            device=_text(data, "device", where, null=True) or "cpu", threads=_threads(data.get("threads"), where),
+            dtype=_dtype(data.get("dtype"), where), shard_size=_shard_size(data.get("shard_size"), where),
+            like=_text(data, "like", where, null=True, path=True),
+            output=_text(data, "output", where, null=True, path=True),
+            expect=_expect(data.get("expect"), where),
+            fingerprints=_fingerprints(data.get("fingerprints"), ft, where),
+            weightlens_version=_text(data, "weightlens_version", where, null=True) or "", root=root, file=file,
         )
+
+    def checked(self) -> Recipe:
+        """This recipe validated as if read from a file (for one built in Python)."""
+        data = {k: v for k, v in self.to_dict().items() if k != "weightlens_version"}
+        data["weightlens_version"] = self.weightlens_version or None
+        return Recipe.from_mapping(data, where=self.where, root=self.root, file=self.file)
+
+    @property
+    def where(self) -> str:
+        """The recipe file for messages (``"the recipe"`` for one built in Python)."""
+        return str(self.file) if self.file is not None else "the recipe"
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML fields, in order."""
@@ -165,7 +329,8 @@ class Recipe:
             "weightlens_recipe": RECIPE_VERSION, "weightlens_version": self.weightlens_version or _version(),
             "base": self.base, "finetuned": dict(self.finetuned), "method": self.method, "params": dict(self.params),
             "include": self.include, "exclude": self.exclude, "device": self.device, "threads": self.threads,
-            "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output, "expect": dict(self.expect),
+            "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output,
+            "expect": dict(self.expect), **({"fingerprints": self.fingerprints} if self.fingerprints else {}),
         }
 
     def to_yaml(self) -> str:
@@ -205,15 +370,19 @@ def _sha256(path: Path) -> str:
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Read and validate a recipe YAML file (relative paths in it are relative to its folder)."""
+    """Read and validate a recipe YAML file (relative paths in it are relative to its folder).
+
+    The file is parsed without YAML anchors, aliases or tags (refused with the line), so a small file
+    cannot expand into an enormous value and no tag constructs an object; every field's type is checked.
+    """
     path = Path(path).expanduser()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the recipe ({exc.strerror or exc}).") from None
-    except yaml.YAMLError as exc:
-        raise InvalidParameterError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}).") from None
-    return Recipe.from_mapping(data, where=str(path), root=path.parent.absolute())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"{path}: cannot read the recipe ({why}).") from None
+    data = plain_yaml(text, str(path))
+    return Recipe.from_mapping(data, where=str(path), root=path.parent.absolute(), file=path)
 
 
 # ---------------------------------------------------------------------------------------- from a merge
@@ -243,14 +412,37 @@ def not_reproducible(merged: Any) -> str | None:
     return None
 
 
+def input_fingerprints(tv: Any, base: str, finetuned: Mapping[str, str], mode: str,
+                       known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``fingerprints`` field for task vectors loaded from ``base`` and ``finetuned`` (paths).
+
+    ``known`` (a recipe's recorded fingerprints) are reused for files whose fingerprint in ``mode`` was
+    just checked, so no file is hashed twice.
+    """
+    known = known or {}
+
+    def one(ckpt: Any, path: str, prior: Mapping[str, Any] | None) -> dict[str, Any]:
+        return _fp.fingerprint_files(_fp.checkpoint_files(ckpt), _fp.anchor_of(path), mode, prior)
+
+    return {
+        "base": one(tv.base, base, known.get("base")),
+        "finetuned": {n: one(tv.finetuned[n], p, (known.get("finetuned") or {}).get(n))
+                      for n, p in finetuned.items()},
+    }
+
+
 def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype: torch.dtype | None,
-               shard_size: int | str) -> Recipe | None:
-    """The recipe to write with an export: derived from ``merged``, or the one given."""
+               shard_size: int | str, fingerprint: str = "header") -> Recipe | None:
+    """The recipe to write with an export: derived from ``merged`` (its inputs fingerprinted in mode
+    ``fingerprint``), or the one given (validated; its fingerprints kept as given)."""
     if recipe is False:
         return None
+    if fingerprint not in _fp.MODES:
+        raise InvalidParameterError(
+            f"The 'fingerprint' parameter must be one of {', '.join(_fp.MODES)}. Got {_short(fingerprint)}.")
     output = str(Path(os.path.abspath(out)))
     if isinstance(recipe, Recipe):
-        return replace(recipe, output=output, expect={})
+        return replace(recipe.checked(), output=output, expect={})
     if isinstance(recipe, Mapping):
         return replace(Recipe.from_mapping(recipe, where="recipe="), output=output, expect={})
     if recipe is not None:
@@ -260,14 +452,15 @@ def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype:
     if not_reproducible(merged) is not None:
         return None
     tv, device = merged.task_vectors, _merge_device(merged)
+    base = os.path.abspath(tv.base.source)
+    finetuned = {n: os.path.abspath(c.source) for n, c in tv.finetuned.items()}
     return Recipe(
-        base=os.path.abspath(tv.base.source),
-        finetuned={n: os.path.abspath(c.source) for n, c in tv.finetuned.items()},
+        base=base, finetuned=finetuned,
         method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
         device=device, threads=_cpu_threads(device),
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         shard_size=shard_size, like=None if like is None else os.path.abspath(like), output=output,
-        weightlens_version=_version(),
+        fingerprints=input_fingerprints(tv, base, finetuned, fingerprint), weightlens_version=_version(),
     )
 
 
