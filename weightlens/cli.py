@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from weightlens._version import __version__
-from weightlens.errors import WeightlensError
+from weightlens.errors import CheckpointError, InvalidParameterError, WeightlensError
 
 _EPILOG = __doc__.split("Examples\n--------\n", 1)[1]
 _LMC_HELP = (
@@ -38,28 +37,76 @@ _LMC_HELP = (
     "weightlens.lmc.curve(a, b, weightlens.lmc.Evaluator(module, {'test': (x, y)}))."
 )
 _LMC_ZOOS = ("digits-pairs",)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a task name in NAME=PATH
+_SCALARS = (bool, int, float, str, type(None))
 
 
 class UsageError(Exception):
     """Arguments that parse but do not fit together (exit code 2)."""
 
 
+def _one_named(item: str, what: str) -> tuple[str | None, str]:
+    """``(name, path)`` of ``NAME=PATH``, ``(None, item)`` of a plain path.
+
+    An existing path is a path even when it holds ``=``; ``NAME=PATH`` needs a plain NAME (letters,
+    digits, ``_ . + -``) and splits at the first ``=``, so ``NAME=runs/lr=1e-4/ckpt`` names such a path.
+    """
+    name, sep, path = item.partition("=")
+    as_named = bool(sep) and bool(path) and _NAME.fullmatch(name) is not None
+    if os.path.exists(item):
+        if as_named and os.path.exists(path):
+            raise UsageError(f"{what}: {item!r} is ambiguous: an existing path, and NAME=PATH naming {path!r}. "
+                             f"Write ./{item} for the path, or NAME={item} to name it.")
+        return None, item
+    if as_named:
+        return name, path
+    if sep:
+        raise UsageError(f"{what}: {item!r} is no existing file or folder, nor NAME=PATH with a plain NAME "
+                         f"(letters, digits, _ . + -). To name a path that holds '=', write NAME={item}.")
+    return None, item
+
+
 def _named(items: list[str], what: str) -> dict[str, str] | list[str]:
     """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}``; plain paths stay a list (names from file names)."""
-    named = [i for i in items if "=" in i and not os.path.exists(i)]
+    pairs = [_one_named(i, what) for i in items]
+    named = [(n, p) for n, p in pairs if n is not None]
     if named and len(named) != len(items):
         raise UsageError(f"{what}: give every fine-tune as NAME=PATH or none of them; got {items}.")
-    return dict(i.split("=", 1) for i in named) if named else list(items)
+    if len({n for n, _ in named}) != len(named):
+        raise UsageError(f"{what}: each NAME in NAME=PATH must be different; got {items}.")
+    return dict(named) if named else [p for _, p in pairs]
 
 
 def _params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items as ``{key: value}``: plain YAML values (no tags, anchors or aliases)."""
+    from weightlens.io.recipe import plain_yaml
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--param takes KEY=VALUE (e.g. --param density=0.2); got {item!r}.")
-        out[key] = yaml.safe_load(value) if value else None
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--param takes KEY=VALUE with KEY a parameter name (e.g. --param density=0.2); "
+                             f"got {item[:80]!r}.")
+        try:
+            parsed = plain_yaml(value, f"--param {key}") if value else None
+        except InvalidParameterError as err:
+            raise UsageError(str(err)) from None
+        if not (isinstance(parsed, _SCALARS) or isinstance(parsed, list) and all(isinstance(x, _SCALARS) for x in parsed)):
+            raise UsageError(f"--param {key}: the value must be a number, string, true/false, null or a list of "
+                             f"them; got {value[:80]!r}.")
+        out[key] = parsed
     return out
+
+
+def _out_dir(value: str | None) -> str | None:
+    """``--out``; an empty one is refused (it would mean the current folder)."""
+    if value is not None and not value.strip():
+        raise InvalidParameterError("--out is an empty string: give the output folder (e.g. --out merged/).")
+    return value
+
+
+def _export_extra(args: argparse.Namespace) -> dict[str, Any]:
+    return {"overwrite_any": True} if getattr(args, "overwrite_any", False) else {}
 
 
 # ---------------------------------------------------------------------------------------- zoo, tour
@@ -137,6 +184,7 @@ def _merge(args: argparse.Namespace) -> int:
     from weightlens.io import load_recipe
     from weightlens.merge import run_recipe
 
+    _out_dir(args.out)
     if args.recipe:
         given = [f for f, v in (("--base", args.base), ("--ft", args.ft), ("--method", args.method),
                                 ("--param", args.param), ("--include", args.include), ("--exclude", args.exclude),
@@ -148,40 +196,59 @@ def _merge(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe)
     else:
         recipe = _recipe_from_flags(args)
-    out = run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
-    if args.recipe and recipe.expect:
-        bad = recipe.check(out)
-        if bad and args.verify:
-            raise WeightlensError(f"{out}: {', '.join(bad)} differ from the sha256 recorded in {args.recipe}. "
-                                  + _why_bits_differ(recipe))
-        sys.stderr.write(
-            f"weightlens: {len(recipe.expect) - len(bad)} of {len(recipe.expect)} weight file(s) match the "
-            f"recipe's sha256{' (' + ', '.join(bad) + ' differ)' if bad else ': reproduced bitwise'}.\n"
-            + (f"weightlens: {_why_bits_differ(recipe)}\n" if bad else "")
-        )
+    out = run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+                     verify=args.verify, check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
+                     **_export_extra(args))
+    if recipe.expect:
+        _say_reproduced(recipe, out, verified=args.verify, device=args.device)
     sys.stdout.write(f"{out}\n")
     return 0
 
 
-def _why_bits_differ(recipe: Any) -> str:
-    """What makes a re-run differ in the last bits (for SVD-based methods), naming what this run changed."""
-    versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
-                if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
-    threads = "" if recipe.threads else " and torch thread counts (this recipe records none)"
-    return ("Methods built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) differ in the last bits across weightlens "
-            f"versions{versions}, devices, CPU LAPACK builds{threads}.")
+def _say_reproduced(recipe: Any, out: Path, *, verified: bool, device: str | None) -> None:
+    """One stderr line on how the re-run compares with the recipe's sha256 (and why when it differs)."""
+    from weightlens.merge.recipes import why_differs
+
+    n = len(recipe.expect)
+    if verified:  # run_recipe raised unless every file matched
+        sys.stderr.write(f"weightlens: {n} of {n} weight file(s) match the recipe's sha256: reproduced bitwise.\n")
+        return
+    bad = recipe.check(out)
+    sys.stderr.write(
+        f"weightlens: {n - len(bad)} of {n} weight file(s) match the recipe's sha256"
+        f"{' (' + ', '.join(bad) + ' differ)' if bad else ': reproduced bitwise'}.\n"
+        + (f"weightlens: {why_differs(recipe, device=device)}\n" if bad else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------- rebasin
+def _config_heads(a: Any) -> int | None:
+    """``num_attention_heads`` from the config.json beside A's weights (``None`` when there is none)."""
+    config = a.hf_dir / "config.json" if a.hf_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({' '.join(str(exc).split())[:120]}); fix the file or "
+                              "pass --heads N.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config}: holds a JSON {type(data).__name__}, not an object; fix the file or "
+                              "pass --heads N.")
+    heads = data.get("num_attention_heads")
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise CheckpointError(f"{config}: 'num_attention_heads' must be a positive integer, got "
+                              f"{str(heads)[:40]!r}; fix the file or pass --heads N.")
+    return heads
+
+
 def _spec(args: argparse.Namespace, a: Any) -> Any:
     from weightlens import rebasin
 
+    heads = args.heads if args.spec == "mlp" or args.heads is not None else _config_heads(a)
     try:
         if args.spec == "mlp":
             return rebasin.mlp_spec(a)
-        heads = args.heads
-        if heads is None and a.hf_dir is not None and (a.hf_dir / "config.json").is_file():
-            heads = json.loads((a.hf_dir / "config.json").read_text()).get("num_attention_heads")
         if heads is None:
             raise UsageError("--spec transformer needs --heads N (no num_attention_heads in a config.json "
                              "next to the weights).")
@@ -198,6 +265,7 @@ def _rebasin(args: argparse.Namespace) -> int:
     from weightlens import rebasin
     from weightlens.io import export, load
 
+    _out_dir(args.out)
     a, b = load(args.a), load(args.b)
     spec = _spec(args, a)
     perms = rebasin.weight_matching(a, b, spec, seed=args.seed, max_iter=args.max_iter, progress=not args.quiet)
@@ -206,7 +274,8 @@ def _rebasin(args: argparse.Namespace) -> int:
             f"({args.spec} spec, {len(spec.units)} permutations); objective <a, pi(b)> "
             f"{hist[0]:.6g} -> {hist[-1]:.6g} in {len(hist) - 1} sweep(s). The function is unchanged.")
     out = export(perms.apply(b), args.out, like=b.hf_dir or False, recipe=False, overwrite=args.overwrite,
-                 progress=not args.quiet, card={"title": f"{b.name} aligned to {a.name}", "notes": note})
+                 progress=not args.quiet, card={"title": f"{b.name} aligned to {a.name}", "notes": note},
+                 **_export_extra(args))
     sys.stdout.write(f"objective <a, pi(b)>: {hist[0]:.6g} -> {hist[-1]:.6g} ({len(hist) - 1} sweep(s))\n{out}\n")
     return 0
 
@@ -260,7 +329,7 @@ def _sub(sub: Any, name: str, help_: str, examples: str, common: argparse.Argume
 
 def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _sub(sub, "merge", "merge fine-tunes of one base and export the result (from a recipe or flags)",
-             "  weightlens merge merged/weightlens_recipe.yaml --out again/ --verify\n"
+             "  weightlens merge merged/weightlens_recipe.yaml --out again/   # checks inputs and sha256\n"
              "  weightlens merge --base base/ --ft math=ft/math --ft code=ft/code --method task_arithmetic \\\n"
              "                   --param alpha=0.3 --out merged/ --dtype bfloat16\n", common)
     p.add_argument("recipe", nargs="?", help="a weightlens_recipe.yaml (as written by export)")
@@ -275,8 +344,18 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", help="largest shard, e.g. 5GB (default) or 500MB")
     p.add_argument("--device", help="where the merge runs: auto, cpu, cuda (default: the recipe's; flags: auto)")
     p.add_argument("--out", help="output folder (default: the recipe's output)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder atomically")
-    p.add_argument("--verify", action="store_true", help="exit 1 unless the weights match the recipe's sha256")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder (a weightlens export) atomically")
+    p.add_argument("--overwrite-any", action="store_true",
+                   help="also replace a non-empty folder that is not a weightlens export")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="a recipe's re-run must give the sha256 recorded in its 'expect', or exit 1 leaving no "
+                        "output (default); --no-verify keeps a differing re-run and says which files differ")
+    p.add_argument("--ignore-changed-inputs", action="store_true",
+                   help="merge even when the inputs differ from the recipe's fingerprints (size, header)")
+    p.add_argument("--fingerprint", choices=("header", "full"),
+                   help="how the written recipe fingerprints the inputs: size and header sha256 (header, the "
+                        "default for new recipes) or also a full sha256 of every file (full, reads every byte)")
     p.set_defaults(func=_merge)
 
 
@@ -302,7 +381,10 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, help="attention heads (transformer; default: config.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder (a weightlens export) atomically")
+    p.add_argument("--overwrite-any", action="store_true",
+                   help="also replace a non-empty folder that is not a weightlens export")
     p.set_defaults(func=_rebasin)
 
     p = _sub(sub, "lmc", "loss and accuracy barriers along the line between two models",

@@ -14,26 +14,46 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightlens.errors import InvalidParameterError
+from weightlens._version import __version__
+from weightlens.errors import InvalidParameterError, ReproducibilityError
+from weightlens.io import _fingerprint as _fp
 from weightlens.io.export import export
-from weightlens.io.recipe import Recipe, load_recipe
+from weightlens.io.recipe import Recipe, input_fingerprints, load_recipe
 from weightlens.linalg import DecompositionCache, available_cores, torch_threads
 from weightlens.merge.engine import MergeResult, merge
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["merge_recipe", "run_recipe"]
+__all__ = ["SVD_METHODS", "merge_recipe", "run_recipe"]
 
 _RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
+SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts", "star"})  # updates built from SVDs: last bits vary
 
 
 def _as_recipe(recipe: Recipe | str | os.PathLike[str]) -> Recipe:
-    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return recipe.checked() if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _task_vectors(recipe: Recipe) -> TaskVectors:
+    return TaskVectors(recipe.path(recipe.base), {n: recipe.path(p) for n, p in recipe.finetuned.items()},
+                       include=recipe.include, exclude=recipe.exclude, cache=DecompositionCache(_RUN_CACHE_BYTES))
+
+
+def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) -> MergeResult:
+    device = device or recipe.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError(
+            f"The recipe's merge ran on {device!r}, and no CUDA device is present here; pass "
+            "device='cpu' (command line: --device cpu). The weights may then differ from the recorded "
+            "sha256 in the last bits."
+        )
+    return merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **recipe.params)
 
 
 def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, device: str | None = None,
@@ -43,36 +63,145 @@ def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, device: str | None 
     ``device`` overrides the recipe's; a recipe recorded on CUDA needs CUDA unless overridden.
     """
     recipe = _as_recipe(recipe)
-    device = device or recipe.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidParameterError(
-            f"The recipe's merge ran on {device!r}, and no CUDA device is present here; pass "
-            "device='cpu' (command line: --device cpu). The weights may then differ from the recorded "
-            "sha256 in the last bits."
-        )
-    tv = TaskVectors(recipe.path(recipe.base), {n: recipe.path(p) for n, p in recipe.finetuned.items()},
-                     include=recipe.include, exclude=recipe.exclude, cache=DecompositionCache(_RUN_CACHE_BYTES))
-    return merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **recipe.params)
+    return _merge(recipe, _task_vectors(recipe), device, progress)
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-               overwrite: bool = False, progress: bool = True, device: str | None = None) -> Path:
+               overwrite: bool = False, overwrite_any: bool = False, progress: bool = True,
+               device: str | None = None, verify: bool = True, check_inputs: bool = True,
+               fingerprint: str | None = None) -> Path:
     """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder.
 
-    The export is atomic and writes the recipe it ran (parameters resolved) beside the weights;
-    ``Recipe.check(folder)`` then compares the weight files with the recipe's ``expect``.
+    Before anything is merged, the inputs are compared with the recipe's ``fingerprints`` (a changed
+    one raises ``ReproducibilityError``; ``check_inputs=False`` merges them anyway; a recipe without
+    fingerprints has nothing to check). The export is atomic; with ``verify`` (the default) the weights
+    are checked against the recipe's ``expect`` before the folder is moved into place, and a mismatch
+    raises ``ReproducibilityError`` leaving no output. The recipe written beside the weights records the
+    inputs as they are now (``fingerprint``: "header" or "full"; default: the recipe's own mode).
+    ``overwrite_any`` replaces a non-empty folder that is not a weightlens export.
     """
     recipe = _as_recipe(recipe)
-    target = out if out is not None else (recipe.path(recipe.output) if recipe.output else None)
-    if target is None:
-        raise InvalidParameterError("The recipe has no 'output' folder; pass one (command line: --out DIR).")
-    merged = merge_recipe(recipe, device=device)
+    target = _target(recipe, out)
+    recorded = recipe.fingerprints
+    mode = fingerprint or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded) for n, f in fps.items()})
+    if check_inputs:
+        _check_recorded(recipe)
+    tv = _task_vectors(recipe)
+    paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
+    current = input_fingerprints(tv, recipe.path(recipe.base), paths, mode, recorded if check_inputs else None)
+    if check_inputs:
+        _check_same_files(recipe, current)
+    merged = _merge(recipe, tv, device, progress=False)
     like: Any = recipe.path(recipe.like) if recipe.like else False
     threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
-    done = replace(recipe, params=dict(merged.params), device=device or recipe.device, threads=threads)
+    done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like or None,
+                   params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
+    check = _verifier(recipe, target, device, bool(recorded) and check_inputs) if verify and recipe.expect else None
+    extra = {"overwrite_any": True} if overwrite_any else {}
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
-        return export(merged, target, like=like, recipe=done,
-                      shard_size=recipe.shard_size, dtype=recipe.dtype, overwrite=overwrite, progress=progress)
+        return export(merged, target, like=like, recipe=done, shard_size=recipe.shard_size, dtype=recipe.dtype,
+                      overwrite=overwrite, progress=progress, verify=check, **extra)
+
+
+def _target(recipe: Recipe, out: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    """The output folder: ``out``, else the recipe's ``output``; an empty one is refused."""
+    if isinstance(out, str) and not out.strip():
+        raise InvalidParameterError("The output folder is an empty string; give a folder (command line: --out DIR).")
+    if out is not None:
+        return out
+    if not recipe.output or not recipe.output.strip():
+        raise InvalidParameterError(f"{recipe.where}: the recipe has no 'output' folder; pass one "
+                                    "(command line: --out DIR).")
+    return recipe.path(recipe.output)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def _roles(recipe: Recipe, fingerprints: Mapping[str, Any]) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+    """``(role, path, {file: fingerprint})`` for each input with fingerprints (role: ``"base"`` or
+    ``"fine-tune 'name'"``)."""
+    if "base" in fingerprints:
+        yield "base", recipe.path(recipe.base), fingerprints["base"]
+    for name, fps in (fingerprints.get("finetuned") or {}).items():
+        yield f"fine-tune {name!r}", recipe.path(recipe.finetuned[name]), fps
+
+
+def _changed(recipe: Recipe, role: str, what: str) -> ReproducibilityError:
+    return ReproducibilityError(
+        f"{recipe.where}: the {role} input changed since the recipe was written: {what}. A re-run would not "
+        "reproduce the recorded merge; restore the input, or pass check_inputs=False (command line: "
+        "--ignore-changed-inputs) to merge it as it is now."
+    )
+
+
+def _check_recorded(recipe: Recipe) -> None:
+    """Every recorded input file still has its size, header (and sha256): checked before any loading."""
+    for role, path, fps in _roles(recipe, recipe.fingerprints):
+        anchor = _fp.anchor_of(path)
+        for name, fp in fps.items():
+            what, _ = _fp.difference(name, fp, anchor)
+            if what:
+                raise _changed(recipe, role, what)
+
+
+def _check_same_files(recipe: Recipe, current: Mapping[str, Any]) -> None:
+    """Each input is read from the files the recipe recorded, no more and no fewer."""
+    now_by_role = {role: fps for role, _, fps in _roles(recipe, current)}
+    for role, path, was in _roles(recipe, recipe.fingerprints):
+        now = now_by_role[role]
+        new = [n for n in now if n not in was]
+        gone = [n for n in was if n not in now]
+        if new or gone:
+            anchor = _fp.anchor_of(path)
+            what = (f"it now reads {anchor / new[0]}, which the recipe does not record" if new
+                    else f"it no longer reads {anchor / gone[0]}")
+            raise _changed(recipe, role, what)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _verifier(recipe: Recipe, target: Any, device: str | None, inputs_checked: bool) -> Any:
+    """The ``export(verify=...)`` check of the written weights against ``recipe.expect``."""
+
+    def verify(written: Mapping[str, str]) -> None:
+        names = list(dict.fromkeys([*recipe.expect, *written]))
+        bad = [n for n in names if recipe.expect.get(n) != written.get(n)]
+        if not bad:
+            return
+        first = bad[0]
+        what = (f"{first} was not written" if first not in written else
+                f"{first} was written but is not in 'expect'" if first not in recipe.expect else f"{first} differs")
+        raise ReproducibilityError(
+            f"{recipe.where}: the re-run's weights differ from the sha256 recorded in 'expect': {what}"
+            f"{f' ({len(bad)} of {len(names)} files differ)' if len(bad) > 1 else ''}. "
+            f"{why_differs(recipe, device=device, inputs_checked=inputs_checked)} Nothing was written to "
+            f"{target}; pass verify=False (command line: --no-verify) to keep such a re-run."
+        )
+
+    return verify
+
+
+def why_differs(recipe: Recipe, *, device: str | None = None, inputs_checked: bool = False) -> str:
+    """The likely causes of a re-run whose weights differ from ``expect``, naming what this run changed."""
+    causes = []
+    if recipe.method in SVD_METHODS:
+        causes.append(_why_bits_differ(recipe))
+    elif recipe.weightlens_version and recipe.weightlens_version != __version__:
+        causes.append(f"Another weightlens version wrote it (this recipe: weightlens "
+                      f"{recipe.weightlens_version}, here: {__version__}).")
+    if device and device != recipe.device:
+        causes.append(f"This run merged on {device}, the recipe's on {recipe.device}.")
+    if not inputs_checked:
+        causes.append("The inputs may have changed since (this run did not check their fingerprints).")
+    causes.append("Or the recipe's 'dtype', 'shard_size' or other fields were edited after it was written.")
+    return "Likely causes: " + " ".join(causes)
+
+
+def _why_bits_differ(recipe: Recipe) -> str:
+    """What makes a re-run of an SVD-based method differ in the last bits, naming what this run changed."""
+    versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
+                if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
+    threads = "" if recipe.threads else " and torch thread counts (this recipe records none)"
+    return ("Methods built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) differ in the last bits across weightlens "
+            f"versions{versions}, devices, CPU LAPACK builds{threads}.")
 
 
 def _threads_for(recipe: Recipe) -> int:
