@@ -66,8 +66,17 @@ def _matches(key: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
+_HOW = ("Pass them as a list of sources, TaskVectors(base, ['ft/a', 'ft/b']), or by name, "
+        "TaskVectors(base, {'a': 'ft/a'}).")
+
+
 def _named_checkpoints(finetuned: Any) -> dict[str, Checkpoint]:
     """``{name: Checkpoint}`` from a mapping of sources or a list (names from file/folder names)."""
+    empty = finetuned is None or (isinstance(finetuned, (Mapping, Sequence)) and not isinstance(finetuned, str)
+                                  and len(finetuned) == 0)
+    if empty:
+        got = "None" if finetuned is None else f"an empty {type(finetuned).__name__}"
+        raise InvalidParameterError(f"TaskVectors needs at least one fine-tuned checkpoint; got {got}. {_HOW}")
     if isinstance(finetuned, Mapping) and not all(isinstance(v, torch.Tensor) for v in finetuned.values()):
         return {str(name): _with_name(load(src), str(name)) for name, src in finetuned.items()}
     if isinstance(finetuned, (str, os.PathLike, Mapping, torch.nn.Module, Checkpoint)):
@@ -80,6 +89,8 @@ def _named_checkpoints(finetuned: Any) -> dict[str, Checkpoint]:
         while name in named:
             name, n = f"{stem}_{n}", n + 1
         named[name] = _with_name(ckpt, name)
+    if not named:  # an empty iterator
+        raise InvalidParameterError(f"TaskVectors needs at least one fine-tuned checkpoint; got none. {_HOW}")
     return named
 
 
@@ -127,8 +138,6 @@ class TaskVectors:
     ) -> None:
         self.base = load(base)
         self.finetuned = _named_checkpoints(finetuned)
-        if not self.finetuned:
-            raise InvalidParameterError("TaskVectors needs at least one fine-tuned checkpoint; got none.")
         self.include = _as_patterns(include)
         self.exclude = _as_patterns(exclude)
         self.cache = cache if cache is not None else DecompositionCache()

@@ -185,7 +185,7 @@ class _WeightWriter:
 
     def tensor(self, key: str) -> torch.Tensor:
         """``merged[key]`` cast to the output dtype and checked: finite, a tensor."""
-        t = self.merged[key]
+        t = getattr(self.merged, "peek", self.merged.__getitem__)(key)  # a MergeResult keeps nothing
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{self.where}: merged[{key!r}] is a {type(t).__name__}, not a tensor.")
         orig = t

@@ -1,7 +1,8 @@
 """DecompositionCache: decompose once, reuse everywhere (LRU, bounded by tensor bytes).
 
 Analysis, merges and widgets share one cache (``TaskVectors.cache``), so moving a coefficient or
-switching a method never repeats an SVD that is already known.
+switching a method never repeats an SVD that is already known. Its default bound follows the memory
+this process may still allocate when the cache is made (:func:`default_cache_bytes`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,40 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
 from weightlens.errors import InvalidParameterError
+from weightlens.linalg.devices import available_memory
 
-__all__ = ["DecompositionCache", "value_nbytes"]
+__all__ = ["DEFAULT_CACHE_FRACTION", "DEFAULT_CACHE_RANGE", "DecompositionCache", "default_cache_bytes",
+           "value_nbytes"]
 
 T = TypeVar("T")
+
+#: The default bound is this fraction of the memory available when a cache is made ...
+DEFAULT_CACHE_FRACTION = 1 / 8
+#: ... clamped to this range of bytes (the upper end also when the available memory is unknown).
+DEFAULT_CACHE_RANGE = (256 * 2**20, 2 * 2**30)
+
+
+def default_cache_bytes(available: int | None) -> int:
+    """Default ``max_bytes`` of a cache: 1/8 of ``available`` bytes, clamped to [256 MiB, 2 GiB].
+
+    ``available`` is what :func:`~weightlens.linalg.devices.available_memory` reports (None:
+    unknown, which gives 2 GiB). A merge and export then holds its per-key working set plus this.
+
+    Examples
+    --------
+    >>> [default_cache_bytes(gib * 2**30) // 2**20 for gib in (1, 8, 64)], default_cache_bytes(None) // 2**20
+    ([256, 1024, 2048], 2048)
+    """
+    low, high = DEFAULT_CACHE_RANGE
+    if available is None:
+        return high
+    return int(min(high, max(low, available * DEFAULT_CACHE_FRACTION)))
 
 
 class DecompositionCache:
@@ -27,9 +52,10 @@ class DecompositionCache:
 
     Parameters
     ----------
-    max_bytes : int, default=2 GiB
+    max_bytes : int or "auto", default="auto"
         Bound on :attr:`nbytes`. Storing a value evicts least-recently-used entries until it fits;
-        a value larger than ``max_bytes`` on its own is returned but not stored.
+        a value larger than ``max_bytes`` on its own is returned but not stored. ``"auto"``:
+        :func:`default_cache_bytes` of the memory available now (1/8 of it, 256 MiB to 2 GiB).
 
     Attributes
     ----------
@@ -54,10 +80,12 @@ class DecompositionCache:
     (1, 1, 12, 1.0)
     """
 
-    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+    def __init__(self, max_bytes: int | Literal["auto"] = "auto") -> None:
+        if isinstance(max_bytes, str) and max_bytes == "auto":
+            max_bytes = default_cache_bytes(available_memory())
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
             raise InvalidParameterError(
-                f"The 'max_bytes' parameter of DecompositionCache must be an int >= 0. "
+                f"The 'max_bytes' parameter of DecompositionCache must be an int >= 0 or 'auto'. "
                 f"Got {max_bytes!r} instead."
             )
         self.max_bytes = max_bytes
@@ -68,7 +96,7 @@ class DecompositionCache:
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.RLock()
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
+    def get_or_compute(self, key: Hashable, compute: Callable[[], T], *, store: bool = True) -> T:
         """The value cached under ``key``, or ``compute()`` (stored, then returned).
 
         Parameters
@@ -77,6 +105,8 @@ class DecompositionCache:
             E.g. ``("svd", task, tensor_key, device, dtype)``.
         compute : callable
             Called with no arguments on a miss; an exception propagates and nothing is stored.
+        store : bool, default=True
+            False: a miss returns ``compute()`` without storing it (for a value read once).
         """
         _check_key(key)
         with self._lock:
@@ -86,6 +116,8 @@ class DecompositionCache:
                 return self._entries[key][0]
             self.misses += 1
         value = compute()
+        if not store:
+            return value
         size = value_nbytes(value)
         with self._lock:
             if key in self._entries:  # another thread stored it meanwhile

@@ -4,7 +4,7 @@
 :func:`choose_driver` picks the cuSOLVER driver for a matrix shape from :data:`CUDA_DRIVER_TABLE`;
 :func:`gesvda_tolerance` is the accuracy bar a ``gesvda`` result must pass; :func:`torch_threads`
 sets torch's CPU thread count for a block (LAPACK's last bits depend on it) and :func:`available_cores`
-says how many cores this process may use.
+says how many cores this process may use; :func:`available_memory` how many bytes it may still allocate.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "cgroup_cpu_quota", "choose_driver",
+__all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "available_memory", "cgroup_cpu_quota",
+           "choose_driver",
            "gesvda_tolerance", "resolve_device", "torch_threads", "warn_if_oversubscribed"]
 
 _CPU = torch.device("cpu")
@@ -175,6 +176,52 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         quota, _, period = v2.partition(" ")
         return ratio(quota, period)
     return ratio(read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us"))
+
+
+def available_memory(root: str = "/sys/fs/cgroup", meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes this process may still allocate: the smaller of the system's and its cgroup's, or None.
+
+    The system's is ``MemAvailable`` of ``meminfo`` (else ``os.sysconf`` free pages); the cgroup's
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) is its limit minus its usage plus the
+    reclaimable page cache (``inactive_file``). None when neither can be read.
+    """
+    def read(*parts: str) -> str | None:
+        try:
+            with open(os.path.join(*parts)) as fh:
+                return fh.read().strip()
+        except OSError:
+            return None
+
+    def field(text: str | None, name: str) -> int:
+        for line in (text or "").splitlines():  # "MemAvailable:  123 kB" or "inactive_file 123"
+            parts = line.replace(":", " ").split()
+            if len(parts) >= 2 and parts[0] == name:
+                return int(parts[1])
+        raise ValueError(name)
+
+    found = []
+    try:
+        found.append(field(read(meminfo), "MemAvailable") * 1024)  # in kB
+    except ValueError:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                       "memory/memory.stat", "total_inactive_file")):
+        try:
+            cap, used = int(read(root, limit) or ""), int(read(root, usage) or "")
+        except ValueError:  # "max" (no limit), missing or unreadable
+            continue
+        try:
+            used -= field(read(root, stat), cache)
+        except ValueError:
+            pass
+        if cap < 2**60:  # v1 writes a huge number for "no limit"
+            found.append(max(0, cap - max(0, used)))
+        break
+    return min(found) if found else None
 
 
 @contextmanager

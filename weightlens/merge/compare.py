@@ -35,7 +35,7 @@ from weightlens.analysis import decompose
 from weightlens.analysis.alignment import sar_curve
 from weightlens.analysis.signs import chance_conflict
 from weightlens.analysis.spectra import check_criterion, rank_for_energy
-from weightlens.errors import InvalidParameterError, KeyMismatchError
+from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.merge.engine import MergeResult
 from weightlens.taskvectors import TaskVectors
 
@@ -189,9 +189,52 @@ def _frozen_outcomes(x: torch.Tensor, u: torch.Tensor) -> tuple[dict[str, float]
 def _merged_update(merged: Mapping[str, torch.Tensor], tv: TaskVectors, key: str) -> torch.Tensor:
     if isinstance(merged, MergeResult):
         return merged.update(key)
-    if key not in merged:
-        raise KeyMismatchError(f"Key {key!r} of the task vectors is missing from the merged weights.")
-    return merged[key].to(torch.float32) - tv.base_tensor(key).to(torch.float32)
+    _check_key(tv, merged, key)
+    weights = merged[key]
+    _check_shape(tv, key, tuple(weights.shape))
+    return weights.to(torch.float32) - tv.base_tensor(key).to(torch.float32)
+
+
+def _check_key(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str,
+               updated: set[str] | None = None) -> None:
+    """A key of the task vectors that the merged weights lack (or, given ``updated``, that the merge
+    did not update) raises ``KeyMismatchError``."""
+    if key not in (updated if updated is not None else merged):
+        what = "received no update in the merge" if key in merged else "is missing from the merged weights"
+        raise KeyMismatchError(
+            f"compare(): key {key!r} of the task vectors (base {tv.base.name!r}) {what}. Compare a merge of "
+            "these task vectors (wl.merge(tv, ...)) or restrict the comparison with keys=[...]."
+        )
+
+
+def _check_shape(tv: TaskVectors, key: str, got: tuple[int, ...] | None) -> None:
+    """Merged weights of another shape than the task vectors' raise ``ShapeMismatchError``."""
+    want = tv.shape(key)
+    if got is not None and got != want:
+        raise ShapeMismatchError(
+            f"compare(): key {key!r} has shape {got} in the merged weights but {want} in the task vectors "
+            f"(base {tv.base.name!r}); compare a merge of these task vectors (wl.merge(tv, ...)), not of "
+            "other checkpoints."
+        )
+
+
+def _merged_shape(merged: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
+    """Shape of ``merged[key]`` when it is known without computing the key, else None."""
+    if isinstance(merged, MergeResult):
+        return merged.task_vectors.shape(key)
+    shape_of = getattr(merged, "shape", None)  # a Checkpoint reads it from the header
+    if callable(shape_of):
+        return tuple(shape_of(key))
+    value = merged.get(key) if isinstance(merged, dict) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _check_merged(tv: TaskVectors, merged: Mapping[str, torch.Tensor], keys: list[str]) -> None:
+    """Every compared key is in the merge with the task vectors' shape (checked before any work)."""
+    updated = set(merged.updated_keys) if isinstance(merged, MergeResult) else None
+    for key in keys:
+        _check_key(tv, merged, key, updated)
+        _check_shape(tv, key, _merged_shape(merged, key))
 
 
 def _side_rows(
@@ -300,6 +343,12 @@ def compare(
     Returns
     -------
     Comparison
+
+    Raises
+    ------
+    KeyMismatchError, ShapeMismatchError
+        A compared key is missing from ``merged`` or has another shape there (e.g. a merge of other
+        checkpoints); checked for every key before any is compared.
     """
     criterion = check_criterion(criterion)
     chosen = list(tv.keys) if keys is None else list(keys)
@@ -310,6 +359,7 @@ def compare(
         raise InvalidParameterError(
             f"compare(): the merge was made from tasks {merged.task_vectors.names}, not {tv.names}."
         )
+    _check_merged(tv, merged, chosen)
     dev = linalg.resolve_device(device)
     if isinstance(merged, MergeResult):
         merged_svd = merged.update_svd

@@ -10,8 +10,12 @@ excluded keys) are copied from the base. Hence:
 
 * a second call that changes only ``alpha`` costs one scale-and-add per key;
 * a call with another spectral method reuses the per-task and per-sum SVDs (same cache as analysis);
-* ``merge(..., lazy=True)`` returns a mapping that computes a key when it is read (streaming export
-  holds one key of every input at a time).
+* ``merge`` itself computes no key: the result computes a key when it is read. Indexing keeps what
+  it computed (a second read is free); ``wl.export`` reads through :meth:`MergeResult.peek`, which
+  keeps nothing and caches no update, so the documented ``merge`` then ``export`` holds one merged
+  key at a time (plus one key of every input while the merge computes it, and ``tv.cache``);
+* ``merge(..., lazy=True)`` keeps nothing on indexing either (for streaming readers other than
+  ``export``); :meth:`MergeResult.materialize` computes and keeps every key at once.
 """
 
 from __future__ import annotations
@@ -90,9 +94,13 @@ class MergeContext:
 
         return self.tv.cache.get_or_compute(("zero_tasks", self.tasks, key), compute)
 
-    def cached(self, tag: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
-        """``compute()`` cached in ``tv.cache`` under ``("merge", *tag, tasks, device)``."""
-        return self.tv.cache.get_or_compute(("merge", *tag, self.tasks, str(self.device)), compute)
+    def cached(self, tag: tuple[Any, ...], compute: Callable[[], Any], *, store: bool = True) -> Any:
+        """``compute()`` cached in ``tv.cache`` under ``("merge", *tag, tasks, device)``.
+
+        ``store=False`` takes a cached value but does not store a computed one.
+        """
+        key = ("merge", *tag, self.tasks, str(self.device))
+        return self.tv.cache.get_or_compute(key, compute, store=store)
 
     def once(self, tag: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         """A whole-model statistic: cached per ``tag``, task set and selected keys."""
@@ -103,9 +111,11 @@ class MergeResult(Mapping[str, torch.Tensor]):
     """Full merged weights (``Mapping[str, Tensor]``) with the notes and updates behind them.
 
     Every base key maps to ``base + alpha * update`` in the base dtype (keys outside ``tv.keys``:
-    a copy of the base tensor). Eager results (the default of :func:`merge`) hold every tensor;
-    lazy ones compute a key when it is read and hold nothing, so an exporter can stream them key by
-    key. Either way, the unscaled update of each key is cached in ``tv.cache``.
+    a copy of the base tensor). Nothing is computed until a key is read. Reading ``result[key]``
+    computes that key and, unless the result is ``lazy``, keeps it (a second read returns the same
+    tensor); :meth:`peek` computes a key without keeping it (what ``wl.export`` reads, so an export
+    holds one merged key at a time); :meth:`materialize` computes and keeps every key. The unscaled
+    update of a key read by indexing is cached in ``tv.cache``.
 
     Attributes
     ----------
@@ -118,31 +128,50 @@ class MergeResult(Mapping[str, torch.Tensor]):
     task_vectors : TaskVectors
         The task vectors that were merged (``compare`` uses them).
     lazy : bool
-        True while keys are computed on access (see :meth:`materialize`).
+        True while indexing keeps nothing (``merge(..., lazy=True)``, until :meth:`materialize`).
     """
 
-    def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool) -> None:
+    def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool,
+                 progress: bool = False) -> None:
         self._ctx, self.spec = ctx, spec
         self.method = spec.name
         self.params = dict(params)
         self.task_vectors = ctx.tv
         self.lazy = lazy
+        self._progress = progress
         # the key set matters too: whole-model statistics (TIES global) depend on it
         self._frozen = (*sorted(ctx.params.items()), ("keys", hash(tuple(ctx.tv.keys))))
         self._selected = set(ctx.tv.keys)
         self._keys = list(ctx.tv.base.keys())
-        self._updates: dict[str, KeyUpdate] = {}
         self._weights: dict[str, torch.Tensor] = {}
+        self._notes: dict[str, tuple[str, ...]] = {}  # per key whose update was computed: a few strings
 
     # ---------------------------------------------------------------- Mapping
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._weights:
-            return self._weights[key]
+        held = self._weights.get(key)
+        if held is not None:
+            return held
+        tensor = self._compute(key, store=True)
+        if not self.lazy:
+            self._weights[key] = tensor
+        return tensor
+
+    def peek(self, key: str) -> torch.Tensor:
+        """``self[key]`` without keeping it: the kept tensor when indexing kept one, else computed.
+
+        Neither the tensor nor its update is stored (an update already in ``tv.cache`` is used), so
+        a reader that visits every key once (``wl.export``) holds one merged key at a time. The
+        key's notes are recorded (:attr:`notes` does not recompute them).
+        """
+        held = self._weights.get(key)
+        return held if held is not None else self._compute(key, store=False)
+
+    def _compute(self, key: str, *, store: bool) -> torch.Tensor:
         if key not in self._selected:
             if key not in self.task_vectors.base:
                 raise KeyMismatchError(f"Key {key!r} is not in the merged model (the base's keys).")
             return self.task_vectors.base[key].clone()
-        return _full(self.task_vectors.base[key], self.key_update(key).update, self.alpha)
+        return _full(self.task_vectors.base[key], self._key_update(key, store=store).update, self.alpha)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -156,9 +185,9 @@ class MergeResult(Mapping[str, torch.Tensor]):
     # ---------------------------------------------------------------- merge
     def key_update(self, key: str) -> KeyUpdate:
         """The method's unscaled update and notes for one task-vector key (cached in ``tv.cache``)."""
-        ku = self._updates.get(key)
-        if ku is not None:
-            return ku
+        return self._key_update(key, store=True)
+
+    def _key_update(self, key: str, *, store: bool) -> KeyUpdate:
         if key not in self._selected:
             raise KeyMismatchError(
                 f"Key {key!r} received no update in this {self.method} merge (it is "
@@ -166,17 +195,19 @@ class MergeResult(Mapping[str, torch.Tensor]):
                 f"updated keys are the task vectors' keys ({len(self._selected)})."
             )
         ctx, spec = self._ctx, self.spec
-        ku = ctx.cached(("update", spec.name, self._frozen, key), lambda: _checked(spec, ctx, key))
-        if not self.lazy:
-            self._updates[key] = ku
+        ku = ctx.cached(("update", spec.name, self._frozen, key), lambda: _checked(spec, ctx, key), store=store)
+        self._notes[key] = ku.notes
         return ku
 
-    def materialize(self, *, progress: bool = False) -> MergeResult:
-        """Compute and hold every key now (one walk over the base keys); returns ``self``."""
+    def materialize(self, *, progress: bool | None = None) -> MergeResult:
+        """Compute and keep every key now (one walk over the base keys); returns ``self``.
+
+        ``progress`` shows a bar over the keys (default: the ``progress`` given to ``merge``).
+        """
         self.lazy = False
-        for key in tqdm(self._keys, desc=f"merge {self.method}", unit="key", disable=not progress):
-            if key not in self._weights:
-                self._weights[key] = self[key]
+        show = self._progress if progress is None else progress
+        for key in tqdm(self._keys, desc=f"merge {self.method}", unit="key", disable=not show):
+            self[key]
         return self
 
     @property
@@ -215,12 +246,16 @@ class MergeResult(Mapping[str, torch.Tensor]):
     def notes(self) -> Any:
         """Degenerate cases per key as a DataFrame (``key``, ``method``, ``note``).
 
-        Complete: on a lazy result this computes (and caches) every key's update.
+        Complete: the notes of keys already computed (read, peeked, exported) are recorded; the
+        updates of the others are computed (and cached) here.
         """
         import pandas as pd
 
-        rows = [{"key": k, "method": self.method, "note": n}
-                for k in self.updated_keys for n in self.key_update(k).notes]
+        def notes_of(key: str) -> tuple[str, ...]:
+            known = self._notes.get(key)
+            return known if known is not None else self.key_update(key).notes
+
+        rows = [{"key": k, "method": self.method, "note": n} for k in self.updated_keys for n in notes_of(k)]
         return pd.DataFrame(rows, columns=["key", "method", "note"])
 
     @property
@@ -230,7 +265,7 @@ class MergeResult(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        state = "lazy" if self.lazy else f"{len(self._weights)} held"
+        state = "lazy" if self.lazy else f"{len(self._weights)} of {len(self)} held"
         return (f"MergeResult({self.method}: {shown}; {len(self)} keys, {len(self._selected)} updated, "
                 f"{state})")
 
@@ -277,19 +312,26 @@ def merge(
     device : str or torch.device, default="auto"
         Where decompositions run (``"auto"``: CUDA when present).
     progress : bool, default=False
-        Show a progress bar over the keys.
+        Show a progress bar over the keys when the whole result is computed at once
+        (:meth:`MergeResult.materialize`). ``merge`` computes no key itself, so it shows none;
+        ``wl.export`` shows its own bar.
     lazy : bool, default=False
-        Return at once and compute each key when it is read (whole-model statistics such as the
-        TIES global thresholds are still computed here, in a first pass). For streaming export.
+        Keep nothing when a key is read by indexing (each read computes it again from the cached
+        update). By default a key read by indexing is kept. Either way ``merge`` returns at once:
+        keys are computed when read (whole-model statistics such as the TIES global thresholds are
+        computed here, in a first pass), and ``wl.export`` streams the result one key at a time.
     **params
         The method's parameters (unknown names and out-of-range values raise
-        ``InvalidParameterError`` listing the valid ones and their defaults).
+        ``InvalidParameterError`` listing the valid ones and their defaults; real values, ``alpha``
+        included, must be finite and 0 or of magnitude in [1e-6, 1e6]), checked before any tensor
+        is read.
 
     Returns
     -------
     MergeResult
         ``Mapping[str, Tensor]`` of every base key: ``base + alpha * update`` in the base dtype;
         keys outside ``tv.keys`` copied from the base. ``.notes`` lists degenerate cases per key.
+        Errors of a key (its inputs, the method) are raised when that key is read.
 
     Examples
     --------
@@ -307,8 +349,7 @@ def merge(
     ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner)
     if spec.prepare is not None:
         ctx.state = dict(spec.prepare(ctx, **inner))
-    result = MergeResult(ctx, spec, resolved, lazy=True)
-    return result if lazy else result.materialize(progress=progress)
+    return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress)
 
 
 def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:

@@ -11,6 +11,11 @@ are the method's schema:
 The coefficient ``alpha`` is declared on the decorator, not on the function: the engine applies it
 (``theta = theta_0 + alpha * update``), so a change of ``alpha`` alone reuses every cached update.
 
+Every real-valued parameter, ``alpha`` included, must also be finite and either 0 or of magnitude
+in [1e-6, 1e6] (:data:`MAGNITUDE`): methods multiply by their parameters or divide by them (DARE
+rescales by ``1/density``) in float32, and a value outside that range (``alpha=1e300``, a density
+of ``1e-300``) gives Inf or NaN weights, not a merge. Values are checked before any tensor is read.
+
 Examples
 --------
 >>> from typing import Annotated
@@ -39,6 +44,7 @@ import torch
 from weightlens.errors import InvalidParameterError
 
 __all__ = [
+    "MAGNITUDE",
     "Interval",
     "KeyUpdate",
     "MergeMethod",
@@ -52,6 +58,8 @@ __all__ = [
 _REGISTRY: dict[str, MergeMethod] = {}
 _RESERVED = ("alpha", "method", "device", "progress", "lazy")  # merge()'s own keywords
 _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
+#: Magnitudes a real-valued merge parameter may have (besides 0): float32 holds their products.
+MAGNITUDE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -157,13 +165,29 @@ def _check_value(method: MergeMethod, p: Param, value: Any) -> Any:
     ok = _type_ok(p.kind, value)
     if ok and p.options is not None:
         ok = value in p.options
-    if ok and p.kind in (float, int):
+    if ok and p.kind is float:
         ok = math.isfinite(float(value)) and (p.interval is None or float(value) in p.interval)
+    if ok and p.kind is int:  # compared as ints: a huge int has no float
+        ok = p.interval is None or int(value) in p.interval
     if not ok:
         raise InvalidParameterError(
             f"The {p.name!r} parameter of {method.name} must be {p.expected()}. Got {value!r} instead."
         )
+    if p.kind is float:
+        _check_magnitude(method, p, float(value))
     return float(value) if p.kind is float else int(value) if p.kind is int else value
+
+
+def _check_magnitude(method: MergeMethod, p: Param, value: float) -> None:
+    """Refuse a real value that is neither 0 nor of magnitude in :data:`MAGNITUDE`."""
+    low, high = MAGNITUDE
+    if value == 0 or low <= abs(value) <= high:
+        return
+    raise InvalidParameterError(
+        f"The {p.name!r} parameter of {method.name} is {value!r}: real-valued merge parameters must be 0 or "
+        f"of magnitude in [{low:g}, {high:g}] (the merge computes in float32 and would give Inf or NaN "
+        f"weights). Pass a value in that range (the default is {p.doc or repr(p.default)})."
+    )
 
 
 def _type_ok(kind: type, value: Any) -> bool:
