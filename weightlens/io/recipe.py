@@ -110,7 +110,8 @@ def plain_yaml(text: str, where: str) -> Any:
     except _Refused as exc:
         raise InvalidParameterError(f"{where}: {exc}.") from None
     except yaml.YAMLError as exc:
-        raise InvalidParameterError(f"{where}: not valid YAML ({' '.join(str(exc).split())[:200]}).") from None
+        text = " ".join(str(exc).replace('in "<unicode string>", ', "").split())
+        raise InvalidParameterError(f"{where}: not valid YAML ({text[:200]}).") from None
 
 
 # ---------------------------------------------------------------------------------------- field types

@@ -181,18 +181,18 @@ def _verifier(recipe: Recipe, target: Any, device: str | None, inputs_checked: b
 
 def why_differs(recipe: Recipe, *, device: str | None = None, inputs_checked: bool = False) -> str:
     """The likely causes of a re-run whose weights differ from ``expect``, naming what this run changed."""
+    svd = recipe.method in SVD_METHODS
     causes = []
-    if recipe.method in SVD_METHODS:
-        causes.append(_why_bits_differ(recipe))
-    elif recipe.weightlens_version and recipe.weightlens_version != __version__:
-        causes.append(f"Another weightlens version wrote it (this recipe: weightlens "
-                      f"{recipe.weightlens_version}, here: {__version__}).")
+    if not svd and recipe.weightlens_version and recipe.weightlens_version != __version__:
+        causes.append(f"another weightlens version wrote it (this recipe: weightlens {recipe.weightlens_version}, "
+                      f"here: {__version__})")
     if device and device != recipe.device:
-        causes.append(f"This run merged on {device}, the recipe's on {recipe.device}.")
+        causes.append(f"this run merged on {device}, the recipe's merge on {recipe.device}")
     if not inputs_checked:
-        causes.append("The inputs may have changed since (this run did not check their fingerprints).")
-    causes.append("Or the recipe's 'dtype', 'shard_size' or other fields were edited after it was written.")
-    return "Likely causes: " + " ".join(causes)
+        causes.append("the inputs changed since it was written (this run checked no fingerprints)")
+    causes.append("its 'dtype', 'shard_size' or other fields were edited after it was written")
+    text = "Likely causes: " + "; ".join(causes) + "."
+    return f"{_why_bits_differ(recipe)} {text}" if svd else text
 
 
 def _why_bits_differ(recipe: Recipe) -> str:
