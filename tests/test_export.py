@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import weightlens as wl
 from weightlens import linalg
-from weightlens.errors import InvalidParameterError, NonFiniteError
+from weightlens.errors import InvalidParameterError, NonFiniteError, UnsafePathError
 from weightlens.io import Recipe, TargetExistsError, export, load_recipe
 from weightlens.io.export import parse_size
 from weightlens.io.recipe import mergekit_config
@@ -205,14 +205,17 @@ def test_overwrite_rules(tmp_path):
     a_file.write_text("x")
     with pytest.raises(TargetExistsError):
         export({"w": torch.ones(1)}, a_file, progress=False)
-    export({"w": torch.ones(1)}, a_file, overwrite=True, progress=False)
+    with pytest.raises(UnsafePathError, match="is a file; overwrite=True replaces only an earlier weightlens"):
+        export({"w": torch.ones(1)}, a_file, overwrite=True, progress=False)  # not an export: kept
+    assert a_file.read_text() == "x"
+    export({"w": torch.ones(1)}, a_file, overwrite_any=True, progress=False)
     assert a_file.is_dir()
 
 
 def test_exporting_into_an_input_folder_is_refused(tmp_path):
     base, fts = write_task_files(tmp_path, hf=True)
     m = merge(base, fts, method="task_arithmetic", lazy=True)
-    with pytest.raises(InvalidParameterError, match="holds an input of this merge"):
+    with pytest.raises(UnsafePathError, match="holds an input of this merge"):
         export(m, base, overwrite=True, progress=False)
     assert (base / "model.safetensors").is_file()
 
@@ -270,7 +273,7 @@ def test_a_killed_export_leaves_no_target_and_the_next_export_cleans_up(tmp_path
 
 
 # ------------------------------------------------------------------------------------ like, card
-def test_like_copies_every_non_weight_file(tmp_path):
+def test_like_copies_the_hf_files_at_the_top_level_and_no_weights(tmp_path):
     like = tmp_path / "hf"
     (like / "1_Pooling").mkdir(parents=True)
     (like / "onnx").mkdir()
@@ -283,7 +286,7 @@ def test_like_copies_every_non_weight_file(tmp_path):
         (like / name).write_text("weights")
     out = export({"w": torch.ones(2)}, tmp_path / "out", like=like, progress=False)
     copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert copied == sorted(["1_Pooling/config.json", "README.md", "chat_template.jinja", "config.json",
+    assert copied == sorted(["README.md", "chat_template.jinja", "config.json",  # not 1_Pooling/ (a subfolder)
                              "generation_config.json", "model.safetensors", "special_tokens_map.json",
                              "tokenizer.json", "tokenizer_config.json"])
     assert "weightlens" in (out / "README.md").read_text()  # our card, not the like folder's README

@@ -3,7 +3,8 @@
 A temporary folder is named ``.<target>.weightlens-tmp-<pid>-<random>`` beside the target, so a
 later run can tell a dead run's leftovers (its process is gone) from a live one's and remove them.
 Replacing an existing folder swaps the two in one step (Linux ``renameat2(RENAME_EXCHANGE)``);
-elsewhere it falls back to two renames.
+elsewhere it falls back to two renames. Whatever the caller allows, the target is never the current
+folder, the home folder, a folder above either, or a filesystem root (``UnsafePathError``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from weightlens.errors import TargetExistsError
+from weightlens.io._paths import check_output_path
 
 __all__ = ["atomic_folder", "clean_stale", "fsync_dir", "write_text"]
 
@@ -95,33 +97,45 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0
 
 
+Check = Callable[[Path], None]
+
+
 @contextlib.contextmanager
-def atomic_folder(target: Path, *, overwrite: bool) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike[str], *, overwrite: bool, check: Check | None = None) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``target``; on success it becomes ``target`` at once.
 
-    On an exception the temporary folder is removed and ``target`` is left as it was.
+    ``check(target)``, when given, is called on an existing non-empty target before anything is
+    written and again just before the swap, and raises to refuse replacing it. On an exception the
+    temporary folder is removed and ``target`` is left as it was.
     """
-    target = Path(os.path.abspath(target))
+    target = check_output_path(target)
     parent = target.parent
+    _refuse_if_needed(target, overwrite, check)
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale(parent, target.name)
-    if _non_empty(target) and not overwrite:
-        raise _refuse_existing(target)
     tmp = parent / f".{target.name}.weightlens-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         yield tmp
         fsync_dir(tmp)
-        _commit(tmp, target, overwrite)
+        _commit(tmp, target, overwrite, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+def _refuse_if_needed(target: Path, overwrite: bool, check: Check | None) -> None:
+    if not _non_empty(target):
+        return
+    if check is not None:
+        check(target)
+    if not overwrite:
+        raise _refuse_existing(target)
+
+
+def _commit(tmp: Path, target: Path, overwrite: bool, check: Check | None) -> None:
     if _non_empty(target):
-        if not overwrite:
-            raise _refuse_existing(target)
+        _refuse_if_needed(target, overwrite, check)
         if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
         else:

@@ -4,12 +4,18 @@ The card says what was merged and how (method, parameters, sources), what is kno
 (per-task metrics and an interference summary when the caller gives them), how far each block moved
 from the base (the figure), how to reproduce it (weightlens recipe, mergekit config) and the files
 with their sha256.
+
+Every string that comes from the user or the inputs (titles, notes, task and parameter names and
+values, paths, metrics, tensor keys, copied file names, a method name not from the registry) goes
+through :func:`md_text`: HTML-escaped and with Markdown's table, link and code syntax neutralised,
+so a task named ``<img src=x onerror=...>`` shows as text and cannot add markup, links or rows.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,19 +29,37 @@ from weightlens.io.keys import block_of
 from weightlens.io.sources import _display_name
 from weightlens.io.recipe import Recipe, _is_merge, _version as file_version, mergekit_config, not_reproducible
 
-__all__ = ["block_changes", "check_extras", "svg_bars", "write_card"]
+__all__ = ["block_changes", "check_extras", "md_text", "svg_bars", "write_card"]
 
 _EXTRAS = ("title", "metrics", "report", "notes")
 
 _MAX_BARS = 60
+# Markdown's table (|), code (`) and link ([ ]) syntax, and the backslash that escapes them.
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\|`[]"})
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class _Markup(str):
+    """Card text written by weightlens itself (a sha256 in a code span): a table passes it as is."""
+
+
+def md_text(value: Any) -> str:
+    """``value`` as one line of inert card text: HTML-escaped, ``| ` [ ] \\`` backslash-escaped.
+
+    Quotes are kept: they matter only inside an HTML tag, and no tag can be opened (``<`` is escaped).
+    """
+    line = " ".join(str(value).splitlines())
+    return html.escape(line, quote=False).translate(_MARKDOWN)
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, _Markup):
+        return str(value)
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return md_text(value)
 
 
 def markdown_table(table: Any, index_name: str = "") -> str:
@@ -45,7 +69,7 @@ def markdown_table(table: Any, index_name: str = "") -> str:
         table = {idx: row for idx, row in table.to_dict(orient="index").items()}
     rows = {str(k): dict(v) if isinstance(v, Mapping) else {"value": v} for k, v in dict(table).items()}
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
-    lines = ["| " + " | ".join([index_name or " "] + [_fmt(c) for c in columns]) + " |",
+    lines = ["| " + " | ".join([md_text(index_name) or " "] + [_fmt(c) for c in columns]) + " |",
              "|" + "---|" * (len(columns) + 1)]
     lines += ["| " + " | ".join([_fmt(k)] + [_fmt(r.get(c, "")) for c in columns]) + " |" for k, r in rows.items()]
     return "\n".join(lines)
@@ -87,8 +111,8 @@ def svg_bars(labels: Sequence[str], values: Sequence[float], *, title: str) -> s
 def _method_line(method: str, merged: Any) -> str:
     """The method's name for the card; pretty name and reference from a merge result's registry entry."""
     spec = getattr(merged, "spec", None)
-    if getattr(spec, "name", None) != method:  # plain weights with a recipe: its name is enough
-        return f"`{method}`"
+    if getattr(spec, "name", None) != method:  # plain weights with a recipe: its name, as text
+        return md_text(method)
     ref = f" ({spec.reference})" if spec.reference else ""
     return f"**{spec.pretty_name}** (`{method}`){ref}"
 
@@ -106,13 +130,13 @@ def _sources(merged: Any, recipe: Recipe | None) -> dict[str, dict[str, str]]:
 
 def _header(merged: Any, recipe: Recipe | None, copied: list[str], extras: Mapping[str, Any]) -> list[str]:
     method = recipe.method if recipe is not None else getattr(merged, "method", None)
-    tags = ["weightlens", "merge"] + ([method] if method else [])
+    tags = ["weightlens", "merge"] + ([method] if method and _TAG.fullmatch(method) else [])
     front = ["---"]
     if "config.json" in copied:
         front.append("library_name: transformers")
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     title = extras.get("title") or (f"{method} merge" if method else "weightlens export")
-    return front + [f"# {title}", ""]
+    return front + [f"# {md_text(title)}", ""]
 
 
 def _merge_section(merged: Any, recipe: Recipe | None) -> list[str]:
@@ -126,7 +150,8 @@ def _merge_section(merged: Any, recipe: Recipe | None) -> list[str]:
              f"made with weightlens {file_version()}.", "",
              "## Merge", "", markdown_table({k: {"value": v} for k, v in params.items()}, "parameter"), ""]
     if recipe is not None and (recipe.include or recipe.exclude):
-        lines += [f"Keys merged: include={recipe.include}, exclude={recipe.exclude}; the rest is the base's.", ""]
+        lines += [md_text(f"Keys merged: include={recipe.include}, exclude={recipe.exclude}; the rest is the "
+                          "base's."), ""]
     lines += ["## Sources", "", markdown_table(sources, "role"), ""]
     return lines
 
@@ -144,11 +169,12 @@ def _known_section(merged: Any, extras: Mapping[str, Any]) -> list[str]:
     if _is_merge(merged) and not getattr(merged, "lazy", True):
         notes = merged.notes
         if len(notes):
-            shown = [f"- `{r.key}`: {r.note}" for r in notes.head(10).itertuples()]
+            shown = [f"- {md_text(r.key)}: {md_text(r.note)}" for r in notes.head(10).itertuples()]
             more = [f"- ... and {len(notes) - 10} more"] if len(notes) > 10 else []
             lines += ["## Degenerate cases", ""] + shown + more + [""]
     if extras.get("notes"):
-        lines += ["## Notes", "", str(extras["notes"]), ""]
+        paragraphs = [md_text(p) for p in re.split(r"\n\s*\n", str(extras["notes"])) if p.strip()]
+        lines += ["## Notes", ""] + [line for p in paragraphs for line in (p, "")]
     return lines
 
 
@@ -169,26 +195,30 @@ def _reproduce_section(merged: Any, recipe: Recipe | None, base_dtype: str | Non
     lines = ["## Reproduce", ""]
     if recipe is None:
         reason = not_reproducible(merged) or "no recipe was requested (recipe=False)"
-        return lines + [f"No recipe was written: {reason}.", ""]
+        return lines + [f"No recipe was written: {md_text(reason)}.", ""]
     lines += [f"- weightlens: `weightlens merge {RECIPE} --out OUT_DIR` re-runs this merge and export; on "
-              f"the same device (`{recipe.device}`) the weight files are bitwise identical (their sha256 are "
-              "in the recipe's `expect`)."]
+              f"the same device ({md_text(recipe.device)}) the weight files are bitwise identical (their "
+              "sha256 are in the recipe's `expect`)."]
     mk = mergekit_config(recipe, base_dtype=base_dtype)
     if mk is not None:
-        lines.append(f"- mergekit: `mergekit-yaml {MERGEKIT} OUT_DIR`. {mk[1]}")
+        lines.append(f"- mergekit: `mergekit-yaml {MERGEKIT} OUT_DIR`. {md_text(mk[1])}")
     else:
-        lines.append(f"- mergekit has no equivalent of `{recipe.method}` with these parameters.")
+        lines.append(f"- mergekit has no equivalent of {md_text(recipe.method)} with these parameters.")
     return lines + [""]
 
 
-def _files_section(written: WrittenWeights, copied: list[str], dtype: torch.dtype | None) -> list[str]:
-    rows = {name: {"sha256": f"`{sha}`"} for name, sha in written.files.items()}
+def _files_section(written: WrittenWeights, copied: list[str], skipped: list[str],
+                   dtype: torch.dtype | None) -> list[str]:
+    rows = {name: {"sha256": _Markup(f"`{sha}`")} for name, sha in written.files.items()}
     cast = f", cast to {dtype_name(dtype)}" if dtype is not None else ""
     lines = ["## Files", "", f"{written.n_tensors} tensors, {written.total_size / 1e6:.1f} MB{cast}.", "",
              markdown_table(rows, "file"), ""]
     if copied:
-        lines += ["Copied from the base model folder (never its weights): "
-                  + ", ".join(f"`{c}`" for c in copied) + ".", ""]
+        lines += ["Copied from the model folder given as `like` (only its config, tokenizer, processor, chat "
+                  "template and licence files, never its weights): " + ", ".join(map(md_text, copied)) + ".", ""]
+    if skipped:
+        lines += ["Not copied from that folder (a symbolic link leading out of it, or not a regular file): "
+                  + ", ".join(map(md_text, skipped)) + ".", ""]
     return lines
 
 
@@ -205,12 +235,13 @@ def check_extras(extras: Any) -> Mapping[str, Any]:
 
 
 def write_card(folder: Path, merged: Any, recipe: Recipe | None, written: WrittenWeights, copied: list[str],
-               extras: Mapping[str, Any], *, dtype: torch.dtype | None, base_dtype: str | None = None) -> None:
+               extras: Mapping[str, Any], *, dtype: torch.dtype | None, base_dtype: str | None = None,
+               skipped: list[str] | None = None) -> None:
     """Write ``README.md`` (and the figure) into ``folder``."""
     lines = _header(merged, recipe, copied, extras)
     lines += _merge_section(merged, recipe)
     lines += _known_section(merged, extras)
     lines += _figure_section(folder, written)
     lines += _reproduce_section(merged, recipe, base_dtype)
-    lines += _files_section(written, copied, dtype)
+    lines += _files_section(written, copied, skipped or [], dtype)
     write_text(folder / CARD, "\n".join(lines).rstrip() + "\n")

@@ -2,8 +2,9 @@
 
 ``export(merged, out_dir, like=base)`` streams the weights key by key into safetensors shards (HF
 names: ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` plus
-``model.safetensors.index.json``), copies the non-weight files of the ``like`` HF folder (config,
-tokenizer, generation config, chat template), and writes a model card ``README.md``, a figure, a
+``model.safetensors.index.json``), copies the config, tokenizer, processor, chat template and
+licence files of the ``like`` HF folder (an allowlist, ``weightlens.io._like.LIKE_FILES``, from its
+top level only), and writes a model card ``README.md``, a figure, a
 ``weightlens_recipe.yaml`` that ``weightlens merge`` re-runs bitwise, and for task arithmetic, TIES
 and DARE a ``mergekit_config.yml``.
 
@@ -14,15 +15,21 @@ beside it removes. Streaming: when shapes and dtypes are known from headers (a l
 ``Checkpoint``, a dict of tensors) each shard's header is written first and every tensor goes to
 disk as soon as it is computed, so memory holds one merged key (plus one key of every input while
 the merge computes it); other mappings are buffered one output shard at a time.
+
+Safe targets (``weightlens.io._paths``): an export never replaces the current or home folder, a
+folder above either, a filesystem root or a folder holding one of its inputs; ``overwrite=True``
+replaces only an earlier weightlens export, ``overwrite_any=True`` any other folder or file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 import sys
 from collections.abc import Callable, Mapping
@@ -36,34 +43,21 @@ from tqdm.auto import tqdm
 from weightlens.errors import (
     CheckpointError,
     DTypeError,
-    InvalidParameterError,
     NonFiniteError,
     ShapeMismatchError,
+    TargetExistsError,
+    WeightlensError,
 )
+from weightlens.io import _paths
 from weightlens.io import _safetensors as st
-from weightlens.errors import TargetExistsError
 from weightlens.io._atomic import atomic_folder, write_text
-from weightlens.io._layout import (
-    CARD,
-    FIGURE,
-    INDEX,
-    MERGEKIT,
-    RECIPE,
-    WrittenWeights,
-    dtype_name,
-    parse_dtype,
-    parse_size,
-)
+from weightlens.io._layout import INDEX, WrittenWeights, dtype_name, parse_dtype, parse_size
+from weightlens.io._like import copy_like, like_folder, plan_like
 from weightlens.io.sources import Checkpoint, load
 
 __all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]
 
 _CODES = {dtype: code for code, dtype in st.DTYPES.items()}
-# Never copied from the `like` folder: weights in any format, and what export writes itself.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".gguf",
-                    ".onnx", ".tflite", ".npz", ".pkl")
-_SKIP_DIRS = {"onnx", "openvino", "coreml", ".git", "__pycache__", ".cache"}
-_OWN_FILES = {CARD, RECIPE, MERGEKIT, FIGURE}
 _SAMPLE = 1 << 20  # entries per tensor used to measure how far a key moved (the card's figure)
 
 
@@ -168,7 +162,9 @@ class _Shard:
         return self.sha256.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
+        """Close without the checks (after an error: a failing flush must not hide that error)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 class _WeightWriter:
@@ -277,91 +273,19 @@ def write_index(folder: Path, written: WrittenWeights, metadata: Mapping[str, An
     write_text(folder / INDEX, json.dumps({"metadata": meta, "weight_map": written.weight_map}, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------------------- like folder
-def like_folder(like: Any, merged: Mapping[str, Any]) -> Path | None:
-    """The HF folder whose non-weight files are copied (``like``; by default the merge base's)."""
-    if like is False:
-        return None
-    if like is None:
-        tv = getattr(merged, "task_vectors", None)
-        return getattr(getattr(tv, "base", None), "hf_dir", None) or getattr(merged, "hf_dir", None)
-    if isinstance(like, Checkpoint):
-        return like.hf_dir
-    tv = getattr(like, "task_vectors", None)
-    if tv is not None:
-        return tv.base.hf_dir
-    if isinstance(like, (str, os.PathLike)):
-        path = Path(like).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"like={str(like)!r}: no such folder (expected an HF model folder).")
-        return path if path.is_dir() else path.parent
-    raise InvalidParameterError(
-        "The 'like' parameter must be an HF model folder (path), a file inside one, a Checkpoint, "
-        f"False or None. Got {type(like).__name__} instead."
-    )
-
-
-def _is_weight_file(name: str) -> bool:
-    lower = name.lower()
-    return lower.endswith(_WEIGHT_SUFFIXES) or (lower.endswith(".index.json") and
-                                                 lower[:-len(".index.json")].endswith(_WEIGHT_SUFFIXES))
-
-
-def copy_like(src: Path, dst: Path, dtype: torch.dtype | None) -> list[str]:
-    """Copy every non-weight file of ``src`` (recursively) into ``dst``; returns their relative paths."""
-    copied = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
-        rel = Path(root).relative_to(src)
-        for name in sorted(files):
-            if name.startswith(".") or _is_weight_file(name) or name.endswith(".pyc") or (
-                    rel == Path(".") and name in _OWN_FILES):
-                continue
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(root) / name, dst / rel / name)
-            with open(dst / rel / name, "rb") as f:
-                os.fsync(f.fileno())
-            copied.append(str(rel / name) if rel != Path(".") else name)
-    if dtype is not None and "config.json" in copied:
-        _set_config_dtype(dst / "config.json", dtype)
-    return copied
-
-
-def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
-    """Point ``torch_dtype`` / ``dtype`` in an HF config at the exported dtype."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return
-    if not isinstance(config, dict):
-        return
-    changed = False
-    for field_name in ("torch_dtype", "dtype"):
-        if field_name in config:
-            config[field_name] = dtype_name(dtype)
-            changed = True
-    if changed:
-        write_text(path, json.dumps(config, indent=2) + "\n")
-
-
-def _check_not_input(target: Path, merged: Mapping[str, Any], like_dir: Path | None) -> None:
-    """Refuse a target that holds an input of the merge (replacing it would delete the input)."""
+# ---------------------------------------------------------------------------------------- inputs
+def _inputs(merged: Mapping[str, Any], like_dir: Path | None) -> list[tuple[str, str | Path]]:
+    """``(role, path)`` of every input the export reads: the ``like`` folder, base and fine-tunes."""
+    found: list[tuple[str, str | Path]] = [("like folder", like_dir)] if like_dir is not None else []
     tv = getattr(merged, "task_vectors", None)
-    sources = [like_dir] if like_dir is not None else []
     if tv is not None:
-        sources += [Path(c.source) for c in (tv.base, *tv.finetuned.values())]
+        found.append(("base", tv.base.source))
+        found += [(f"fine-tune {name!r}", c.source) for name, c in tv.finetuned.items()]
+        found += [(f"{role} folder", c.hf_dir) for role, c in (("base", tv.base), *tv.finetuned.items())
+                  if getattr(c, "hf_dir", None) is not None]
     elif isinstance(merged, Checkpoint):
-        sources.append(Path(merged.source))
-    resolved = Path(os.path.realpath(target))
-    for src in sources:
-        if not src.exists():
-            continue
-        real = Path(os.path.realpath(src))
-        if real == resolved or resolved in real.parents:
-            raise InvalidParameterError(
-                f"Refusing to export into {target}: it holds an input of this merge ({src}); replacing "
-                "it would delete that input. Choose another output folder."
-            )
+        found.append(("checkpoint", merged.source))
+    return found
 
 
 # ---------------------------------------------------------------------------------------- entry point
@@ -374,6 +298,7 @@ def export(
     shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    overwrite_any: bool = False,
     progress: bool = True,
     card: Mapping[str, Any] | None = None,
     verify: Callable[[Mapping[str, str]], None] | None = None,
@@ -389,8 +314,10 @@ def export(
     out_dir : path
         Target folder; created atomically (a temporary sibling renamed at the end).
     like : path, Checkpoint, False or None
-        HF model folder whose non-weight files (config, tokenizer, generation config, chat
-        template) are copied; never its weights. ``None``: the merge base's folder when it has one.
+        HF model folder whose config, generation config, tokenizer, processor, chat template and
+        licence files are copied (an allowlist, from its top level, regular files only; never its
+        weights); with ``dtype`` its ``config.json`` names the new dtype. ``None``: the merge
+        base's folder when it has one.
     recipe : None, False, Recipe or mapping
         ``None``: derive ``weightlens_recipe.yaml`` from a ``MergeResult`` whose inputs are files;
         ``False``: write none; a ``Recipe`` (or its mapping) is written as given.
@@ -399,7 +326,11 @@ def export(
     dtype : torch.dtype or str, optional
         Cast floating tensors (``"bf16"``, ``torch.float16``, ...); integer buffers are kept.
     overwrite : bool, default=False
-        Replace an existing non-empty ``out_dir`` (atomically); otherwise it is refused.
+        Replace an existing non-empty ``out_dir`` atomically when it is an earlier weightlens export
+        (its ``*.safetensors`` headers carry ``weightlens_version``); otherwise it is refused.
+    overwrite_any : bool, default=False
+        Replace any existing ``out_dir``, folder or file, whatever it holds. Never the current or
+        home folder, a folder above either, a filesystem root, or a folder holding an input.
     progress : bool, default=True
         Progress bar (bytes) on stderr.
     card : mapping, optional
@@ -421,8 +352,15 @@ def export(
 
     Raises
     ------
+    UnsafePathError
+        ``out_dir`` is empty, the current or home folder, a folder above either, a filesystem root
+        or holds an input; or ``overwrite=True`` would replace something that is not an export.
     TargetExistsError
-        ``out_dir`` is not empty and ``overwrite`` is False.
+        ``out_dir`` is not empty and neither ``overwrite`` nor ``overwrite_any`` allows replacing it.
+    CheckpointError
+        The ``like`` folder's ``config.json`` is not a JSON object (nothing is written).
+    OSError
+        Writing failed (e.g. the disk is full); the message names the target, nothing is left.
     NonFiniteError
         A merged tensor holds NaN or Inf (the key is named); nothing is written.
 
@@ -445,33 +383,54 @@ def export(
         merged = load(merged)
     extras = _card.check_extras(card)
     max_bytes, target = parse_size(shard_size), parse_dtype(dtype)
+    _paths.check_output_path(out_dir)
     out = Path(out_dir).expanduser()
     like_dir = like_folder(like, merged)
-    _check_not_input(out, merged, like_dir)
+    _paths.check_inputs(out, _inputs(merged, like_dir))
+    check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=overwrite_any)
+    check(out)  # before the recipe reads its inputs' fingerprints
+    like_plan = plan_like(like_dir) if like_dir is not None else None
     rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
                              fingerprint=fingerprint)
     meta = _recipe.file_metadata(merged, rec)
     where = f"export to {out}"
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        writer = _WeightWriter(merged, tmp, target, {k: _as_str(v) for k, v in meta.items()}, where)
-        plan = _plan(merged, target, max_bytes)
-        total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
-        with tqdm(total=total, desc=f"export {out.name}", unit="B", unit_scale=True, file=sys.stderr,
-                  disable=not progress) as bar:
-            if plan is not None:
-                writer.write_planned(plan, bar)
-            else:
-                writer.write_buffered(max_bytes, bar)
-        written = writer.out
-        if verify is not None:
-            verify(dict(written.files))
-        if len(written.files) > 1:
-            write_index(tmp, written, meta)
-        copied = copy_like(like_dir, tmp, target) if like_dir is not None else []
-        base_dtype = _main_dtype(merged, target)
-        _recipe.write_recipes(tmp, rec, written, base_dtype=base_dtype)
-        _card.write_card(tmp, merged, rec, written, copied, extras, dtype=target, base_dtype=base_dtype)
+    try:
+        with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
+            writer = _WeightWriter(merged, tmp, target, {k: _as_str(v) for k, v in meta.items()}, where)
+            plan = _plan(merged, target, max_bytes)
+            total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
+            with tqdm(total=total, desc=f"export {out.name}", unit="B", unit_scale=True, file=sys.stderr,
+                      disable=not progress) as bar:
+                if plan is not None:
+                    writer.write_planned(plan, bar)
+                else:
+                    writer.write_buffered(max_bytes, bar)
+            written = writer.out
+            if verify is not None:
+                verify(dict(written.files))
+            if len(written.files) > 1:
+                write_index(tmp, written, meta)
+            copied = copy_like(like_plan, tmp, target) if like_plan is not None else []
+            skipped = like_plan.skipped if like_plan is not None else []
+            base_dtype = _main_dtype(merged, target)
+            _recipe.write_recipes(tmp, rec, written, base_dtype=base_dtype)
+            _card.write_card(tmp, merged, rec, written, copied, extras, dtype=target, base_dtype=base_dtype,
+                             skipped=skipped)
+    except OSError as err:
+        if isinstance(err, WeightlensError):
+            raise
+        raise _os_failure(out, err) from None
     return out
+
+
+def _os_failure(out: Path, err: OSError) -> OSError:
+    """One error for a failed write (disk full, permissions): the target, the cause, what to do."""
+    code = errno.errorcode.get(err.errno or 0, "")
+    cause = f"{err.strerror or err}{f' ({code})' if code else ''}{f' at {err.filename}' if err.filename else ''}"
+    todo = ("free space on that disk or choose a folder on another one" if err.errno == errno.ENOSPC
+            else "check that folder's permissions and free space")
+    return OSError(err.errno, f"export to {out} failed: {cause}; nothing was left behind and any earlier "
+                              f"{out.name} is as it was. To fix: {todo}, then run the export again.")
 
 
 def _main_dtype(merged: Mapping[str, Any], target: torch.dtype | None) -> str | None:
