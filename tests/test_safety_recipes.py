@@ -252,7 +252,8 @@ def test_a_changed_size_names_the_fine_tune_and_both_sizes(tmp_path):
         run_recipe(recipe, tmp_path / "again", progress=False)
     assert str(ft) in str(err.value)
     (tmp_path / "in" / "base" / "model-00001-of-00002.safetensors").unlink()
-    with pytest.raises(ReproducibilityError, match="the base input changed.*model-00001-of-00002.safetensors is missing"):
+    gone = "the base input changed.*model-00001-of-00002.safetensors is missing"
+    with pytest.raises(ReproducibilityError, match=gone):
         run_recipe(recipe, tmp_path / "again", progress=False)
     assert not (tmp_path / "again").exists()
     assert set(snapshot(tmp_path)) == set(before) - {"in/base/model-00001-of-00002.safetensors"}

@@ -91,7 +91,8 @@ def _params(items: list[str]) -> dict[str, Any]:
             parsed = plain_yaml(value, f"--param {key}") if value else None
         except InvalidParameterError as err:
             raise UsageError(str(err)) from None
-        if not (isinstance(parsed, _SCALARS) or isinstance(parsed, list) and all(isinstance(x, _SCALARS) for x in parsed)):
+        scalars = parsed if isinstance(parsed, list) else [parsed]
+        if not all(isinstance(x, _SCALARS) for x in scalars):
             raise UsageError(f"--param {key}: the value must be a number, string, true/false, null or a list of "
                              f"them; got {value[:80]!r}.")
         out[key] = parsed

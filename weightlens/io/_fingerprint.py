@@ -131,7 +131,8 @@ def difference(name: str, recorded: Mapping[str, Any], anchor: Path) -> tuple[st
 def check_shape(value: Any, where: str) -> dict[str, dict[str, Any]]:
     """Validate one input's recorded fingerprints: ``{file name: {size, header[, sha256]}}``."""
     if not isinstance(value, Mapping):
-        raise InvalidParameterError(f"{where} must map file names to {{size, header, sha256}}. Got {type(value).__name__}.")
+        raise InvalidParameterError(
+            f"{where} must map file names to {{size, header, sha256}}. Got {type(value).__name__}.")
     out = {}
     for name, fp in value.items():
         at = f"{where}[{name!r}]"

@@ -270,8 +270,8 @@ class Recipe:
     Examples
     --------
     >>> r = Recipe(base="base.safetensors", finetuned={"a": "a.safetensors"}, method="task_arithmetic",
-    ...            params={"alpha": 0.5})
-    >>> Recipe.from_mapping(yaml.safe_load(r.to_yaml())) == r
+    ...            params={"alpha": 0.5}, weightlens_version="0.2.0")
+    >>> Recipe.from_mapping(plain_yaml(r.to_yaml(), "r.yaml")) == r
     True
     """
 

@@ -83,7 +83,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     recipe = _as_recipe(recipe)
     target = _target(recipe, out)
     recorded = recipe.fingerprints
-    mode = fingerprint or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded) for n, f in fps.items()})
+    mode = fingerprint or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded)
+                                       for n, f in fps.items()})
     if check_inputs:
         _check_recorded(recipe)
     tv = _task_vectors(recipe)
