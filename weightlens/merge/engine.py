@@ -2,11 +2,11 @@
 
 ``merge`` resolves the method and its parameters against the registry, runs the method's
 ``prepare`` hook when it has one (whole-model statistics: the TIES global thresholds and majority
-sign, found in streaming passes before any key is merged), then walks the base keys once. For every
-task-vector key it asks the method for the *unscaled* update (cached in ``tv.cache`` under the
-method, its parameters other than ``alpha``, the task set and the device) and returns
-``base + alpha * update`` cast back to the base dtype. Keys outside ``tv.keys`` (integer buffers,
-excluded keys) are copied from the base. Hence:
+sign, found in streaming passes before any key is merged) and returns a :class:`MergeResult`. When
+a task-vector key is read, the result asks the method for the *unscaled* update (cached in
+``tv.cache`` under the method, its parameters other than ``alpha``, the task set and the device) and
+returns ``base + alpha * update`` cast back to the base dtype. Keys outside ``tv.keys`` (integer
+buffers, excluded keys) are copied from the base. Hence:
 
 * a second call that changes only ``alpha`` costs one scale-and-add per key;
 * a call with another spectral method reuses the per-task and per-sum SVDs (same cache as analysis);
