@@ -10,6 +10,7 @@ written by ``export`` and then edited, and hand-written YAML.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,29 @@ def test_billion_laughs_is_refused_at_once_and_names_the_file(tmp_path):
     assert "anchor" in done.stdout and "line 2" in done.stdout
     done = cli("merge", str(path), "--out", str(tmp_path / "out"), "-q")
     assert done.returncode == 1 and str(path) in one_error_line(done.stderr) and "anchors and aliases" in done.stderr
+    assert_unchanged(before, tmp_path)
+
+
+def deep(path: Path) -> None:
+    path.write_text("base: " + "[" * 5000 + "]" * 5000 + "\nfinetuned: {t: t}\nmethod: ties\n")
+
+
+def huge(path: Path) -> None:
+    path.write_text("base: b\nfinetuned: {t: t}\nmethod: ties\n" + "#" * (9 * 2**20) + "\n")
+
+
+def fifo(path: Path) -> None:
+    os.mkfifo(path)  # reading it would block until someone writes
+
+
+@pytest.mark.parametrize("build, what", [(deep, "nested more than"), (huge, "larger than 8 MiB"),
+                                         (fifo, "not a regular file")], ids=["deep", "huge", "fifo"])
+def test_recipes_that_would_hang_or_blow_up_are_refused_at_once(tmp_path, build, what):
+    path = tmp_path / "r.yaml"
+    build(path)
+    before = snapshot(tmp_path)
+    done = cli("merge", str(path), "--out", str(tmp_path / "out"), "-q")
+    assert done.returncode == 1 and str(path) in one_error_line(done.stderr) and what in done.stderr
     assert_unchanged(before, tmp_path)
 
 

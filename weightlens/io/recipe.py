@@ -22,7 +22,8 @@ Schema (``weightlens_recipe: 1``)::
       finetuned: {math: {model.safetensors: {size: 1234, header: <sha256>}}}
 
 Relative paths are taken relative to the recipe file's folder. The file is plain YAML: anchors,
-aliases and tags are refused, and every field's type is checked. ``fingerprints`` are defined in
+aliases, tags, values nested over 16 levels and files over 8 MiB are refused (nothing expands or
+runs, nothing blocks), and every field's type is checked. ``fingerprints`` are defined in
 ``weightlens.io._fingerprint`` (size and a sha256 of the safetensors header per file read; a full
 sha256 with ``export(..., fingerprint="full")``). ``weightlens.merge.run_recipe`` refuses inputs
 that changed, treats ``expect`` as a check (a mismatch leaves no output), and merges lazily and
@@ -61,6 +62,8 @@ _OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shar
              "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
 _SCALARS = (bool, int, float, str, type(None))
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_BYTES = 8 * 2**20  # a recipe is a few KiB (fingerprints of 1000 shards: about 200 KiB)
+_MAX_DEPTH = 16  # the deepest field, fingerprints.finetuned.<task>.<file>.size, is 5 levels down
 _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
 
@@ -87,8 +90,12 @@ class _Refused(yaml.YAMLError):
 class _PlainLoader(yaml.SafeLoader):
     """SafeLoader without anchors, aliases or explicit tags: plain data in, nothing expanded or run."""
 
+    depth = 0
+
     def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102
         event = self.peek_event()
+        if self.depth >= _MAX_DEPTH:
+            raise _Refused(f"values nested more than {_MAX_DEPTH} levels deep", event.start_mark)
         if isinstance(event, yaml.AliasEvent):
             raise _Refused(f"alias *{event.anchor} (YAML anchors and aliases are not allowed: they can "
                            "expand a small file into an enormous value)", event.start_mark)
@@ -97,7 +104,11 @@ class _PlainLoader(yaml.SafeLoader):
                            "expand a small file into an enormous value)", event.start_mark)
         if getattr(event, "tag", None) not in (None, "!"):
             raise _Refused(f"tag {event.tag} (YAML tags are not allowed: write plain values)", event.start_mark)
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def plain_yaml(text: str, where: str) -> Any:
@@ -378,7 +389,14 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"{path}: cannot read the recipe (not a regular file).")
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_BYTES + 1)
+        if len(raw) > _MAX_BYTES:
+            raise CheckpointError(f"{path}: cannot read the recipe (larger than {_MAX_BYTES // 2**20} MiB; a "
+                                  "recipe is a few KiB). Is this the right file?")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(f"{path}: cannot read the recipe ({why}).") from None
