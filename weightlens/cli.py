@@ -335,7 +335,9 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
              "                   --param alpha=0.3 --out merged/ --dtype bfloat16\n", common)
     p.add_argument("recipe", nargs="?", help="a weightlens_recipe.yaml (as written by export)")
     p.add_argument("--base", help="base checkpoint (file or HF folder)")
-    p.add_argument("--ft", action="append", default=[], metavar="NAME=PATH", help="a fine-tune (repeat)")
+    p.add_argument("--ft", action="append", default=[], metavar="NAME=PATH",
+                   help="a fine-tune, PATH or NAME=PATH (repeat); an existing path is a path even with '=' in "
+                        "it, and NAME=runs/lr=1e-4/ckpt names one")
     p.add_argument("--method", help="task_arithmetic, ties, dare, tsv, iso_c, iso_cts or star")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeat)")
     p.add_argument("--include", action="append", metavar="GLOB", help="merge only matching keys (repeat)")
@@ -355,8 +357,9 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-changed-inputs", action="store_true",
                    help="merge even when the inputs differ from the recipe's fingerprints (size, header)")
     p.add_argument("--fingerprint", choices=("header", "full"),
-                   help="how the written recipe fingerprints the inputs: size and header sha256 (header, the "
-                        "default for new recipes) or also a full sha256 of every file (full, reads every byte)")
+                   help="how the written recipe fingerprints the inputs: size and header sha256 (header) or also "
+                        "a full sha256 of every file (full, reads every byte); default: header for a merge by "
+                        "flags, the recipe's own for a re-run")
     p.set_defaults(func=_merge)
 
 
@@ -364,7 +367,8 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _sub(sub, "report", "interference report of task vectors (spectra, alignment, sign conflicts) as HTML",
              "  weightlens report base/ math=ft/math code=ft/code --html report.html\n", common)
     p.add_argument("base", help="base checkpoint (file or HF folder)")
-    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tunes: PATH or NAME=PATH")
+    p.add_argument("finetuned", nargs="+", metavar="FT",
+                   help="fine-tunes: PATH or NAME=PATH (an existing path is a path even with '=' in it)")
     p.add_argument("--html", required=True, help="output HTML file")
     p.add_argument("--include", action="append", metavar="GLOB")
     p.add_argument("--exclude", action="append", metavar="GLOB")

@@ -515,6 +515,9 @@ def _model_path(source: str) -> tuple[str, bool]:
 def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[str, str] | None:
     """``(mergekit YAML, how exact it is)`` for task_arithmetic, ties and dare; ``None`` otherwise."""
     p, method = recipe.params, recipe.method
+    numbers = [p.get(k, 1.0) for k in ("alpha", "density")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return None  # parameters no merge accepted (a recipe given to export as is): nothing to translate
     alpha = float(p.get("alpha", 1.0))
     per_model: dict[str, Any] = {"weight": 1.0}
     glob: dict[str, Any] = {"lambda": alpha}
