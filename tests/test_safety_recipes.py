@@ -406,6 +406,29 @@ def test_an_empty_out_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsy
     assert_unchanged(before, tmp_path)
 
 
+def test_overwrite_any_reaches_export_from_run_recipe_and_the_cli(tmp_path, capsys):
+    recipe = exported(tmp_path / "r", method="task_arithmetic")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a weightlens export")
+    before = snapshot(tmp_path)
+    assert main(["merge", str(recipe), "--out", str(mine), "--overwrite", "-q"]) == 1
+    assert "--overwrite-any" in one_error_line(capsys.readouterr().err)
+    a, b = str(recipe.parent), str(tmp_path / "r" / "in" / "ft_a.safetensors")
+    assert main(["rebasin", a, b, "--out", str(mine), "--overwrite", "-q"]) == 1
+    assert "--overwrite-any" in one_error_line(capsys.readouterr().err)
+    assert_unchanged(before, tmp_path)
+    assert main(["merge", str(recipe), "--out", str(mine), "--overwrite-any", "-q"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / RECIPE).is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    assert run_recipe(recipe, tmp_path / "other", overwrite_any=True, progress=False) == tmp_path / "other"
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "notes.txt").write_text("x")
+    assert main(["rebasin", a, b, "--out", str(tmp_path / "third"), "--overwrite-any", "-q"]) == 0
+    assert not (tmp_path / "third" / "notes.txt").exists()
+
+
 def test_a_missing_recipe_file_is_a_checkpoint_error_naming_it(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read the recipe") as err:
         load_recipe(tmp_path / "nope.yaml")

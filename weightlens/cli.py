@@ -106,10 +106,6 @@ def _out_dir(value: str | None) -> str | None:
     return value
 
 
-def _export_extra(args: argparse.Namespace) -> dict[str, Any]:
-    return {"overwrite_any": True} if getattr(args, "overwrite_any", False) else {}
-
-
 # ---------------------------------------------------------------------------------------- zoo, tour
 def _zoo_build(args: argparse.Namespace) -> int:
     from weightlens import zoo
@@ -199,7 +195,7 @@ def _merge(args: argparse.Namespace) -> int:
         recipe = _recipe_from_flags(args)
     out = run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
                      verify=args.verify, check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
-                     **_export_extra(args))
+                     overwrite_any=args.overwrite_any)
     if recipe.expect:
         _say_reproduced(recipe, out, verified=args.verify, device=args.device)
     sys.stdout.write(f"{out}\n")
@@ -275,8 +271,8 @@ def _rebasin(args: argparse.Namespace) -> int:
             f"({args.spec} spec, {len(spec.units)} permutations); objective <a, pi(b)> "
             f"{hist[0]:.6g} -> {hist[-1]:.6g} in {len(hist) - 1} sweep(s). The function is unchanged.")
     out = export(perms.apply(b), args.out, like=b.hf_dir or False, recipe=False, overwrite=args.overwrite,
-                 progress=not args.quiet, card={"title": f"{b.name} aligned to {a.name}", "notes": note},
-                 **_export_extra(args))
+                 overwrite_any=args.overwrite_any, progress=not args.quiet,
+                 card={"title": f"{b.name} aligned to {a.name}", "notes": note})
     sys.stdout.write(f"objective <a, pi(b)>: {hist[0]:.6g} -> {hist[-1]:.6g} ({len(hist) - 1} sweep(s))\n{out}\n")
     return 0
 

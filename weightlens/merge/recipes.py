@@ -98,10 +98,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like or None,
                    params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
     check = _verifier(recipe, target, device, bool(recorded) and check_inputs) if verify and recipe.expect else None
-    extra = {"overwrite_any": True} if overwrite_any else {}
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
         return export(merged, target, like=like, recipe=done, shard_size=recipe.shard_size, dtype=recipe.dtype,
-                      overwrite=overwrite, progress=progress, verify=check, **extra)
+                      overwrite=overwrite, overwrite_any=overwrite_any, progress=progress, verify=check)
 
 
 def _target(recipe: Recipe, out: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
