@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,16 +270,30 @@ class Report:
         return fa.report_figures(self)
 
     def to_html(self, path: str | Path, *, title: str = "weightlens interference report") -> Path:
-        """Write a standalone HTML page (summary, figures, per-block table; plotly.js inlined once)."""
+        """Write a standalone HTML page (summary, figures, per-block table; plotly.js inlined once).
+
+        The page goes to a hidden temporary file beside ``path``, renamed onto it at the end: a
+        failure leaves the earlier page (or nothing) and no temporary file. ``path`` is a file, not
+        a folder (``InvalidParameterError``).
+        """
         from weightlens.figures import analysis as fa
 
-        path = Path(path)
+        shown, path = str(path), Path(path).expanduser()
+        if path.is_dir():
+            raise InvalidParameterError(
+                f"to_html({shown!r}): that is a folder, and the report is one HTML file; pass a file path "
+                f"such as {str(path / 'report.html')!r}."
+            )
         settings = dataclasses.asdict(self.options) | {"tasks": list(self.tasks)}
         html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            tmp.write_text(html, encoding="utf-8")
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
 

@@ -214,8 +214,9 @@ def _files_section(written: WrittenWeights, copied: list[str], skipped: list[str
     lines = ["## Files", "", f"{written.n_tensors} tensors, {written.total_size / 1e6:.1f} MB{cast}.", "",
              markdown_table(rows, "file"), ""]
     if copied:
-        lines += ["Copied from the model folder given as `like` (only its config, tokenizer, processor, chat "
-                  "template and licence files, never its weights): " + ", ".join(map(md_text, copied)) + ".", ""]
+        lines += ["Copied from the `like` model folder (by default the base's; only its config, tokenizer, "
+                  "processor, chat template and licence files, never its weights): "
+                  + ", ".join(map(md_text, copied)) + ".", ""]
     if skipped:
         lines += ["Not copied from that folder (a symbolic link leading out of it, or not a regular file): "
                   + ", ".join(map(md_text, skipped)) + ".", ""]

@@ -90,7 +90,7 @@ def plan_like(src: Path) -> LikePlan:
     """The allowlisted regular files at the top level of ``src``, each checked where it leads."""
     folder = Path(os.path.realpath(src))
     plan = LikePlan(folder)
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+    for entry in sorted(folder.iterdir(), key=lambda p: (p.name.lower(), p.name)):
         if not _wanted(entry.name):
             continue
         real = Path(os.path.realpath(entry))

@@ -132,7 +132,11 @@ class _Shard:
         self.path, self.items, self.sha256, self.size = path, items, hashlib.sha256(), 0
         self._next = 0
         self._file = open(path, "xb")
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, data: bytes | memoryview) -> None:
         self._file.write(data)
