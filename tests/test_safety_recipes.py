@@ -24,7 +24,7 @@ import weightlens as wl
 from weightlens.cli import main
 from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError
 from weightlens.io import Recipe, export, load_recipe
-from weightlens.merge import merge, run_recipe
+from weightlens.merge import merge, merge_recipe, run_recipe
 
 from _safety import assert_unchanged, snapshot, yaml_payloads
 
@@ -275,6 +275,8 @@ def test_a_changed_size_names_the_fine_tune_and_both_sizes(tmp_path):
                                                    f"{size + 8} bytes") as err:
         run_recipe(recipe, tmp_path / "again", progress=False)
     assert str(ft) in str(err.value)
+    with pytest.raises(ReproducibilityError, match="fine-tune 'b' input changed"):
+        merge_recipe(recipe)  # the lazy merge alone checks too
     (tmp_path / "in" / "base" / "model-00001-of-00002.safetensors").unlink()
     gone = "the base input changed.*model-00001-of-00002.safetensors is missing"
     with pytest.raises(ReproducibilityError, match=gone):

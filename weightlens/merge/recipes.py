@@ -40,9 +40,23 @@ def _as_recipe(recipe: Recipe | str | os.PathLike[str]) -> Recipe:
     return recipe.checked() if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def _task_vectors(recipe: Recipe) -> TaskVectors:
-    return TaskVectors(recipe.path(recipe.base), {n: recipe.path(p) for n, p in recipe.finetuned.items()},
-                       include=recipe.include, exclude=recipe.exclude, cache=DecompositionCache(_RUN_CACHE_BYTES))
+def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[TaskVectors, dict[str, Any]]:
+    """The recipe's task vectors and their inputs' fingerprints now (in ``mode``; default: the recipe's).
+
+    With ``check``, recorded files are compared before anything is loaded, and the files loaded must be
+    the recorded ones (``ReproducibilityError`` naming the input, the file and what changed).
+    """
+    recorded = recipe.fingerprints
+    mode = mode or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded) for n, f in fps.items()})
+    if check:
+        _check_recorded(recipe)
+    paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
+    tv = TaskVectors(recipe.path(recipe.base), paths, include=recipe.include, exclude=recipe.exclude,
+                     cache=DecompositionCache(_RUN_CACHE_BYTES))
+    current = input_fingerprints(tv, recipe.path(recipe.base), paths, mode, recorded if check else None)
+    if check:
+        _check_same_files(recipe, current)
+    return tv, current
 
 
 def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) -> MergeResult:
@@ -57,13 +71,14 @@ def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) 
 
 
 def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, device: str | None = None,
-                 progress: bool = False) -> MergeResult:
+                 progress: bool = False, check_inputs: bool = True) -> MergeResult:
     """The merge a recipe (or recipe file) describes, lazy: keys are computed when read.
 
-    ``device`` overrides the recipe's; a recipe recorded on CUDA needs CUDA unless overridden.
+    ``device`` overrides the recipe's; a recipe recorded on CUDA needs CUDA unless overridden. Inputs
+    that differ from the recipe's fingerprints raise ``ReproducibilityError`` unless ``check_inputs=False``.
     """
     recipe = _as_recipe(recipe)
-    return _merge(recipe, _task_vectors(recipe), device, progress)
+    return _merge(recipe, _inputs(recipe, check=check_inputs)[0], device, progress)
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -82,22 +97,15 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     """
     recipe = _as_recipe(recipe)
     target = _target(recipe, out)
-    recorded = recipe.fingerprints
-    mode = fingerprint or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded)
-                                       for n, f in fps.items()})
-    if check_inputs:
-        _check_recorded(recipe)
-    tv = _task_vectors(recipe)
-    paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
-    current = input_fingerprints(tv, recipe.path(recipe.base), paths, mode, recorded if check_inputs else None)
-    if check_inputs:
-        _check_same_files(recipe, current)
+    tv, current = _inputs(recipe, check=check_inputs, mode=fingerprint)
     merged = _merge(recipe, tv, device, progress=False)
     like: Any = recipe.path(recipe.like) if recipe.like else False
     threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
+    paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
     done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like or None,
                    params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
-    check = _verifier(recipe, target, device, bool(recorded) and check_inputs) if verify and recipe.expect else None
+    checked = bool(recipe.fingerprints) and check_inputs
+    check = _verifier(recipe, target, device, checked) if verify and recipe.expect else None
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
         return export(merged, target, like=like, recipe=done, shard_size=recipe.shard_size, dtype=recipe.dtype,
                       overwrite=overwrite, overwrite_any=overwrite_any, progress=progress, verify=check)
