@@ -39,9 +39,19 @@ def _real(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-def _is_at_or_above(path: Path, other: Path) -> bool:
-    """Whether ``path`` is ``other`` or one of the folders above it (both real paths)."""
-    return path == other or path in other.parents
+def _same(a: Path, b: Path) -> bool:
+    """Whether two real paths are one file or folder (also by inode: case-insensitive disks, bind mounts)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
+
+
+def _above(path: Path, other: Path) -> bool:
+    """Whether ``path`` is one of the folders above ``other`` (both real paths)."""
+    return path in other.parents or (os.path.exists(path) and any(_same(path, p) for p in other.parents))
 
 
 def _protected() -> list[tuple[Path, str]]:
@@ -63,10 +73,10 @@ def check_output_path(target: str | os.PathLike[str]) -> Path:
         )
     real, shown = _real(target), os.fspath(target)
     for place, what in _protected():
-        if real == place:
+        if _same(real, place):
             raise UnsafePathError(f"Refusing to export to {shown!r}: it is {what} ({place}), which the export "
                                   "would replace; name a new folder inside it instead.")
-        if real in place.parents:
+        if _above(real, place):
             raise UnsafePathError(f"Refusing to export to {shown!r}: it holds {what} ({place}), which the "
                                   "export would replace; name a new folder for the export instead.")
     if real == real.parent:
@@ -81,7 +91,7 @@ def check_inputs(target: Path, inputs: Iterable[tuple[str, str | os.PathLike[str
     for role, src in inputs:
         if not os.path.lexists(src):
             continue
-        if _is_at_or_above(real, _real(src)):
+        if _same(real, _real(src)) or _above(real, _real(src)):
             raise UnsafePathError(
                 f"Refusing to export into {target}: it holds an input of this merge ({role} {src}); replacing "
                 "it would delete that input. Choose another output folder."

@@ -52,7 +52,7 @@ from weightlens.io import _paths
 from weightlens.io import _safetensors as st
 from weightlens.io._atomic import atomic_folder, write_text
 from weightlens.io._layout import INDEX, WrittenWeights, dtype_name, parse_dtype, parse_size
-from weightlens.io._like import copy_like, like_folder, plan_like
+from weightlens.io._like import LikePlan, copy_like, like_folder, plan_like
 from weightlens.io.sources import Checkpoint, load
 
 __all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]
@@ -160,8 +160,12 @@ class _Shard:
         """Flush, fsync and close; returns the sha256 of the file."""
         if self._next != len(self.items):
             raise CheckpointError(f"{self.path.name}: closed after {self._next} of {len(self.items)} tensors.")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()
+            raise
         self._file.close()
         return self.sha256.hexdigest()
 
@@ -225,8 +229,12 @@ class _WeightWriter:
             items = [_Item(k, tuple(t.shape), t.dtype) for k, t in held.items()]
             path = self.folder / f"part-{len(parts) + 1:05d}.safetensors"
             shard = _Shard(path, items, self.metadata)
-            for t in held.values():
-                shard.write(t)
+            try:
+                for t in held.values():
+                    shard.write(t)
+            except BaseException:
+                shard.abort()
+                raise
             parts.append((path, shard.close(), items, shard.size))
             held.clear()
 
@@ -396,35 +404,58 @@ def export(
     like_plan = plan_like(like_dir) if like_dir is not None else None
     rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
                              fingerprint=fingerprint)
-    meta = _recipe.file_metadata(merged, rec)
-    where = f"export to {out}"
+    job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(merged, rec), rec, like_plan, extras,
+               verify, progress)
     try:
         with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
-            writer = _WeightWriter(merged, tmp, target, {k: _as_str(v) for k, v in meta.items()}, where)
-            plan = _plan(merged, target, max_bytes)
-            total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
-            with tqdm(total=total, desc=f"export {out.name}", unit="B", unit_scale=True, file=sys.stderr,
-                      disable=not progress) as bar:
-                if plan is not None:
-                    writer.write_planned(plan, bar)
-                else:
-                    writer.write_buffered(max_bytes, bar)
-            written = writer.out
-            if verify is not None:
-                verify(dict(written.files))
-            if len(written.files) > 1:
-                write_index(tmp, written, meta)
-            copied = copy_like(like_plan, tmp, target) if like_plan is not None else []
-            skipped = like_plan.skipped if like_plan is not None else []
-            base_dtype = _main_dtype(merged, target)
-            _recipe.write_recipes(tmp, rec, written, base_dtype=base_dtype)
-            _card.write_card(tmp, merged, rec, written, copied, extras, dtype=target, base_dtype=base_dtype,
-                             skipped=skipped)
+            _write_folder(job, tmp)
     except OSError as err:
         if isinstance(err, WeightlensError):
             raise
         raise _os_failure(out, err) from None
     return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One export, its options checked: what :func:`_write_folder` writes."""
+
+    merged: Mapping[str, Any]
+    out: Path
+    target: torch.dtype | None
+    max_bytes: int
+    meta: dict[str, Any]
+    recipe: Any
+    like: LikePlan | None
+    extras: Mapping[str, Any]
+    verify: Callable[[Mapping[str, str]], None] | None
+    progress: bool
+
+
+def _write_folder(job: _Job, tmp: Path) -> None:
+    """Weights, index, like files, recipes and card into the temporary folder ``tmp``."""
+    from weightlens.io import _card, recipe as _recipe
+
+    meta = {k: _as_str(v) for k, v in job.meta.items()}
+    writer = _WeightWriter(job.merged, tmp, job.target, meta, f"export to {job.out}")
+    plan = _plan(job.merged, job.target, job.max_bytes)
+    total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
+    with tqdm(total=total, desc=f"export {job.out.name}", unit="B", unit_scale=True, file=sys.stderr,
+              disable=not job.progress) as bar:
+        if plan is not None:
+            writer.write_planned(plan, bar)
+        else:
+            writer.write_buffered(job.max_bytes, bar)
+    written = writer.out
+    if job.verify is not None:
+        job.verify(dict(written.files))
+    if len(written.files) > 1:
+        write_index(tmp, written, job.meta)
+    copied = copy_like(job.like, tmp, job.target) if job.like is not None else []
+    base_dtype = _main_dtype(job.merged, job.target)
+    _recipe.write_recipes(tmp, job.recipe, written, base_dtype=base_dtype)
+    _card.write_card(tmp, job.merged, job.recipe, written, copied, job.extras, dtype=job.target,
+                     base_dtype=base_dtype, skipped=job.like.skipped if job.like is not None else [])
 
 
 def _os_failure(out: Path, err: OSError) -> OSError:
