@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from weightlens._version import __version__
 from weightlens.errors import CheckpointError, InvalidParameterError, WeightlensError
 
 _EPILOG = __doc__.split("Examples\n--------\n", 1)[1]

@@ -27,7 +27,8 @@ from typing import Any
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["MODES", "check_shape", "checkpoint_files", "difference", "fingerprint_files", "mode_of"]
+__all__ = ["MODES", "anchor_of", "check_shape", "checkpoint_files", "difference", "fingerprint_file",
+           "fingerprint_files", "mode_of"]
 
 MODES = ("header", "full")
 _EDGE = 1 << 20
