@@ -105,8 +105,10 @@ def test_an_empty_path_is_refused_whatever_overwrite_says(tmp_path, monkeypatch,
     work = user_folder(tmp_path / "work")
     monkeypatch.chdir(work)
     before = snapshot(tmp_path)
-    with pytest.raises(UnsafePathError, match=r"Refusing to export to '' \(an empty path\).*current folder"):
-        export(weights(), "", progress=False, **options)
+    for blank in ("", " ", "\t"):
+        with pytest.raises(UnsafePathError, match=r"Refusing to export to .* \(an empty path\).*current folder") as err:
+            export(weights(), blank, progress=False, **options)
+        assert repr(blank) in str(err.value)
     with pytest.raises(UnsafePathError, match="''"):  # the last line of defence refuses it too
         with atomic_mod.atomic_folder("", overwrite=True):
             pass

@@ -1,6 +1,6 @@
 """Where an export may write: the paths it refuses whatever the options, and what it may replace.
 
-Refused always (``UnsafePathError``): an empty path, the current folder or any folder above it, the
+Refused always (``UnsafePathError``): an empty (or blank) path, the current folder or any folder above it, the
 home folder or any folder above it, a filesystem root, and a folder that is or holds an input of
 the export (base, fine-tunes, the ``like`` folder). Paths are compared as real paths, so symbolic
 links and ``..`` do not get around these rules.
@@ -66,10 +66,10 @@ def _protected() -> list[tuple[Path, str]]:
 
 def check_output_path(target: str | os.PathLike[str]) -> Path:
     """The absolute target; ``UnsafePathError`` for a path whose replacement would lose the user's files."""
-    if os.fspath(target) == "":
+    if not os.fspath(target).strip():
         raise UnsafePathError(
-            "Refusing to export to '' (an empty path): it would mean the current folder, which the export "
-            "would replace; name a new folder for the export, e.g. 'merged'."
+            f"Refusing to export to {os.fspath(target)!r} (an empty path): it would mean the current folder, "
+            "which the export would replace; name a new folder for the export, e.g. 'merged'."
         )
     real, shown = _real(target), os.fspath(target)
     for place, what in _protected():
