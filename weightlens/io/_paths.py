@@ -1,9 +1,9 @@
 """Where an export may write: the paths it refuses whatever the options, and what it may replace.
 
-Refused always (``UnsafePathError``): an empty (or blank) path, the current folder or any folder above it, the
-home folder or any folder above it, a filesystem root, and a folder that is or holds an input of
-the export (base, fine-tunes, the ``like`` folder). Paths are compared as real paths, so symbolic
-links and ``..`` do not get around these rules.
+Refused always (``UnsafePathError``): an empty or blank path, the current folder or any folder
+above it, the home folder or any folder above it, a filesystem root, and a folder that is or holds
+an input of the export (base, fine-tunes, the ``like`` folder). Paths are compared as real paths
+and by inode, so symbolic links, ``..`` and case-insensitive disks do not get around these rules.
 
 An existing target is used as is when it is an empty folder. ``overwrite=True`` replaces it only
 when it looks like a previous weightlens export; ``overwrite_any=True`` replaces any other folder
@@ -89,8 +89,8 @@ def check_inputs(target: Path, inputs: Iterable[tuple[str, str | os.PathLike[str
     """``UnsafePathError`` when ``target`` is, or holds, one of ``inputs`` (``(role, path)`` pairs)."""
     real = _real(target)
     for role, src in inputs:
-        if not os.path.lexists(src):
-            continue
+        if not isinstance(src, (str, os.PathLike)) or not os.path.lexists(src):
+            continue  # an input given in memory: no folder to protect
         if _same(real, _real(src)) or _above(real, _real(src)):
             raise UnsafePathError(
                 f"Refusing to export into {target}: it holds an input of this merge ({role} {src}); replacing "
