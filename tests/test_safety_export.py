@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -375,6 +376,15 @@ def test_md_text_neutralises_markup_and_keeps_plain_text():
     assert card_mod.md_text("`x`") == "\\`x\\`" and card_mod.md_text("a\\|b") == "a\\\\\\|b"
     assert card_mod.md_text("<a href='x'>&") == "&lt;a href='x'&gt;&amp;"
     assert card_mod.md_text("one\ntwo\r\nthree\u2028four") == "one two three four"
+
+
+def test_a_method_name_from_outside_the_registry_cannot_add_front_matter_or_markup():
+    recipe = SimpleNamespace(method="x\nlicense: evil\n<img src=x onerror=alert(1)>")
+    lines = card_mod._header(None, recipe, ["config.json"], {})
+    front = lines[:lines.index("---", 1) + 1]
+    assert front == ["---", "library_name: transformers", "tags:", "- weightlens", "- merge", "---"]
+    assert lines[-2] == "# x license: evil &lt;img src=x onerror=alert(1)&gt; merge"
+    assert card_mod._method_line("<b>`m`</b>", object()) == "&lt;b&gt;\\`m\\`&lt;/b&gt;"
 
 
 # ---------------------------------------------------------------------------------------- disk full
