@@ -139,7 +139,8 @@ def parse_header(path: Path, raw: bytes) -> tuple[dict[str, Spec], dict[str, str
     header = _decode(path, raw)
     if not isinstance(header, dict):
         raise CheckpointError(
-            f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; file corrupt?"
+            f"{path}: the safetensors header is {_show(header, 30)}, not a JSON object; the file is corrupt or "
+            "not safetensors: re-download or re-export it."
         )
     if header.dups:
         raise CheckpointError(
@@ -191,8 +192,12 @@ def _spec(path: Path, key: str, value: Any) -> Spec:
         code = next(iter(code))
     if not isinstance(code, str) or code not in BITS:
         raise bad(f"dtype {_show(code)} is not a safetensors dtype ({', '.join(BITS)})")
-    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        raise bad(f"shape {_show(shape)} is not a list of non-negative integers")
+    if not isinstance(shape, list):
+        raise bad(f"shape {_show(shape)} is not a list")
+    odd = [d for d in shape if not _is_u64(d)]
+    if odd:
+        why = "negative" if type(odd[0]) is int and odd[0] < 0 else "not an integer below 2**64"
+        raise bad(f"shape {_show(shape)} has dimension {_show(odd[0])}, which is {why}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
         raise bad(f"data_offsets {_show(offsets)} is not a pair of non-negative integers")
     return Spec(code, tuple(shape), offsets[0], offsets[1])

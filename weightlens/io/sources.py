@@ -16,9 +16,10 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -162,7 +163,7 @@ def load(source: Any, *, name: str | None = None) -> Checkpoint:
     elif isinstance(source, Mapping):
         ckpt = _from_state_dict(source, "state_dict", "<state dict>")
     elif isinstance(source, (str, os.PathLike)):
-        ckpt = _from_path(Path(source).expanduser())
+        ckpt = _from_path(_non_empty(source).expanduser())
     else:
         raise CheckpointError(
             f"Cannot load a checkpoint from {type(source).__name__}: pass a path (file or HF folder), "
@@ -180,17 +181,55 @@ def _from_state_dict(sd: Mapping[str, Any], name: str, source: str, file: str | 
             f"{file or source}: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not tensors: {shown}. "
             "Pass the state dict itself (e.g. checkpoint['state_dict'])."
         )
+    for key, value in sd.items():
+        _check_plain_tensor(file or source, str(key), value)
     tensors = {str(k): v.detach() for k, v in sd.items()}
     infos = {k: TensorInfo(tuple(v.shape), v.dtype, file) for k, v in tensors.items()}
     return Checkpoint(infos, lambda key: tensors[key].cpu(), name=name, source=source)
 
 
+def _check_plain_tensor(where: str, key: str, t: torch.Tensor) -> None:
+    """Refuse tensors whose values cannot be read as a dense real array (meta, sparse, complex)."""
+    if t.is_meta:
+        why = ("is on the meta device (it has a shape but no values); materialise the model first, "
+               "e.g. load its weights or call module.to_empty(device='cpu') and initialise it")
+    elif t.layout != torch.strided:
+        why = f"is a {t.layout} tensor, not a dense one; pass tensor.to_dense() instead"
+    elif t.is_complex():
+        why = (f"is complex ({t.dtype}); weightlens merges real tensors only and will not drop the imaginary "
+               "part: split it with torch.view_as_real(tensor) or leave the key out")
+    else:
+        return
+    raise CheckpointError(f"{where}: key {key!r} {why}.")
+
+
 # ------------------------------------------------------------------------------------ paths
+def _non_empty(source: str | os.PathLike[str]) -> Path:
+    """``source`` as a Path, refusing the empty path (which ``Path`` would read as the current folder)."""
+    raw = os.fspath(source)
+    if not raw or (isinstance(source, PurePath) and not source.parts):
+        raise CheckpointError(
+            f"Cannot load {source!r}: the path is empty (Path('') means the current folder, which is "
+            "rarely what was meant). Pass the checkpoint's file or folder, e.g. wl.load('./my_model')."
+        )
+    return Path(os.fsdecode(raw))
+
+
 def _from_path(path: Path) -> Checkpoint:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder.")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or folder.") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc}).") from exc
+    if stat.S_ISDIR(mode):
         return _from_folder(path)
+    return _from_file(path)
+
+
+def _from_file(path: Path) -> Checkpoint:
+    """Open a checkpoint file by its suffix (or its first bytes); only regular files are opened."""
+    st.check_regular(path)
     hf_dir = path.parent if (path.parent / "config.json").is_file() else None
     name = _display_name(path)
     lower = path.name.lower()
@@ -215,12 +254,12 @@ def _display_name(path: Path) -> str:
 def _from_folder(folder: Path) -> Checkpoint:
     hf_dir = folder if (folder / "config.json").is_file() else None
     for candidate in _FOLDER_CANDIDATES:
-        if (folder / candidate).is_file():
-            return _renamed(_from_path(folder / candidate), folder.name, hf_dir)
+        if os.path.lexists(folder / candidate):  # present but unreadable is an error, not a fallback
+            return _renamed(_from_file(folder / candidate), folder.name, hf_dir)
     for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth"):
         found = sorted(folder.glob(pattern))
         if len(found) == 1:
-            return _renamed(_from_path(found[0]), folder.name, hf_dir)
+            return _renamed(_from_file(found[0]), folder.name, hf_dir)
         if len(found) > 1:
             raise CheckpointError(
                 f"{folder}: {len(found)} {pattern} files and no index to say how they fit together "
@@ -239,7 +278,7 @@ def _renamed(ckpt: Checkpoint, name: str, hf_dir: Path | None) -> Checkpoint:
 
 
 def _sniff(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
-    with open(path, "rb") as f:
+    with st.open_regular(path) as f:
         head = f.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch zip archive or a legacy pickle
         return _from_torch_file(path, name, hf_dir)
@@ -262,22 +301,59 @@ def _from_safetensors(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, checked: non-empty, each key once, shards present and regular."""
     try:
-        raw = json.loads(index.read_text())
+        raw = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_pairs_once)
         weight_map = raw["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a valid shard index ({exc}); it needs a 'weight_map' object.") from exc
-    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if not weight_map:
+        raise CheckpointError(
+            f"{index}: the shard index's weight_map is empty, so it names no tensors; the index is damaged "
+            "or was written before the shards: re-export the checkpoint."
+        )
+    for key, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise CheckpointError(
+                f"{index}: key {key!r} maps to {file!r}; a shard must be a file name relative to the index's "
+                "folder (no absolute path, no '..'). Fix or re-download the index."
+            )
+    missing = sorted({f for f in weight_map.values() if not os.path.lexists(index.parent / f)})
     if missing:
         raise CheckpointError(f"{index}: shard file(s) missing next to the index: {', '.join(missing)}.")
-    return {str(k): str(v) for k, v in weight_map.items()}
+    for file in dict.fromkeys(weight_map.values()):
+        st.check_regular(index.parent / file)
+    return weight_map
+
+
+def _pairs_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key given twice (an index must map each tensor to one shard)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice ({out[key]!r} and {value!r})")
+        out[key] = value
+    return out
+
+
+def _check_one_home(index: Path, weight_map: dict[str, str], held: Mapping[str, Iterable[str]]) -> None:
+    """Refuse a tensor that the index maps to one shard while another listed shard also holds it."""
+    for file, keys in held.items():
+        for key in keys:
+            home = weight_map.get(key, file)
+            if home != file:
+                raise CheckpointError(
+                    f"{index}: key {key!r} is mapped to {index.parent / home} but {index.parent / file} also "
+                    "holds it, so the checkpoint is ambiguous; remove the stale shard or re-export the checkpoint."
+                )
 
 
 def _from_safetensors_index(index: Path, name: str, hf_dir: Path | None) -> Checkpoint:
     weight_map = _read_index(index)
     headers = {f: st.read_header(index.parent / f) for f in dict.fromkeys(weight_map.values())}
+    _check_one_home(index, weight_map, {f: entries for f, (entries, _) in headers.items()})
     infos: dict[str, TensorInfo] = {}
     for key in sorted(weight_map, key=_natural):
         file = weight_map[key]
@@ -344,11 +420,13 @@ def _from_torch_file(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
 def _from_torch_index(index: Path, name: str, hf_dir: Path | None) -> Checkpoint:
     weight_map = _read_index(index)
     shards = {f: _torch_load(index.parent / f) for f in dict.fromkeys(weight_map.values())}  # mmap'd
+    _check_one_home(index, weight_map, shards)
     infos: dict[str, TensorInfo] = {}
     for key, file in weight_map.items():
         t = shards[file].get(key)
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{index}: maps key {key!r} to {file}, but that shard has no such tensor.")
+        _check_plain_tensor(str(index.parent / file), key, t)
         infos[key] = TensorInfo(tuple(t.shape), t.dtype, str(index.parent / file))
     return Checkpoint(
         infos, lambda key: shards[weight_map[key]][key].detach().clone(),
