@@ -192,15 +192,16 @@ def why_differs(recipe: Recipe, *, device: str | None = None, inputs_checked: bo
     svd = recipe.method in SVD_METHODS
     causes = []
     if not svd and recipe.weightlens_version and recipe.weightlens_version != __version__:
-        causes.append(f"another weightlens version wrote it (this recipe: weightlens {recipe.weightlens_version}, "
-                      f"here: {__version__})")
+        causes.append(f"another weightlens version wrote the recipe (this recipe: weightlens "
+                      f"{recipe.weightlens_version}, here: {__version__})")
     if device and device != recipe.device:
         causes.append(f"this run merged on {device}, the recipe's merge on {recipe.device}")
     if not inputs_checked:
-        causes.append("the inputs changed since it was written (this run checked no fingerprints)")
-    causes.append("its 'dtype', 'shard_size' or other fields were edited after it was written")
-    text = "Likely causes: " + "; ".join(causes) + "."
-    return f"{_why_bits_differ(recipe)} {text}" if svd else text
+        causes.append("the inputs changed since the recipe was written (this run checked no fingerprints)")
+    causes.append("the recipe's 'dtype', 'shard_size' or other fields were edited after it was written")
+    if not svd:
+        return "Likely causes: " + "; ".join(causes) + "."
+    return f"{_why_bits_differ(recipe)} Other likely causes: " + "; ".join(causes) + "."
 
 
 def _why_bits_differ(recipe: Recipe) -> str:
