@@ -191,8 +191,8 @@ def _entry(path: Path, key: str, spec: Spec, data_start: int) -> Entry:
             f"{path}: key {key!r} has safetensors dtype {spec.code!r}: {why}. Supported: {', '.join(DTYPES)}; "
             "convert the tensor to one of them before loading."
         )
-    big = next((d for d in spec.shape if d > _MAX_DIM), None)
-    if big is not None:
+    big = max(spec.shape, default=0)
+    if big > _MAX_DIM:
         raise CheckpointError(
             f"{path}: key {key!r} has shape {list(spec.shape)}: dimension {big} is beyond torch's limit "
             f"of {_MAX_DIM}; the file is corrupt: re-export it."

@@ -55,24 +55,22 @@ class _Rejected(ValueError):
     """JSON that ``serde_json`` refuses although Python's ``json`` would read it."""
 
 
-class _Obj(dict):
-    """A JSON object that remembers the keys it was given more than once."""
+class _Pairs(list):
+    """A decoded JSON object: its ``(key, value)`` pairs in order, repeated keys kept."""
 
-    dups: tuple[str, ...] = ()
 
-    @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _Obj:
-        """Build from the decoder's key/value pairs (last value wins, duplicates noted)."""
-        obj = cls(pairs)
-        if len(obj) != len(pairs):
-            seen: set[str] = set()
-            dups: dict[str, None] = {}
-            for key, _ in pairs:
-                if key in seen:
-                    dups[key] = None
-                seen.add(key)
-            obj.dups = tuple(dups)
-        return obj
+def _as_dict(pairs: _Pairs) -> tuple[dict[str, Any], list[str]]:
+    """``(dict of pairs (last wins), keys given more than once)``."""
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out, []
+    seen: set[str] = set()
+    dups: dict[str, None] = {}
+    for key, _ in pairs:
+        if key in seen:
+            dups[key] = None
+        seen.add(key)
+    return out, list(dups)
 
 
 def _int(text: str) -> int | float:
@@ -94,7 +92,7 @@ def _constant(text: str) -> None:
     raise _Rejected(f"{text} is not JSON")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_Obj.from_pairs, parse_int=_int, parse_float=_float,
+_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs, parse_int=_int, parse_float=_float,
                             parse_constant=_constant)
 
 
@@ -106,8 +104,8 @@ def _decode(path: Path, raw: bytes) -> Any:
         value, why = None, f"nested deeper than {_MAX_DEPTH} levels"
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and _Rejected are ValueErrors
         value, why = None, str(exc)
-    else:
-        why = _check_tree(value, check_text=b"\\u" in raw)
+    else:  # a lone surrogate can only come from a \u escape
+        why = "a lone UTF-16 surrogate escape in a string" if b"\\u" in raw and _has_surrogate(value) else ""
     if why:
         raise CheckpointError(
             f"{path}: the safetensors header is not valid JSON ({why}); the file is corrupt or was not "
@@ -116,57 +114,83 @@ def _decode(path: Path, raw: bytes) -> Any:
     return value
 
 
-def _check_tree(value: Any, *, check_text: bool) -> str | None:
-    """Why ``value`` breaks serde_json's depth or surrogate rules, or ``None``."""
-    stack = [(value, 1)]
+def _has_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in the decoded ``value`` holds a lone surrogate."""
+    stack = [value]
     while stack:
-        node, depth = stack.pop()
+        node = stack.pop()
         if isinstance(node, str):
-            if check_text and _SURROGATE.search(node):
-                return "a lone UTF-16 surrogate escape in a string"
-            continue
-        if not isinstance(node, (dict, list)):
-            continue
-        if depth > _MAX_DEPTH:
-            return f"nested deeper than {_MAX_DEPTH} levels"
-        items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-        stack.extend((item, depth + 1) for item in items)
-    return None
+            if _SURROGATE.search(node):
+                return True
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, tuple):  # a (key, value) pair of a _Pairs
+            stack.extend(node)
+    return False
+
+
+def _too_deep(value: Any, depth: int) -> bool:
+    """Whether ``value``, a container at nesting ``depth``, nests past serde_json's limit."""
+    stack = [(value, depth)]
+    while stack:
+        node, level = stack.pop()
+        if level > _MAX_DEPTH:
+            return True
+        items = (v for _, v in node) if isinstance(node, _Pairs) else node
+        stack.extend((v, level + 1) for v in items if isinstance(v, list))
+    return False
 
 
 def parse_header(path: Path, raw: bytes) -> tuple[dict[str, Spec], dict[str, str]]:
     """Parse the JSON header ``raw`` of ``path``: ``({key: Spec}, metadata)``."""
     header = _decode(path, raw)
-    if not isinstance(header, dict):
+    if not isinstance(header, _Pairs):
         raise CheckpointError(
             f"{path}: the safetensors header is {_show(header, 30)}, not a JSON object; the file is corrupt or "
             "not safetensors: re-download or re-export it."
         )
-    if header.dups:
+    top, dups = _as_dict(header)
+    if dups:
         raise CheckpointError(
-            f"{path}: the header names key {header.dups[0]!r} more than once, so readers may disagree on "
+            f"{path}: the header names key {dups[0]!r} more than once, so readers may disagree on "
             "which tensor it is; refusing the file. Re-export it with one entry per key."
         )
-    metadata = _metadata(path, header.pop("__metadata__", None))
-    return {key: _spec(path, key, value) for key, value in header.items()}, metadata
+    metadata = _metadata(path, top.pop("__metadata__", None))
+    return {key: _spec(path, key, value) for key, value in top.items()}, metadata
 
 
 def _metadata(path: Path, value: Any) -> dict[str, str]:
     if value is None:
         return {}
-    if not isinstance(value, dict):
+    bad, out = "", {}
+    if not isinstance(value, _Pairs):
         bad = f"is {_show(value)}, not an object"
-    elif value.dups:
-        bad = f"names {value.dups[0]!r} twice"
     else:
-        bad = next((f"value of {k!r} is {_show(v)}, not a string" for k, v in value.items()
-                    if not isinstance(v, str)), "")
+        out, dups = _as_dict(value)
+        bad = next((f"value of {k!r} is {_show(v)}, not a string" for k, v in value if not isinstance(v, str)),
+                   f"names {dups[0]!r} twice" if dups else "")
     if bad:
         raise CheckpointError(
             f"{path}: the header's __metadata__ {bad}; safetensors allows only an object of strings "
             "(each key once). The file is corrupt: re-export it."
         )
-    return dict(value)
+    return out
+
+
+def _fields(value: Any) -> list[Any] | str:
+    """``[dtype, shape, data_offsets]`` of a tensor entry, or why the entry's form is wrong."""
+    if isinstance(value, _Pairs):
+        info, dups = _as_dict(value)
+        dup = next((f for f in dups if f in _FIELDS), None)
+        missing = next((f for f in _FIELDS if f not in info), None)
+        if dup or missing:
+            return f"field {dup!r} is given twice" if dup else f"field {missing!r} is missing"
+        if any(_too_deep(v, 3) for k, v in value if k not in _FIELDS and isinstance(v, list)):
+            return f"an unknown field nests deeper than {_MAX_DEPTH} levels"
+        return [info[f] for f in _FIELDS]
+    if isinstance(value, list) and len(value) == 3:
+        return value
+    return f"the header entry is {_show(value)}, not an object"
 
 
 def _spec(path: Path, key: str, value: Any) -> Spec:
@@ -177,28 +201,21 @@ def _spec(path: Path, key: str, value: Any) -> Spec:
             f"\"data_offsets\": [begin, end]}} with integers in [0, 2**64). The file is corrupt: re-export it."
         )
 
-    if isinstance(value, list) and len(value) == 3:
-        fields = value
-    elif isinstance(value, dict):
-        dup = next((f for f in value.dups if f in _FIELDS), None)
-        missing = next((f for f in _FIELDS if f not in value), None)
-        if dup or missing:
-            raise bad(f"field {dup!r} is given twice" if dup else f"field {missing!r} is missing")
-        fields = [value[f] for f in _FIELDS]
-    else:
-        raise bad(f"the header entry is {_show(value)}, not an object")
+    fields = _fields(value)
+    if isinstance(fields, str):
+        raise bad(fields)
     code, shape, offsets = fields
-    if isinstance(code, dict) and len(code) == 1 and not code.dups and None in code.values():
-        code = next(iter(code))
+    if isinstance(code, _Pairs) and len(code) == 1 and code[0][1] is None:
+        code = code[0][0]
     if not isinstance(code, str) or code not in BITS:
         raise bad(f"dtype {_show(code)} is not a safetensors dtype ({', '.join(BITS)})")
-    if not isinstance(shape, list):
+    if not isinstance(shape, list) or isinstance(shape, _Pairs):
         raise bad(f"shape {_show(shape)} is not a list")
     odd = [d for d in shape if not _is_u64(d)]
     if odd:
         why = "negative" if type(odd[0]) is int and odd[0] < 0 else "not an integer below 2**64"
         raise bad(f"shape {_show(shape)} has dimension {_show(odd[0])}, which is {why}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+    if type(offsets) is not list or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
         raise bad(f"data_offsets {_show(offsets)} is not a pair of non-negative integers")
     return Spec(code, tuple(shape), offsets[0], offsets[1])
 
@@ -208,5 +225,17 @@ def _is_u64(value: Any) -> bool:
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    """Short JSON text of a decoded value, for messages."""
+    text = json.dumps(_plain(value), ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` with objects as dicts, cut off a few levels down."""
+    if not isinstance(value, list):
+        return value
+    if depth > 3:
+        return "..."
+    if isinstance(value, _Pairs):
+        return {str(k): _plain(v, depth + 1) for k, v in value}
+    return [_plain(v, depth + 1) for v in value]

@@ -279,10 +279,10 @@ def _renamed(ckpt: Checkpoint, name: str, hf_dir: Path | None) -> Checkpoint:
 
 def _sniff(path: Path, name: str, hf_dir: Path | None) -> Checkpoint:
     with st.open_regular(path) as f:
-        head = f.read(9)
+        head = f.read(64)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch zip archive or a legacy pickle
         return _from_torch_file(path, name, hf_dir)
-    if len(head) == 9 and head[8:9] == b"{":
+    if head[8:].lstrip(b" \t\r\n")[:1] == b"{":  # a header length, then JSON (possibly after whitespace)
         return _from_safetensors(path, name, hf_dir)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (expected .safetensors, *.index.json, .bin, .pt or an HF folder)."
