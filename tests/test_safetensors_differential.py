@@ -26,7 +26,7 @@ import weightlens as wl
 
 CODES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
          "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
-MUTATIONS = 3000
+MUTATIONS = 4000
 SEED = 20261206
 
 
@@ -91,9 +91,9 @@ def _one(key: str = '"a"', **kw: str) -> str:
     return "{" + f"{key}:{_entry(**kw)}" + "}"
 
 
-def _hand_made() -> dict[str, bytes]:
-    """One file per rule: each is accepted or rejected by both readers (or an allowed difference)."""
-    cases = {
+def _json_cases() -> dict[str, bytes]:
+    """One file per JSON rule: each is accepted or rejected by both readers (or an allowed difference)."""
+    return {
         "info-as-list": raw_file('{"a":["F32",[1],[0,4]]}', F32_1),
         "dtype-as-map": raw_file(_one(dtype='{"F32":null}'), F32_1),
         "dtype-map-two-keys": raw_file(_one(dtype='{"F32":null,"F16":null}'), F32_1),
@@ -135,6 +135,12 @@ def _hand_made() -> dict[str, bytes]:
         "shape-2**63-1": raw_file(_one(shape=f"[0,{2**63 - 1}]", offsets="[0,0]")),
         "shape-overflow": raw_file(_one(shape=f"[{2**32},{2**32},0]", offsets="[0,0]")),
         "shape-zero-first": raw_file(_one(shape=f"[0,{2**32},{2**32}]", offsets="[0,0]")),
+    }
+
+
+def _layout_cases() -> dict[str, bytes]:
+    """One file per byte-layout rule (offsets, lengths, padding) and per dtype."""
+    cases = {
         "offsets-three": raw_file(_one(offsets="[0,4,4]"), F32_1),
         "offsets-float": raw_file(_one(offsets="[0,4.0]"), F32_1),
         "offsets-reversed": raw_file(_one(shape="[0]", offsets="[4,0]"), F32_1),
@@ -171,7 +177,7 @@ def _hand_made() -> dict[str, bytes]:
     return cases
 
 
-HAND_MADE = _hand_made()
+HAND_MADE = {**_json_cases(), **_layout_cases()}
 
 
 # --------------------------------------------------------------------------------------- outcomes
@@ -204,25 +210,17 @@ def run_reference(path: Path) -> tuple:
         return ("error", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
-def _pairs(blob: bytes) -> tuple[list[tuple[str, object]], list] | None:
-    """The header's top-level pairs and ``__metadata__`` pairs (duplicates kept), if it parses."""
-    objects: list[list] = []
-
-    def keep(pairs: list) -> dict:
-        objects.append(pairs)
-        return dict(pairs)
-
+def has_duplicate_keys(blob: bytes) -> bool:
+    """Whether the header's top level or its ``__metadata__`` names a key twice (read by Python's json)."""
     try:
         head, _ = split(blob)
-        top = json.loads(head.decode("utf-8"), object_pairs_hook=keep)
+        top = json.loads(head.decode("utf-8"), object_pairs_hook=Obj)
     except Exception:  # noqa: BLE001 - the rule only concerns headers that parse
-        return None
-    if not isinstance(top, dict):
-        return None
-    top_pairs = objects[-1]
-    meta = [v for k, v in top_pairs if k == "__metadata__"]
-    meta_pairs = next((p for p in objects if meta and isinstance(meta[-1], dict) and dict(p) == meta[-1]), [])
-    return top_pairs, meta_pairs
+        return False
+    if not isinstance(top, Obj):
+        return False
+    objects = [top, *(v for k, v in top if k == "__metadata__" and isinstance(v, Obj))]
+    return any(len({k for k, _ in obj}) != len(obj) for obj in objects)
 
 
 def _allowed(blob: bytes, ours: tuple, ref: tuple) -> bool:
@@ -231,11 +229,7 @@ def _allowed(blob: bytes, ours: tuple, ref: tuple) -> bool:
         return False
     if ours[1] == "DTypeError":
         return any(d in (torch.complex64, torch.float4_e2m1fn_x2) for d, _, _ in ref[1].values())
-    pairs = _pairs(blob)
-    if pairs is None or "more than once" not in ours[2] and "twice" not in ours[2]:
-        return False
-    keys = [k for k, _ in pairs[0]] + [k for k, _ in pairs[1]]
-    return len(keys) != len(set(k for k, _ in pairs[0])) + len(set(k for k, _ in pairs[1]))
+    return ("more than once" in ours[2] or "twice" in ours[2]) and has_duplicate_keys(blob)
 
 
 def disagreement(path: Path, blob: bytes) -> str | None:
@@ -320,85 +314,105 @@ def _bits(code: str) -> int:
     return special.get(code) or int("".join(ch for ch in code.split("_")[0] if ch.isdigit()))
 
 
-def _json_edit(rng: random.Random, top: Obj) -> str:
-    """Edit ``top`` in place, one way chosen by ``rng``; returns what was done."""
-    tensors = [kv for kv in top if kv[0] != "__metadata__" and isinstance(kv[1], Obj)]
-    kind = rng.choice(["dup", "shape", "reshape", "offset", "dtype", "dtype-same-size", "metadata", "drop-field",
-                       "extra-field", "as-list", "drop-entry", "swap-offsets", "key"])
-    if not tensors and kind not in ("metadata", "extra-field"):
-        kind = "metadata"
-    kv = rng.choice(tensors) if tensors else None
-    if kind == "dup":
-        copy = Obj([list(f) for f in kv[1]])
-        if rng.random() < 0.5 and _field(copy, "dtype"):
-            _field(copy, "dtype")[1] = rng.choice(CODES)
-        top.insert(rng.randrange(len(top) + 1), [kv[0], copy])
-        return f"duplicate key {kv[0]!r}"
-    if kind in ("shape", "reshape"):
-        shape = _field(kv[1], "shape")
-        if shape is None or not isinstance(shape[1], list):
-            return "no shape to edit"
-        old = list(shape[1])
-        if kind == "reshape" and all(type(d) is int and d >= 0 for d in old):
-            n = 1
-            for d in old:
-                n *= d
-            shape[1] = rng.choice([[n], [1, n], old[::-1], old + [1], [1] + old, [n, 1, 1]])
-        elif old and rng.random() < 0.8:
-            shape[1][rng.randrange(len(old))] = rng.choice(_ODD_VALUES)
-        else:
-            shape[1] = old + [rng.choice(_ODD_VALUES)] if rng.random() < 0.5 else old[:-1]
-        return f"shape of {kv[0]!r}: {old} -> {dump(shape[1])[:60]}"
-    if kind in ("offset", "swap-offsets"):
-        offsets = _field(kv[1], "data_offsets")
-        if offsets is None or not isinstance(offsets[1], list) or len(offsets[1]) != 2:
-            return "no offsets to edit"
-        old = list(offsets[1])
-        if kind == "swap-offsets":
-            other = _field(rng.choice(tensors)[1], "data_offsets")
-            if other is not None:
-                offsets[1], other[1] = other[1], offsets[1]
-        elif rng.random() < 0.6 and all(type(o) is int for o in old):
-            offsets[1][rng.randrange(2)] += rng.choice([-8, -4, -2, -1, 1, 2, 4, 8, 2**64])
-        else:
-            offsets[1] = rng.choice([old + [old[1]], old[:1], old[::-1], [old[0], rng.choice(_ODD_VALUES)]])
-        return f"data_offsets of {kv[0]!r}: {old} -> {dump(offsets[1])[:60]}"
-    if kind in ("dtype", "dtype-same-size"):
-        dtype = _field(kv[1], "dtype")
-        if dtype is None or not isinstance(dtype[1], str):
-            return "no dtype to edit"
-        old = dtype[1]
-        if kind == "dtype-same-size" and old in CODES:
-            dtype[1] = rng.choice([c for c in CODES if _bits(c) == _bits(old)])
-        else:
-            dtype[1] = rng.choice([*CODES, old.lower(), "F128", 32, None, Obj([[old, None]]), Obj([[old, 1]])])
-        return f"dtype of {kv[0]!r}: {old} -> {dump(dtype[1])}"
-    if kind == "metadata":
-        top[:] = [p for p in top if p[0] != "__metadata__"]
-        value = rng.choice([None, Obj(), Obj([["k", "v"]]), Obj([["k", 1]]), Obj([["k", None]]), [], "s",
-                            Obj([["k", "v"], ["k", "w"]]), Obj([["", ""]]), Raw('{"k":"\\ud800"}')])
-        if rng.random() < 0.9:
-            top.insert(rng.randrange(len(top) + 1), ["__metadata__", value])
-        return f"__metadata__ -> {dump(value)}"
+def _edit_dup(rng: random.Random, top: Obj, kv: list, kind: str) -> str:
+    copy = Obj([list(f) for f in kv[1]])
+    if rng.random() < 0.5 and _field(copy, "dtype"):
+        _field(copy, "dtype")[1] = rng.choice(CODES)
+    top.insert(rng.randrange(len(top) + 1), [kv[0], copy])
+    return f"duplicate key {kv[0]!r}"
+
+
+def _edit_shape(rng: random.Random, top: Obj, kv: list, kind: str) -> str:
+    shape = _field(kv[1], "shape")
+    if shape is None or not isinstance(shape[1], list):
+        return "no shape to edit"
+    old = list(shape[1])
+    if kind == "reshape" and all(type(d) is int and d >= 0 for d in old):  # same size: both should accept
+        n = 1
+        for d in old:
+            n *= d
+        shape[1] = rng.choice([[n], [1, n], old[::-1], old + [1], [1] + old, [n, 1, 1]])
+    elif old and rng.random() < 0.8:
+        shape[1][rng.randrange(len(old))] = rng.choice(_ODD_VALUES)
+    else:
+        shape[1] = old + [rng.choice(_ODD_VALUES)] if rng.random() < 0.5 else old[:-1]
+    return f"shape of {kv[0]!r}: {old} -> {dump(shape[1])[:60]}"
+
+
+def _edit_offsets(rng: random.Random, top: Obj, kv: list, kind: str) -> str:
+    offsets = _field(kv[1], "data_offsets")
+    if offsets is None or not isinstance(offsets[1], list) or len(offsets[1]) != 2:
+        return "no offsets to edit"
+    old = list(offsets[1])
+    if kind == "swap-offsets":
+        other = _field(rng.choice([e for e in top if isinstance(e[1], Obj)])[1], "data_offsets")
+        if other is not None:
+            offsets[1], other[1] = other[1], offsets[1]
+    elif rng.random() < 0.6 and all(type(o) is int for o in old):
+        offsets[1][rng.randrange(2)] += rng.choice([-8, -4, -2, -1, 1, 2, 4, 8, 2**64])
+    else:
+        offsets[1] = rng.choice([old + [old[1]], old[:1], old[::-1], [old[0], rng.choice(_ODD_VALUES)]])
+    return f"data_offsets of {kv[0]!r}: {old} -> {dump(offsets[1])[:60]}"
+
+
+def _edit_dtype(rng: random.Random, top: Obj, kv: list, kind: str) -> str:
+    dtype = _field(kv[1], "dtype")
+    if dtype is None or not isinstance(dtype[1], str):
+        return "no dtype to edit"
+    old = dtype[1]
+    if kind == "dtype-same-size" and old in CODES:  # same byte count: both should accept
+        dtype[1] = rng.choice([c for c in CODES if _bits(c) == _bits(old)])
+    else:
+        dtype[1] = rng.choice([*CODES, old.lower(), "F128", 32, None, Obj([[old, None]]), Obj([[old, 1]])])
+    return f"dtype of {kv[0]!r}: {old} -> {dump(dtype[1])}"
+
+
+def _edit_metadata(rng: random.Random, top: Obj, kv: list | None, kind: str) -> str:
+    top[:] = [p for p in top if p[0] != "__metadata__"]
+    value = rng.choice([None, Obj(), Obj([["k", "v"]]), Obj([["k", 1]]), Obj([["k", None]]), [], "s",
+                        Obj([["k", "v"], ["k", "w"]]), Obj([["", ""]]), Raw('{"k":"\\ud800"}')])
+    if rng.random() < 0.9:
+        top.insert(rng.randrange(len(top) + 1), ["__metadata__", value])
+    return f"__metadata__ -> {dump(value)}"
+
+
+def _edit_fields(rng: random.Random, top: Obj, kv: list | None, kind: str) -> str:
     if kind == "drop-field":
         name = rng.choice(["dtype", "shape", "data_offsets"])
         kv[1][:] = [f for f in kv[1] if f[0] != name]
         return f"drop {name} of {kv[0]!r}"
-    if kind == "extra-field":
+    if kind == "extra-field" or kv is None:
         target = kv[1] if kv is not None else top
         value = rng.choice(_ODD_JSON)
         target.insert(rng.randrange(len(target) + 1), [rng.choice(["z", "dtype", "shape"]), value])
         return f"extra field {dump(value)[:40]} in {kv[0] if kv else 'top level'!r}"
-    if kind == "as-list":
-        fields = [(_field(kv[1], f) or [f, None])[1] for f in ("dtype", "shape", "data_offsets")]
-        kv[1] = fields + ([0] if rng.random() < 0.2 else [])
-        return f"entry {kv[0]!r} as the list {dump(kv[1])[:60]}"
+    fields = [(_field(kv[1], f) or [f, None])[1] for f in ("dtype", "shape", "data_offsets")]
+    kv[1] = fields + ([0] if rng.random() < 0.2 else [])
+    return f"entry {kv[0]!r} as the list {dump(kv[1])[:60]}"
+
+
+def _edit_entry(rng: random.Random, top: Obj, kv: list, kind: str) -> str:
     if kind == "drop-entry":
         top.remove(kv)
         return f"drop entry {kv[0]!r}"
-    new = rng.choice(["", kv[0] + "\u00e9", Raw('"\\u0061"'), "__metadata__", tensors[0][0]])
+    new = rng.choice(["", kv[0] + "\u00e9", Raw('"\\u0061"'), "__metadata__", top[0][0]])
     old, kv[0] = kv[0], new
     return f"rename {old!r} -> {dump(new)}"
+
+
+_EDITS = {"dup": _edit_dup, "shape": _edit_shape, "reshape": _edit_shape, "offset": _edit_offsets,
+          "swap-offsets": _edit_offsets, "dtype": _edit_dtype, "dtype-same-size": _edit_dtype,
+          "metadata": _edit_metadata, "drop-field": _edit_fields, "extra-field": _edit_fields,
+          "as-list": _edit_fields, "drop-entry": _edit_entry, "rename": _edit_entry}
+
+
+def _json_edit(rng: random.Random, top: Obj) -> str:
+    """Edit ``top`` in place, one way chosen by ``rng``; returns what was done."""
+    tensors = [kv for kv in top if kv[0] != "__metadata__" and isinstance(kv[1], Obj)]
+    kind = rng.choice(sorted(_EDITS))
+    if not tensors and kind not in ("metadata", "extra-field"):
+        kind = "metadata"
+    return _EDITS[kind](rng, top, rng.choice(tensors) if tensors else None, kind)
 
 
 def _byte_edit(rng: random.Random, blob: bytes) -> tuple[str, bytes]:

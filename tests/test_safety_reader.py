@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import struct
 import threading
 from collections.abc import Callable
@@ -103,6 +102,12 @@ def empty_index(d: Path) -> Path:
     """A safetensors index whose weight_map is empty, next to a real shard."""
     save_file({"w": torch.zeros(2)}, str(d / "model-00001-of-00001.safetensors"))
     return _index(d, "model.safetensors", {})
+
+
+def empty_bin_index(d: Path) -> Path:
+    """The same for a ``pytorch_model.bin`` index."""
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model-00001-of-00001.bin")
+    return _index(d, "pytorch_model.bin", {})
 
 
 def key_in_two_shards(d: Path) -> Path:
@@ -237,6 +242,7 @@ def _cases() -> dict[str, tuple[Builder, type[Exception], tuple[str, ...]]]:
         "float-dim": (float_dim, C, ("float_dim.safetensors", "'w'", "[1.0]", "not an integer")),
         "huge-dim": (huge_dim, C, ("huge_dim.safetensors", "'w'", "beyond torch's limit")),
         "empty-index": (empty_index, C, ("model.safetensors.index.json", "weight_map is empty")),
+        "empty-bin-index": (empty_bin_index, C, ("pytorch_model.bin.index.json", "weight_map is empty")),
         "key-in-two-shards": (key_in_two_shards, C, ("'w'", *shard2)),
         "key-in-two-bin-shards": (key_in_two_bin_shards, C, ("'w'", *bin2)),
         "shard-outside-folder": (shard_outside_folder, C, ("model.safetensors.index.json", "'w'",

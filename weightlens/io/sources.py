@@ -6,6 +6,9 @@ through ``torch.load(weights_only=True)``; a state dict; an ``nn.Module``; a ``C
 
 Opening reads headers only: keys, shapes and dtypes are known before any tensor data is read, and
 a corrupt or truncated file is reported, naming the file and key, before the first tensor is used.
+Only regular files are opened (a pipe or device named like a checkpoint is refused, never read); a
+shard index must map each tensor to exactly one shard inside its folder; tensors given in memory or
+in pickles must be dense, real and materialised (not meta, sparse or complex).
 """
 
 from __future__ import annotations
