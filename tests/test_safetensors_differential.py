@@ -4,10 +4,10 @@ On a corpus of hand-made files (valid ones of many dtypes and shapes, and one of
 of damage) and on a few thousand seeded random mutations of valid files, ``wl.load`` (then reading
 every key) and ``safetensors.safe_open(framework="pt")`` (then ``get_tensor`` of every key) must
 accept and reject the same files, and where both accept return the same keys, dtypes, shapes,
-bytes and metadata. weightlens may only reject with its own errors. The allowed differences are
-deliberate and narrow (see ``_allowed``): weightlens refuses duplicate keys (``safetensors`` keeps
-the last one) and complex (C64) or packed float4 (F4) tensors with a DTypeError.
-"""
+bytes and metadata. weightlens rejects only with its own errors, in one line that starts with the
+file's path. The allowed differences are deliberate and narrow (see ``_allowed``): weightlens
+refuses duplicate keys (``safetensors`` keeps the last one) and complex (C64) or packed float4
+(F4) tensors with a DTypeError."""
 
 from __future__ import annotations
 
@@ -241,6 +241,8 @@ def disagreement(path: Path, blob: bytes) -> str | None:
         path.unlink()
     if ours[0] == "crash":
         return f"weightlens raised a non-weightlens error: {ours[1]}: {ours[2][:300]}"
+    if ours[0] == "error" and (not ours[2].startswith(f"{path}: ") or "\n" in ours[2]):
+        return f"weightlens' message is not one line starting with the file: {ours[2][:300]!r}"
     if ours[0] == ref[0] == "error" or ours == ref or _allowed(blob, ours, ref):
         return None
     return f"weightlens: {_show(ours)}\n    safetensors: {_show(ref)}"
