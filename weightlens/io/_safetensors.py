@@ -127,7 +127,11 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
 
 
 def _layout(path: Path, specs: dict[str, Spec], data_len: int) -> None:
-    """Check tensors tile the data section: sorted by offsets, contiguous from 0, sized by shape."""
+    """Check tensors tile the data section as safetensors' ``Metadata::validate`` demands.
+
+    Sorted by ``(begin, end)``, each tensor starts where the previous one ended (the first at 0),
+    spans exactly its shape's bytes, and the last one ends at the end of the file.
+    """
     start, last = 0, None
     for key, spec in sorted(specs.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         where = f"{path}: key {key!r} has data_offsets [{spec.begin}, {spec.end}]"

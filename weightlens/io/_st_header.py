@@ -2,8 +2,9 @@
 
 ``safetensors`` (Rust) reads the header with ``serde_json`` into a fixed schema; a file it rejects
 must not be read here either, or two tools would see different weights in one file. The rules,
-taken from ``safetensors/src/tensor.rs`` (``HashMetadata``, ``TensorInfo``, ``Dtype``) and
-``serde_json``, and checked against ``safe_open``:
+taken from ``safetensors/src/tensor.rs`` (``HashMetadata``, ``TensorInfo``, ``Dtype``; v0.8) and
+``serde_json``, and checked against ``safe_open`` of safetensors 0.8.0
+(``tests/test_safetensors_differential.py`` keeps them in step):
 
 * strict JSON: no NaN/Infinity, no number outside the float64 range, no lone UTF-16 surrogate
   escape, at most 127 nested arrays/objects, only space, tab, CR and LF as padding;
