@@ -6,13 +6,19 @@ keys (2048 wide, 8192 MLP). Then, each in a fresh subprocess, it merges them wit
 exports the result with ``--shard-size`` shards, recording wall time and peak RSS (``VmHWM``,
 Linux) above the RSS after imports:
 
-* ``stream``: ``merge(..., lazy=True)`` on TaskVectors with a 64 MiB decomposition cache, then
-  ``wl.export`` (the shape the export is built for: one merged key at a time, written as computed);
-* ``stream, default cache``: the same with the default 2 GiB cache, which a lazy merge fills with
-  fp32 updates it will not read again;
+* ``documented``: the README's flow, ``merged = wl.merge(tv, method=...)`` then ``wl.export(merged, ...)``,
+  on TaskVectors with the default decomposition cache (``max_bytes="auto"``: 1/8 of the available
+  memory, 256 MiB to 2 GiB);
+* ``materialize-export``: ``wl.merge(...).materialize()`` (every merged key computed and held, as
+  ``wl.merge`` did by default before issue 12), then ``wl.export`` (default cache);
+* with ``--before DIR`` (a copy of an earlier ``weightlens`` package tree, e.g. from ``git archive``),
+  ``documented@before``: the documented flow run on that code (its default cache);
+* ``stream`` / ``stream-256``: ``merge(..., lazy=True)`` on TaskVectors with a 64 / 256 MiB
+  decomposition cache, then ``wl.export`` (one merged key at a time, written as computed);
+* ``stream-default-cache``: the same lazy merge with the default cache;
 * ``merge-only``: the lazy merge (64 MiB cache) read key by key and discarded: the merge's own
   working set; what the export adds is the difference to ``stream``;
-* baseline ``materialise + save_file``: the lazy merge (64 MiB cache) collected into a dict of every merged
+* baseline ``materialise``: the lazy merge (64 MiB cache) collected into a dict of every merged
   tensor, then ``safetensors.torch.save_file`` per shard (what an exporter that holds the model does).
 
 Target (issue 7): peak below one output shard plus one tensor of each input, plus a fixed overhead.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -51,14 +58,18 @@ mode, folder, out, shard_size, method = sys.argv[1:6]
 proc = psutil.Process()
 rss0 = proc.memory_info().rss
 t0 = time.perf_counter()
-cache = DecompositionCache() if mode == "stream-default-cache" else DecompositionCache(64 * 2**20)
+mode = mode.split("@")[0]
+sizes = {"stream": 64 * 2**20, "stream-256": 256 * 2**20, "merge-only": 64 * 2**20, "materialise": 64 * 2**20}
+cache = DecompositionCache(sizes[mode]) if mode in sizes else DecompositionCache()  # the default
 tv = TaskVectors(os.path.join(folder, "base"), {t: os.path.join(folder, t) for t in ("a", "b")}, cache=cache)
-m = merge(tv, method=method, lazy=True)
+m = merge(tv, method=method, lazy=mode not in ("documented", "materialize-export"))
+if mode == "materialize-export":
+    m.materialize()
 if mode == "merge-only":
     for k in m:
         m[k]
     os.makedirs(out)
-elif mode.startswith("stream"):
+elif mode.startswith(("stream", "documented", "materialize-")):
     export(m, out, shard_size=shard_size, progress=False, like=False, recipe=False)
 else:
     held = {k: m[k] for k in m}          # the whole merged model in memory
@@ -74,7 +85,8 @@ else:
 seconds = time.perf_counter() - t0
 # VmHWM: peak RSS of this process image (ru_maxrss would also count the parent's memory before exec)
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "rss0": rss0, "peak": peak, "cache_bytes": cache.nbytes}))
+print(json.dumps({"seconds": seconds, "rss0": rss0, "peak": peak, "cache_bytes": cache.nbytes,
+                  "cache_max": cache.max_bytes}))
 """
 
 
@@ -128,10 +140,11 @@ def make_set(folder: Path, gb: float, shard_gb: float = 0.5) -> dict[str, float]
             "input_shards": count}
 
 
-def run(mode: str, folder: Path, out: Path, shard_size: str, method: str) -> dict[str, float]:
+def run(mode: str, folder: Path, out: Path, shard_size: str, method: str, code: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
     done = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder), str(out), shard_size, method],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env, cwd=folder)  # not this repo's package
     if done.returncode:
         raise SystemExit(f"{mode} failed:\n{done.stderr}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -146,7 +159,10 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="size of each checkpoint (default 2.0)")
     parser.add_argument("--shard-size", default="1GB", help="output shard size (default 1GB)")
     parser.add_argument("--method", default="task_arithmetic")
-    parser.add_argument("--modes", default="merge-only,stream,stream-default-cache,materialise")
+    parser.add_argument("--modes", default="documented,materialize-export,stream,stream-256,stream-default-cache,"
+                                           "merge-only,materialise")
+    parser.add_argument("--before", type=Path, help="folder holding an earlier weightlens package: adds "
+                                                    "documented@before, the documented flow on that code")
     parser.add_argument("--dir", type=Path, help="parent of the temporary folder (default: system temp)")
     args = parser.parse_args()
     from weightlens.io.export import parse_size
@@ -158,8 +174,10 @@ def main() -> None:
         print(f"wrote base + 2 fine-tunes, {info['per_checkpoint_gb']:.2f} GB each (bf16, "
               f"{info['input_shards']} shards each) in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = {}
-        for mode in args.modes.split(","):
-            rows[mode] = run(mode, folder / "in", folder / "out", args.shard_size, args.method)
+        modes = args.modes.split(",") + (["documented@before"] if args.before else [])
+        for mode in modes:
+            code = args.before if mode.endswith("@before") else None
+            rows[mode] = run(mode, folder / "in", folder / "out", args.shard_size, args.method, code)
             print(f"{mode}: {json.dumps(rows[mode])}", flush=True)
     shard, tensor = parse_size(args.shard_size), info["largest_tensor_bytes"]
     budget = shard + 3 * tensor
@@ -167,12 +185,16 @@ def main() -> None:
     print(f"\n{machine()}; {args.method}, output shards {args.shard_size}; target: one output shard "
           f"({shard / mb:.0f} MiB) + one tensor of each input (3 x {tensor / mb:.0f} MiB) = {budget / mb:.0f} MiB "
           "+ fixed overhead\n")
-    print("| run | time | peak RSS above post-import RSS | / target (shard + 3 tensors) | output |")
-    print("|---|---|---|---|---|")
+    out_bytes = max(r["out_gb"] for r in rows.values()) * 1e9 or math.nan  # nan: no mode wrote anything
+    base = rows.get("materialise")
+    print("| run | time | peak RSS above post-import | / output size | / baseline | / target | cache held / max |")
+    print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         grow = r["peak"] - r["rss0"]
-        print(f"| {mode} | {r['seconds']:.0f} s | {grow / mb:.0f} MiB | {grow / budget:.2f} | "
-              f"{r['out_gb']:.2f} GB in {r['out_files']} files |")
+        vs = f"{grow / (base['peak'] - base['rss0']):.2f}" if base else "-"
+        print(f"| {mode} | {r['seconds']:.0f} s | {grow / mb:.0f} MiB | {grow / out_bytes:.2f} | {vs} | "
+              f"{grow / budget:.2f} | {r['cache_bytes'] / mb:.0f} / {r['cache_max'] / mb:.0f} MiB |")
+    print(f"\noutput: {out_bytes / 1e9:.2f} GB in {next(iter(rows.values()))['out_files']} files")
     print(f"\npost-import RSS (the fixed overhead of python + torch + weightlens): "
           f"{rows[next(iter(rows))]['rss0'] / mb:.0f} MiB")
 
