@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parents[1] / "notebooks" / "02_merging.ipynb"
 CELLS: list[tuple[str, str]] = [
     ("md", """# 02 · Merging: seven methods, validated coefficients, and what each one removes
 
-`merge(task_vectors, method=..., **params)` returns the full merged weights (base + update) of any of seven
+`merge(task_vectors, method=..., **params)` returns the full merged weights (base + update; each key computed when read) of any of seven
 methods, each implemented as published (`reference/algorithms.md`; where the authors' code and paper or two
 reference implementations differ, both are offered and named): task arithmetic, TIES, DARE, TSV-M, Iso-C,
 Iso-CTS and STAR. `sweep` scores a grid of coefficients `alpha`, **chosen on the validation split and
@@ -131,10 +131,10 @@ decomposition is taken there."""),
 tvm = zm.task_vectors()
 tvm"""),
     ("md", """Moving `alpha` is cheap: the second call below changes only `alpha` and reuses every cached
-decomposition and unscaled update (`benchmarks/bench_merge.py` measures this for every method). The sweeps
+decomposition and unscaled update (`merge` computes keys when they are read; `materialize()` computes them all) (`benchmarks/bench_merge.py` measures this for every method). The sweeps
 below reuse them too."""),
-    ("code", """t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=1.0); first = time.perf_counter() - t0
-t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=0.5); second = time.perf_counter() - t0
+    ("code", """t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=1.0).materialize(); first = time.perf_counter() - t0
+t0 = time.perf_counter(); merge(tvm, method="iso_cts", alpha=0.5).materialize(); second = time.perf_counter() - t0
 print(f"iso_cts on MiniLM: first call {first:.2f} s, alpha-only call {second:.3f} s ({first / second:.0f}x)")"""),
     ("code", """def coarse(grid):
     return grid if SIZE != "ci" else [grid[int(q * len(grid))] for q in (1 / 6, 1 / 2, 5 / 6)]

@@ -166,7 +166,7 @@ def _known_section(merged: Any, extras: Mapping[str, Any]) -> list[str]:
         if hasattr(summary, "columns"):
             summary = summary[[c for c in ("plain", "weighted", "chance") if c in summary.columns]]
         lines += ["## Interference (task vectors)", "", markdown_table(summary, "metric"), ""]
-    if _is_merge(merged) and not getattr(merged, "lazy", True):
+    if _is_merge(merged):  # the export read every key, so its notes are known: nothing is recomputed
         notes = merged.notes
         if len(notes):
             shown = [f"- {md_text(r.key)}: {md_text(r.note)}" for r in notes.head(10).itertuples()]

@@ -378,8 +378,10 @@ def export(
 
     Notes
     -----
-    A lazy merge caches each key's update in ``tv.cache`` (2 GiB by default); build the
-    ``TaskVectors`` with a smaller ``DecompositionCache(max_bytes=...)`` to bound memory further.
+    A merge result is read key by key without being kept (``MergeResult.peek``): memory holds one
+    merged key plus what the method caches in ``tv.cache`` (per-task SVDs for TSV-M, Iso and STAR),
+    bounded by its ``max_bytes`` (by default 1/8 of the available memory, 256 MiB to 2 GiB); build the
+    ``TaskVectors`` with a smaller ``DecompositionCache(max_bytes=...)`` to bound it further.
 
     Examples
     --------
