@@ -174,6 +174,8 @@ BAD_FIELDS = [
     ("fingerprints", {"base": {"b.safetensors": {"size": -1, "header": HEX}}}),
     ("fingerprints", {"base": {"b.safetensors": {"size": 1, "header": "xyz"}}}),
     ("fingerprints", {"base": {"b.safetensors": {"size": 1, "header": HEX, "extra": 1}}}),
+    ("fingerprints", {"base": {"../../home/u/.ssh/id_rsa": {"size": 1, "header": HEX}}}),
+    ("fingerprints", {"base": {"/etc/passwd": {"size": 1, "header": HEX}}}),
     ("weightlens_version", 0.2), ("weightlens_version", ["0.2.0"]),
     ("weightlens_recipe", "1"), ("weightlens_recipe", True),
 ]

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from weightlens.errors import InvalidParameterError
+from weightlens.io._safetensors import MAX_HEADER
 
 __all__ = ["MODES", "anchor_of", "check_shape", "checkpoint_files", "difference", "fingerprint_file",
            "fingerprint_files", "mode_of"]
 
 MODES = ("header", "full")
 _EDGE = 1 << 20
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIELDS = {"size", "header", "sha256"}
 
@@ -49,7 +49,7 @@ def _header_bytes(f: Any, size: int) -> bytes | None:
     if len(head) < 9 or head[8:9] != b"{":
         return None
     (n,) = struct.unpack("<Q", head[:8])
-    if n < 2 or n > _MAX_HEADER or 8 + n > size:
+    if n < 2 or n > MAX_HEADER or 8 + n > size:
         return None
     return head + f.read(n - 1)
 
@@ -139,6 +139,10 @@ def check_shape(value: Any, where: str) -> dict[str, dict[str, Any]]:
         at = f"{where}[{name!r}]"
         if not isinstance(name, str) or not name:
             raise InvalidParameterError(f"{where}: file names must be non-empty strings. Got {name!r}.")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InvalidParameterError(
+                f"{where}: file name {name!r} leaves the input's folder; a recipe records only the files "
+                "weightlens read inside it. Remove that entry (or the whole 'fingerprints' field).")
         if not isinstance(fp, Mapping) or not {"size", "header"} <= set(fp) <= _FIELDS:
             raise InvalidParameterError(f"{at} must be a mapping with size, header and optionally sha256.")
         size = fp["size"]

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from weightlens.errors import TargetExistsError, UnsafePathError
+from weightlens.errors import TargetExistsError, UnsafePathError, WeightlensError
+from weightlens.io import _safetensors as st
 from weightlens.io._layout import INDEX
 
 __all__ = ["check_inputs", "check_output_path", "check_replaceable", "is_weightlens_export"]
 
 _STAMP = "weightlens_version"
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _OVERWRITE = "overwrite=True (command line: --overwrite)"
 _OVERWRITE_ANY = "overwrite_any=True (command line: --overwrite-any)"
 
@@ -99,17 +98,11 @@ def check_inputs(target: Path, inputs: Iterable[tuple[str, str | os.PathLike[str
 
 
 def _metadata_stamped(path: Path) -> bool:
-    """Whether a safetensors file's header metadata (``__metadata__``) carries the weightlens stamp."""
+    """Whether a safetensors file is valid and its header metadata carries the weightlens stamp."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > _MAX_HEADER:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        return _STAMP in st.read_header(path)[1]
+    except WeightlensError:  # unreadable, corrupt or not a regular file: not an export of ours
         return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and _STAMP in meta
 
 
 def _index_stamped(path: Path) -> bool:

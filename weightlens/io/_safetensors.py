@@ -23,7 +23,7 @@ import torch
 from weightlens.errors import CheckpointError, DTypeError
 from weightlens.io._st_header import BITS, Spec, parse_header
 
-__all__ = ["DTYPES", "Entry", "check_regular", "open_regular", "read_header", "read_tensor"]
+__all__ = ["DTYPES", "MAX_HEADER", "Entry", "check_regular", "open_regular", "read_header", "read_tensor"]
 
 #: safetensors dtype code -> torch dtype (the codes weightlens reads and writes).
 DTYPES: dict[str, torch.dtype] = {
@@ -45,7 +45,7 @@ for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
     if hasattr(torch, _name):
         DTYPES[_code] = getattr(torch, _name)
 
-_MAX_HEADER = 100_000_000  # safetensors' MAX_HEADER_SIZE, in bytes
+MAX_HEADER = 100_000_000  # safetensors' MAX_HEADER_SIZE, in bytes
 _MAX_DIM = 2**63 - 1  # torch sizes are int64
 _U64 = 2**64
 _REFUSED = {"C64": "complex tensors are not read (a merge would drop the imaginary part)",
@@ -111,8 +111,8 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes; truncated?).")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                limit = f"the format's limit of {_MAX_HEADER} bytes" if n > _MAX_HEADER else f"{size} bytes"
+            if n > MAX_HEADER or 8 + n > size:
+                limit = f"the format's limit of {MAX_HEADER} bytes" if n > MAX_HEADER else f"{size} bytes"
                 raise CheckpointError(
                     f"{path}: header length {n} exceeds {limit}; the file is truncated or not safetensors."
                 )

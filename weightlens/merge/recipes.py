@@ -28,12 +28,12 @@ from weightlens.io.export import export
 from weightlens.io.recipe import Recipe, input_fingerprints, load_recipe
 from weightlens.linalg import DecompositionCache, available_cores, torch_threads
 from weightlens.merge.engine import MergeResult, merge
+from weightlens.merge.registry import get_method, list_methods
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["SVD_METHODS", "merge_recipe", "run_recipe"]
+__all__ = ["merge_recipe", "run_recipe"]
 
 _RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
-SVD_METHODS = frozenset({"tsv", "iso_c", "iso_cts", "star"})  # updates built from SVDs: last bits vary
 
 
 def _as_recipe(recipe: Recipe | str | os.PathLike[str]) -> Recipe:
@@ -189,7 +189,7 @@ def _verifier(recipe: Recipe, target: Any, device: str | None, inputs_checked: b
 
 def why_differs(recipe: Recipe, *, device: str | None = None, inputs_checked: bool = False) -> str:
     """The likely causes of a re-run whose weights differ from ``expect``, naming what this run changed."""
-    svd = recipe.method in SVD_METHODS
+    svd = _uses_svd(recipe.method)
     causes = []
     if not svd and recipe.weightlens_version and recipe.weightlens_version != __version__:
         causes.append(f"another weightlens version wrote the recipe (this recipe: weightlens "
@@ -209,8 +209,18 @@ def _why_bits_differ(recipe: Recipe) -> str:
     versions = (f" (this recipe: weightlens {recipe.weightlens_version}, here: {__version__})"
                 if recipe.weightlens_version and recipe.weightlens_version != __version__ else "")
     threads = "" if recipe.threads else " and torch thread counts (this recipe records none)"
-    return ("Methods built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) differ in the last bits across weightlens "
+    return (f"Methods built on SVDs ({_svd_methods()}) differ in the last bits across weightlens "
             f"versions{versions}, devices, CPU LAPACK builds{threads}.")
+
+
+def _uses_svd(method: str) -> bool:
+    """Whether the registry says ``method`` builds its updates from SVDs (an unknown name: no)."""
+    return method in list_methods() and get_method(method).uses_svd
+
+
+def _svd_methods() -> str:
+    """``"TSV-M, Iso-C, ..."``: the registered methods built on SVDs, by display name."""
+    return ", ".join(get_method(m).pretty_name for m in list_methods() if get_method(m).uses_svd)
 
 
 def _threads_for(recipe: Recipe) -> int:
@@ -227,7 +237,7 @@ def _threads_for(recipe: Recipe) -> int:
         return recipe.threads
     warnings.warn(
         f"The recipe's merge ran on {recipe.threads} CPU threads and this machine has {cores} cores; running on "
-        f"{torch.get_num_threads()} threads instead, so weights built on SVDs (TSV-M, Iso-C, Iso-CTS, STAR) may "
+        f"{torch.get_num_threads()} threads instead, so weights built on SVDs ({_svd_methods()}) may "
         "differ from the recorded sha256 in the last bits.",
         RuntimeWarning, stacklevel=3,
     )

@@ -134,6 +134,7 @@ class MergeMethod:
     reference: str
     alpha_default: Callable[[Mapping[str, Any], int], float] | None = field(default=None, repr=False)
     prepare: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False)
+    uses_svd: bool = False  # its updates come from SVDs: their last bits vary across devices, LAPACK, threads
 
     def defaults(self) -> dict[str, Any]:
         """``{param: default}`` in signature order, ``alpha`` last."""
@@ -273,6 +274,7 @@ def register_merge(
     pretty_name: str | None = None,
     reference: str = "",
     prepare: Callable[..., Mapping[str, Any]] | None = None,
+    uses_svd: bool = False,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -291,6 +293,9 @@ def register_merge(
     prepare : callable, optional
         ``prepare(ctx, **params) -> Mapping`` computes whole-model statistics (e.g. the TIES global
         thresholds) before any key is merged; the engine exposes the result as ``ctx.state``.
+    uses_svd : bool
+        The updates are built from SVDs, whose last bits depend on the device, the LAPACK build and
+        the CPU thread count (a recipe's re-run says so when its weights differ).
 
     Raises
     ------
@@ -307,7 +312,8 @@ def register_merge(
                 f"{_REGISTRY[name].fn.__qualname__}); choose another name or unregister it first."
             )
         params = _schema(fn, name, alpha, alpha_doc)
-        _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare)
+        _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
+                                      uses_svd)
         return fn
 
     return decorator

@@ -58,7 +58,7 @@ def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> l
 
 
 # --------------------------------------------------------------------------------------- TSV-M
-@register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025")
+@register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025", uses_svd=True)
 def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"] = "zero") -> KeyUpdate:
     """TSV-M: top ``floor(r/T)`` singular triplets per task, orthogonalised, rebuilt.
 
@@ -130,7 +130,7 @@ def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> K
     return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes, factors)
 
 
-@register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025")
+@register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True)
 def iso_c(ctx: MergeContext, key: str, *, restrict_to_numerical_rank: bool = False) -> KeyUpdate:
     """Iso-C: ``sigma_bar * U V^T`` of the task-arithmetic sum (a flat spectrum).
 
@@ -219,7 +219,8 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int,
     return left, Vs, sig, notes
 
 
-@register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025")
+@register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025",
+                uses_svd=True)
 def iso_cts(
     ctx: MergeContext,
     key: str,
@@ -279,7 +280,7 @@ def star_rank(S: torch.Tensor, eta: float) -> int:
 
 @register_merge(
     "star", alpha=None, alpha_default=lambda params, n_tasks: 1.0 / n_tasks, alpha_doc="1/T",
-    pretty_name="STAR", reference="Lee et al., NAACL 2025",
+    pretty_name="STAR", reference="Lee et al., NAACL 2025", uses_svd=True,
 )
 def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, "right")] = 40.0) -> KeyUpdate:
     """STAR: per task, keep the top singular values holding eta% of the nuclear norm, rescale, sum.
