@@ -93,10 +93,6 @@ def _channel_dim(layer: nn.Module) -> int:
     return 1 if isinstance(layer, _CONV) else -1
 
 
-def _on(state: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.detach().to(device) for k, v in state.items()}
-
-
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the measured layer has run."""
 
