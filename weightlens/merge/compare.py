@@ -39,7 +39,7 @@ from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMism
 from weightlens.merge.engine import MergeResult
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["Comparison", "compare", "sign_outcomes", "task_agreement"]
+__all__ = ["Comparison", "compare", "sign_outcomes"]
 
 WHICH = ("merged", "task_arithmetic")
 
@@ -129,12 +129,6 @@ class Comparison:
 def sign_outcomes(deltas: torch.Tensor, update: torch.Tensor) -> dict[str, float]:
     """Sign-conflict statistics of one key for one update (see module docstring)."""
     return _outcomes(deltas, update)[0]
-
-
-def task_agreement(delta: torch.Tensor, update: torch.Tensor) -> tuple[int, int]:
-    """``(nonzero, agree)``: non-zero entries of ``delta`` and how many share the update's sign."""
-    per_task = _outcomes(delta[None], update)[1]
-    return per_task["nonzero"][0], per_task["agree"][0]
 
 
 def _outcomes(deltas: torch.Tensor, update: torch.Tensor) -> tuple[dict[str, float], dict[str, list]]:
