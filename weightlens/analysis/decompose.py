@@ -18,7 +18,6 @@ from weightlens.taskvectors import TaskVectors
 __all__ = [
     "sum_delta",
     "sum_svd",
-    "sum_svdvals",
     "sum_topk_svd",
     "task_svd",
     "task_svdvals",
@@ -119,27 +118,6 @@ def sum_svd(
     cache_key = ("svd_sum", names, key, *_tag(device, dtype))
     return tv.cache.get_or_compute(
         cache_key, lambda: linalg.svd(_or_sum(tv, key, names, delta), device=device, dtype=dtype, name=key)
-    )
-
-
-def sum_svdvals(
-    tv: TaskVectors,
-    key: str,
-    tasks: Sequence[str] | None = None,
-    *,
-    device: str | torch.device = "auto",
-    dtype: torch.dtype = torch.float32,
-    delta: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Singular values of the task-arithmetic sum; reuses a cached SVD of the sum."""
-    _matrix(tv, key)
-    names = _tasks(tv, tasks)
-    tag = _tag(device, dtype)
-    if ("svd_sum", names, key, *tag) in tv.cache:
-        return sum_svd(tv, key, names, device=device, dtype=dtype).S
-    return tv.cache.get_or_compute(
-        ("svdvals_sum", names, key, *tag),
-        lambda: linalg.svdvals(_or_sum(tv, key, names, delta), device=device, dtype=dtype, name=key),
     )
 
 
