@@ -88,6 +88,20 @@ class _Chain:
                 )
         self._vectors(params, exclude=None, perm=self.perm)
 
+    def walk(self, mods: Mapping[str, Mapping[str, str]], paths: Sequence[str], last: str | None,
+             *, shared: bool = False) -> None:
+        """Run ``paths`` in order: writers through :meth:`writer`, the rest through :meth:`norm`.
+
+        The last writer's outputs get permutation ``last`` and the other writers' their own path
+        (every writer's ``last`` when ``shared``).
+        """
+        writers = [p for p in paths if _kind(self.sd, mods[p]) == "writer"]
+        for p in paths:
+            if _kind(self.sd, mods[p]) == "writer":
+                self.writer(p, mods[p], last if shared or p == writers[-1] else p)
+            else:
+                self.norm(p, mods[p])
+
     def _vectors(self, params: Mapping[str, str], exclude: str | None, perm: str | None) -> None:
         for name, key in params.items():
             if name != exclude:
@@ -113,11 +127,7 @@ def _chain_spec(sd: StateDict, layers: Sequence[str] | None, what: str, max_ndim
     if not writers:
         raise KeyMismatchError(f"{what}: no Linear/Conv weights found among {order[:10]}.")
     chain = _Chain(sd)
-    for p in order:
-        if kinds[p] == "writer":
-            chain.writer(p, mods[p], None if p == writers[-1] else p)
-        else:
-            chain.norm(p, mods[p])
+    chain.walk(mods, order, None)
     spec = PermutationSpec(chain.axes)
     spec.sizes(sd)
     return spec
@@ -202,40 +212,21 @@ def resnet_spec(state_dict: StateDict, *, prefix: str = "") -> PermutationSpec:
     mods = _modules(sd, [k for k in sd if k.startswith(prefix)])
     chain = _Chain(sd)
     stage = 0
-    stem_writers = [p for p in stem if _kind(sd, mods[p]) == "writer"]
-    for p in stem:
-        if _kind(sd, mods[p]) == "writer":
-            chain.writer(p, mods[p], "stage0" if p == stem_writers[-1] else p)
-        else:
-            chain.norm(p, mods[p])
+    chain.walk(mods, stem, "stage0")
     for block, paths in blocks.items():
         local = {p: p[len(block) + 1:] for p in paths}
         short = [p for p in paths if local[p].split(".")[0] in _SHORTCUT]
         main = [p for p in paths if p not in short]
         stream, channels = chain.perm, chain.channels
         new = f"stage{stage + 1}" if short else stream
-        writers = [p for p in main if _kind(sd, mods[p]) == "writer"]
-        for p in main:
-            if _kind(sd, mods[p]) == "writer":
-                chain.writer(p, mods[p], new if p == writers[-1] else p)
-            else:
-                chain.norm(p, mods[p])
+        chain.walk(mods, main, new)
         end_channels = chain.channels
         if short:
             chain.perm, chain.channels = stream, channels
-            for p in short:
-                if _kind(sd, mods[p]) == "writer":
-                    chain.writer(p, mods[p], new)
-                else:
-                    chain.norm(p, mods[p])
+            chain.walk(mods, short, new, shared=True)
             stage += 1
         chain.perm, chain.channels = new, end_channels
-    head_writers = [p for p in head if _kind(sd, mods[p]) == "writer"]
-    for p in head:
-        if _kind(sd, mods[p]) == "writer":
-            chain.writer(p, mods[p], None if p == head_writers[-1] else p)
-        else:
-            chain.norm(p, mods[p])
+    chain.walk(mods, head, None)
     spec = PermutationSpec(chain.axes)
     spec.sizes(sd)
     return spec
