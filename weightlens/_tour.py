@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightlens.io._atomic import atomic_write_text
+
 _PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
@@ -67,7 +69,4 @@ def run_tour(notebook: Path, out: Path, *, headless: bool = True) -> Path:
     _inline_plotly(nb)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, body)

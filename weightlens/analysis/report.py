@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from weightlens.analysis.signs import (
 )
 from weightlens.analysis.spectra import CRITERIA, spectrum_rows
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.io._atomic import atomic_write_text
 from weightlens.io.keys import block_of
 from weightlens.taskvectors import TaskVectors
 
@@ -287,14 +286,7 @@ class Report:
         settings = dataclasses.asdict(self.options) | {"tasks": list(self.tasks)}
         html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            tmp.write_text(html, encoding="utf-8")
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, html)
 
 
 # ------------------------------------------------------------------------------------ the pass

@@ -1,4 +1,4 @@
-"""Atomic folders: build beside the target, fsync, rename in one step; clean what a killed run left.
+"""Atomic folders and files: build beside the target, fsync, rename in one step; clean up after killed runs.
 
 A temporary folder is named ``.<target>.weightlens-tmp-<pid>-<random>`` beside the target, so a
 later run can tell a dead run's leftovers (its process is gone) from a live one's and remove them.
@@ -21,7 +21,7 @@ from pathlib import Path
 from weightlens.errors import TargetExistsError
 from weightlens.io._paths import check_output_path
 
-__all__ = ["atomic_folder", "clean_stale", "fsync_dir", "write_text"]
+__all__ = ["atomic_folder", "atomic_write_text", "clean_stale", "fsync_dir", "write_text"]
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.weightlens-(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -41,6 +41,21 @@ def write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a hidden temporary file beside ``path``, then rename it onto ``path``.
+
+    A failure leaves the earlier file (or nothing) and no temporary file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write_text(tmp, text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _pid_alive(pid: int) -> bool:

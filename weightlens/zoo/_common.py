@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from weightlens.io._atomic import atomic_write_text
+
 SIZES = ("ci", "demo")
 
 Metrics = dict[str, float]  # {"accuracy": ..., "loss": ...}
@@ -35,9 +37,7 @@ def zoo_dir(name: str, size: str, root: Path | None = None) -> Path:
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
     """Write ``manifest.json`` last: its presence marks a complete build."""
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp.replace(folder / "manifest.json")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
