@@ -501,9 +501,9 @@ class MergeStudio(Panel):
     def export(self, out_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path | None:
         """Write the current merge to ``out_dir`` (default: the path box) and report in the status line.
 
-        Uses ``weightlens.io.export`` (safetensors shards, config, card, recipe) when available, else
-        writes a plain ``model.safetensors``. Returns the folder, or None when it failed (the reason
-        is shown in the export status line and kept in ``last_error``).
+        Uses ``weightlens.io.export`` (safetensors shards, config, card, recipe). Returns the folder,
+        or None when it failed (the reason is shown in the export status line and kept in
+        ``last_error``).
         """
         path = Path(out_dir if out_dir is not None else self.out_path.value).expanduser()
         overwrite = self.overwrite.value if overwrite is None else overwrite
@@ -522,18 +522,7 @@ class MergeStudio(Panel):
 
 
 def _write(merged: Mapping[str, torch.Tensor], path: Path, *, overwrite: bool) -> tuple[Path, str]:
-    """``weightlens.io.export`` when importable, else a plain safetensors file."""
-    try:
-        from weightlens.io import export
-    except ImportError:
-        export = None
-    if export is not None:
-        return Path(export(merged, path, overwrite=overwrite, progress=False)), "weightlens.io.export"
-    from safetensors.torch import save_file
+    """Export with ``weightlens.io.export``; also name the writer, for the status line."""
+    from weightlens.io import export
 
-    target = path / "model.safetensors"
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; tick 'overwrite' or choose another folder.")
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in merged.items()}, str(target))
-    return path, "plain safetensors (weightlens.io.export unavailable)"
+    return Path(export(merged, path, overwrite=overwrite, progress=False)), "weightlens.io.export"
