@@ -27,6 +27,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from weightlens.errors import InvalidParameterError
+from weightlens.figures._keys import ordered, short_key, spread
 
 __all__ = [
     "figure_conflict_matrix",
@@ -57,22 +58,6 @@ def task_colors(tasks: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _short(key: str) -> str:
-    return key.removesuffix(".weight")
-
-
-def _ordered(values: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(values))
-
-
-def _spread(items: Sequence[str], n: int) -> list[str]:
-    """``n`` items spread evenly over ``items`` (all when there are few)."""
-    if len(items) <= n:
-        return list(items)
-    step = (len(items) - 1) / (n - 1) if n > 1 else 0
-    return _ordered(items[round(i * step)] for i in range(n))
-
-
 def figure_spectra(
     singular_values: pd.DataFrame,
     *,
@@ -93,12 +78,12 @@ def figure_spectra(
     cols : subplot columns.
     """
     sv = singular_values
-    all_keys = _ordered(sv["key"])
-    shown = list(keys) if keys is not None else _spread(all_keys, max_keys)
-    names = list(tasks) if tasks is not None else _ordered(sv["task"])
+    all_keys = ordered(sv["key"])
+    shown = list(keys) if keys is not None else spread(all_keys, max_keys)
+    names = list(tasks) if tasks is not None else ordered(sv["task"])
     colors = task_colors(names)
     rows = max(1, math.ceil(len(shown) / cols))
-    fig = make_subplots(rows=rows, cols=min(cols, max(len(shown), 1)), subplot_titles=[_short(k) for k in shown])
+    fig = make_subplots(rows=rows, cols=min(cols, max(len(shown), 1)), subplot_titles=[short_key(k) for k in shown])
     seen: set[str] = set()
     for i, key in enumerate(shown):
         part = sv[sv["key"] == key]
@@ -146,9 +131,9 @@ def figure_sar_layers(
     """Layer x task heatmap of SAR against one reference (default the task-arithmetic sum)."""
     a = alignment[alignment["reference"] == reference]
     table = a.pivot_table(index="key", columns="task", values=value, aggfunc="mean", sort=False)
-    cols = [t for t in (tasks or _ordered(a["task"])) if t in table.columns]
-    table = table.reindex(index=_ordered(a["key"]), columns=cols)
-    table.index = [_short(k) for k in table.index]
+    cols = [t for t in (tasks or ordered(a["task"])) if t in table.columns]
+    table = table.reindex(index=ordered(a["key"]), columns=cols)
+    table.index = [short_key(k) for k in table.index]
     fig = _heatmap(table, title=f"SAR of each task against the {reference} per layer", zmin=0.0, zmax=1.0,
                    colorscale="Viridis", text=len(table) <= 60, colorbar="SAR")
     fig.update_layout(height=max(400, 18 * len(table) + 150))
@@ -175,7 +160,7 @@ def figure_conflict_matrix(
 
 
 def _pooled_signs(signs: pd.DataFrame, by: str) -> pd.DataFrame:
-    order = _ordered(signs[by])
+    order = ordered(signs[by])
     g = signs.groupby(by, sort=False)
     counted = g["n_eligible"].sum()
     out = pd.DataFrame({
@@ -195,7 +180,7 @@ def figure_sign_conflicts(signs: pd.DataFrame, *, by: str = "block") -> go.Figur
     if by not in ("block", "key"):
         raise InvalidParameterError(f"The 'by' parameter must be 'block' or 'key'. Got {by!r} instead.")
     table = _pooled_signs(signs, by)
-    x = [_short(k) for k in table.index]
+    x = [short_key(k) for k in table.index]
     fig = go.Figure()
     fig.add_trace(go.Bar(x=x, y=table["conflict_rate"], name="conflict rate", marker_color="#4c78a8"))
     fig.add_trace(go.Scatter(x=x, y=table["mass_conflict"], name="mass-weighted conflict", mode="markers",
@@ -212,16 +197,16 @@ def figure_subspace_overlap(pairs: pd.DataFrame, *, side: str = "left") -> go.Fi
     """Overlap of top-k singular subspaces per layer (one line per task pair) against chance k/d."""
     col = f"overlap_{side}"
     p = pairs.dropna(subset=[col]) if col in pairs else pairs.iloc[0:0]
-    order = _ordered(p["key"]) if not p.empty else []
+    order = ordered(p["key"]) if not p.empty else []
     fig = go.Figure()
     colors = qualitative.Plotly
     for i, ((a, b), part) in enumerate(p.groupby(["task_a", "task_b"], sort=False)):
         part = part.set_index("key").reindex(order)
-        fig.add_trace(go.Scatter(x=[_short(k) for k in order], y=part[col], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=[short_key(k) for k in order], y=part[col], mode="lines+markers",
                                  name=f"{a} / {b}", line={"color": colors[i % len(colors)]}))
     if not p.empty:
         chance = p.groupby("key", sort=False)[f"chance_{side}"].mean().reindex(order)
-        fig.add_trace(go.Scatter(x=[_short(k) for k in order], y=chance, mode="lines", name="chance k/d",
+        fig.add_trace(go.Scatter(x=[short_key(k) for k in order], y=chance, mode="lines", name="chance k/d",
                                  line={"color": "#d62728", "dash": "dash"}))
     fig.update_layout(title=f"Overlap of top-k {side} singular subspaces between tasks", template=_TEMPLATE,
                       yaxis={"title": "mean cos^2 of principal angles", "range": [0, 1.05]}, xaxis={"tickangle": -45})

@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
+from weightlens.figures._keys import short_key
 from weightlens.linalg import torch_threads
 
 __all__ = [
@@ -47,11 +48,6 @@ _SKIP_LAYOUT = ("template",)  # every builder uses one template; re-sending it c
 def headless() -> bool:
     """True when ``$WEIGHTLENS_HEADLESS`` is set (``weightlens tour --headless``, notebook tests)."""
     return os.environ.get(HEADLESS_ENV, "") not in ("", "0")
-
-
-def short_key(key: str) -> str:
-    """A tensor key without its ``.weight`` suffix, for labels."""
-    return key.removesuffix(".weight")
 
 
 # ------------------------------------------------------------------------------ figures

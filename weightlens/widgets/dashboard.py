@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ipywidgets as widgets
@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 
 from weightlens.analysis import Report, analyze, block_of
 from weightlens.errors import InvalidParameterError
+from weightlens.figures._keys import ordered, spread
 from weightlens.figures.analysis import (
     figure_sar_layers,
     figure_sar_matrix,
@@ -33,17 +34,6 @@ __all__ = ["ALL_BLOCKS", "InterferenceDashboard"]
 ALL_BLOCKS = "(all layers)"
 ALIGNMENT_VIEWS = ("task x reference", "per layer")
 WIDTH = 1000  # px, every figure
-
-
-def _ordered(values: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(values))
-
-
-def _spread(items: Sequence[str], n: int) -> list[str]:
-    if len(items) <= n:
-        return list(items)
-    step = (len(items) - 1) / (n - 1) if n > 1 else 0
-    return _ordered(items[round(i * step)] for i in range(n))
 
 
 class InterferenceDashboard(Panel):
@@ -118,7 +108,7 @@ class InterferenceDashboard(Panel):
                 f"InterferenceDashboard(tasks=...) needs at least two of {names}; got {chosen}."
             )
         self.report = self._report_for(chosen)
-        blocks = _ordered(block_of(k) for k in self._full.keys)
+        blocks = ordered(block_of(k) for k in self._full.keys)
         if block is not None and block not in blocks:
             raise InvalidParameterError(f"Unknown block {block!r}; blocks are {blocks}.")
         self._build_controls(names, chosen, blocks, block or ALL_BLOCKS)
@@ -193,8 +183,8 @@ class InterferenceDashboard(Panel):
         rep, tasks = self.report, self.tasks
         refs = [*tasks, "sum"]
         sv = self._rows(rep.singular_values)
-        matrices = _ordered(sv["key"]) if not sv.empty else []
-        keys = _spread(matrices, self._max_keys) if matrices else None
+        matrices = ordered(sv["key"]) if not sv.empty else []
+        keys = spread(matrices, self._max_keys) if matrices else None
         sv = sv[sv["task"].isin(refs)] if not sv.empty else sv
         spectra = figure_spectra(sv, keys=keys, tasks=refs, normalize=self.normalize.value, cols=3)
         align = self._rows(rep.alignment)
