@@ -318,6 +318,19 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _MethodsHelp(argparse.RawDescriptionHelpFormatter):
+    """Fills ``{methods}`` in a help text with the registered merge methods, only when help is shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        if "{methods}" in text:
+            from weightlens.merge import list_methods
+
+            *rest, last = list_methods()
+            text = text.replace("{methods}", f"{', '.join(rest)} or {last}" if rest else last)
+        return text
+
+
 def _sub(sub: Any, name: str, help_: str, examples: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_, description=help_, parents=[common],
                           epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,7 +346,8 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ft", action="append", default=[], metavar="NAME=PATH",
                    help="a fine-tune, PATH or NAME=PATH (repeat); an existing path is a path even with '=' in "
                         "it, and NAME=runs/lr=1e-4/ckpt names one")
-    p.add_argument("--method", help="task_arithmetic, ties, dare, tsv, iso_c, iso_cts or star")
+    p.formatter_class = _MethodsHelp  # the method list is read from the registry when help is shown
+    p.add_argument("--method", help="{methods}")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeat)")
     p.add_argument("--include", action="append", metavar="GLOB", help="merge only matching keys (repeat)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="keep the base for matching keys (repeat)")

@@ -32,7 +32,9 @@ has the cores (a CPU SVD's last bits depend on the thread count: this is what le
 machine come out bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
 This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
 
-Also here: the mergekit configuration equivalent to a task arithmetic, TIES or DARE recipe.
+Also here: the mergekit configuration equivalent to a recipe, for methods registered with a mergekit
+translation (task arithmetic, TIES, DARE: ``@register_merge(mergekit=...)`` in ``weightlens.merge``,
+which hands its registry to :func:`set_mergekit_lookup`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import hashlib
 import os
 import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,10 @@ from weightlens.io import _fingerprint as _fp
 from weightlens.io._atomic import write_text
 from weightlens.io._layout import MERGEKIT, RECIPE, parse_dtype, parse_size
 
-__all__ = ["Recipe", "input_fingerprints", "load_recipe", "mergekit_config", "name_paths", "plain_yaml"]
+__all__ = [
+    "Mergekit", "Recipe", "input_fingerprints", "load_recipe", "mergekit_config", "name_paths", "plain_yaml",
+    "set_mergekit_lookup",
+]
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
@@ -512,36 +517,44 @@ def _model_path(source: str) -> tuple[str, bool]:
     return str(p), True
 
 
+@dataclass(frozen=True)
+class Mergekit:
+    """A method's mergekit equivalent for some parameters: mergekit's method name, the parameters of
+    each fine-tune (``per_model``) and of the merge (``parameters``), and caveats (``notes``)."""
+
+    method: str
+    per_model: dict[str, Any]
+    parameters: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+MergekitLookup = Callable[[str], Callable[[Mapping[str, Any]], "Mergekit | None"] | None]
+_mergekit_lookup: MergekitLookup = lambda method: None  # noqa: E731  (weightlens.merge installs its own)
+
+
+def set_mergekit_lookup(lookup: MergekitLookup) -> None:
+    """Where :func:`mergekit_config` finds a method's translation: ``lookup(method) -> translate | None``.
+
+    ``weightlens.merge`` installs its registry here on import (each ``@register_merge(mergekit=...)``);
+    io imports nothing above it, so the translation comes to it this way.
+    """
+    global _mergekit_lookup
+    _mergekit_lookup = lookup
+
+
 def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[str, str] | None:
-    """``(mergekit YAML, how exact it is)`` for task_arithmetic, ties and dare; ``None`` otherwise."""
+    """``(mergekit YAML, how exact it is)`` for a method registered with a mergekit translation
+    (task_arithmetic, ties, dare); ``None`` otherwise."""
     p, method = recipe.params, recipe.method
     numbers = [p.get(k, 1.0) for k in ("alpha", "density")]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         return None  # parameters no merge accepted (a recipe given to export as is): nothing to translate
-    alpha = float(p.get("alpha", 1.0))
-    per_model: dict[str, Any] = {"weight": 1.0}
-    glob: dict[str, Any] = {"lambda": alpha}
-    notes = ["mergekit sums in the checkpoint dtype and in its own order, so weights agree up to "
-             "floating-point rounding, not bitwise"]
-    if method == "task_arithmetic":
-        mk, per_model, glob = "task_arithmetic", {"weight": alpha}, {"normalize": False}
-    elif method == "ties":
-        if p.get("merge_func", "mean") == "max":
-            return None
-        mk = "ties"
-        per_model["density"] = float(p.get("density", 0.2))
-        glob["normalize"] = p.get("merge_func", "mean") == "mean"
-        if p.get("scope", "global") == "global":
-            notes.append("approximate: weightlens trimmed with one threshold per task over the whole model "
-                         "(scope='global'); mergekit trims each tensor (weightlens scope='tensor')")
-    elif method == "dare":
-        ties = p.get("combine", "task_arithmetic") == "ties"
-        mk = "dare_ties" if ties else "dare_linear"
-        per_model["density"] = float(p.get("density", 0.5))
-        glob.update(rescale=True, normalize=ties)
-        notes.append("mergekit draws its own random masks: the same distribution, other draws")
-    else:
+    translate = _mergekit_lookup(method)
+    mk = translate(p) if translate is not None else None
+    if mk is None:
         return None
+    notes = ["mergekit sums in the checkpoint dtype and in its own order, so weights agree up to "
+             "floating-point rounding, not bitwise", *mk.notes]
     if recipe.include or recipe.exclude:
         notes.append(f"weightlens merged only the keys selected by include={recipe.include} "
                      f"exclude={recipe.exclude}; mergekit merges every tensor")
@@ -550,13 +563,13 @@ def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[s
         notes.append("mergekit loads HF model folders (weights and config.json); replace the bare file "
                      "paths with such folders")
     config = {
-        "merge_method": mk,
+        "merge_method": mk.method,
         "base_model": paths[0][0],
-        "models": [{"model": path, "parameters": dict(per_model)} for path, _ in paths[1:]],
-        "parameters": glob,
+        "models": [{"model": path, "parameters": dict(mk.per_model)} for path, _ in paths[1:]],
+        "parameters": dict(mk.parameters),
         "dtype": recipe.dtype or base_dtype or "float32",
     }
     note = "; ".join(notes) + "."
-    head = (f"# mergekit equivalent of this weightlens {method} merge ({mk}). Run: mergekit-yaml "
+    head = (f"# mergekit equivalent of this weightlens {method} merge ({mk.method}). Run: mergekit-yaml "
             f"mergekit_config.yml OUT_DIR\n# Note: {note}\n")
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False), note

@@ -6,9 +6,13 @@ coefficients (chosen on validation, reported on test); ``run_recipe`` repeats a 
 and its export.
 
 Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.arithmetic`);
-``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`). Add one with
-:func:`register_merge`.
+``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`). A method is one module whose functions
+carry :func:`register_merge` (schema, alpha grid, display name, mergekit equivalent); the modules
+are listed once, in :data:`METHOD_MODULES`, and everything else (CLI, studio, ``sweep``, recipes)
+reads the registry. A method defined outside the package only needs its module imported.
 """
+
+import importlib
 
 from weightlens.merge.registry import (
     Interval,
@@ -19,13 +23,18 @@ from weightlens.merge.registry import (
     register_merge,
 )
 from weightlens.merge.engine import MergeContext, MergeResult, merge
-from weightlens.merge import arithmetic as _arithmetic  # noqa: F401  (registers the methods)
-from weightlens.merge import spectral as _spectral  # noqa: F401
 from weightlens.merge.compare import Comparison, compare
 from weightlens.merge.recipes import merge_recipe, run_recipe
 from weightlens.merge.sweep import SweepResult, alpha_grid, reference_scores, sweep
 
+#: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
+#: method file is one more name here.
+METHOD_MODULES = ("arithmetic", "spectral")
+for _module in METHOD_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")  # each registers its methods on import
+
 __all__ = [
+    "METHOD_MODULES",
     "Comparison",
     "Interval",
     "KeyUpdate",

@@ -40,6 +40,7 @@ from typing import Annotated, Any, Literal
 import torch
 
 from weightlens.analysis.signs import streaming_thresholds as global_thresholds
+from weightlens.io.recipe import Mergekit
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 from weightlens.taskvectors import TaskVectors
@@ -60,11 +61,24 @@ __all__ = [
 
 Unit = Annotated[float, Interval(0, 1, "right")]
 MergeFunc = Literal["mean", "sum", "max"]
+#: Validation grids of the reference protocols (algorithms.md 1, 4.1): TALL-masks, TSV and Iso code
+#: for task arithmetic ``{1/30, ..., 1}``; the TIES README ``{0.8, 0.9, ..., 2.5}``.
+_TA_GRID = tuple(i / 30 for i in range(1, 31))
+_TIES_GRID = tuple(round(0.1 * i, 10) for i in range(8, 26))
+
+
+def _alpha(params: Mapping[str, Any]) -> float:
+    return float(params.get("alpha", 1.0))
 
 
 # ------------------------------------------------------------------------------ task arithmetic
+def _task_arithmetic_mergekit(p: Mapping[str, Any]) -> Mergekit:
+    return Mergekit("task_arithmetic", {"weight": _alpha(p)}, {"normalize": False})
+
+
 @register_merge(
-    "task_arithmetic", alpha=0.3, pretty_name="Task Arithmetic", reference="Ilharco et al., ICLR 2023"
+    "task_arithmetic", alpha=0.3, pretty_name="Task Arithmetic", reference="Ilharco et al., ICLR 2023",
+    alpha_grid=_TA_GRID, mergekit=_task_arithmetic_mergekit,
 )
 def task_arithmetic(ctx: MergeContext, key: str) -> KeyUpdate:
     """``theta = theta_0 + alpha * sum_t tau_t`` (a sum, not a mean; alpha = 1/T is the average).
@@ -139,8 +153,20 @@ def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: 
     return {"thresholds": thresholds, "majority": majority}
 
 
+def _ties_mergekit(p: Mapping[str, Any]) -> Mergekit | None:
+    """mergekit's ``ties``; none for ``merge_func="max"``; approximate for ``scope="global"``."""
+    if p.get("merge_func", "mean") == "max":
+        return None
+    notes = ("approximate: weightlens trimmed with one threshold per task over the whole model "
+             "(scope='global'); mergekit trims each tensor (weightlens scope='tensor')",)
+    return Mergekit("ties", {"weight": 1.0, "density": float(p.get("density", 0.2))},
+                    {"lambda": _alpha(p), "normalize": p.get("merge_func", "mean") == "mean"},
+                    notes if p.get("scope", "global") == "global" else ())
+
+
 @register_merge(
-    "ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023", prepare=_ties_prepare
+    "ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023", prepare=_ties_prepare,
+    alpha_grid=_TIES_GRID, mergekit=_ties_mergekit,
 )
 def ties(
     ctx: MergeContext,
@@ -203,6 +229,18 @@ def _dare_alpha(params: Mapping[str, Any], n_tasks: int) -> float:
     return 0.3 if params["combine"] == "task_arithmetic" else 1.0
 
 
+def _dare_grid(params: Mapping[str, Any], n_tasks: int) -> tuple[float, ...]:
+    return _TA_GRID if params["combine"] == "task_arithmetic" else _TIES_GRID
+
+
+def _dare_mergekit(p: Mapping[str, Any]) -> Mergekit:
+    """mergekit's ``dare_linear`` or (``combine="ties"``) ``dare_ties``: its own random masks."""
+    ties = p.get("combine", "task_arithmetic") == "ties"
+    return Mergekit("dare_ties" if ties else "dare_linear", {"weight": 1.0, "density": float(p.get("density", 0.5))},
+                    {"lambda": _alpha(p), "rescale": True, "normalize": ties},
+                    ("mergekit draws its own random masks: the same distribution, other draws",))
+
+
 def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str) -> dict:
     """DARE-TIES: the whole-model majority sign of the rescaled vectors (one pass)."""
     if combine != "ties":
@@ -216,6 +254,7 @@ def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str)
 @register_merge(
     "dare", alpha=None, alpha_default=_dare_alpha, alpha_doc="0.3 (task_arithmetic) | 1.0 (ties)",
     pretty_name="DARE", reference="Yu et al., ICML 2024", prepare=_dare_prepare,
+    alpha_grid=_dare_grid, mergekit=_dare_mergekit,
 )
 def dare(
     ctx: MergeContext,

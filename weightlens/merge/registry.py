@@ -10,6 +10,10 @@ are the method's schema:
 
 The coefficient ``alpha`` is declared on the decorator, not on the function: the engine applies it
 (``theta = theta_0 + alpha * update``), so a change of ``alpha`` alone reuses every cached update.
+The decorator also carries what the rest of the package needs to know of a method: its display name
+and citation, the ``alpha`` grid ``sweep`` scores by default, and its mergekit equivalent (written
+beside an exported recipe). A method is therefore one file: the CLI, the studio, ``sweep`` and
+export read everything from here.
 
 Every real-valued parameter, ``alpha`` included, must also be finite and either 0 or of magnitude
 in [1e-6, 1e6] (:data:`MAGNITUDE`): methods multiply by their parameters or divide by them (DARE
@@ -35,15 +39,17 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 import torch
 
 from weightlens.errors import InvalidParameterError
+from weightlens.io import recipe as _io_recipe
 
 __all__ = [
+    "DEFAULT_GRID",
     "MAGNITUDE",
     "Interval",
     "KeyUpdate",
@@ -60,6 +66,10 @@ _RESERVED = ("alpha", "method", "device", "progress", "lazy")  # merge()'s own k
 _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 #: Magnitudes a real-valued merge parameter may have (besides 0): float32 holds their products.
 MAGNITUDE = (1e-6, 1e6)
+#: The ``alpha`` grid of a method that declares none: ``{0.1, 0.2, ..., 3.0}``.
+DEFAULT_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
+#: ``alpha_grid=`` of :func:`register_merge`: a fixed grid, or ``grid(params, n_tasks)``.
+Grid = Sequence[float] | Callable[[Mapping[str, Any], int], Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,15 @@ class MergeMethod:
     alpha_default: Callable[[Mapping[str, Any], int], float] | None = field(default=None, repr=False)
     prepare: Callable[..., Mapping[str, Any]] | None = field(default=None, repr=False)
     uses_svd: bool = False  # its updates come from SVDs: their last bits vary across devices, LAPACK, threads
+    grid: Grid = field(default=DEFAULT_GRID, repr=False)
+    mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = field(default=None, repr=False)
+
+    def alpha_grid(self, params: Mapping[str, Any], n_tasks: int) -> list[float]:
+        """The default ``alpha`` grid for ``params`` (unknown names ignored, the rest defaulted)."""
+        if not callable(self.grid):
+            return list(self.grid)
+        given = {**self.defaults(), **{k: v for k, v in params.items() if k in self.params}}
+        return list(self.grid(given, n_tasks))
 
     def defaults(self) -> dict[str, Any]:
         """``{param: default}`` in signature order, ``alpha`` last."""
@@ -275,6 +294,8 @@ def register_merge(
     reference: str = "",
     prepare: Callable[..., Mapping[str, Any]] | None = None,
     uses_svd: bool = False,
+    alpha_grid: Grid = DEFAULT_GRID,
+    mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = None,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -296,6 +317,13 @@ def register_merge(
     uses_svd : bool
         The updates are built from SVDs, whose last bits depend on the device, the LAPACK build and
         the CPU thread count (a recipe's re-run says so when its weights differ).
+    alpha_grid : sequence of float, or callable
+        The grid ``sweep`` scores when given no ``alphas``: a fixed grid, or ``grid(params, n_tasks)``
+        (``params``: the method's defaults updated with the sweep's). Default :data:`DEFAULT_GRID`.
+    mergekit : callable, optional
+        ``mergekit(recipe_params) -> weightlens.io.recipe.Mergekit | None``: mergekit's method name
+        and parameters equivalent to a recipe of this method (``None``: no equivalent for these
+        parameters). Export then writes ``mergekit_config.yml`` beside the recipe.
 
     Raises
     ------
@@ -313,7 +341,7 @@ def register_merge(
             )
         params = _schema(fn, name, alpha, alpha_doc)
         _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
-                                      uses_svd)
+                                      uses_svd, alpha_grid, mergekit)
         return fn
 
     return decorator
@@ -337,3 +365,12 @@ def get_method(name: str) -> MergeMethod:
 def list_methods() -> list[str]:
     """Names of the registered merge methods, in registration order."""
     return list(_REGISTRY)
+
+
+def _mergekit_of(name: str) -> Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None:
+    """The mergekit translation registered for ``name`` (``None``: none, or no such method)."""
+    method = _REGISTRY.get(name)
+    return None if method is None else method.mergekit
+
+
+_io_recipe.set_mergekit_lookup(_mergekit_of)  # io writes mergekit configs; it cannot import merge

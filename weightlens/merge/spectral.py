@@ -31,7 +31,7 @@ import torch
 
 from weightlens import linalg
 from weightlens.merge.engine import MergeContext
-from weightlens.merge.registry import Interval, KeyUpdate, register_merge
+from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge
 
 __all__ = ["iso_c", "iso_cts", "iso_cts_sizes", "star", "star_rank", "tsv"]
 
@@ -281,6 +281,7 @@ def star_rank(S: torch.Tensor, eta: float) -> int:
 @register_merge(
     "star", alpha=None, alpha_default=lambda params, n_tasks: 1.0 / n_tasks, alpha_doc="1/T",
     pretty_name="STAR", reference="Lee et al., NAACL 2025", uses_svd=True,
+    alpha_grid=lambda params, n_tasks: [a / n_tasks for a in DEFAULT_GRID],  # untuned in its paper: around 1/T
 )
 def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, "right")] = 40.0) -> KeyUpdate:
     """STAR: per task, keep the top singular values holding eta% of the nuclear norm, rescale, sum.

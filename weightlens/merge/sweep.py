@@ -33,23 +33,18 @@ __all__ = ["SweepResult", "alpha_grid", "reference_scores", "sweep"]
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 
 
-def alpha_grid(method: str, n_tasks: int, *, combine: str = "task_arithmetic") -> list[float]:
-    """The validation grid of the reference protocols (algorithms.md 1, 4.1, 5.1, 6.2).
+def alpha_grid(method: str, n_tasks: int, **params: Any) -> list[float]:
+    """The method's default validation grid, as declared by ``@register_merge(alpha_grid=...)``.
 
+    The built-in grids follow the reference protocols (algorithms.md 1, 4.1, 5.1, 6.2):
     ``task_arithmetic`` and ``dare`` (task-arithmetic combine): ``{1/30, ..., 1}`` (TALL-masks, TSV,
     Iso code); ``ties`` and ``dare`` with ``combine="ties"``: ``{0.8, 0.9, ..., 2.5}`` (TIES
     README); ``tsv``, ``iso_c``, ``iso_cts``: ``{0.1, ..., 3.0}`` (TSV and Iso code). STAR is
     untuned in its paper (``alpha = 1/T``); its grid is ``{0.1, ..., 3.0} / T`` around that default.
+    ``params`` are the method's parameters the grid may depend on (e.g. DARE's ``combine``); names the
+    method does not have are ignored.
     """
-    get_method(method)
-    tenths = [round(0.1 * i, 10) for i in range(1, 31)]
-    if method == "task_arithmetic" or (method == "dare" and combine == "task_arithmetic"):
-        return [i / 30 for i in range(1, 31)]
-    if method in ("ties", "dare"):
-        return [round(0.1 * i, 10) for i in range(8, 26)]
-    if method == "star":
-        return [a / n_tasks for a in tenths]
-    return tenths
+    return get_method(method).alpha_grid(params, n_tasks)
 
 
 def reference_scores(
@@ -182,8 +177,7 @@ def sweep(
         raise InvalidParameterError(
             f"sweep() takes the coefficients in 'alphas', not as alpha=; got alpha={params['alpha']!r}."
         )
-    grid = [float(a) for a in (alpha_grid(method, len(tv), combine=params.get("combine", "task_arithmetic"))
-                               if alphas is None else alphas)]
+    grid = [float(a) for a in (alpha_grid(method, len(tv), **params) if alphas is None else alphas)]
     if not grid:
         raise InvalidParameterError(f"sweep({method!r}) needs at least one alpha; got an empty grid.")
     splits = tuple(dict.fromkeys((select_on, report_on)))
