@@ -18,7 +18,7 @@ import torch
 
 from weightlens import linalg
 from weightlens.errors import DTypeError, InvalidParameterError, NonFiniteError, WeightlensError
-from weightlens.linalg import SVD, DecompositionCache, DecompositionError, backend, devices
+from weightlens.linalg import SVD, DecompositionCache, DecompositionError, devices, guard, topk, verify
 
 HAS_CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
@@ -131,32 +131,32 @@ def test_choose_driver_table(monkeypatch):
 def test_retry_plan():
     cuda, cpu, f32, f64 = torch.device("cuda", 0), torch.device("cpu"), torch.float32, torch.float64
     describe = lambda plan: [p.describe() for p in plan]  # noqa: E731
-    assert describe(backend._plan(cuda, f32, "gesvda")) == [
+    assert describe(guard._plan(cuda, f32, "gesvda")) == [
         "cuda:0/float32/gesvda", "cuda:0/float32/gesvd", "cpu/float64/default", "cpu/float64/gesvd"
     ]
-    assert describe(backend._plan(cuda, f32, None))[1] == "cuda:0/float32/gesvd"
-    assert describe(backend._plan(cpu, f32, None)) == [
+    assert describe(guard._plan(cuda, f32, None))[1] == "cuda:0/float32/gesvd"
+    assert describe(guard._plan(cpu, f32, None)) == [
         "cpu/float32/default", "cpu/float64/default", "cpu/float64/gesvd"
     ]
-    assert describe(backend._plan(cpu, f64, None)) == ["cpu/float64/default", "cpu/float64/gesvd"]
+    assert describe(guard._plan(cpu, f64, None)) == ["cpu/float64/default", "cpu/float64/gesvd"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gesvda_verification_accepts_good_and_rejects_bad(dtype):
     x = torch.from_numpy(gaussian((120, 90), seed=5)).to(dtype)
     good = SVD(*torch.linalg.svd(x, full_matrices=False))
-    backend._verify_vectors(x, good)
-    backend._verify_values(x, good.S)
+    verify.verify_vectors(x, good)
+    verify.verify_values(x, good.S)
     U, S, Vh = good
     skewed_u = U.clone()
     skewed_u[:, -1] = (U[:, -1] + 1e-2 * U[:, 0]) / (1 + 1e-4) ** 0.5  # not orthogonal to column 0
     nan_u = U * float("nan")
     for bad in (SVD(U, S * 1.01, Vh), SVD(skewed_u, S, Vh), SVD(U, S, Vh.flip(-2)), SVD(nan_u, S, Vh)):
-        with pytest.raises(backend._Unreliable):
-            backend._verify_vectors(x, bad)
-    with pytest.raises(backend._Unreliable):
-        backend._verify_values(x, S * 1.01)
-    assert backend.gesvda_tolerance((768, 768), torch.float32) == pytest.approx(3.3e-4, rel=0.01)
+        with pytest.raises(verify._Unreliable):
+            verify.verify_vectors(x, bad)
+    with pytest.raises(verify._Unreliable):
+        verify.verify_values(x, S * 1.01)
+    assert devices.gesvda_tolerance((768, 768), torch.float32) == pytest.approx(3.3e-4, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +277,16 @@ def test_topk_randomized_batched_and_wide():
 
 
 def test_topk_method_auto_rule():
-    assert backend._pick_method("auto", 5, (100, 100)) == "exact"  # small matrix
-    assert backend._pick_method("auto", 8, (700, 560)) == "randomized"
-    assert backend._pick_method("auto", 64, (512, 768)) == "randomized"
-    assert backend._pick_method("auto", 65, (512, 768)) == "eigh"  # k > min // 8, k <= min // 4, CPU
-    assert backend._pick_method("auto", 65, (512, 768), torch.device("cuda")) == "exact"
-    assert backend._pick_method("auto", 129, (512, 768)) == "exact"  # k > min // 4
-    assert backend._pick_method("auto", 19, (384, 384)) == "eigh"
-    assert backend._pick_method("auto", 8, (700, 560), approximate=False) == "eigh"  # exact methods only
-    assert backend._pick_method("auto", 8, (700, 560), torch.device("cuda"), approximate=False) == "exact"
-    assert backend._pick_method("exact", 1, (4096, 4096)) == "exact"
+    assert topk._pick_method("auto", 5, (100, 100)) == "exact"  # small matrix
+    assert topk._pick_method("auto", 8, (700, 560)) == "randomized"
+    assert topk._pick_method("auto", 64, (512, 768)) == "randomized"
+    assert topk._pick_method("auto", 65, (512, 768)) == "eigh"  # k > min // 8, k <= min // 4, CPU
+    assert topk._pick_method("auto", 65, (512, 768), torch.device("cuda")) == "exact"
+    assert topk._pick_method("auto", 129, (512, 768)) == "exact"  # k > min // 4
+    assert topk._pick_method("auto", 19, (384, 384)) == "eigh"
+    assert topk._pick_method("auto", 8, (700, 560), approximate=False) == "eigh"  # exact methods only
+    assert topk._pick_method("auto", 8, (700, 560), torch.device("cuda"), approximate=False) == "exact"
+    assert topk._pick_method("exact", 1, (4096, 4096)) == "exact"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,6 +338,23 @@ def test_topk_k_zero_and_validation():
         linalg.topk_svd(a, 2, oversample=-1)
     with pytest.raises(InvalidParameterError, match="'niter'"):
         linalg.topk_svd(a, 2, niter=None)
+
+
+def test_topk_options_object_equals_keyword_options():
+    a = torch.from_numpy(planted(300, 200, 0.7 ** np.arange(40), seed=10))
+    opts = linalg.TopkOptions(method="randomized", seed=3, niter=0, oversample=2)
+    by_keywords = linalg.topk_svd(a, 5, method="randomized", seed=3, niter=0, oversample=2)
+    by_object = linalg.topk_svd(a, 5, options=opts)
+    overridden = linalg.topk_svd(a, 5, options=linalg.TopkOptions(method="exact"), method="randomized",
+                                 seed=3, niter=0, oversample=2)
+    for res in (by_object, overridden):
+        assert all(torch.equal(x, y) for x, y in zip(by_keywords, res))
+    with pytest.raises(InvalidParameterError, match="unknown option"):
+        linalg.topk_svd(a, 5, methd="exact")
+    with pytest.raises(InvalidParameterError, match="'seed'"):
+        linalg.TopkOptions(seed=-1)
+    with pytest.raises(InvalidParameterError, match="'options'"):
+        linalg.topk_svd(a, 5, options={"method": "exact"})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -540,7 +557,7 @@ def test_failed_gesvda_verification_triggers_the_next_attempt(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "svd", fake_svd)
     monkeypatch.setattr(torch.linalg, "svdvals", fake_vals)
-    monkeypatch.setattr(backend, "choose_driver", lambda shape, device: "gesvda")
+    monkeypatch.setattr(guard, "choose_driver", lambda shape, device: "gesvda")
     a = gaussian((40, 30), seed=21)
     res = linalg.svd(torch.from_numpy(a))
     assert drivers == ["gesvda", None]

@@ -11,22 +11,19 @@ Examples
 3
 """
 
-from weightlens.linalg.backend import (
+from weightlens.linalg.backend import numerical_rank, polar, svd, svdvals, topk_svd
+from weightlens.linalg.cache import DecompositionCache, value_nbytes
+from weightlens.linalg.devices import (
     CUDA_DRIVER_TABLE,
     GESVDA_RTOL_FACTOR,
-    SVD,
-    DecompositionError,
+    available_cores,
     choose_driver,
     gesvda_tolerance,
-    numerical_rank,
-    polar,
     resolve_device,
-    svd,
-    svdvals,
-    topk_svd,
+    torch_threads,
 )
-from weightlens.linalg.cache import DecompositionCache, value_nbytes
-from weightlens.linalg.devices import available_cores, torch_threads
+from weightlens.linalg.results import SVD, DecompositionError
+from weightlens.linalg.topk import TopkOptions
 
 __all__ = [
     "CUDA_DRIVER_TABLE",
@@ -34,6 +31,7 @@ __all__ = [
     "SVD",
     "DecompositionCache",
     "DecompositionError",
+    "TopkOptions",
     "available_cores",
     "choose_driver",
     "gesvda_tolerance",

@@ -1,0 +1,97 @@
+"""Decomposition kernels: one attempt of an SVD, singular values or polar factor with one driver.
+
+A kernel takes the prepared input (working dtype, compute device) and a driver name, and returns its
+result or raises; :func:`~weightlens.linalg.guard.run` decides what to try next. Wide CPU matrices
+are decomposed through their transpose; ``driver="gesvd"`` on the CPU goes to SciPy's LAPACK gesvd
+(the last resort); ``gesvda`` results are verified (:mod:`weightlens.linalg.verify`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from weightlens.linalg.results import SVD
+from weightlens.linalg.verify import verify_values, verify_vectors
+
+__all__ = ["polar_kernel", "scipy_blas_single_threaded", "svd_kernel", "svdvals_kernel"]
+
+
+def _wide_on_cpu(x: Tensor) -> bool:
+    """Whether ``x`` is a wide CPU matrix, which LAPACK decomposes faster through its transpose:
+    1.5x for the full SVD of 384 x 1536 float32 (MKL, 1-2 threads), up to 1.6x for singular values."""
+    return x.device.type == "cpu" and x.shape[-2] < x.shape[-1]
+
+
+def svd_kernel(x: Tensor, driver: str | None) -> SVD:
+    """Thin SVD of ``x`` with ``driver`` (unsigned: signs are fixed by the caller)."""
+    if _wide_on_cpu(x):  # A = U S Vh  <=>  A^T = Vh^T S U^T
+        U, S, Vh = svd_kernel(x.mT, driver)
+        return SVD(Vh.mT.contiguous(), S, U.mT.contiguous())
+    if x.device.type == "cpu" and driver == "gesvd":
+        return _scipy_gesvd(x, vectors=True)
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
+    result = SVD(U, S, Vh)
+    if driver == "gesvda":
+        verify_vectors(x, result)
+    return result
+
+
+def svdvals_kernel(x: Tensor, driver: str | None) -> Tensor:
+    """Singular values of ``x`` with ``driver``."""
+    if _wide_on_cpu(x):
+        x = x.mT  # same singular values
+    if x.device.type == "cpu" and driver == "gesvd":
+        return _scipy_gesvd(x, vectors=False)
+    S = torch.linalg.svdvals(x, driver=driver)
+    if driver == "gesvda":
+        verify_values(x, S)
+    return S
+
+
+def polar_kernel(x: Tensor, driver: str | None) -> Tensor:
+    """Orthogonal polar factor ``U @ Vh`` of ``x`` with ``driver``."""
+    U, _, Vh = svd_kernel(x, driver)
+    return U @ Vh
+
+
+def _scipy_gesvd(x: Tensor, *, vectors: bool) -> Any:
+    """LAPACK gesvd (QR iteration) through SciPy: the last resort when gesdd does not converge."""
+    import scipy.linalg
+
+    arr = x.detach().cpu().numpy()
+    batch, (m, n) = arr.shape[:-2], arr.shape[-2:]
+    r = min(m, n)
+    flat = arr.reshape(-1, m, n)
+    opts = {"lapack_driver": "gesvd", "check_finite": False}
+    if not vectors:
+        values = [scipy.linalg.svd(mat, compute_uv=False, **opts) for mat in flat]
+        return _stack(values, (*batch, r), x)
+    parts = [scipy.linalg.svd(mat, full_matrices=False, **opts) for mat in flat]
+    return SVD(
+        _stack([p[0] for p in parts], (*batch, m, r), x),
+        _stack([p[1] for p in parts], (*batch, r), x),
+        _stack([p[2] for p in parts], (*batch, r, n), x),
+    )
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def scipy_blas_single_threaded() -> Any:
+    """Run SciPy's LAPACK on one thread: its OpenBLAS threads spin after each call and measurably
+    slowed torch's next decompositions (2-3x on 2 cores) when both ran multi-threaded."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, ...], like: Tensor) -> Tensor:
+    data = np.stack(arrays) if arrays else np.zeros(shape)
+    return torch.from_numpy(np.ascontiguousarray(data.reshape(shape))).to(dtype=like.dtype)
