@@ -39,7 +39,6 @@ which hands its registry to :func:`set_mergekit_lookup`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import reprlib
@@ -373,17 +372,9 @@ class Recipe:
         bad = []
         for name, sha in self.expect.items():
             path = Path(folder) / name
-            if not path.is_file() or _sha256(path) != sha:
+            if not path.is_file() or _fp.sha256_file(path) != sha:
                 bad.append(name)
         return bad
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
