@@ -1,4 +1,4 @@
-"""Sign conflicts between task vectors, optionally after TIES trimming (``algorithms.md`` 4.1-4.2).
+"""Sign conflicts between task vectors, optionally after TIES trimming (``docs/methods.md#sign-conflicts``).
 
 Per tensor, with ``n+_p`` / ``n-_p`` the number of tasks whose (trimmed) entry p is positive /
 negative and ``n_p = n+_p + n-_p``:

@@ -1,6 +1,6 @@
 """Spectra of task matrices: energy, rank for a tolerance, stable and effective rank.
 
-Definitions follow ``algorithms.md`` section 2. The pure functions take a vector of singular values
+Definitions: ``docs/methods.md#spectra``. The pure functions take a vector of singular values
 (descending) and the matrix shape; :func:`spectra_table` walks a :class:`TaskVectors` and returns one
 row per (key, task), the task-arithmetic sum included, reusing cached decompositions.
 
@@ -64,7 +64,7 @@ def rank_for_energy(
     criterion: Criterion = "paper",
     total_sq: float | None = None,
 ) -> int:
-    """Number of leading singular vectors kept by a rank rule (``algorithms.md`` 2 and 3.1).
+    """Number of leading singular vectors kept by a rank rule (``docs/methods.md#sar``).
 
     Parameters
     ----------
@@ -133,7 +133,7 @@ def spectrum_metrics(
     entropy: Literal["l1", "energy"] = "l1",
     dtype_eps: float = float(torch.finfo(torch.float32).eps),
 ) -> dict[str, float]:
-    """Spectral summary of one matrix from its singular values (``algorithms.md`` section 2).
+    """Spectral summary of one matrix from its singular values (``docs/methods.md#spectra``).
 
     Parameters
     ----------

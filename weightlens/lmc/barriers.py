@@ -1,6 +1,6 @@
 """Barrier definitions and the result objects of an LMC evaluation (pure numpy, no torch).
 
-Definitions (algorithms.md section 8), for a curve ``L(alpha)`` on a grid containing 0 and 1:
+Definitions (``docs/methods.md#lmc-barriers``), for a curve ``L(alpha)`` on a grid containing 0 and 1:
 
 * Entezari et al. (ICLR 2022), ``.barrier``: ``max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]``,
   the largest excess over the chord. Since the chord meets the curve at the endpoints it is >= 0.

@@ -1,4 +1,4 @@
-"""Task arithmetic, TIES-Merging and DARE (algorithms.md sections 1, 4.1 and 4.3).
+"""Task arithmetic, TIES-Merging and DARE (``docs/methods.md#task_arithmetic``, ``#ties``, ``#dare``).
 
 Every tensor class (matrices, vectors, convolutions) is treated alike, as in the reference code.
 
@@ -61,8 +61,9 @@ __all__ = [
 
 Unit = Annotated[float, Interval(0, 1, "right")]
 MergeFunc = Literal["mean", "sum", "max"]
-#: Validation grids of the reference protocols (algorithms.md 1, 4.1): TALL-masks, TSV and Iso code
-#: for task arithmetic ``{1/30, ..., 1}``; the TIES README ``{0.8, 0.9, ..., 2.5}``.
+#: Validation grids of the reference protocols (docs/methods.md#task_arithmetic, #ties): the
+#: TALL-masks, TSV and Iso code for task arithmetic ``{1/30, ..., 1}``; the TIES README
+#: ``{0.8, 0.9, ..., 2.5}``.
 _TA_GRID = tuple(i / 30 for i in range(1, 31))
 _TIES_GRID = tuple(round(0.1 * i, 10) for i in range(8, 26))
 

@@ -2,7 +2,7 @@
 
 ``sweep`` merges once per ``alpha`` (every decomposition is cached, so each further ``alpha`` costs a
 scale-and-add) and evaluates the merged weights on every task and split. Normalisation follows
-algorithms.md section 10:
+``docs/methods.md#choosing-alpha``:
 
 * normalized accuracy ``n_t = Acc_t(merged) / Acc_t(finetuned_t)`` (mean of ratios, not clipped);
 * NAI ``(Acc_t(merged) - Acc_t(base)) / (Acc_t(finetuned_t) - Acc_t(base))``, NaN when the fine-tune
@@ -36,7 +36,7 @@ Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 def alpha_grid(method: str, n_tasks: int, **params: Any) -> list[float]:
     """The method's default validation grid, as declared by ``@register_merge(alpha_grid=...)``.
 
-    The built-in grids follow the reference protocols (algorithms.md 1, 4.1, 5.1, 6.2):
+    The built-in grids follow the reference protocols (``docs/methods.md``, each method's section):
     ``task_arithmetic`` and ``dare`` (task-arithmetic combine): ``{1/30, ..., 1}`` (TALL-masks, TSV,
     Iso code); ``ties`` and ``dare`` with ``combine="ties"``: ``{0.8, 0.9, ..., 2.5}`` (TIES
     README); ``tsv``, ``iso_c``, ``iso_cts``: ``{0.1, ..., 3.0}`` (TSV and Iso code). STAR is
