@@ -9,8 +9,8 @@ Linux) above the RSS after imports:
 * ``documented``: the README's flow, ``merged = wl.merge(tv, method=...)`` then ``wl.export(merged, ...)``,
   on TaskVectors with the default decomposition cache (``max_bytes="auto"``: 1/8 of the available
   memory, 256 MiB to 2 GiB);
-* ``materialize-export``: ``wl.merge(...).materialize()`` (every merged key computed and held, as
-  ``wl.merge`` did by default before issue 12), then ``wl.export`` (default cache);
+* ``materialize-export``: ``wl.merge(...).materialize()`` (every merged key computed and held at
+  once), then ``wl.export`` (default cache);
 * with ``--before DIR`` (a copy of an earlier ``weightlens`` package tree, e.g. from ``git archive``),
   ``documented@before``: the documented flow run on that code (its default cache);
 * ``stream`` / ``stream-256``: ``merge(..., lazy=True)`` on TaskVectors with a 64 / 256 MiB

@@ -3,8 +3,8 @@
 Run All, check that the dashboard and the studio render real plots, drag the alpha slider, switch
 the method and pick a block, and compare the plotly data *in the page* with what the kernel reports
 in the widgets' status lines and with the scaling that alpha must obey; then save, reload the page
-and check that the figures still show the current state (plotly FigureWidget pitfall P1 in
-``../shared/recipes/jupyter-and-browser.md``). Screenshots go to ``artifacts/browser/``; with
+and check that the figures still show the current state (a plotly ``FigureWidget`` syncs its full state
+only when built; see ``weightlens/widgets/_common.py``). Screenshots go to ``artifacts/browser/``; with
 ``WEIGHTLENS_UPDATE_SCREENSHOTS=1`` the README's widget images in ``docs/img/`` are refreshed too.
 
 Skipped (with the reason) only where Chromium or Playwright is missing and ``CI`` is not ``true``;

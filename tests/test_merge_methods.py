@@ -1,6 +1,6 @@
-"""Every merge method against an independent float64 implementation written here from algorithms.md.
+"""Every merge method against an independent float64 implementation written here from the definitions.
 
-The references below follow algorithms.md sections 1, 4.1, 4.3, 5.1, 6 and 7 literally, in numpy
+The references below follow ``docs/methods.md`` (one section per method) literally, in numpy
 float64, on whole state dicts (TIES global flattens the whole model, as the reference code).
 """
 

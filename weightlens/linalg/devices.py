@@ -27,8 +27,9 @@ _CPU = torch.device("cpu")
 
 #: CUDA driver per shape, rows ``(smallest min(m, n), driver)``; the first row whose threshold
 #: ``min(m, n)`` reaches wins, so keep thresholds descending. ``None`` = torch's default (Jacobi
-#: with torch's fallback to gesvd; ``gesvdjBatched`` for <= 32x32). Unmeasured in this session;
-#: figures go to benchmarks/RESULTS.md. gesvda results are always verified (see module docstring).
+#: with torch's fallback to gesvd; ``gesvdjBatched`` for <= 32x32). The thresholds and their H100
+#: figures are in :mod:`weightlens.linalg.backend`; benchmarks/RESULTS.md has no CUDA timings yet.
+#: gesvda results are always verified (see that module's docstring).
 CUDA_DRIVER_TABLE: tuple[tuple[int, str | None], ...] = (
     (256, "gesvda"),
     (0, None),

@@ -7,7 +7,7 @@ fresh :func:`~weightlens.merge.compare` in ``tests/test_widgets.py``).
 plotly's ``FigureWidget`` syncs its full state (``_widget_data``/``_widget_layout``) only when it is
 built; later edits reach the browser as one-shot messages. A view created afterwards (a page
 reload, a second view, Voila) would rebuild from the stale state, so :func:`refresh` re-syncs after
-every update (``../shared/recipes/jupyter-and-browser.md``, pitfall P1).
+every update.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ recomputes a curve, a matching or an SVD.
 
 Each view has one plotly ``FigureWidget``, created the first time the view is shown and then
 updated in place with :func:`weightlens.widgets._common.refresh`, which re-syncs the widget's full
-state after every update (pitfall P1 of ``../shared/recipes/jupyter-and-browser.md``). Like the other
+state after every update (why: see :mod:`weightlens.widgets._common`). Like the other
 panels, a headless run (``$WEIGHTLENS_HEADLESS``) displays static snapshots of the figures.
 """
 

@@ -9,10 +9,9 @@ Recipe per task: a logistic-regression head is fitted on frozen sentence embeddi
 base model (its accuracy is the *base* accuracy) and frozen; then the encoder is fine-tuned
 through that head with the embeddings frozen (AdamW, 10% linear warm-up, linear decay, inputs
 truncated to 32 tokens). Sentence embeddings are the model's own: mean pooling over real tokens,
-then L2 normalisation (as its sentence-transformers pipeline). Recipe 1 left out the
-normalisation; every fine-tune could then gain by scaling its embeddings up, a direction shared by
-all tasks (measured on the CI build: whole-model task-vector cosines 0.032-0.057; with the
-normalisation 0.002-0.022, as the offline-zoo recipe's 0.002-0.016).
+then L2 normalisation (as its sentence-transformers pipeline). The normalisation matters: without
+it (zoo recipe 1) every fine-tune can gain by scaling its embeddings up, a direction shared by all
+tasks, and whole-model task-vector cosines on the CI build are 0.032-0.057 instead of 0.002-0.022.
 
 On disk: ``<task>/`` is an HF-style folder (``model.safetensors`` with the base's 104 keys, fp32,
 ``config.json`` and tokenizer files); ``heads.safetensors`` holds ``<task>.weight`` / ``<task>.bias``;
