@@ -19,7 +19,8 @@ CELLS: list[tuple[str, str]] = [
 `analyze(task_vectors)` measures, for every weight matrix and every pair of tasks, the three things that
 decide whether a merge can keep each task: the **spectrum** of each task's update, how the tasks'
 **singular subspaces align**, and how often their **signs conflict**. Every metric follows
-`reference/algorithms.md` (sections 2-4) and is tested against an independent float64 computation.
+[docs/methods.md](../docs/methods.md#spectra) (spectra, SAR, STI, sign conflicts) and is tested against an
+independent float64 computation.
 
 The data: `minilm-tasks` from the model zoo, all-MiniLM-L6-v2 fine-tuned on this machine on four
 text-classification tasks (WordNet nouns, a second noun split, WordNet verbs, fortunes), with the

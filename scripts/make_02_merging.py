@@ -17,7 +17,7 @@ CELLS: list[tuple[str, str]] = [
     ("md", """# 02 · Merging: seven methods, validated coefficients, and what each one removes
 
 `merge(task_vectors, method=..., **params)` returns the full merged weights (base + update; each key computed when read) of any of seven
-methods, each implemented as published (`reference/algorithms.md`; where the authors' code and paper or two
+methods, each implemented as published ([docs/methods.md](../docs/methods.md); where the authors' code and paper or two
 reference implementations differ, both are offered and named): task arithmetic, TIES, DARE, TSV-M, Iso-C,
 Iso-CTS and STAR. `sweep` scores a grid of coefficients `alpha`, **chosen on the validation split and
 reported on test**, as normalized accuracy (merged / fine-tuned, mean over tasks) and NAI (share of the

@@ -25,7 +25,7 @@ get wider.
 
 The data is the `digits-pairs` zoo: for each width `h`, two MLPs `64-h-h-10` trained on this machine from seeds
 1 and 2 on sklearn's 8×8 digits (1797 real images, a 75/25 train/test split). Definitions follow
-`reference/algorithms.md`, sections 8 and 9:
+[docs/methods.md](../docs/methods.md#lmc-barriers) (LMC barriers, Git Re-Basin):
 
 * **barrier** (Entezari et al.): the largest amount by which the loss rises above the straight line (chord)
   between the two endpoint losses, over 25 evenly spaced alphas.
