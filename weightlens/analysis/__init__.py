@@ -1,8 +1,8 @@
 """Interference analysis of task vectors: spectra, singular-vector alignment, sign conflicts.
 
 The entry point is :func:`analyze` (``Report`` with tidy pandas tables, summaries, figures and a
-standalone HTML page). Underneath are pure functions on tensors, each written from
-``algorithms.md`` sections 2-4:
+standalone HTML page). Underneath are pure functions on tensors, each following
+``docs/methods.md`` (spectra, SAR, STI, principal angles, sign conflicts):
 
 * :mod:`~weightlens.analysis.spectra`: :func:`spectrum_metrics`, :func:`rank_for_energy`,
   :func:`effective_rank`;

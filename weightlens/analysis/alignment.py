@@ -1,6 +1,6 @@
 """Singular-vector alignment: SAR, STI, principal angles and subspace overlap, cosines.
 
-Definitions follow ``algorithms.md`` section 3:
+Definitions: ``docs/methods.md#sar``, ``#sti`` and ``#principal-angles-and-overlap``:
 
 * **SAR** (Iso, Eq. 5): ``||U_k^T delta_t||_F / ||delta_t||_F`` with ``U_k`` the top-k left singular
   vectors of a reference (the task-arithmetic sum, a merged delta, or another task); k from the

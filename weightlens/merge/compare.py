@@ -2,7 +2,7 @@
 
 Every table compares two updates of the same task vectors: the merge's (``which="merged"``,
 ``alpha * u``) and the plain task-arithmetic sum ``sum_t tau_t`` (``which="task_arithmetic"``, the
-"before"). Definitions (algorithms.md sections 3.1 and 4.2):
+"before"). Definitions (``docs/methods.md#sar``, ``#sign-conflicts``):
 
 * ``sar``: ``||U_k^T tau_t||_F / ||tau_t||_F`` with ``U_k`` the top-k left singular vectors of the
   update and ``k`` from ``criterion`` (``"iso_script"`` by default, as the Iso figures; ``"paper"`` is
@@ -323,7 +323,7 @@ def compare(
     merged : MergeResult or Mapping[str, Tensor]
         The merge (a plain mapping of full weights works too: its update is ``merged - base``).
     criterion : {"iso_script", "paper"}, default="iso_script"
-        Rank rule for the SAR subspace (algorithms.md 3.1; both are offered, the script's default
+        Rank rule for the SAR subspace (docs/methods.md#sar; both are offered, the script's default
         reproduces the Iso figures).
     eps : float, default=0.05
         Tolerance of the rank rule.

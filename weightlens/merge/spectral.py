@@ -1,4 +1,4 @@
-"""TSV-M, Iso-C, Iso-CTS and STAR (algorithms.md sections 5.1, 6 and 7), per matrix key.
+"""TSV-M, Iso-C, Iso-CTS and STAR, per matrix key (``docs/methods.md#tsv``, ``#iso_c``, ``#iso_cts``, ``#star``).
 
 Decompositions come from the cache shared with the analysis (``weightlens.analysis.decompose``):
 TSV-M and STAR use the per-task SVDs, Iso-C and Iso-CTS the SVD of the task-arithmetic sum, so a
@@ -8,7 +8,7 @@ Non-matrix tensors (``ndim != 2``, e.g. biases, norms, convolution kernels) and 
 ``text_projection`` (the CLIP reference code excludes them from the SVD) follow the authors'
 convention: TSV-M and Iso get the **mean** of the task vectors, scaled by the same ``alpha``. STAR's
 ``alpha`` multiplies a *sum* (default 1/T, the plain average), so its non-matrix tensors get
-``alpha * sum_t tau_t``: the plain mean at the default, as section 7 asks ("average them"); reading
+``alpha * sum_t tau_t``: the plain mean at the default, as the other methods; reading
 "mean times alpha" literally there would give mean / T.
 
 Degenerate cases are reported per key in ``MergeResult.notes`` and never silent:
