@@ -24,8 +24,8 @@ from weightlens import linalg
 from weightlens.errors import InvalidParameterError, NonFiniteError, UnsafePathError
 from weightlens.io import Recipe, TargetExistsError, export, load_recipe
 from weightlens.io.export import parse_size
-from weightlens.io.recipe import mergekit_config
 from weightlens.merge import merge, run_recipe
+from weightlens.merge.recipes import mergekit_config
 
 export_mod = importlib.import_module("weightlens.io.export")  # the module (``weightlens.io.export`` is the function)
 

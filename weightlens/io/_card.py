@@ -27,7 +27,7 @@ from weightlens.io._atomic import write_text
 from weightlens.io._layout import CARD, FIGURE, MERGEKIT, RECIPE, WrittenWeights, dtype_name
 from weightlens.io.keys import block_of
 from weightlens.io.sources import _display_name
-from weightlens.io.recipe import Recipe, _is_merge, _version as file_version, mergekit_config, not_reproducible
+from weightlens.io.recipe import ExportRecipe, Recipe, _version as file_version, mergekit_config
 
 __all__ = ["block_changes", "check_extras", "md_text", "svg_bars", "write_card"]
 
@@ -106,6 +106,11 @@ def svg_bars(labels: Sequence[str], values: Sequence[float], *, title: str) -> s
         ]
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def _is_merge(merged: Any) -> bool:
+    """Whether ``merged`` is a merge result (its method, parameters and inputs are known)."""
+    return all(hasattr(merged, a) for a in ("method", "params", "task_vectors"))
 
 
 def _method_line(method: str, merged: Any) -> str:
@@ -191,19 +196,21 @@ def _figure_section(folder: Path, written: WrittenWeights) -> list[str]:
             "merge updated (tensors above 2^20 entries measured on an evenly strided sample of them).", ""]
 
 
-def _reproduce_section(merged: Any, recipe: Recipe | None, base_dtype: str | None) -> list[str]:
+def _reproduce_section(plan: ExportRecipe, base_dtype: str | None) -> list[str]:
     lines = ["## Reproduce", ""]
+    recipe = plan.recipe
     if recipe is None:
-        reason = not_reproducible(merged) or "no recipe was requested (recipe=False)"
-        return lines + [f"No recipe was written: {md_text(reason)}.", ""]
+        return lines + [f"No recipe was written: {md_text(plan.why_not)}.", ""]
     lines += [f"- weightlens: `weightlens merge {RECIPE} --out OUT_DIR` re-runs this merge and export; on "
               f"the same device ({md_text(recipe.device)}) the weight files are bitwise identical (their "
               "sha256 are in the recipe's `expect`)."]
-    mk = mergekit_config(recipe, base_dtype=base_dtype)
+    mk = mergekit_config(recipe, plan.mergekit, base_dtype=base_dtype)
     if mk is not None:
         lines.append(f"- mergekit: `mergekit-yaml {MERGEKIT} OUT_DIR`. {md_text(mk[1])}")
-    else:
+    elif plan.from_merge:
         lines.append(f"- mergekit has no equivalent of {md_text(recipe.method)} with these parameters.")
+    else:
+        lines.append("- mergekit: no `mergekit_config.yml`; it is written for the export of a merge result.")
     return lines + [""]
 
 
@@ -235,14 +242,15 @@ def check_extras(extras: Any) -> Mapping[str, Any]:
     return extras
 
 
-def write_card(folder: Path, merged: Any, recipe: Recipe | None, written: WrittenWeights, copied: list[str],
+def write_card(folder: Path, merged: Any, plan: ExportRecipe, written: WrittenWeights, copied: list[str],
                extras: Mapping[str, Any], *, dtype: torch.dtype | None, base_dtype: str | None = None,
                skipped: list[str] | None = None) -> None:
-    """Write ``README.md`` (and the figure) into ``folder``."""
+    """Write ``README.md`` (and the figure) into ``folder``; ``plan`` is what the export knows of the merge."""
+    recipe = plan.recipe
     lines = _header(merged, recipe, copied, extras)
     lines += _merge_section(merged, recipe)
     lines += _known_section(merged, extras)
     lines += _figure_section(folder, written)
-    lines += _reproduce_section(merged, recipe, base_dtype)
+    lines += _reproduce_section(plan, base_dtype)
     lines += _files_section(written, copied, skipped or [], dtype)
     write_text(folder / CARD, "\n".join(lines).rstrip() + "\n")

@@ -406,7 +406,7 @@ def export(
     like_plan = plan_like(like_dir) if like_dir is not None else None
     rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
                              fingerprint=fingerprint)
-    job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(merged, rec), rec, like_plan, extras,
+    job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(rec), rec, like_plan, extras,
                verify, progress)
     try:
         with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
@@ -427,7 +427,7 @@ class _Job:
     target: torch.dtype | None
     max_bytes: int
     meta: dict[str, Any]
-    recipe: Any
+    recipe: Any  # an ExportRecipe
     like: LikePlan | None
     extras: Mapping[str, Any]
     verify: Callable[[Mapping[str, str]], None] | None

@@ -32,9 +32,10 @@ has the cores (a CPU SVD's last bits depend on the thread count: this is what le
 machine come out bitwise); ``Recipe.check(folder)`` compares the weight files with ``expect``.
 This module only reads, validates and writes recipes (it imports nothing above ``weightlens.io``).
 
-Also here: the mergekit configuration equivalent to a recipe, for methods registered with a mergekit
-translation (task arithmetic, TIES, DARE: ``@register_merge(mergekit=...)`` in ``weightlens.merge``,
-which hands its registry to :func:`set_mergekit_lookup`).
+Also here: what an export writes about a merge (:class:`ExportRecipe`: the recipe, its
+:class:`Mergekit` equivalent and the shard metadata, plain data that a merge result builds with
+``export_recipe``; ``weightlens.merge`` translates the methods registered with
+``@register_merge(mergekit=...)``), and the mergekit YAML written from it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from __future__ import annotations
 import os
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,8 @@ from weightlens.io._atomic import write_text
 from weightlens.io._layout import MERGEKIT, RECIPE, parse_dtype, parse_size
 
 __all__ = [
-    "Mergekit", "Recipe", "input_fingerprints", "load_recipe", "mergekit_config", "name_paths", "plain_yaml",
-    "set_mergekit_lookup",
+    "ExportRecipe", "Mergekit", "Recipe", "check_fingerprint_mode", "given_recipe", "load_recipe", "mergekit_config",
+    "name_paths", "plain_yaml", "recipe_metadata",
 ]
 
 RECIPE_VERSION = 1
@@ -400,101 +401,73 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     return Recipe.from_mapping(data, where=str(path), root=path.parent.absolute(), file=path)
 
 
-# ---------------------------------------------------------------------------------------- from a merge
-def _is_merge(merged: Any) -> bool:
-    return all(hasattr(merged, a) for a in ("method", "params", "task_vectors"))
+# ---------------------------------------------------------------------------------------- for an export
+NOT_A_MERGE = "the weights were not produced by weightlens.merge (no method or inputs to record)"
 
 
-def _merge_device(merged: Any) -> str:
-    device = getattr(merged, "device", None) or getattr(getattr(merged, "_ctx", None), "device", None)
-    return str(device) if device is not None else "cpu"
+@dataclass(frozen=True)
+class ExportRecipe:
+    """What an export writes about how its weights were made, as plain data: the recipe (``None``:
+    none, ``why_not`` says why), its mergekit equivalent (``from_merge``: looked up by the merge that
+    built this; io alone knows no method's) and the metadata of every shard."""
+
+    recipe: Recipe | None
+    mergekit: Mergekit | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    why_not: str = NOT_A_MERGE
+    from_merge: bool = False
 
 
-def _cpu_threads(device: str) -> int | None:
-    """torch's intra-op thread count for a CPU merge (None on CUDA, where it does not matter)."""
-    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
+def recipe_metadata(recipe: Recipe) -> dict[str, Any]:
+    """The shard metadata of a merge a recipe describes: method, parameters, tasks."""
+    return {"method": recipe.method, "parameters": dict(recipe.params), "tasks": list(recipe.finetuned)}
 
 
-def not_reproducible(merged: Any) -> str | None:
-    """Why no recipe can be derived from ``merged`` (``None`` when one can)."""
-    if not _is_merge(merged):
-        return "the weights were not produced by weightlens.merge (no method or inputs to record)"
-    tv = merged.task_vectors
-    for role, ckpt in (("base", tv.base), *((f"fine-tune {n!r}", c) for n, c in tv.finetuned.items())):
-        if not Path(str(ckpt.source)).exists():
-            return (f"the {role} was given in memory ({ckpt.source}), not as a file; save it (e.g. "
-                    "wl.export(state_dict, folder)) and merge from the file to get a re-runnable recipe")
-    return None
-
-
-def input_fingerprints(tv: Any, base: str, finetuned: Mapping[str, str], mode: str,
-                       known: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``fingerprints`` field for task vectors loaded from ``base`` and ``finetuned`` (paths).
-
-    ``known`` (a recipe's recorded fingerprints) are reused for files whose fingerprint in ``mode`` was
-    just checked, so no file is hashed twice.
-    """
-    known = known or {}
-
-    def one(ckpt: Any, path: str, prior: Mapping[str, Any] | None) -> dict[str, Any]:
-        return _fp.fingerprint_files(_fp.checkpoint_files(ckpt), _fp.anchor_of(path), mode, prior)
-
-    return {
-        "base": one(tv.base, base, known.get("base")),
-        "finetuned": {n: one(tv.finetuned[n], p, (known.get("finetuned") or {}).get(n))
-                      for n, p in finetuned.items()},
-    }
-
-
-def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype: torch.dtype | None,
-               shard_size: int | str, fingerprint: str = "header") -> Recipe | None:
-    """The recipe to write with an export: derived from ``merged`` (its inputs fingerprinted in mode
-    ``fingerprint``), or the one given (validated; its fingerprints kept as given)."""
-    if recipe is False:
-        return None
-    if fingerprint not in _fp.MODES:
+def check_fingerprint_mode(mode: Any) -> None:
+    """Refuse a fingerprint mode other than ``"header"`` or ``"full"``."""
+    if mode not in _fp.MODES:
         raise InvalidParameterError(
-            f"The 'fingerprint' parameter must be one of {', '.join(_fp.MODES)}. Got {_short(fingerprint)}.")
+            f"The 'fingerprint' parameter must be one of {', '.join(_fp.MODES)}. Got {_short(mode)}.")
+
+
+def given_recipe(recipe: Any, out: Path) -> Recipe | None:
+    """The ``recipe=`` of an export validated, its ``output`` set to ``out`` (``None`` for None or False)."""
     output = str(Path(os.path.abspath(out)))
+    if recipe is None or recipe is False:
+        return None
     if isinstance(recipe, Recipe):
         return replace(recipe.checked(), output=output, expect={})
     if isinstance(recipe, Mapping):
         return replace(Recipe.from_mapping(recipe, where="recipe="), output=output, expect={})
-    if recipe is not None:
-        raise InvalidParameterError(
-            f"The 'recipe' parameter must be None, False, a Recipe or a mapping. Got {type(recipe).__name__} instead."
-        )
-    if not_reproducible(merged) is not None:
-        return None
-    tv, device = merged.task_vectors, _merge_device(merged)
-    base = os.path.abspath(tv.base.source)
-    finetuned = {n: os.path.abspath(c.source) for n, c in tv.finetuned.items()}
-    return Recipe(
-        base=base, finetuned=finetuned,
-        method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
-        device=device, threads=_cpu_threads(device),
-        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-        shard_size=shard_size, like=None if like is None else os.path.abspath(like), output=output,
-        fingerprints=input_fingerprints(tv, base, finetuned, fingerprint), weightlens_version=_version(),
+    raise InvalidParameterError(
+        f"The 'recipe' parameter must be None, False, a Recipe or a mapping. Got {type(recipe).__name__} instead."
     )
 
 
-def file_metadata(merged: Any, recipe: Recipe | None) -> dict[str, Any]:
+def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype: torch.dtype | None,
+               shard_size: int | str, fingerprint: str = "header") -> ExportRecipe:
+    """What an export of ``merged`` writes about it: what ``merged.export_recipe(...)`` builds (a merge
+    result), else the recipe given (validated; no mergekit equivalent: io knows no merge methods)."""
+    if recipe is not False:
+        check_fingerprint_mode(fingerprint)
+    build = getattr(merged, "export_recipe", None)
+    if callable(build):
+        return build(recipe, out=out, like=like, dtype=dtype, shard_size=shard_size, fingerprint=fingerprint)
+    given = given_recipe(recipe, out)
+    return ExportRecipe(given, metadata=recipe_metadata(given) if given is not None else {})
+
+
+def file_metadata(plan: ExportRecipe) -> dict[str, Any]:
     """Metadata stored in every shard and the index (deterministic: no paths, no times)."""
-    meta: dict[str, Any] = {"format": "pt", "weightlens_version": _version()}
-    if recipe is not None:
-        meta.update(method=recipe.method, parameters=dict(recipe.params), tasks=list(recipe.finetuned))
-    elif _is_merge(merged):
-        meta.update(method=merged.method, parameters=dict(merged.params), tasks=list(merged.task_vectors.names))
-    return meta
+    return {"format": "pt", "weightlens_version": _version(), **plan.metadata}
 
 
-def write_recipes(folder: Path, recipe: Recipe | None, written: Any, base_dtype: str | None = None) -> None:
+def write_recipes(folder: Path, plan: ExportRecipe, written: Any, base_dtype: str | None = None) -> None:
     """``weightlens_recipe.yaml`` (with the sha256 of what was written) and ``mergekit_config.yml``."""
-    if recipe is None:
+    if plan.recipe is None:
         return
-    write_text(folder / RECIPE, replace(recipe, expect=dict(written.files)).to_yaml())
-    mk = mergekit_config(recipe, base_dtype=base_dtype)
+    write_text(folder / RECIPE, replace(plan.recipe, expect=dict(written.files)).to_yaml())
+    mk = mergekit_config(plan.recipe, plan.mergekit, base_dtype=base_dtype)
     if mk is not None:
         write_text(folder / MERGEKIT, mk[0])
 
@@ -519,29 +492,9 @@ class Mergekit:
     notes: tuple[str, ...] = ()
 
 
-MergekitLookup = Callable[[str], Callable[[Mapping[str, Any]], "Mergekit | None"] | None]
-_mergekit_lookup: MergekitLookup = lambda method: None  # noqa: E731  (weightlens.merge installs its own)
-
-
-def set_mergekit_lookup(lookup: MergekitLookup) -> None:
-    """Where :func:`mergekit_config` finds a method's translation: ``lookup(method) -> translate | None``.
-
-    ``weightlens.merge`` installs its registry here on import (each ``@register_merge(mergekit=...)``);
-    io imports nothing above it, so the translation comes to it this way.
-    """
-    global _mergekit_lookup
-    _mergekit_lookup = lookup
-
-
-def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[str, str] | None:
-    """``(mergekit YAML, how exact it is)`` for a method registered with a mergekit translation
-    (task_arithmetic, ties, dare); ``None`` otherwise."""
-    p, method = recipe.params, recipe.method
-    numbers = [p.get(k, 1.0) for k in ("alpha", "density")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        return None  # parameters no merge accepted (a recipe given to export as is): nothing to translate
-    translate = _mergekit_lookup(method)
-    mk = translate(p) if translate is not None else None
+def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | None = None) -> tuple[str, str] | None:
+    """``(mergekit YAML, how exact it is)`` for ``recipe`` and its method's mergekit equivalent ``mk``
+    (``None`` when there is none)."""
     if mk is None:
         return None
     notes = ["mergekit sums in the checkpoint dtype and in its own order, so weights agree up to "
@@ -561,6 +514,6 @@ def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[s
         "dtype": recipe.dtype or base_dtype or "float32",
     }
     note = "; ".join(notes) + "."
-    head = (f"# mergekit equivalent of this weightlens {method} merge ({mk.method}). Run: mergekit-yaml "
+    head = (f"# mergekit equivalent of this weightlens {recipe.method} merge ({mk.method}). Run: mergekit-yaml "
             f"mergekit_config.yml OUT_DIR\n# Note: {note}\n")
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False), note

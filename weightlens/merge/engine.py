@@ -263,6 +263,18 @@ class MergeResult(Mapping[str, torch.Tensor]):
         """``{"method": ..., "params": ..., "tasks": [...]}``: enough to repeat the merge."""
         return {"method": self.method, "params": dict(self.params), "tasks": list(self.task_vectors.names)}
 
+    @property
+    def device(self) -> str:
+        """The device the merge computes on (``"cpu"``, ``"cuda:0"``)."""
+        return str(self._ctx.device)
+
+    def export_recipe(self, recipe: Any = None, **options: Any) -> Any:
+        """What an export of this result writes about it (an ``ExportRecipe``, built by
+        :func:`weightlens.merge.recipes.export_recipe` with export's options)."""
+        from weightlens.merge.recipes import export_recipe
+
+        return export_recipe(self, recipe, **options)
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         state = "lazy" if self.lazy else f"{len(self._weights)} of {len(self)} held"

@@ -1,7 +1,11 @@
-"""Running a merge recipe: the merge it describes, then the export, key by key.
+"""A merge's recipe: built from a merge result for its export, and run (the merge it describes, then
+the export, key by key).
 
-Recipes are read, validated and written by :mod:`weightlens.io.recipe`; running one needs the merge
-engine, so it lives here (``weightlens merge recipe.yaml`` calls :func:`run_recipe`).
+Recipes are read, validated and written by :mod:`weightlens.io.recipe`, which knows no merge methods;
+building one from a merge (inputs, fingerprints, device, threads, the mergekit equivalent from the
+method's registration) and running one need the merge engine, so they live here
+(``MergeResult.export_recipe`` calls :func:`export_recipe`; ``weightlens merge recipe.yaml`` calls
+:func:`run_recipe`).
 
 Examples
 --------
@@ -25,17 +29,99 @@ from weightlens._version import __version__
 from weightlens.errors import InvalidParameterError, ReproducibilityError
 from weightlens.io import _fingerprint as _fp
 from weightlens.io.export import export
-from weightlens.io.recipe import Recipe, input_fingerprints, load_recipe
+from weightlens.io.recipe import (
+    ExportRecipe,
+    Recipe,
+    check_fingerprint_mode,
+    given_recipe,
+    load_recipe,
+    recipe_metadata,
+)
+from weightlens.io.recipe import mergekit_config as _mergekit_yaml
 from weightlens.linalg import DecompositionCache, available_cores, torch_threads
 from weightlens.merge.engine import MergeResult, merge
-from weightlens.merge.registry import get_method, list_methods
+from weightlens.merge.registry import get_method, list_methods, mergekit_of
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["merge_recipe", "run_recipe"]
+__all__ = ["export_recipe", "input_fingerprints", "merge_recipe", "mergekit_config", "not_reproducible", "run_recipe"]
 
 _RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
 
 
+# ---------------------------------------------------------------------------------------- building
+def input_fingerprints(tv: TaskVectors, base: str, finetuned: Mapping[str, str], mode: str,
+                       known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``fingerprints`` field for task vectors loaded from ``base`` and ``finetuned`` (paths).
+
+    ``known`` (a recipe's recorded fingerprints) are reused for files whose fingerprint in ``mode`` was
+    just checked, so no file is hashed twice.
+    """
+    known = known or {}
+
+    def one(ckpt: Any, path: str, prior: Mapping[str, Any] | None) -> dict[str, Any]:
+        return _fp.fingerprint_files(_fp.checkpoint_files(ckpt), _fp.anchor_of(path), mode, prior)
+
+    return {
+        "base": one(tv.base, base, known.get("base")),
+        "finetuned": {n: one(tv.finetuned[n], p, (known.get("finetuned") or {}).get(n))
+                      for n, p in finetuned.items()},
+    }
+
+
+def not_reproducible(merged: MergeResult) -> str | None:
+    """Why no recipe can be derived from ``merged`` (``None`` when one can: every input is a file)."""
+    tv = merged.task_vectors
+    for role, ckpt in (("base", tv.base), *((f"fine-tune {n!r}", c) for n, c in tv.finetuned.items())):
+        if not Path(str(ckpt.source)).exists():
+            return (f"the {role} was given in memory ({ckpt.source}), not as a file; save it (e.g. "
+                    "wl.export(state_dict, folder)) and merge from the file to get a re-runnable recipe")
+    return None
+
+
+def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[str, str] | None:
+    """``(mergekit YAML, how exact it is)`` for a recipe whose method is registered with a mergekit
+    equivalent (task_arithmetic, ties, dare); ``None`` otherwise."""
+    return _mergekit_yaml(recipe, mergekit_of(recipe.method, recipe.params), base_dtype=base_dtype)
+
+
+def _derived(merged: MergeResult, *, out: Path, like: Path | None, dtype: torch.dtype | None,
+             shard_size: int | str, fingerprint: str) -> Recipe:
+    """The recipe of ``merged`` (its inputs are files), fingerprinted in mode ``fingerprint``."""
+    tv, device = merged.task_vectors, merged.device
+    base = os.path.abspath(tv.base.source)
+    finetuned = {n: os.path.abspath(c.source) for n, c in tv.finetuned.items()}
+    return Recipe(
+        base=base, finetuned=finetuned,
+        method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
+        device=device, threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None,
+        dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        shard_size=shard_size, like=None if like is None else os.path.abspath(like),
+        output=str(Path(os.path.abspath(out))),
+        fingerprints=input_fingerprints(tv, base, finetuned, fingerprint), weightlens_version=__version__,
+    )
+
+
+def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: Path | None = None,
+                  dtype: torch.dtype | None = None, shard_size: int | str = "5GB",
+                  fingerprint: str = "header") -> ExportRecipe:
+    """What ``wl.export(merged, out, recipe=recipe, ...)`` writes about the merge: the recipe given
+    (validated) or derived from ``merged`` (``None`` for ``recipe=False`` or inputs given in memory),
+    its mergekit equivalent and the shard metadata."""
+    if recipe is not False:
+        check_fingerprint_mode(fingerprint)
+    why = not_reproducible(merged)
+    done = given_recipe(recipe, out)
+    if recipe is None and why is None:
+        done = _derived(merged, out=out, like=like, dtype=dtype, shard_size=shard_size, fingerprint=fingerprint)
+    if done is None:
+        r = merged.recipe
+        meta = {"method": r["method"], "parameters": r["params"], "tasks": r["tasks"]}
+        return ExportRecipe(None, metadata=meta, why_not=why or "no recipe was requested (recipe=False)",
+                            from_merge=True)
+    return ExportRecipe(done, mergekit_of(done.method, done.params), recipe_metadata(done), from_merge=True)
+
+
+# ---------------------------------------------------------------------------------------- running
 def _as_recipe(recipe: Recipe | str | os.PathLike[str]) -> Recipe:
     return recipe.checked() if isinstance(recipe, Recipe) else load_recipe(recipe)
 

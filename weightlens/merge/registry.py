@@ -367,10 +367,12 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def _mergekit_of(name: str) -> Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None:
-    """The mergekit translation registered for ``name`` (``None``: none, or no such method)."""
+def mergekit_of(name: str, params: Mapping[str, Any]) -> _io_recipe.Mergekit | None:
+    """mergekit's equivalent of method ``name`` with ``params``, from its registration (``None``: none,
+    no such method, or ``alpha``/``density`` that are not numbers, as in a recipe no merge accepted)."""
     method = _REGISTRY.get(name)
-    return None if method is None else method.mergekit
-
-
-_io_recipe.set_mergekit_lookup(_mergekit_of)  # io writes mergekit configs; it cannot import merge
+    numbers = [params.get(k, 1.0) for k in ("alpha", "density")]
+    if method is None or method.mergekit is None or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return None
+    return method.mergekit(params)
