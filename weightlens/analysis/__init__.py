@@ -9,8 +9,9 @@ standalone HTML page). Underneath are pure functions on tensors, each following
 * :mod:`~weightlens.analysis.alignment`: :func:`sar`, :func:`sti`, :func:`principal_angles`,
   :func:`subspace_overlap`, :func:`alignment_to_merged` (SAR against any merged delta);
 * :mod:`~weightlens.analysis.signs`: :func:`conflict_stats`, :func:`pairwise_conflicts`, TIES
-  trimming;
-* :mod:`~weightlens.analysis.decompose`: decompositions cached in ``tv.cache``.
+  trimming.
+
+Their decompositions are cached in ``tv.cache`` by :mod:`weightlens.decompositions`.
 """
 
 from weightlens.analysis.alignment import (

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from weightlens import linalg
+from weightlens import decompositions, linalg
 from weightlens.analysis.spectra import CRITERIA, Criterion, check_criterion, rank_for_energy
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.taskvectors import TaskVectors
@@ -350,8 +350,6 @@ def alignment_to_merged(
         sar_iso_script, k, sar, clipped``. ``SAR_avg`` is ``df.groupby("task").sar.mean()``
         (a plain mean over matrices, as in the Iso code).
     """
-    from weightlens.analysis import decompose
-
     criterion = check_criterion(criterion)
     names = list(tv.names if tasks is None else tasks)
     label = reference or ("sum" if merged is None else "merged")
@@ -359,7 +357,7 @@ def alignment_to_merged(
     for key in tqdm(_matrix_keys(tv, keys, merged), desc="alignment", disable=not progress):
         deltas = torch.stack([tv.delta(t, key) for t in names])
         if merged is None:
-            ref = decompose.sum_svd(tv, key, names, device=device, delta=deltas.sum(0))
+            ref = decompositions.sum_svd(tv, key, names, device=device, delta=deltas.sum(0))
         else:
             m = merged[key]
             if tuple(m.shape) != tuple(deltas.shape[1:]):

@@ -1,7 +1,7 @@
 """``analyze(tv) -> Report``: spectra, alignment and sign conflicts of task vectors in one pass.
 
 One pass over keys reads each key's deltas once; every decomposition goes through
-:mod:`weightlens.analysis.decompose` (cached in ``tv.cache`` by task, key, device and dtype), so
+:mod:`weightlens.decompositions` (cached in ``tv.cache`` by task, key, device and dtype), so
 merges and widgets that follow reuse them. Tasks get a full thin SVD only where singular vectors
 are needed (``pairwise=True``: task x task SAR, STI, subspace overlaps); otherwise singular values
 alone. Keys whose deltas are all zero (frozen layers) are not decomposed.
@@ -31,8 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from weightlens import linalg
-from weightlens.analysis import decompose
+from weightlens import decompositions, linalg
 from weightlens.analysis.alignment import (
     cosine_matrix,
     gram,
@@ -406,16 +405,16 @@ def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tu
     tasks: list[Any] = []
     for t, name in enumerate(run.names):
         if kv < r:
-            tasks.append(decompose.task_topk_svd(run.tv, name, key, kv, delta=deltas[t], **kw))
+            tasks.append(decompositions.task_topk_svd(run.tv, name, key, kv, delta=deltas[t], **kw))
         elif run.opts.pairwise:
-            tasks.append(decompose.task_svd(run.tv, name, key, delta=deltas[t], **kw))
+            tasks.append(decompositions.task_svd(run.tv, name, key, delta=deltas[t], **kw))
         else:
-            S = decompose.task_svdvals(run.tv, name, key, delta=deltas[t], **kw)
+            S = decompositions.task_svdvals(run.tv, name, key, delta=deltas[t], **kw)
             tasks.append(linalg.SVD(None, S, None))  # singular values alone
     total = deltas.sum(0)
     if kv < r:
-        return tasks, decompose.sum_topk_svd(run.tv, key, kv, run.names, delta=total, **kw)
-    return tasks, decompose.sum_svd(run.tv, key, run.names, delta=total, **kw)
+        return tasks, decompositions.sum_topk_svd(run.tv, key, kv, run.names, delta=total, **kw)
+    return tasks, decompositions.sum_svd(run.tv, key, run.names, delta=total, **kw)
 
 
 def _merged_svd(run: _Run, key: str, kv: int, r: int) -> tuple[Any, float]:

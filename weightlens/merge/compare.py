@@ -30,8 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from weightlens import linalg
-from weightlens.analysis import decompose
+from weightlens import decompositions, linalg
 from weightlens.analysis.alignment import sar_curve
 from weightlens.analysis.signs import chance_conflict
 from weightlens.analysis.spectra import check_criterion, rank_for_energy
@@ -272,7 +271,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
 
     def task_arithmetic() -> dict[str, list]:
         total = deltas.sum(0)
-        svd = decompose.sum_svd(tv, key, device=opts["device"], delta=total) if spectral else None
+        svd = decompositions.sum_svd(tv, key, device=opts["device"], delta=total) if spectral else None
         return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts)
 
     tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))

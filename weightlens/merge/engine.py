@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from weightlens import linalg
-from weightlens.analysis import decompose
+from weightlens import decompositions, linalg
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
 from weightlens.taskvectors import TaskVectors
@@ -78,11 +77,11 @@ class MergeContext:
 
     def task_svd(self, task: str, key: str) -> linalg.SVD:
         """Thin SVD of one task matrix (shared cache; factors on ``self.device``)."""
-        return decompose.task_svd(self.tv, task, key, device=self.device)
+        return decompositions.task_svd(self.tv, task, key, device=self.device)
 
     def sum_svd(self, key: str) -> linalg.SVD:
         """Thin SVD of the task-arithmetic sum over this context's tasks (shared cache)."""
-        return decompose.sum_svd(self.tv, key, self.tasks, device=self.device)
+        return decompositions.sum_svd(self.tv, key, self.tasks, device=self.device)
 
     def zero_tasks(self, key: str) -> tuple[str, ...]:
         """Tasks whose task vector of ``key`` is exactly zero (e.g. a frozen layer); cached."""

@@ -1,6 +1,6 @@
 """TSV-M, Iso-C, Iso-CTS and STAR, per matrix key (``docs/methods.md#tsv``, ``#iso_c``, ``#iso_cts``, ``#star``).
 
-Decompositions come from the cache shared with the analysis (``weightlens.analysis.decompose``):
+Decompositions come from the cache shared with the analysis (``weightlens.decompositions``):
 TSV-M and STAR use the per-task SVDs, Iso-C and Iso-CTS the SVD of the task-arithmetic sum, so a
 switch between them reuses what it can. Iso-CTS also caches its per-task residual SVDs.
 
