@@ -287,11 +287,11 @@ def test_wide_singular_values_and_cache_reuse(tv):
     tv.cache.clear()
     key = "head.weight"  # 6 x 16: wide
     want = np.linalg.svd(tv.delta("b", key).double().numpy(), compute_uv=False)
-    np.testing.assert_allclose(decompositions.task_svdvals(tv, "b", key, device="cpu").numpy(), want, rtol=1e-5)
-    full = decompositions.task_svd(tv, "c", key, device="cpu")
+    np.testing.assert_allclose(decompositions.svdvals(tv, key, "b", device="cpu").numpy(), want, rtol=1e-5)
+    full = decompositions.svd(tv, key, "c", device="cpu")
     misses = tv.cache.misses
-    assert decompositions.task_svdvals(tv, "c", key, device="cpu") is full.S and tv.cache.misses == misses
-    U, S, Vh = decompositions.sum_topk_svd(tv, key, 2, device="cpu")
+    assert decompositions.svdvals(tv, key, "c", device="cpu") is full.S and tv.cache.misses == misses
+    U, S, Vh = decompositions.topk_svd(tv, key, tv.names, 2, device="cpu")
     u, s, vh = np.linalg.svd(_deltas(tv, key).sum(0), full_matrices=False)
     np.testing.assert_allclose(S.numpy(), s[:2], rtol=1e-5)
     np.testing.assert_allclose(np.abs(U.double().numpy().T @ u[:, :2]), np.eye(2), atol=1e-4)

@@ -1,185 +1,138 @@
-"""Cached decompositions of task matrices, shared by analysis, merges and widgets.
+"""Cached decompositions of task matrices, shared by analysis, merges, compare and widgets.
 
-Every decomposition is computed once per (what, tasks, key, device, dtype) and kept in
-``tv.cache`` (a :class:`weightlens.linalg.DecompositionCache`), so moving a coefficient or
-switching a method never repeats an SVD that is already known. Singular values reuse a cached full
-SVD when there is one.
+Three operations, :func:`svd`, :func:`svdvals` and :func:`topk_svd`, each of one subject: a task's
+matrix ``finetuned[task][key] - base[key]`` (``of="a"``) or the task-arithmetic sum of ``key`` over
+task names (``of=("a", "b")``). Each result is computed once per (operation, subject, key, device,
+dtype) and kept in ``tv.cache`` (a :class:`weightlens.linalg.DecompositionCache`), so moving a
+coefficient or switching a method never repeats an SVD that is already known. Singular values and
+top-k triplets reuse a cached full SVD when there is one.
+
+Cache keys: ``(op, task, key, [k,] device, dtype)`` for a task and ``(op + "_sum", names, key, [k,]
+device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from weightlens import linalg
+from weightlens.errors import InvalidParameterError
 from weightlens.taskvectors import TaskVectors
 
-__all__ = [
-    "sum_delta",
-    "sum_svd",
-    "sum_topk_svd",
-    "task_svd",
-    "task_svdvals",
-    "task_topk_svd",
-]
+__all__ = ["svd", "svdvals", "topk_svd"]
 
 
-def _tag(device: str | torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    return str(linalg.resolve_device(device)), str(dtype)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Subject:
+    """One request: which matrix of ``tv`` (a task's or a sum's), where and in which dtype."""
 
+    tv: TaskVectors
+    key: str
+    of: str | tuple[str, ...]  # a task name, or the task names summed
+    device: torch.device
+    dtype: torch.dtype
+    delta: torch.Tensor | None
 
-def _tasks(tv: TaskVectors, tasks: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(tv.names if tasks is None else tasks)
+    def cache_key(self, op: str, *extra: Any) -> tuple:
+        """``tv.cache`` key of operation ``op`` on this subject (``extra``: e.g. ``k``)."""
+        name = op if isinstance(self.of, str) else op + "_sum"
+        return (name, self.of, self.key, *extra, str(self.device), str(self.dtype))
 
+    def matrix(self) -> torch.Tensor:
+        """The subject's matrix, fp32 CPU: the caller's ``delta``, else read (and summed)."""
+        if self.delta is not None:
+            return self.delta
+        if isinstance(self.of, str):
+            return self.tv.delta(self.of, self.key)
+        total = self.tv.delta(self.of[0], self.key).clone()
+        for name in self.of[1:]:
+            total += self.tv.delta(name, self.key)
+        return total
 
-def _matrix(tv: TaskVectors, key: str) -> None:
-    if tv.kind(key) != "matrix":
-        from weightlens.errors import InvalidParameterError
-
-        raise InvalidParameterError(
-            f"Key {key!r} has shape {tv.shape(key)}; singular values need a 2-D matrix."
+    def cached(self, op: str, compute: Callable[..., Any], *extra: Any) -> Any:
+        """``compute(matrix, *extra, ...)`` under :meth:`cache_key`, computed on a miss only."""
+        return self.tv.cache.get_or_compute(
+            self.cache_key(op, *extra),
+            lambda: compute(self.matrix(), *extra, device=self.device, dtype=self.dtype, name=self.key),
         )
 
 
-def task_svd(
+def _subject(
     tv: TaskVectors,
-    task: str,
     key: str,
+    of: str | Sequence[str],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    delta: torch.Tensor | None,
+) -> _Subject:
+    """Check that ``key`` is a matrix and ``of`` names tasks; resolve the device once."""
+    if tv.kind(key) != "matrix":
+        raise InvalidParameterError(
+            f"Key {key!r} has shape {tv.shape(key)}; singular values need a 2-D matrix."
+        )
+    names = of if isinstance(of, str) else tuple(of)
+    if not names:
+        raise InvalidParameterError(
+            f"The 'of' parameter names one task (a str) or the tasks to sum (a non-empty sequence); "
+            f"got {of!r} for key {key!r}. Pass e.g. tv.names for the sum over every task."
+        )
+    return _Subject(tv, key, names, linalg.resolve_device(device), dtype, delta)
+
+
+def svd(
+    tv: TaskVectors,
+    key: str,
+    of: str | Sequence[str],
     *,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     delta: torch.Tensor | None = None,
 ) -> linalg.SVD:
-    """Thin SVD of one task matrix ``finetuned[task][key] - base[key]`` (cached).
+    """Thin SVD of ``key``'s task matrix (``of`` a task name) or task sum (``of`` task names), cached.
 
-    ``delta``: that task matrix when the caller already holds it (saves re-reading it on a miss).
+    ``delta``: that matrix when the caller already holds it (saves re-reading it on a miss).
     """
-    _matrix(tv, key)
-    cache_key = ("svd", task, key, *_tag(device, dtype))
-    return tv.cache.get_or_compute(
-        cache_key, lambda: linalg.svd(_or_read(tv, task, key, delta), device=device, dtype=dtype, name=key)
-    )
+    return _subject(tv, key, of, device, dtype, delta).cached("svd", linalg.svd)
 
 
-def task_svdvals(
+def svdvals(
     tv: TaskVectors,
-    task: str,
     key: str,
+    of: str | Sequence[str],
     *,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Singular values of one task matrix; taken from a cached SVD when there is one."""
-    _matrix(tv, key)
-    tag = _tag(device, dtype)
-    full = ("svd", task, key, *tag)
-    if full in tv.cache:
-        return task_svd(tv, task, key, device=device, dtype=dtype).S
-    return tv.cache.get_or_compute(
-        ("svdvals", task, key, *tag),
-        lambda: linalg.svdvals(_or_read(tv, task, key, delta), device=device, dtype=dtype, name=key),
-    )
+    """Singular values of the subject of :func:`svd`; taken from its cached SVD when there is one."""
+    subject = _subject(tv, key, of, device, dtype, delta)
+    if subject.cache_key("svd") in tv.cache:
+        return subject.cached("svd", linalg.svd).S
+    return subject.cached("svdvals", linalg.svdvals)
 
 
-def _or_read(tv: TaskVectors, task: str, key: str, delta: torch.Tensor | None) -> torch.Tensor:
-    return tv.delta(task, key) if delta is None else delta
-
-
-def _or_sum(tv: TaskVectors, key: str, names: tuple[str, ...], delta: torch.Tensor | None) -> torch.Tensor:
-    return sum_delta(tv, key, names) if delta is None else delta
-
-
-def sum_delta(tv: TaskVectors, key: str, tasks: Sequence[str] | None = None) -> torch.Tensor:
-    """Task-arithmetic sum ``sum_t delta_t`` of ``key`` over ``tasks`` (all by default), fp32 CPU."""
-    names = _tasks(tv, tasks)
-    total = tv.delta(names[0], key).clone()
-    for name in names[1:]:
-        total += tv.delta(name, key)
-    return total
-
-
-def sum_svd(
+def topk_svd(
     tv: TaskVectors,
     key: str,
-    tasks: Sequence[str] | None = None,
+    of: str | Sequence[str],
+    k: int,
     *,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     delta: torch.Tensor | None = None,
 ) -> linalg.SVD:
-    """Thin SVD of the task-arithmetic sum of ``key`` (cached per task set).
+    """Leading ``k`` singular triplets of the subject of :func:`svd` (cached).
 
-    ``delta``: the sum when the caller already holds it (saves re-reading the tasks on a miss).
+    Sliced from its cached full SVD when there is one, else :func:`weightlens.linalg.topk_svd`
+    (``method="auto"``), for very large layers where only the top of the spectrum is wanted.
     """
-    _matrix(tv, key)
-    names = _tasks(tv, tasks)
-    cache_key = ("svd_sum", names, key, *_tag(device, dtype))
-    return tv.cache.get_or_compute(
-        cache_key, lambda: linalg.svd(_or_sum(tv, key, names, delta), device=device, dtype=dtype, name=key)
-    )
-
-
-def _topk(
-    tv: TaskVectors,
-    full_key: tuple,
-    topk_key: tuple,
-    k: int,
-    compute: Callable[[], torch.Tensor],
-    device: str | torch.device,
-    dtype: torch.dtype,
-    name: str,
-) -> linalg.SVD:
-    """Leading ``k`` triplets: sliced from a cached full SVD when there is one, else cached top-k."""
-    if full_key in tv.cache:  # (the fallback only runs if it was evicted in between)
-        U, S, Vh = tv.cache.get_or_compute(
-            full_key, lambda: linalg.svd(compute(), device=device, dtype=dtype, name=name)
-        )
+    subject = _subject(tv, key, of, device, dtype, delta)
+    k = int(k)
+    if subject.cache_key("svd") in tv.cache:  # (recomputed only if it was evicted in between)
+        U, S, Vh = subject.cached("svd", linalg.svd)
         return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
-    return tv.cache.get_or_compute(
-        topk_key, lambda: linalg.topk_svd(compute(), k, device=device, dtype=dtype, name=name)
-    )
-
-
-def task_topk_svd(
-    tv: TaskVectors,
-    task: str,
-    key: str,
-    k: int,
-    *,
-    device: str | torch.device = "auto",
-    dtype: torch.dtype = torch.float32,
-    delta: torch.Tensor | None = None,
-) -> linalg.SVD:
-    """Leading ``k`` singular triplets of one task matrix (cached; sliced from a cached full SVD).
-
-    For very large layers where only the top of the spectrum is wanted (``linalg.topk_svd``,
-    ``method="auto"``).
-    """
-    _matrix(tv, key)
-    tag = _tag(device, dtype)
-    return _topk(
-        tv, ("svd", task, key, *tag), ("topk_svd", task, key, int(k), *tag), int(k),
-        lambda: _or_read(tv, task, key, delta), device, dtype, key,
-    )
-
-
-def sum_topk_svd(
-    tv: TaskVectors,
-    key: str,
-    k: int,
-    tasks: Sequence[str] | None = None,
-    *,
-    device: str | torch.device = "auto",
-    dtype: torch.dtype = torch.float32,
-    delta: torch.Tensor | None = None,
-) -> linalg.SVD:
-    """Leading ``k`` singular triplets of the task-arithmetic sum (cached per task set)."""
-    _matrix(tv, key)
-    names = _tasks(tv, tasks)
-    tag = _tag(device, dtype)
-    return _topk(
-        tv, ("svd_sum", names, key, *tag), ("topk_svd_sum", names, key, int(k), *tag), int(k),
-        lambda: _or_sum(tv, key, names, delta), device, dtype, key,
-    )
+    return subject.cached("topk_svd", linalg.topk_svd, k)

@@ -357,7 +357,7 @@ def alignment_to_merged(
     for key in tqdm(_matrix_keys(tv, keys, merged), desc="alignment", disable=not progress):
         deltas = torch.stack([tv.delta(t, key) for t in names])
         if merged is None:
-            ref = decompositions.sum_svd(tv, key, names, device=device, delta=deltas.sum(0))
+            ref = decompositions.svd(tv, key, names, device=device, delta=deltas.sum(0))
         else:
             m = merged[key]
             if tuple(m.shape) != tuple(deltas.shape[1:]):

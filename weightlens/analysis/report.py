@@ -405,16 +405,16 @@ def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tu
     tasks: list[Any] = []
     for t, name in enumerate(run.names):
         if kv < r:
-            tasks.append(decompositions.task_topk_svd(run.tv, name, key, kv, delta=deltas[t], **kw))
+            tasks.append(decompositions.topk_svd(run.tv, key, name, kv, delta=deltas[t], **kw))
         elif run.opts.pairwise:
-            tasks.append(decompositions.task_svd(run.tv, name, key, delta=deltas[t], **kw))
+            tasks.append(decompositions.svd(run.tv, key, name, delta=deltas[t], **kw))
         else:
-            S = decompositions.task_svdvals(run.tv, name, key, delta=deltas[t], **kw)
+            S = decompositions.svdvals(run.tv, key, name, delta=deltas[t], **kw)
             tasks.append(linalg.SVD(None, S, None))  # singular values alone
     total = deltas.sum(0)
     if kv < r:
-        return tasks, decompositions.sum_topk_svd(run.tv, key, kv, run.names, delta=total, **kw)
-    return tasks, decompositions.sum_svd(run.tv, key, run.names, delta=total, **kw)
+        return tasks, decompositions.topk_svd(run.tv, key, run.names, kv, delta=total, **kw)
+    return tasks, decompositions.svd(run.tv, key, run.names, delta=total, **kw)
 
 
 def _merged_svd(run: _Run, key: str, kv: int, r: int) -> tuple[Any, float]:

@@ -271,7 +271,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
 
     def task_arithmetic() -> dict[str, list]:
         total = deltas.sum(0)
-        svd = decompositions.sum_svd(tv, key, device=opts["device"], delta=total) if spectral else None
+        svd = decompositions.svd(tv, key, tv.names, device=opts["device"], delta=total) if spectral else None
         return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts)
 
     tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))

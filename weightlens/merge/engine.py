@@ -77,11 +77,11 @@ class MergeContext:
 
     def task_svd(self, task: str, key: str) -> linalg.SVD:
         """Thin SVD of one task matrix (shared cache; factors on ``self.device``)."""
-        return decompositions.task_svd(self.tv, task, key, device=self.device)
+        return decompositions.svd(self.tv, key, task, device=self.device)
 
     def sum_svd(self, key: str) -> linalg.SVD:
         """Thin SVD of the task-arithmetic sum over this context's tasks (shared cache)."""
-        return decompositions.sum_svd(self.tv, key, self.tasks, device=self.device)
+        return decompositions.svd(self.tv, key, self.tasks, device=self.device)
 
     def zero_tasks(self, key: str) -> tuple[str, ...]:
         """Tasks whose task vector of ``key`` is exactly zero (e.g. a frozen layer); cached."""
