@@ -3,7 +3,7 @@
 plotly is imported only here and in :mod:`weightlens.widgets`, so ``import weightlens`` stays light.
 One module per subject: :mod:`~weightlens.figures.analysis` (the interference report),
 :mod:`~weightlens.figures.merge` (merges against task arithmetic, sweeps),
-:mod:`~weightlens.figures.studio` (per-task accuracy), :mod:`~weightlens.figures.lmc`
+:mod:`~weightlens.figures.task_accuracy` (per-task accuracy), :mod:`~weightlens.figures.lmc`
 (interpolation curves) and :mod:`~weightlens.figures.rebasin` (what a permutation did); every
 builder is also importable from here.
 """
@@ -31,7 +31,7 @@ from weightlens.figures.rebasin import (
     figure_permutations,
     figure_singular_alignment,
 )
-from weightlens.figures.studio import figure_task_accuracy
+from weightlens.figures.task_accuracy import figure_task_accuracy
 
 __all__ = [
     "figure_barriers",

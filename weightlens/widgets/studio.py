@@ -2,7 +2,7 @@
 
 A thin view over :func:`weightlens.merge.merge` and :func:`weightlens.merge.compare`; the
 parameter controls are built from the registry's schemas (:func:`weightlens.merge.get_method`).
-Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.studio`.
+Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.task_accuracy`.
 
 Speed: merges are lazy and their unscaled updates cached in ``tv.cache``; a comparison is computed
 once per (tasks, method, parameters other than ``alpha``) and a move of ``alpha`` rescales it
@@ -31,7 +31,7 @@ import torch
 
 from weightlens.errors import InvalidParameterError
 from weightlens.figures.merge import figure_merge_conflicts, figure_merge_spectrum, figure_retained_alignment
-from weightlens.figures.studio import figure_task_accuracy
+from weightlens.figures.task_accuracy import figure_task_accuracy
 from weightlens.merge import alpha_grid, compare, get_method, list_methods, merge
 from weightlens.merge.registry import Param
 from weightlens.taskvectors import TaskVectors

@@ -1,4 +1,4 @@
-"""Figures of the merge studio that :mod:`weightlens.figures.merge` does not cover.
+"""Per-task accuracy of a merged model against the fine-tuned (and base) models.
 
 Pure builders: a tidy table in, a ``plotly.graph_objects.Figure`` out; nothing computed beyond
 reading the table.
@@ -6,7 +6,7 @@ reading the table.
 Examples
 --------
 >>> import pandas as pd
->>> from weightlens.figures.studio import figure_task_accuracy
+>>> from weightlens.figures.task_accuracy import figure_task_accuracy
 >>> t = pd.DataFrame({"task": ["a", "a"], "model": ["merged", "fine-tuned"], "accuracy": [0.8, 0.9]})
 >>> [tr.type for tr in figure_task_accuracy(t).data]
 ['bar', 'scatter']
