@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,8 @@ class MergeStudio(Panel):
         self.method.observe(self._on_method, names="value")
         for m, controls in self.params.items():
             for name, control in controls.items():
-                control.observe(self._on_alpha if name == "alpha" else self._on_param, names="value")
+                control.observe(partial(self._on_param, what="alpha" if name == "alpha" else "parameters"),
+                                names="value")
         for box in self.task_boxes.values():
             box.observe(self._on_param, names="value")
         self.key.observe(self._on_key, names="value")
@@ -398,11 +400,10 @@ class MergeStudio(Panel):
             if recompute:
                 self._schedule()
 
-    def _on_alpha(self, change: dict[str, Any]) -> None:
-        self._update("alpha", PANELS, recompute=True)
-
-    def _on_param(self, change: dict[str, Any]) -> None:
-        self._update("parameters", PANELS, recompute=True)
+    def _on_param(self, change: dict[str, Any], what: str = "parameters") -> None:
+        """A method parameter (``what`` names it in the status line) or a task box changed: merge again.
+        A move of ``alpha`` alone finds the cached comparison and rescales it (:meth:`_recompute`): no SVD."""
+        self._update(what, PANELS, recompute=True)
 
     def _on_method(self, change: dict[str, Any]) -> None:
         self.param_box.children = list(self.params[self.method.value].values())
