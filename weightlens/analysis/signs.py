@@ -40,6 +40,7 @@ _LO = 1 << 16
 __all__ = [
     "chance_conflict",
     "conflict_stats",
+    "elected_sign",
     "global_thresholds",
     "streaming_thresholds",
     "pairwise_conflicts",
@@ -89,12 +90,15 @@ def trim(
     stacked: torch.Tensor,
     density: float | None = None,
     *,
-    thresholds: Sequence[float | None] | None = None,
+    thresholds: Sequence[float | None] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TIES trim of stacked deltas ``(T, ...)``: per task keep the largest-magnitude entries.
+    """TIES trim of stacked deltas ``(T, ...)``: per task keep the entries with ``|tau_t| >= threshold_t``.
 
-    ``thresholds`` (one per task, e.g. from :func:`global_thresholds`) wins over ``density``; with
-    ``density`` alone the threshold is local to this tensor. Neither: returned unchanged.
+    ``thresholds`` (one per task: a sequence, None keeping that task whole, e.g. from
+    :func:`global_thresholds`, or a ``(T,)`` tensor from :func:`streaming_thresholds`) wins over
+    ``density``; with ``density`` alone the threshold is local to this tensor. Neither: returned
+    unchanged. The one TIES threshold trim of weightlens (analysis and ``merge`` alike); trimmed
+    entries become ``+0`` and kept ones keep their bits.
     """
     if thresholds is None:
         if check_density(density) is None:
@@ -104,17 +108,25 @@ def trim(
         raise InvalidParameterError(
             f"trim got {len(thresholds)} thresholds for {stacked.shape[0]} tasks; pass one per task."
         )
-    out = stacked.clone()
-    for t, thr in enumerate(thresholds):
-        if thr is not None:
-            out[t][out[t].abs() < thr] = 0.0
-    return out
+    if isinstance(thresholds, torch.Tensor):
+        thr = thresholds.to(device=stacked.device, dtype=stacked.dtype)
+    else:  # None keeps everything: |x| < 0 never holds
+        thr = torch.tensor([0.0 if t is None else t for t in thresholds], dtype=stacked.dtype, device=stacked.device)
+    thr = thr.reshape(-1, *([1] * (stacked.ndim - 1)))
+    return torch.where(stacked.abs() < thr, torch.zeros((), dtype=stacked.dtype, device=stacked.device), stacked)
 
 
-def _elected_sign(total: torch.Tensor) -> torch.Tensor:
-    """TIES elected sign from the per-coordinate sums: ``sgn(total)``, zeros taking the majority sign."""
+def elected_sign(total: torch.Tensor, zero: int | None = None) -> torch.Tensor:
+    """TIES elected sign ``gamma = sgn(total)`` from the per-coordinate vote sums ``total = sum_t tau_t``.
+
+    A zero sum takes ``zero``: None (default) the tensor's majority sign ``sgn(sum_p gamma_p)``
+    (what the sign statistics use); an int the caller's choice (``merge``'s TIES: the whole-model
+    majority, or +1 as mergekit); 0 leaves it 0. The one elected sign of weightlens.
+    """
     gamma = torch.sign(total)
-    return torch.where(gamma == 0, torch.sign(gamma.sum()), gamma)
+    if zero is None:
+        return torch.where(gamma == 0, torch.sign(gamma.sum()), gamma)
+    return gamma.masked_fill(gamma == 0, float(zero)) if zero else gamma
 
 
 def empty_stats(T: int, P: int) -> dict[str, float]:
@@ -161,7 +173,7 @@ def conflict_stats(
     mass = x.abs().sum(0, dtype=_F64)
     total = x.sum(0, dtype=_F64)  # = positive mass - negative mass
     # TIES discards the mass against the elected sign gamma = sgn(sum_t tau_t): (mass - gamma * total) / 2
-    gamma = _elected_sign(total)
+    gamma = elected_sign(total)
     discarded = float(torch.where(gamma != 0, mass - gamma * total, 0.0).sum()) / 2
     # joint histogram of (n, |n+ - n-|): exact counts behind the chance baseline and the agreement
     joint = torch.bincount((n * (T + 1) + net.abs()).to(torch.int32), minlength=(T + 1) ** 2)

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from weightlens.analysis.signs import elected_sign, trim
 from weightlens.analysis.signs import streaming_thresholds as global_thresholds
 from weightlens.io.recipe import Mergekit
 from weightlens.merge.engine import MergeContext
@@ -50,12 +51,10 @@ __all__ = [
     "dare_deltas",
     "dare_mask",
     "disjoint_merge",
-    "elect_sign",
     "global_thresholds",
     "majority_sign",
     "task_arithmetic",
     "ties",
-    "trim_global",
     "trim_tensor",
 ]
 
@@ -93,15 +92,6 @@ def task_arithmetic(ctx: MergeContext, key: str) -> KeyUpdate:
 
 
 # ------------------------------------------------------------------------------ TIES pieces
-def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Zero the entries of each task below its threshold: keep ``|tau_t| >= threshold_t``.
-
-    ``deltas`` is ``(T, ...)``, ``thresholds`` is ``(T,)``.
-    """
-    thr = thresholds.to(deltas.dtype).reshape(-1, *([1] * (deltas.ndim - 1)))
-    return torch.where(deltas.abs() >= thr, deltas, torch.zeros((), dtype=deltas.dtype))
-
-
 def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly ``floor(density * numel)`` largest ``|tau_t|`` per task (stable: lower index wins)."""
     flat = deltas.reshape(deltas.shape[0], -1)
@@ -111,12 +101,6 @@ def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
     order = torch.argsort(flat.abs(), dim=1, descending=True, stable=True)[:, :k]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
     return (flat * mask).reshape(deltas.shape)
-
-
-def elect_sign(trimmed: torch.Tensor, zero: int = 0) -> torch.Tensor:
-    """``gamma = sgn(sum_t tau_hat_t)`` per coordinate ("mass" election); a zero sum gets ``zero``."""
-    gamma = torch.sign(trimmed.sum(0))
-    return gamma.masked_fill(gamma == 0, float(zero)) if zero else gamma
 
 
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
@@ -137,7 +121,7 @@ def majority_sign(tv: TaskVectors, trimmed_of: Callable[[str], torch.Tensor]) ->
     """
     votes = 0
     for key in tv.keys:
-        votes += int(elect_sign(trimmed_of(key)).sum(dtype=torch.float64))
+        votes += int(elected_sign(trimmed_of(key).sum(0), 0).sum(dtype=torch.float64))
     return (votes > 0) - (votes < 0)
 
 
@@ -149,7 +133,7 @@ def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: 
     thresholds = ctx.once(("ties_thresholds", density), lambda: global_thresholds(ctx.tv, density))
     majority = ctx.once(
         ("ties_majority", density),
-        lambda: majority_sign(ctx.tv, lambda key: trim_global(ctx.deltas(key), thresholds)),
+        lambda: majority_sign(ctx.tv, lambda key: trim(ctx.deltas(key), thresholds=thresholds)),
     )
     return {"thresholds": thresholds, "majority": majority}
 
@@ -196,14 +180,14 @@ def ties(
     deltas = ctx.deltas(key)
     notes: tuple[str, ...] = ()
     if scope == "global":
-        trimmed = trim_global(deltas, ctx.state["thresholds"])
+        trimmed = trim(deltas, thresholds=ctx.state["thresholds"])
         zero = ctx.state["majority"]
     else:
         trimmed, zero = trim_tensor(deltas, density), 1
         if int(ctx.tv.numel(key) * density) == 0:
             notes = (f"TIES: density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries "
                      "per task of this tensor: zero update (scope='tensor').",)
-    return KeyUpdate(disjoint_merge(trimmed, elect_sign(trimmed, zero), merge_func), notes)
+    return KeyUpdate(disjoint_merge(trimmed, elected_sign(trimmed.sum(0), zero), merge_func), notes)
 
 
 # ------------------------------------------------------------------------------ DARE
@@ -282,4 +266,4 @@ def dare(
     deltas = dare_deltas(ctx, key, density, seed)
     if combine == "task_arithmetic":
         return KeyUpdate(deltas.sum(0))
-    return KeyUpdate(disjoint_merge(deltas, elect_sign(deltas, ctx.state["majority"]), "mean"))
+    return KeyUpdate(disjoint_merge(deltas, elected_sign(deltas.sum(0), ctx.state["majority"]), "mean"))
