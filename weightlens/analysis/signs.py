@@ -240,6 +240,7 @@ def global_thresholds(
     """Whole-model TIES trim threshold of each task (``scope="global"``, the paper's default).
 
     ``{task: threshold}`` from :func:`streaming_thresholds`; None (keep everything) at density 1.
+    The same values as a ``(T,)`` tensor (what ``merge``'s TIES uses) are :func:`streaming_thresholds`.
     """
     if check_density(density) is None:
         return {t: None for t in (tv.names if tasks is None else tasks)}

@@ -39,8 +39,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from weightlens.analysis.signs import elected_sign, trim
-from weightlens.analysis.signs import streaming_thresholds as global_thresholds
+from weightlens.analysis.signs import elected_sign, streaming_thresholds, trim
 from weightlens.io.recipe import Mergekit
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
@@ -51,7 +50,6 @@ __all__ = [
     "dare_deltas",
     "dare_mask",
     "disjoint_merge",
-    "global_thresholds",
     "majority_sign",
     "task_arithmetic",
     "ties",
@@ -130,7 +128,7 @@ def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: 
     """Global scope: per-task thresholds (two radix passes), then the majority sign (one pass)."""
     if scope != "global":
         return {}
-    thresholds = ctx.once(("ties_thresholds", density), lambda: global_thresholds(ctx.tv, density))
+    thresholds = ctx.once(("ties_thresholds", density), lambda: streaming_thresholds(ctx.tv, density))
     majority = ctx.once(
         ("ties_majority", density),
         lambda: majority_sign(ctx.tv, lambda key: trim(ctx.deltas(key), thresholds=thresholds)),
