@@ -124,6 +124,26 @@ def test_given_permutations_and_a_plain_callable():
         LMCExplorer(a, b, ev, {"0.weight": ("h", None)})
 
 
+def test_results_given_are_shown_and_the_rest_is_measured_on_first_display(setup, monkeypatch):
+    a, b, ev, spec, x = setup
+    calls = []
+    monkeypatch.setattr("weightlens.widgets.lmc.curve", lambda *args, **kw: calls.append("curve"))
+    monkeypatch.setattr("weightlens.widgets.lmc.weight_matching", lambda *args, **kw: calls.append("matching"))
+    y = LMCExplorer(a, b, None, spec, permutations=x.permutations_, naive=x.naive_, matched=x.matched_, k=6)
+    assert calls == [] and y._distances is None and y._alignment is None  # nothing measured yet
+    assert y.children[0].value == x.children[0].value
+    y.controls["view"].value = "layer distance"
+    assert y._distances is not None and y._alignment is None
+    assert y.distances_.equals(x.distances_)
+    y.controls["view"].value = "singular vectors"
+    assert y.alignment_.layers.equals(x.alignment_.layers) and y.last_error is None
+    with pytest.raises(InvalidParameterError, match="'evaluate'"):
+        LMCExplorer(a, b, None, spec, naive=x.naive_)
+    short = lmc.curve(a, b, ev, points=5)
+    with pytest.raises(InvalidParameterError, match="same alphas"):
+        LMCExplorer(a, b, None, spec, permutations=x.permutations_, naive=short, matched=x.matched_)
+
+
 def test_the_widgets_package_exports_this_explorer():
     import weightlens as wl
 

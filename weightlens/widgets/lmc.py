@@ -1,8 +1,9 @@
 """``LMCExplorer``: naive vs matched interpolation between two models, and what the matching did.
 
 A thin ipywidgets view. Numbers come from :mod:`weightlens.rebasin` (weight matching, layer
-distances, singular-vector alignment) and :mod:`weightlens.lmc` (curves and barriers), computed once
-when the explorer is built; figures come from :mod:`weightlens.figures.lmc` and
+distances, singular-vector alignment) and :mod:`weightlens.lmc` (curves and barriers): the matching
+and the curves when the explorer is built (or passed in, already computed), the distances and the
+alignment once, the first time their view is shown; figures come from :mod:`weightlens.figures.lmc` and
 :mod:`weightlens.figures.rebasin`. Controls only pick what to show: moving a control never
 recomputes a curve, a matching or an SVD.
 
@@ -20,13 +21,21 @@ from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 from weightlens.errors import InvalidParameterError
 from weightlens.figures.lmc import figure_lmc
 from weightlens.figures.rebasin import figure_layer_distances, figure_permutations, figure_singular_alignment
 from weightlens.lmc import Evaluator, LMCCurve, curve, relative_reduction
-from weightlens.rebasin import Permutations, PermutationSpec, layer_distances, singular_alignment, weight_matching
+from weightlens.rebasin import (
+    Permutations,
+    PermutationSpec,
+    SingularAlignment,
+    layer_distances,
+    singular_alignment,
+    weight_matching,
+)
 from weightlens.widgets._common import Panel, figure_widget, refresh
 
 __all__ = ["LMCExplorer"]
@@ -37,8 +46,9 @@ VIEWS = ("interpolation", "layer distance", "permutations", "singular vectors")
 class LMCExplorer(Panel):
     """Interpolation between ``a`` and ``b``, naively and after Git Re-Basin weight matching.
 
-    Building the explorer matches ``b`` to ``a`` (unless ``permutations`` are given), scores both
-    interpolation curves and measures per-layer distances and singular-vector alignment. The views:
+    Building the explorer matches ``b`` to ``a`` (unless ``permutations`` are given) and scores both
+    interpolation curves (unless ``naive`` and ``matched`` are given); per-layer distances and
+    singular-vector alignment are measured the first time they are shown or read. The views:
     loss and accuracy curves with a movable alpha, distance per layer before and after matching,
     the permutation matrices, and the alignment of the top singular vectors of each layer.
 
@@ -46,9 +56,10 @@ class LMCExplorer(Panel):
     ----------
     a, b : checkpoint source
         Two models of one architecture (anything :func:`weightlens.load` accepts).
-    evaluate : Evaluator or callable
+    evaluate : Evaluator or callable or None
         As in :func:`weightlens.lmc.curve`: ``evaluate(state_dict) -> {"loss", "accuracy"}`` or
         ``{split: {...}}``; an :class:`weightlens.lmc.Evaluator` scores all alphas in batched passes.
+        May be None when both ``naive`` and ``matched`` are given.
     spec : PermutationSpec
         Permutation spec of the architecture (e.g. :func:`weightlens.rebasin.mlp_spec`).
     permutations : Permutations, optional
@@ -61,13 +72,23 @@ class LMCExplorer(Panel):
         BatchNorm reset / REPAIR at every alpha (need an ``Evaluator``; see :func:`weightlens.lmc.curve`).
     k : int, default=16
         Top singular vectors compared per layer.
+    naive, matched : LMCCurve, optional
+        Curves already computed (``weightlens.lmc.curve`` of ``a, b`` and of ``a`` and the matched
+        ``b``), shown as they are; same alphas and splits. ``points``, ``bn_loader`` and ``repair``
+        apply only to a curve computed here.
+    distances : DataFrame, optional
+        ``weightlens.rebasin.layer_distances(a, b, spec, permutations)``, already computed.
+    alignment : SingularAlignment, optional
+        ``weightlens.rebasin.singular_alignment(a, b, spec, permutations, k=k)``, already computed.
 
     Attributes
     ----------
     permutations_ : Permutations
     naive_, matched_ : LMCCurve
     distances_ : pandas.DataFrame
+        Computed on first access (the "layer distance" view) unless given.
     alignment_ : weightlens.rebasin.SingularAlignment
+        Computed on first access (the "singular vectors" view) unless given.
     controls : dict of ipywidgets
         ``view``, ``split``, ``alpha``, ``permutation``, ``side`` (set ``.value`` to drive it from code).
     figures : dict of FigureWidget
@@ -88,7 +109,7 @@ class LMCExplorer(Panel):
         self,
         a: object,
         b: object,
-        evaluate: Evaluator | Callable[[Mapping[str, Any]], Mapping[str, Any]],
+        evaluate: Evaluator | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
         spec: PermutationSpec,
         *,
         permutations: Permutations | None = None,
@@ -97,24 +118,38 @@ class LMCExplorer(Panel):
         bn_loader: object | None = None,
         repair: object | None = None,
         k: int = 16,
+        naive: LMCCurve | None = None,
+        matched: LMCCurve | None = None,
+        distances: pd.DataFrame | None = None,
+        alignment: SingularAlignment | None = None,
     ) -> None:
         if not isinstance(spec, PermutationSpec):
             raise InvalidParameterError(
                 f"The 'spec' parameter must be a PermutationSpec (e.g. weightlens.rebasin.mlp_spec(a)). "
                 f"Got {type(spec).__name__} instead."
             )
+        if evaluate is None and (naive is None or matched is None):
+            raise InvalidParameterError("LMCExplorer needs 'evaluate' unless both 'naive' and 'matched' curves "
+                                        "are given.")
         from weightlens.io import load
 
         super().__init__()
         a_sd, b_sd = load(a), load(b)
+        self._sources, self._spec, self._k = (a_sd, b_sd), spec, k
         self.permutations_ = permutations if permutations is not None else weight_matching(a_sd, b_sd, spec,
                                                                                            seed=seed)
-        matched_b = self.permutations_.apply({key: b_sd[key] for key in b_sd})
         options = {"points": points, "bn_loader": bn_loader, "repair": repair}
-        self.naive_: LMCCurve = curve(a_sd, b_sd, evaluate, label="naive", **options)
-        self.matched_: LMCCurve = curve(a_sd, matched_b, evaluate, label="matched", **options)
-        self.distances_ = layer_distances(a_sd, b_sd, spec, self.permutations_)
-        self.alignment_ = singular_alignment(a_sd, b_sd, spec, self.permutations_, k=k)
+        if naive is None:
+            naive = curve(a_sd, b_sd, evaluate, label="naive", **options)
+        if matched is None:
+            matched_b = self.permutations_.apply({key: b_sd[key] for key in b_sd})
+            matched = curve(a_sd, matched_b, evaluate, label="matched", **options)
+        if not np.array_equal(naive.alphas, matched.alphas) or list(naive.splits) != list(matched.splits):
+            raise InvalidParameterError("LMCExplorer: the naive and matched curves need the same alphas and "
+                                        "splits.")
+        self.naive_: LMCCurve = naive
+        self.matched_: LMCCurve = matched
+        self._distances, self._alignment = distances, alignment
         self.controls = self._make_controls(spec)
         self._readout = widgets.HTML()
         self._panel = widgets.Box(layout=widgets.Layout(width="100%"))
@@ -123,6 +158,19 @@ class LMCExplorer(Panel):
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         self._show()
+
+    # ------------------------------------------------------------------ results measured on first use
+    @property
+    def distances_(self) -> pd.DataFrame:
+        if self._distances is None:
+            self._distances = layer_distances(*self._sources, self._spec, self.permutations_)
+        return self._distances
+
+    @property
+    def alignment_(self) -> SingularAlignment:
+        if self._alignment is None:
+            self._alignment = singular_alignment(*self._sources, self._spec, self.permutations_, k=self._k)
+        return self._alignment
 
     # ------------------------------------------------------------------ controls
     def _make_controls(self, spec: PermutationSpec) -> dict[str, widgets.ValueWidget]:
