@@ -44,6 +44,7 @@ __all__ = [
     "global_thresholds",
     "streaming_thresholds",
     "pairwise_conflicts",
+    "sign_votes",
     "ties_threshold",
     "trim",
 ]
@@ -129,6 +130,20 @@ def elected_sign(total: torch.Tensor, zero: int | None = None) -> torch.Tensor:
     return gamma.masked_fill(gamma == 0, float(zero)) if zero else gamma
 
 
+def sign_votes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-coordinate sign votes of flattened task deltas ``x`` ``(T, P)``: ``(signs, net, n, conflict)``.
+
+    ``signs`` is ``sgn(x)`` ``(T, P)``; ``net = n+ - n-`` and ``n = n+ + n-`` per coordinate ``(P,)``;
+    ``conflict`` marks the coordinates where both signs are present; ``n >= 2`` the counted
+    (contested) ones. All in float32: signs and counts are exact there (for T < 2^24), and it is
+    several times faster than int or float64 passes on the CPU. The one sign count behind
+    :func:`conflict_stats` and ``merge.compare``'s sign outcomes.
+    """
+    sd = torch.sign(x).to(torch.float32)
+    net, n = sd.sum(0), sd.abs().sum(0)
+    return sd, net, n, net.abs() < n
+
+
 def empty_stats(T: int, P: int) -> dict[str, float]:
     """Statistics of a tensor no task changed (e.g. a frozen layer)."""
     nan = math.nan
@@ -166,10 +181,8 @@ def conflict_stats(
     x = trim(stacked, density, thresholds=thresholds).reshape(T, -1)
     if not bool(x.any()):
         return empty_stats(T, x.shape[1])
-    # signs in float32 (exact, and several times faster than int or float64 passes on the CPU)
-    sd = torch.sign(x).to(torch.float32)
-    net, n = sd.sum(0), sd.abs().sum(0)  # n+ - n- and n+ + n- per coordinate (exact for T < 2^24)
-    eligible, conflict = n >= 2, net.abs() < n  # conflict: both signs present
+    _, net, n, conflict = sign_votes(x)
+    eligible = n >= 2
     mass = x.abs().sum(0, dtype=_F64)
     total = x.sum(0, dtype=_F64)  # = positive mass - negative mass
     # TIES discards the mass against the elected sign gamma = sgn(sum_t tau_t): (mass - gamma * total) / 2

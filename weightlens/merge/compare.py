@@ -32,7 +32,7 @@ import torch
 
 from weightlens import decompositions, linalg
 from weightlens.analysis.alignment import sar_curve
-from weightlens.analysis.signs import chance_conflict
+from weightlens.analysis.signs import chance_conflict, sign_votes
 from weightlens.analysis.spectra import check_criterion, rank_for_energy
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.merge.engine import MergeResult
@@ -141,9 +141,8 @@ def _outcomes(deltas: torch.Tensor, update: torch.Tensor) -> tuple[dict[str, flo
     u = update.reshape(-1).to(torch.float32)
     if not bool(x.any()):  # frozen in every task (e.g. embeddings): nothing is contested
         return _frozen_outcomes(x, u)
-    sd, su = torch.sign(x), torch.sign(u)
-    net, count = sd.sum(0), sd.abs().sum(0)  # pos - neg and pos + neg per coordinate (exact for T < 2^24)
-    conflict = net.abs() < count  # both signs present
+    sd, _, count, conflict = sign_votes(x)  # conflict: both signs present
+    su = torch.sign(u)
     n_conf = int(torch.count_nonzero(conflict))
     mag = x.abs()
     total_mass = float((mag * conflict).sum())
