@@ -49,6 +49,7 @@ __all__ = [
     "sar_curve",
     "sar_curves",
     "sar_rows",
+    "sar_to_reference",
     "sti",
     "subspace_overlap",
 ]
@@ -148,6 +149,30 @@ def left_span(dec: linalg.SVD, shape: tuple[int, int]) -> torch.Tensor:
 def reference_ranks(S: torch.Tensor, eps: float, total_sq: float | None = None) -> dict[str, int]:
     """k of both rank rules for a reference spectrum ``S``."""
     return {rule: rank_for_energy(S, eps, criterion=rule, total_sq=total_sq) for rule in CRITERIA}
+
+
+def sar_to_reference(
+    key: str,
+    deltas: torch.Tensor,
+    tasks: Sequence[str],
+    reference: str,
+    dec: linalg.SVD,
+    eps: float = 0.05,
+    criterion: Criterion = "iso_script",
+    *,
+    shape: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """SAR of stacked task matrices ``(T, m, n)`` against a reference update's SVD ``dec``: :func:`sar_rows`.
+
+    The one "tasks against a merged update" SAR of weightlens (:func:`alignment_to_merged` and
+    ``merge.compare``): k of both rules from ``dec.S`` at ``eps`` (:func:`reference_ranks`), then the
+    projection. ``shape`` (the matrix shape) caps the projection at the reference's numerical rank
+    (:func:`left_span`; a k past it is clipped and flagged); None projects on ``dec.U[:, :k]`` of
+    ``criterion`` as it is (``compare``: its rows keep only ``k`` and ``sar`` of that rule).
+    """
+    ranks = reference_ranks(dec.S, eps)
+    U = left_span(dec, shape) if shape is not None else dec.U[:, : ranks[check_criterion(criterion)]]
+    return sar_rows(key, deltas, tasks, reference, U, ranks, criterion)
 
 
 # ---------------------------------------------------------------------------------------- STI
@@ -366,6 +391,5 @@ def alignment_to_merged(
                     f"{tuple(deltas.shape[1:])}."
                 )
             ref = linalg.svd(m.to(torch.float32), device=device, name=key)
-        U = left_span(ref, tuple(deltas.shape[1:]))
-        rows += sar_rows(key, deltas, names, label, U, reference_ranks(ref.S, eps), criterion)
+        rows += sar_to_reference(key, deltas, names, label, ref, eps, criterion, shape=tuple(deltas.shape[1:]))
     return pd.DataFrame(rows)

@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 
 from weightlens import decompositions, linalg
-from weightlens.analysis.alignment import sar_curve
+from weightlens.analysis.alignment import sar_to_reference
 from weightlens.analysis.signs import chance_conflict, sign_votes
-from weightlens.analysis.spectra import check_criterion, rank_for_energy
+from weightlens.analysis.spectra import check_criterion
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.merge.engine import MergeResult
 from weightlens.taskvectors import TaskVectors
@@ -236,13 +236,11 @@ def _side_rows(
     """Every row of one key for one update: alignment and spectrum (matrices), signs, per-task sums."""
     out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     if svd is not None:
-        U, S, _ = svd
-        S = S.cpu()
-        k = rank_for_energy(S, opts["eps"], criterion=opts["criterion"])
-        curve = sar_curve(deltas, U[:, :k])  # (T, k + 1): SAR at every rank up to k
-        out["spectrum"] = [{"key": key, "which": which, "index": i, "sigma": float(s)} for i, s in enumerate(S)]
-        out["alignment"] = [{"task": task, "key": key, "which": which, "sar": float(curve[t, k]), "k": k}
-                            for t, task in enumerate(tv.names)]
+        rows = sar_to_reference(key, deltas, tv.names, which, svd, opts["eps"], opts["criterion"])
+        out["spectrum"] = [{"key": key, "which": which, "index": i, "sigma": float(s)}
+                           for i, s in enumerate(svd.S.cpu())]
+        out["alignment"] = [{"task": r["task"], "key": key, "which": which, "sar": r["sar"], "k": r["k"]}
+                            for r in rows]
     stats, per_task = _outcomes(deltas, upd)
     rate = stats["conflicting"] / stats["contested"] if stats["contested"] else math.nan
     out["signs"].append({"key": key, "which": which, **stats, "conflict_rate": rate,
