@@ -448,11 +448,11 @@ def recipe_for(merged: Any, recipe: Any, *, out: Path, like: Path | None, dtype:
                shard_size: int | str, fingerprint: str = "header") -> ExportRecipe:
     """What an export of ``merged`` writes about it: what ``merged.export_recipe(...)`` builds (a merge
     result), else the recipe given (validated; no mergekit equivalent: io knows no merge methods)."""
+    build = getattr(merged, "export_recipe", None)
+    if callable(build):  # checks the fingerprint mode itself
+        return build(recipe, out=out, like=like, dtype=dtype, shard_size=shard_size, fingerprint=fingerprint)
     if recipe is not False:
         check_fingerprint_mode(fingerprint)
-    build = getattr(merged, "export_recipe", None)
-    if callable(build):
-        return build(recipe, out=out, like=like, dtype=dtype, shard_size=shard_size, fingerprint=fingerprint)
     given = given_recipe(recipe, out)
     return ExportRecipe(given, metadata=recipe_metadata(given) if given is not None else {})
 
