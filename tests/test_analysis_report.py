@@ -192,7 +192,7 @@ def test_orthogonal_tasks_have_zero_sti_and_overlap():
 
 
 def test_top_n_merged_and_alignment_to_merged(tv):
-    merged = {k: tv.deltas(k).mean(0) * 2 for k in tv.keys}
+    merged = {k: tv.base_tensor(k) + tv.deltas(k).mean(0) * 2 for k in tv.keys}  # full merged weights
     rep = analyze(tv, device="cpu", progress=False, merged=merged, top_n=5)
     spec = rep.spectra.query("key == 'enc.layer.1.fc.weight'")
     assert spec["truncated"].all() and spec["n_values"].eq(5).all() and spec["erank"].isna().all()

@@ -3,7 +3,7 @@
 Definitions: ``docs/methods.md#sar``, ``#sti`` and ``#principal-angles-and-overlap``:
 
 * **SAR** (Iso, Eq. 5): ``||U_k^T delta_t||_F / ||delta_t||_F`` with ``U_k`` the top-k left singular
-  vectors of a reference (the task-arithmetic sum, a merged delta, or another task); k from the
+  vectors of a reference (the task-arithmetic sum, a merge's update, or another task); k from the
   reference's spectrum by the ``"paper"`` (Eq. 6) or ``"iso_script"`` (``fig_3a.py``) rule. One
   projection gives SAR for every k, so both rules cost one matrix product.
 * **STI** (TSV): ``||(Uc^T Uc - I) Sc (Vc^T Vc - I)||_1`` (entrywise) with the task singular vectors
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from weightlens import decompositions, linalg
 from weightlens.analysis.spectra import CRITERIA, Criterion, check_criterion, rank_for_energy
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.merged import check_merged, merged_keys, merged_update
 from weightlens.taskvectors import TaskVectors
 
 __all__ = [
@@ -159,19 +160,16 @@ def sar_to_reference(
     dec: linalg.SVD,
     eps: float = 0.05,
     criterion: Criterion = "iso_script",
-    *,
-    shape: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """SAR of stacked task matrices ``(T, m, n)`` against a reference update's SVD ``dec``: :func:`sar_rows`.
 
-    The one "tasks against a merged update" SAR of weightlens (:func:`alignment_to_merged` and
-    ``merge.compare``): k of both rules from ``dec.S`` at ``eps`` (:func:`reference_ranks`), then the
-    projection. ``shape`` (the matrix shape) caps the projection at the reference's numerical rank
-    (:func:`left_span`; a k past it is clipped and flagged); None projects on ``dec.U[:, :k]`` of
-    ``criterion`` as it is (``compare``: its rows keep only ``k`` and ``sar`` of that rule).
+    The one "tasks against a merged update" SAR of weightlens (:func:`alignment_to_merged`,
+    ``analyze(merged=)`` through the same rules, and ``merge.compare``): k of both rules from
+    ``dec.S`` at ``eps`` (:func:`reference_ranks`), the projection capped at the reference's numerical
+    rank (:func:`left_span`; a k past it is clipped and flagged).
     """
     ranks = reference_ranks(dec.S, eps)
-    U = left_span(dec, shape) if shape is not None else dec.U[:, : ranks[check_criterion(criterion)]]
+    U = left_span(dec, tuple(deltas.shape[-2:]))
     return sar_rows(key, deltas, tasks, reference, U, ranks, criterion)
 
 
@@ -338,7 +336,9 @@ def _matrix_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[st
         raise KeyMismatchError(f"Unknown key(s) {unknown[:5]}: not among the task vectors' keys.")
     chosen = [k for k in chosen if tv.kind(k) == "matrix"]
     if merged is not None:
-        chosen = [k for k in chosen if k in merged]
+        held = set(merged_keys(tv, merged))
+        chosen = [k for k in chosen if k in held]
+        check_merged(tv, merged, chosen, caller="alignment_to_merged()")
     return chosen
 
 
@@ -354,13 +354,14 @@ def alignment_to_merged(
     device: str | torch.device = "auto",
     progress: bool = False,
 ) -> pd.DataFrame:
-    """SAR of every task matrix against a merged delta (or the task-arithmetic sum), per key.
+    """SAR of every task matrix against a merge (or the task-arithmetic sum), per key.
 
     Parameters
     ----------
     tv : the task vectors.
-    merged : ``{key: merged delta}`` (merged weights minus base, same shapes); ``None`` uses the
-        task-arithmetic sum (its SVD is cached in ``tv.cache``). Only 2-D keys present in both count.
+    merged : a ``wl.merge(...)`` result or full merged weights (the update ``merged - base`` is taken
+        by ``weightlens.merged.merged_update``); ``None`` uses the task-arithmetic sum (its SVD is
+        cached in ``tv.cache``). Only the matrix keys the merge updates (or the weights hold) count.
     tasks, keys : restrict to these tasks / keys (all matrix keys by default).
     criterion, eps : rank rule for ``k_M`` (both rules are always reported; ``criterion`` picks the
         ``k``/``sar`` columns). ``"iso_script"`` reproduces the published figures.
@@ -384,12 +385,7 @@ def alignment_to_merged(
         if merged is None:
             ref = decompositions.svd(tv, key, names, device=device, delta=deltas.sum(0))
         else:
-            m = merged[key]
-            if tuple(m.shape) != tuple(deltas.shape[1:]):
-                raise ShapeMismatchError(
-                    f"merged[{key!r}] has shape {tuple(m.shape)}; the task matrices have "
-                    f"{tuple(deltas.shape[1:])}."
-                )
-            ref = linalg.svd(m.to(torch.float32), device=device, name=key)
-        rows += sar_to_reference(key, deltas, names, label, ref, eps, criterion, shape=tuple(deltas.shape[1:]))
+            m = merged_update(tv, merged, key, caller="alignment_to_merged()")
+            ref = linalg.svd(m, device=device, name=key)
+        rows += sar_to_reference(key, deltas, names, label, ref, eps, criterion)
     return pd.DataFrame(rows)

@@ -52,9 +52,10 @@ from weightlens.analysis.signs import (
     trim,
 )
 from weightlens.analysis.spectra import CRITERIA, spectrum_rows
-from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.errors import InvalidParameterError, KeyMismatchError
 from weightlens.io._atomic import atomic_write_text
 from weightlens.io.keys import block_of
+from weightlens.merged import check_merged, merged_keys, merged_update
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["AnalysisOptions", "Report", "analyze", "block_of"]
@@ -297,6 +298,7 @@ class _Run:
     opts: AnalysisOptions
     device: str | torch.device
     merged: Mapping[str, torch.Tensor] | None
+    merged_keys: frozenset[str]
     thresholds: list[float | None] | None
     gram: torch.Tensor
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -327,7 +329,9 @@ def analyze(
     tv : the task vectors (its ``cache`` is filled and reused).
     device : decomposition device, ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
     tasks, keys : restrict to these tasks / tensor keys (default: all).
-    merged : optional merged *delta* ``{key: merged - base}``; adds ``"merged"`` spectra and SAR.
+    merged : optional merge: a ``wl.merge(...)`` result or full merged weights (a state dict,
+        ``wl.load(folder)``), as ``compare`` takes; adds ``"merged"`` spectra and SAR for the matrix
+        keys it updates (its update ``merged - base`` comes from ``weightlens.merged.merged_update``).
     progress : progress bar over keys.
     options : an :class:`AnalysisOptions`; ``**overrides`` set its fields directly, e.g.
         ``analyze(tv, sar_criterion="paper", top_n=256, sign_density=0.2)``.
@@ -346,31 +350,34 @@ def analyze(
     opts = resolve_options(options, overrides)
     if tasks is not None:
         tv = tv.subset(tasks)
-    chosen = _select_keys(tv, keys, merged)
+    chosen = _select_keys(tv, keys)
+    with_merged = _merged_keys(tv, merged, chosen)
     thresholds = None
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
-    run = _Run(tv, opts, device, merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
+    run = _Run(tv, opts, device, merged, with_merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
     for key in tqdm(chosen, desc="analyze", disable=not progress):
         _analyze_key(run, key, tv.deltas(key))  # the only read of this key
     return _build_report(run, chosen)
 
 
-def _select_keys(tv: TaskVectors, keys: Iterable[str] | None, merged: Mapping[str, Any] | None) -> list[str]:
+def _select_keys(tv: TaskVectors, keys: Iterable[str] | None) -> list[str]:
     chosen = list(tv.keys) if keys is None else list(keys)
     unknown = [k for k in chosen if k not in tv.keys]
     if unknown:
         shown = ", ".join(repr(k) for k in unknown[:5])
         raise KeyMismatchError(f"analyze(keys=...) names key(s) {shown} that the task vectors lack (see tv.keys).")
-    for key, value in (merged or {}).items():
-        if key in tv.keys and tuple(value.shape) != tv.shape(key):
-            raise ShapeMismatchError(
-                f"merged[{key!r}] has shape {tuple(value.shape)}; the task vectors have {tv.shape(key)}. "
-                "Pass the merged delta (merged - base) of the same model."
-            )
-    if not chosen:
-        raise KeyMismatchError("analyze() has no keys to analyse (keys=[] or everything excluded).")
     return chosen
+
+
+def _merged_keys(tv: TaskVectors, merged: Mapping[str, torch.Tensor] | None, chosen: list[str]) -> frozenset[str]:
+    """Chosen keys the merge updates (or the merged weights hold), their shapes checked before any work."""
+    if merged is None:
+        return frozenset()
+    held = set(merged_keys(tv, merged))
+    keys = [k for k in chosen if k in held]
+    check_merged(tv, merged, keys, caller="analyze(merged=...)")
+    return frozenset(keys)
 
 
 def _analyze_key(run: _Run, key: str, deltas: torch.Tensor) -> None:
@@ -418,7 +425,7 @@ def _decompose(run: _Run, key: str, deltas: torch.Tensor, kv: int, r: int) -> tu
 
 
 def _merged_svd(run: _Run, key: str, kv: int, r: int) -> tuple[Any, float]:
-    merged = run.merged[key].to(torch.float32)  # type: ignore[index]
+    merged = merged_update(run.tv, run.merged, key, caller="analyze(merged=...)")  # type: ignore[arg-type]
     kw = {"device": run.device, "dtype": run.opts.dtype, "name": key}
     dec = linalg.topk_svd(merged, kv, **kw) if kv < r else linalg.svd(merged, **kw)
     return dec, float((merged.double() ** 2).sum())
@@ -439,7 +446,7 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
     tasks, ref = _decompose(run, key, deltas, kv, r)
     values = {name: (tasks[t].S, norms2[t] if truncated else None) for t, name in enumerate(run.names)}
     refs = {"sum": (ref, sum_sq if truncated else None)}
-    if run.merged is not None and key in run.merged:
+    if key in run.merged_keys:
         mdec, msq = _merged_svd(run, key, kv, r)
         refs["merged"] = (mdec, msq if truncated else None)
     values.update({label: (dec.S, sq) for label, (dec, sq) in refs.items()})

@@ -5,7 +5,7 @@ Every table compares two updates of the same task vectors: the merge's (``which=
 "before"). Definitions (``docs/methods.md#sar``, ``#sign-conflicts``):
 
 * ``sar``: ``||U_k^T tau_t||_F / ||tau_t||_F`` with ``U_k`` the top-k left singular vectors of the
-  update and ``k`` from ``criterion`` (``"iso_script"`` by default, as the Iso figures; ``"paper"`` is
+  update (k capped at its numerical rank, as everywhere in weightlens) and ``k`` from ``criterion`` (``"iso_script"`` by default, as the Iso figures; ``"paper"`` is
   Iso Eq. 6) at tolerance ``eps``. Matrices only.
 * ``cos``: cosine between ``tau_t`` and the update; ``kept``: ``<tau_t, update> / ||tau_t||^2``, the
   coefficient of the update along the task's own direction (1: the task is carried in full).
@@ -34,8 +34,9 @@ from weightlens import decompositions, linalg
 from weightlens.analysis.alignment import sar_to_reference
 from weightlens.analysis.signs import chance_conflict, sign_votes
 from weightlens.analysis.spectra import check_criterion
-from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
+from weightlens.errors import InvalidParameterError
 from weightlens.merge.engine import MergeResult
+from weightlens.merged import check_merged, merged_update
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["Comparison", "compare", "sign_outcomes"]
@@ -178,57 +179,6 @@ def _frozen_outcomes(x: torch.Tensor, u: torch.Tensor) -> tuple[dict[str, float]
 
 
 # ------------------------------------------------------------------------------- the walk
-def _merged_update(merged: Mapping[str, torch.Tensor], tv: TaskVectors, key: str) -> torch.Tensor:
-    if isinstance(merged, MergeResult):
-        return merged.update(key)
-    _check_key(tv, merged, key)
-    weights = merged[key]
-    _check_shape(tv, key, tuple(weights.shape))
-    return weights.to(torch.float32) - tv.base_tensor(key).to(torch.float32)
-
-
-def _check_key(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str,
-               updated: set[str] | None = None) -> None:
-    """A key of the task vectors that the merged weights lack (or, given ``updated``, that the merge
-    did not update) raises ``KeyMismatchError``."""
-    if key not in (updated if updated is not None else merged):
-        what = "received no update in the merge" if key in merged else "is missing from the merged weights"
-        raise KeyMismatchError(
-            f"compare(): key {key!r} of the task vectors (base {tv.base.name!r}) {what}. Compare a merge of "
-            "these task vectors (wl.merge(tv, ...)) or restrict the comparison with keys=[...]."
-        )
-
-
-def _check_shape(tv: TaskVectors, key: str, got: tuple[int, ...] | None) -> None:
-    """Merged weights of another shape than the task vectors' raise ``ShapeMismatchError``."""
-    want = tv.shape(key)
-    if got is not None and got != want:
-        raise ShapeMismatchError(
-            f"compare(): key {key!r} has shape {got} in the merged weights but {want} in the task vectors "
-            f"(base {tv.base.name!r}); compare a merge of these task vectors (wl.merge(tv, ...)), not of "
-            "other checkpoints."
-        )
-
-
-def _merged_shape(merged: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
-    """Shape of ``merged[key]`` when it is known without computing the key, else None."""
-    if isinstance(merged, MergeResult):
-        return merged.task_vectors.shape(key)
-    shape_of = getattr(merged, "shape", None)  # a Checkpoint reads it from the header
-    if callable(shape_of):
-        return tuple(shape_of(key))
-    value = merged.get(key) if isinstance(merged, dict) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _check_merged(tv: TaskVectors, merged: Mapping[str, torch.Tensor], keys: list[str]) -> None:
-    """Every compared key is in the merge with the task vectors' shape (checked before any work)."""
-    updated = set(merged.updated_keys) if isinstance(merged, MergeResult) else None
-    for key in keys:
-        _check_key(tv, merged, key, updated)
-        _check_shape(tv, key, _merged_shape(merged, key))
-
-
 def _side_rows(
     tv: TaskVectors, key: str, which: str, upd: torch.Tensor, deltas: torch.Tensor,
     svd: linalg.SVD | None, opts: dict[str, Any],
@@ -263,7 +213,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
     """
     spectral = tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
     deltas = tv.deltas(key)
-    merged_rows = _side_rows(tv, key, "merged", _merged_update(merged, tv, key), deltas,
+    merged_rows = _side_rows(tv, key, "merged", merged_update(tv, merged, key, caller="compare()"), deltas,
                              opts["merged_svd"](key) if spectral else None, opts)
 
     def task_arithmetic() -> dict[str, list]:
@@ -349,13 +299,13 @@ def compare(
         raise InvalidParameterError(
             f"compare(): the merge was made from tasks {merged.task_vectors.names}, not {tv.names}."
         )
-    _check_merged(tv, merged, chosen)
+    check_merged(tv, merged, chosen, caller="compare()")
     dev = linalg.resolve_device(device)
     if isinstance(merged, MergeResult):
         merged_svd = merged.update_svd
     else:
         def merged_svd(key: str) -> linalg.SVD:
-            return linalg.svd(_merged_update(merged, tv, key), device=dev, name=key)
+            return linalg.svd(merged_update(tv, merged, key, caller="compare()"), device=dev, name=key)
     opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     for key in chosen:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from weightlens import decompositions, linalg
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
+from weightlens.merged import MergedWeights
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["MergeContext", "MergeResult", "merge", "task_vectors_of"]
@@ -106,7 +107,7 @@ class MergeContext:
         return self.cached(("global", *tag, tuple(self.tv.keys)), compute)
 
 
-class MergeResult(Mapping[str, torch.Tensor]):
+class MergeResult(MergedWeights):
     """Full merged weights (``Mapping[str, Tensor]``) with the notes and updates behind them.
 
     Every base key maps to ``base + alpha * update`` in the base dtype (keys outside ``tv.keys``:
