@@ -184,3 +184,82 @@ def test_the_task_arithmetic_half_is_computed_once_per_task_set(tv):
         ta = [getattr(c, table).query("which == 'task_arithmetic'").reset_index(drop=True) for c in (first, second, fresh)]
         pd.testing.assert_frame_equal(ta[0], ta[1])
         pd.testing.assert_frame_equal(ta[1], ta[2], check_exact=False, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ ComparisonCache
+@pytest.fixture
+def counted(monkeypatch):
+    """The comparisons ComparisonCache computes (compare() calls), in order."""
+    from weightlens.merge import comparisons
+
+    calls = []
+
+    def counting(tv, merged, **kwargs):
+        calls.append((merged.method, dict(merged.params), kwargs.get("keys")))
+        return compare(tv, merged, **kwargs)
+
+    monkeypatch.setattr(comparisons, "compare", counting)
+    return calls
+
+
+def test_cache_rescales_to_a_new_alpha_what_a_fresh_compare_computes(tv, counted):
+    from weightlens.merge.comparisons import ComparisonCache
+
+    cache = ComparisonCache()
+    first = cache.compare(merge(tv, method="tsv", alpha=0.5, lazy=True))
+    moved = cache.compare(merge(tv, method="tsv", alpha=1.25, lazy=True))
+    assert len(counted) == 1 and moved.params["alpha"] == 1.25 and first.params["alpha"] == 0.5
+    other = wl.TaskVectors(*make_models(seed=5))  # an empty cache: nothing shared with the rescale
+    fresh = compare(other, merge(other, method="tsv", alpha=1.25))
+    for table in ("per_task", "alignment", "spectrum", "signs", "task_signs"):
+        pd.testing.assert_frame_equal(getattr(moved, table), getattr(fresh, table), check_exact=False,
+                                      rtol=1e-6, atol=1e-7)
+
+
+def test_cache_hit_is_the_same_object_and_a_parameter_change_recomputes(tv, counted):
+    from weightlens.merge.comparisons import ComparisonCache
+
+    cache = ComparisonCache()
+    merged = merge(tv, method="ties", alpha=0.8, density=0.3, lazy=True)
+    comp = cache.compare(merged)
+    assert cache.compare(merged) is comp and cache.get(merge(tv, method="ties", alpha=0.8, density=0.3)) is comp
+    denser = cache.compare(merge(tv, method="ties", alpha=0.8, density=0.6, lazy=True))
+    assert len(counted) == 2 and counted[1][1]["density"] == 0.6
+    want = compare(tv, merge(tv, method="ties", alpha=0.8, density=0.6))
+    pd.testing.assert_frame_equal(denser.per_task, want.per_task)
+    cache.compare(merge(tv, method="dare", alpha=0.8, density=0.3, lazy=True))  # another method
+    cache.compare(merge(tv.subset(tv.names[:2]), method="ties", alpha=0.8, density=0.3, lazy=True))  # other tasks
+    cache.compare(merged, keys=["dec.weight"])  # other keys
+    assert len(counted) == 5 and len(cache) == 5
+    assert cache.get(merged) is comp  # still there
+
+
+def test_cache_never_keeps_or_rescales_to_a_zero_alpha(tv, counted):
+    from weightlens.merge.comparisons import ComparisonCache
+
+    cache = ComparisonCache(size=2)
+    cache.compare(merge(tv, method="task_arithmetic", alpha=0.5, lazy=True))
+    zero = merge(tv, method="task_arithmetic", alpha=0.0, lazy=True)
+    assert cache.get(zero) is None
+    at_zero = cache.compare(zero)
+    assert at_zero.params["alpha"] == 0.0 and len(counted) == 2 and len(cache) == 1
+    assert cache.get(zero) is None
+    for density in (0.2, 0.4):  # two more: the least recently used is dropped
+        cache.compare(merge(tv, method="ties", density=density, lazy=True))
+    assert len(cache) == 2 and cache.get(merge(tv, method="task_arithmetic", alpha=0.5, lazy=True)) is None
+    with pytest.raises(wl.InvalidParameterError, match="size"):
+        ComparisonCache(size=0)
+    with pytest.raises(wl.InvalidParameterError, match="MergeResult"):
+        cache.get(dict(merge(tv, method="tsv")))
+
+
+def test_comparison_knows_which_merges_it_rescales_to(tv):
+    comp = compare(tv, merge(tv, method="ties", alpha=0.8, density=0.3))
+    assert comp.tasks == tv.names
+    assert comp.can_rescale_to(merge(tv, method="ties", alpha=2.0, density=0.3, lazy=True))
+    assert not comp.can_rescale_to(merge(tv, method="ties", alpha=2.0, density=0.4, lazy=True))
+    assert not comp.can_rescale_to(merge(tv, method="ties", alpha=0.0, density=0.3, lazy=True))
+    assert not comp.can_rescale_to(merge(tv, method="dare", alpha=0.8, density=0.3, lazy=True))
+    assert not comp.can_rescale_to(merge(tv.subset(tv.names[1:]), method="ties", alpha=0.8, density=0.3))
+    assert not compare(tv, merge(tv, method="ties", alpha=0.0)).can_rescale_to(merge(tv, method="ties"))
+    assert not compare(tv, dict(merge(tv, method="tsv"))).can_rescale_to(merge(tv, method="tsv"))

@@ -93,6 +93,28 @@ class Comparison:
             "opposing_mass": g["o"] / g["conflict_mass"].where(g["conflict_mass"] > 0),
         }).reset_index()
 
+    @property
+    def tasks(self) -> list[str]:
+        """The compared tasks, in the task vectors' order."""
+        return list(dict.fromkeys(self.per_task["task"]))
+
+    def can_rescale_to(self, merged: MergeResult) -> bool:
+        """True when :meth:`rescaled` gives the comparison of ``merged``: a merge of the same tasks by
+        the same method with the same parameters except ``alpha``, and both alphas positive.
+
+        The rank rule (``criterion``, ``eps``) and the compared keys are the caller's to match (a
+        comparison does not record its keys); :class:`weightlens.merge.comparisons.ComparisonCache`
+        keeps them apart.
+        """
+        if not isinstance(merged, MergeResult) or merged.method != self.method:
+            return False
+        alpha0 = float(self.params.get("alpha", math.nan))
+        if not (alpha0 > 0 and merged.alpha > 0):
+            return False
+        others = {k: v for k, v in merged.params.items() if k != "alpha"}
+        return others == {k: v for k, v in self.params.items() if k != "alpha"} and (
+            self.tasks == list(merged.task_vectors.names))
+
     def rescaled(self, alpha: float) -> Comparison:
         """The comparison of the same merge at another ``alpha`` (> 0), without recomputing anything.
 
