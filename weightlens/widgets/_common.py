@@ -1,4 +1,5 @@
-"""Pieces shared by the widgets: in-place FigureWidget updates, debouncing, errors, headless display.
+"""Pieces shared by the widgets: in-place FigureWidget updates, debounced background work, errors,
+headless display.
 
 Nothing here computes a metric. :meth:`weightlens.merge.Comparison.rescaled` applies the scaling identities of
 ``weightlens.merge.compare`` under a change of ``alpha`` (documented there and checked against a
@@ -32,7 +33,9 @@ from weightlens.linalg import torch_threads
 
 __all__ = [
     "HEADLESS_ENV",
+    "Background",
     "Debouncer",
+    "Job",
     "Panel",
     "figure_widget",
     "headless",
@@ -144,6 +147,72 @@ class Debouncer:
         """Block until the latest generation has run; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._finished >= self._gen, timeout)
+
+
+class Job:
+    """What a :class:`Background` function is handed: is it still the latest, and how to report."""
+
+    def __init__(self, runner: Background, gen: int) -> None:
+        self._runner = runner
+        self.gen = gen
+
+    @property
+    def current(self) -> bool:
+        """True while no newer :meth:`Background.schedule` superseded this job (else stop early)."""
+        return self._runner.current(self.gen)
+
+    def say(self, text: str, *, busy: bool = False) -> None:
+        """Show ``text`` in the background status line (in italics while ``busy``)."""
+        self._runner.say(text, busy=busy)
+
+    def start(self, steps: int) -> None:
+        """Reset the progress bar to ``steps`` steps."""
+        self._runner.progress.max, self._runner.progress.value = max(1, int(steps)), 0
+
+    def advance(self) -> None:
+        """One step done."""
+        self._runner.progress.value += 1
+
+
+class Background:
+    """Debounced work of a panel on a worker thread, with its own progress bar and status line.
+
+    ``fn(job, *args)`` runs on a :class:`Debouncer` thread ``delay`` seconds after the last
+    :meth:`schedule`; ``job`` (:class:`Job`) reports progress and tells whether a newer schedule
+    superseded it. An exception is shown in ``panel`` (:meth:`Panel.guarded`) like a callback's.
+
+    Attributes
+    ----------
+    progress : ipywidgets.IntProgress
+    status : ipywidgets.HTML
+    """
+
+    def __init__(self, panel: Panel, fn: Callable[..., None], delay: float) -> None:
+        self._panel = panel
+        self._fn = fn
+        self._debouncer = Debouncer(self._run, delay)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="background")
+        self.status = widgets.HTML()
+
+    def schedule(self, note: str, *args: Any) -> int:
+        """Say ``note`` (italics) now and run ``fn`` once the schedules stop for ``delay`` seconds."""
+        self.say(note, busy=True)
+        return self._debouncer.schedule(*args)
+
+    def current(self, gen: int) -> bool:
+        return self._debouncer.current(gen)
+
+    def say(self, text: str, *, busy: bool = False) -> None:
+        text = html.escape(text)
+        self.status.value = f"<i>{text}</i>" if busy else text
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the latest scheduled work has finished; False on timeout."""
+        return self._debouncer.wait(timeout)
+
+    def _run(self, gen: int, *args: Any) -> None:
+        with self._panel.guarded("background work"):
+            self._fn(Job(self, gen), *args)
 
 
 # ------------------------------------------------------------------------------ base panel
