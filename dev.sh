@@ -29,6 +29,21 @@ setup() {
     echo "$want" > "$stamp"
 }
 
+PEERS="$ROOT/.venv-peers"
+setup_peers() {
+    # A side environment with the peers the parity tests run (mergekit), apart from .venv because they
+    # pin their own transformers/pydantic. Idempotent; torch pinned to the CPU build here too.
+    local stamp="$PEERS/.weightlens-peers"
+    local want
+    want=$(cat constraints.txt peers.txt | sha256sum | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+    echo "[weightlens] setting up $PEERS (mergekit, for the parity tests)" >&2
+    [[ -x "$PEERS/bin/python" ]] || python3 -m venv "$PEERS"
+    "$PEERS/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
+    "$PEERS/bin/python" -m pip install -q -c constraints.txt -r peers.txt
+    echo "$want" > "$stamp"
+}
+
 case "${1:-}" in
     tour)
         shift
@@ -43,6 +58,8 @@ case "${1:-}" in
     test)
         shift
         setup
+        setup_peers
+        export WEIGHTLENS_PEERS="${WEIGHTLENS_PEERS:-$PEERS}"
         set +e
         "$PY" -m pytest "$@"
         rc=$?

@@ -1,0 +1,97 @@
+"""mergekit reproduces what weightlens writes: run the exported ``mergekit_config.yml`` with mergekit itself.
+
+mergekit (pinned in ``peers.txt``) lives in its own environment, ``.venv-peers`` (``./dev.sh test`` sets it
+up and exports ``WEIGHTLENS_PEERS``): it pins its own transformers and pydantic. The models are a tiny
+Llama with grouped-query attention built from a ``transformers`` config and two fine-tunes trained here
+for a few steps on two token tasks. Task arithmetic must agree exactly, TIES with ``scope="tensor"`` too
+(both sum in float32 in the same order on the CPU); TIES with the default ``scope="global"`` has no
+mergekit equivalent and the YAML says in how many entries the nearest one may differ: checked here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import weightlens as wl
+
+pytestmark = pytest.mark.peers
+
+PEERS = Path(os.environ.get("WEIGHTLENS_PEERS", Path(__file__).resolve().parents[1] / ".venv-peers"))
+MERGEKIT = PEERS / "bin" / "mergekit-yaml"
+
+
+@pytest.fixture(scope="module")
+def mergekit() -> Path:
+    if not MERGEKIT.is_file():
+        reason = f"mergekit not found at {MERGEKIT} (./dev.sh test installs it into .venv-peers)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the mergekit parity tests must run in CI: {reason}")
+        pytest.skip(reason)
+    return MERGEKIT
+
+
+def _train(model: torch.nn.Module, shift: int, steps: int = 12) -> None:
+    """A few Adam steps on "next token = token + shift (mod vocab)": a real, if tiny, fine-tune."""
+    g = torch.Generator().manual_seed(shift)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    vocab = model.config.vocab_size
+    model.train()
+    for _ in range(steps):
+        start = torch.randint(0, vocab, (8, 1), generator=g)
+        ids = (start + shift * torch.arange(16)) % vocab
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(root / "base")
+    finetuned = {}
+    for name, shift in (("plus1", 1), ("plus3", 3)):
+        model = LlamaForCausalLM(cfg)
+        model.load_state_dict(base.state_dict())
+        _train(model, shift)
+        model.save_pretrained(root / name)
+        finetuned[name] = root / name
+    return root / "base", finetuned
+
+
+def _run_mergekit(mergekit: Path, export: Path, out: Path) -> wl.io.Checkpoint:
+    done = subprocess.run([str(mergekit), "mergekit_config.yml", str(out)], cwd=export,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"mergekit failed on {export}/mergekit_config.yml:\n{done.stderr[-3000:]}"
+    return wl.load(out)
+
+
+def _max_abs_diff(a, b) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", {"alpha": 0.5}),
+    ("ties", {"alpha": 1.0, "density": 0.3, "scope": "tensor"}),
+])
+def test_mergekit_reproduces_the_export_exactly(mergekit, llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    ours = wl.export(wl.merge(base, finetuned, method=method, **params), tmp_path / "ours", like=base, progress=False)
+    yaml_text = (ours / "mergekit_config.yml").read_text()
+    assert "approximate" not in yaml_text
+    theirs = _run_mergekit(mergekit, ours, tmp_path / "theirs")
+    assert _max_abs_diff(wl.load(ours), theirs) == 0.0
