@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from weightlens._options import resolve_options as _resolve
 from weightlens.analysis.signs import check_density
 from weightlens.analysis.spectra import DEFAULT_ENERGY_RANKS, check_criterion
 from weightlens.errors import InvalidParameterError
@@ -80,10 +80,4 @@ def _positive_int(value: object) -> bool:
 
 def resolve_options(options: AnalysisOptions | None, overrides: Mapping[str, Any]) -> AnalysisOptions:
     """``options`` (defaults when None) with ``overrides`` applied; unknown names raise."""
-    fields = {f.name for f in dataclasses.fields(AnalysisOptions)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise InvalidParameterError(
-            f"analyze() got unknown option(s) {unknown}; valid options: {sorted(fields)} (see AnalysisOptions)."
-        )
-    return dataclasses.replace(options or AnalysisOptions(), **overrides)
+    return _resolve(AnalysisOptions, options, overrides, caller="analyze")

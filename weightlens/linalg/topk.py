@@ -3,7 +3,6 @@ the rule that picks a method for a shape, and the ``exact``, ``eigh`` and ``rand
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError
 from weightlens.linalg.devices import choose_driver
 from weightlens.linalg.inputs import check_int
@@ -81,17 +81,7 @@ class TopkOptions:
 
 def resolve_topk_options(options: TopkOptions | None, overrides: Mapping[str, Any]) -> TopkOptions:
     """``options`` (defaults when None) with ``overrides`` applied; unknown names raise."""
-    if options is not None and not isinstance(options, TopkOptions):
-        raise InvalidParameterError(
-            f"The 'options' parameter of topk_svd must be a TopkOptions or None. Got {options!r} instead."
-        )
-    fields = {f.name for f in dataclasses.fields(TopkOptions)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise InvalidParameterError(
-            f"topk_svd() got unknown option(s) {unknown}; valid options: {sorted(fields)} (see TopkOptions)."
-        )
-    return dataclasses.replace(options or TopkOptions(), **overrides)
+    return resolve_options(TopkOptions, options, overrides, caller=_OP)
 
 
 def _pick_method(
