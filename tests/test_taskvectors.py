@@ -364,3 +364,30 @@ def test_vocab_union_rows_are_merged_over_the_tasks_that_have_them(tmp_path):
     assert shared.shape("emb.weight") == (10, 4) and shared.cache is not tv.cache and shared.vocab is info
     torch.testing.assert_close(shared.delta("b", "head.bias"), b["head.bias"][:10] - base["head.bias"])
     assert "sets 3 aside" in info.summary()
+
+
+def test_vocab_union_without_added_tokens_reads_the_base_rows(tmp_path):
+    base, ft = _vocab_model(0, 10), _vocab_model(1, 16)  # 6 rows of padding, no token names them
+    tv = wl.TaskVectors(_save_with_tokens(tmp_path / "base", base, 10, {}),
+                        {"pad": _save_with_tokens(tmp_path / "pad", ft, 10, {})}, vocab="union")
+    assert (tv.vocab.rows, dict(tv.vocab.added), dict(tv.vocab.dropped)) == (10, {}, {"pad": 6})
+    assert tv.shared_rows() is tv and tv.deltas("emb.weight").shape == (1, 10, 4)
+    torch.testing.assert_close(tv.delta("pad", "head.bias"), ft["head.bias"][:10] - base["head.bias"])
+
+
+def test_write_tokenizer_needs_a_base_tokenizer_of_the_base_rows(tmp_path):
+    base = _vocab_model(0, 10)
+    ft = _save_with_tokens(tmp_path / "a", _vocab_model(1, 11), 10, {"<|x|>": 10})
+    tv = wl.TaskVectors(base, {"a": ft}, vocab="union")  # the base in memory: no tokenizer of its own
+    with pytest.raises(wl.CheckpointError, match="base_tokenizer="):
+        tv.vocab.write_tokenizer(tmp_path / "out")
+    _save_with_tokens(tmp_path / "tok", {"x": torch.zeros(1)}, 10, {})
+    written = tv.vocab.write_tokenizer(tmp_path / "out", base_tokenizer=tmp_path / "tok")
+    data = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert written == [tmp_path / "out" / "tokenizer.json"]
+    assert [(e["id"], e["content"], e["special"]) for e in data["added_tokens"]] == [(10, "<|x|>", True)]
+    _save_with_tokens(tmp_path / "tok9", {"x": torch.zeros(1)}, 9, {})
+    with pytest.raises(wl.ShapeMismatchError, match="9 tokens"):
+        tv.vocab.write_tokenizer(tmp_path / "out2", base_tokenizer=tmp_path / "tok9")
+    with pytest.raises(wl.InvalidParameterError, match="union"):
+        wl.TaskVectors(base, {"a": ft}, vocab="base").vocab.write_tokenizer(tmp_path / "out3")

@@ -379,11 +379,11 @@ class TaskVectors:
         if plan is None:
             return
         self.vocab = plan.info
-        if plan.info.mode == "base":
-            self._sliced = frozenset(plan.info.keys)
-        elif plan.info.rows > plan.info.shared_rows:
+        if plan.info.rows > plan.info.shared_rows:  # "union" with added tokens
             self._rows = dict(plan.rows)
             self.base = _union_base(self._base, dict(self.finetuned), self._own, plan, self._upcast)
+        else:  # "base", or a union that no tokenizer adds to: the fine-tunes are read on the base's rows
+            self._sliced = frozenset(plan.info.keys)
 
 
 def _union_base(base: Checkpoint, finetuned: dict[str, Checkpoint], own: dict[str, dict[str, str]],

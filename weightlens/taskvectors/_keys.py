@@ -10,6 +10,7 @@ its extras (task heads), kept per task and out of the shared merge.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -128,8 +129,6 @@ def _explicit(ft: Checkpoint, key_map: KeyMap | None, base_keys: set[str]) -> di
 
 
 def _close(key: str, keys: Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, list(keys), n=3)
     return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 

@@ -192,7 +192,7 @@ def _check_resize(base: Checkpoint, ft: Checkpoint, diff: Mapping[str, Any], key
             f"{head}: the fine-tune has fewer vocabulary rows ({n_task}) than the base ({n_base}), and task "
             "vectors need every base row. Use a fine-tune of this base, or exclude the key with exclude=[...]."
         )
-    unresized = [k for k in keys if k not in diff and k in ft]
+    unresized = [k for k in keys if k not in diff]  # every selected key is in every fine-tune
     if unresized:
         raise ShapeMismatchError(
             f"{head}, yet its {listing(unresized)} keep the base's {n_base} rows: a vocabulary resize changes "
