@@ -11,7 +11,6 @@ mergekit equivalent and the YAML says in how many entries the nearest one may di
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -20,14 +19,12 @@ import torch
 
 import weightlens as wl
 
-pytestmark = pytest.mark.peers
-
 PEERS = Path(os.environ.get("WEIGHTLENS_PEERS", Path(__file__).resolve().parents[1] / ".venv-peers"))
 MERGEKIT = PEERS / "bin" / "mergekit-yaml"
 
 
 @pytest.fixture(scope="module")
-def mergekit() -> Path:
+def mergekit() -> Path:  # only the tests marked peers ask for it
     if not MERGEKIT.is_file():
         reason = f"mergekit not found at {MERGEKIT} (./dev.sh test installs it into .venv-peers)"
         if os.environ.get("CI", "").lower() == "true":
@@ -84,6 +81,7 @@ def _max_abs_diff(a, b) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("method, params", [
     ("task_arithmetic", {"alpha": 0.5}),
     ("ties", {"alpha": 1.0, "density": 0.3, "scope": "tensor"}),
@@ -95,3 +93,45 @@ def test_mergekit_reproduces_the_export_exactly(mergekit, llama_models, tmp_path
     assert "approximate" not in yaml_text
     theirs = _run_mergekit(mergekit, ours, tmp_path / "theirs")
     assert _max_abs_diff(wl.load(ours), theirs) == 0.0
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory) -> Path:
+    """A task-arithmetic export of two BertModel variants (shapes only matter: mergekit fails at planning)."""
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("bert")
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = BertModel(cfg)
+    base.save_pretrained(root / "base")
+    for seed in (1, 2):
+        model = BertModel(cfg)
+        model.load_state_dict(base.state_dict())
+        _perturbed(model, seed).save_pretrained(root / f"ft{seed}")
+    merged = wl.merge(root / "base", {"a": root / "ft1", "b": root / "ft2"}, method="task_arithmetic")
+    return wl.export(merged, root / "out", like=root / "base", progress=False)
+
+
+def test_a_bert_model_export_says_mergekit_cannot_run_it(bert_export):
+    head = (bert_export / "mergekit_config.yml").read_text().split("merge_method:")[0]
+    assert "mergekit 0.1.5 cannot run this" in head and "position_ids" in head
+
+
+@pytest.mark.peers
+def test_mergekit_fails_on_bert_model_as_the_note_says(mergekit, bert_export, tmp_path):
+    """If a newer pinned mergekit runs it, the note in ``weightlens.io.recipe.MERGEKIT_FAILS`` must go."""
+    done = subprocess.run([str(mergekit), "mergekit_config.yml", str(tmp_path / "theirs")], cwd=bert_export,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "mergekit/plan.py" in done.stderr, done.stderr[-2000:]
+    assert 'TypeError: can only concatenate list (not "tuple") to list' in done.stderr, done.stderr[-2000:]

@@ -40,6 +40,7 @@ Also here: what an export writes about a merge (:class:`ExportRecipe`: the recip
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import reprlib
@@ -481,6 +482,26 @@ def _model_path(source: str) -> tuple[str, bool]:
     return str(p), True
 
 
+#: Architectures (``config.json`` ``architectures``) on which the pinned mergekit (0.1.5) fails, and why.
+MERGEKIT_FAILS = {
+    "BertModel": (
+        "mergekit 0.1.5 cannot run this: its BertModel table marks embeddings.position_ids optional with "
+        "aliases, and planning an optional weight joins a list with that tuple (TypeError in mergekit/plan.py); "
+        "task models such as BertForSequenceClassification are not affected"
+    ),
+}
+
+
+def _architectures(folder: str) -> list[str]:
+    """``architectures`` of the ``config.json`` in ``folder`` (empty when there is none or it is unreadable)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    found = config.get("architectures") if isinstance(config, dict) else None
+    return [a for a in found if isinstance(a, str)] if isinstance(found, list) else []
+
+
 @dataclass(frozen=True)
 class Mergekit:
     """A method's mergekit equivalent for some parameters: mergekit's method name, the parameters of
@@ -506,6 +527,8 @@ def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | No
     if not all(ok for _, ok in paths):
         notes.append("mergekit loads HF model folders (weights and config.json); replace the bare file "
                      "paths with such folders")
+    fails = {MERGEKIT_FAILS[a] for a in _architectures(paths[0][0]) if a in MERGEKIT_FAILS}
+    notes.extend(sorted(fails))
     config = {
         "merge_method": mk.method,
         "base_model": paths[0][0],
