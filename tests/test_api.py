@@ -46,21 +46,3 @@ def test_every_figure_builder_is_exported_from_weightlens_figures():
                     if n.startswith("figure_") and f.__module__ == module.__name__}
     assert defined and defined <= set(figures.__all__)
     assert all(callable(getattr(figures, n)) for n in figures.__all__)
-
-
-def test_io_imports_nothing_above_it():
-    # io is the floor the rest stands on: loading and writing checkpoints, recipes and cards must not
-    # import analysis, merge or task vectors (a recipe is *run* by weightlens.merge.run_recipe).
-    import ast
-    from pathlib import Path
-
-    import weightlens.io as io
-
-    allowed = ("weightlens.io", "weightlens.errors", "weightlens._version")
-    for path in Path(io.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                if name == "weightlens" or name.startswith("weightlens."):
-                    assert name.startswith(allowed), f"{path.name} imports {name}"

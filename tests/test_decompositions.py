@@ -62,16 +62,3 @@ def test_a_held_delta_is_used_on_a_miss(tv):
 def test_a_vector_key_or_no_task_is_refused(tv, key, of):
     with pytest.raises(wl.InvalidParameterError):
         decompositions.svd(tv, key, of, device="cpu")
-
-
-def test_decompositions_import_nothing_above_them():
-    # below analysis and merge: both (and compare, widgets) share these decompositions through it
-    import ast
-    from pathlib import Path
-
-    allowed = ("weightlens.taskvectors", "weightlens.linalg", "weightlens.errors")
-    tree = ast.parse(Path(decompositions.__file__).read_text())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [f"{n.module}.{a.name}" if n.module == "weightlens" else n.module or ""
-              for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
-    assert [n for n in names if n.startswith("weightlens") and not n.startswith(allowed)] == []
