@@ -18,13 +18,22 @@ True
 
 from weightlens.rebasin.builders import TransformerLayout, mlp_spec, resnet_spec, transformer_spec, vgg_spec
 from weightlens.rebasin.diagnostics import SingularAlignment, layer_distances, singular_alignment
-from weightlens.rebasin.matching import MergeManyResult, activation_matching, merge_many, weight_matching
+from weightlens.rebasin.matching import (
+    ActivationOptions,
+    MatchingOptions,
+    MergeManyResult,
+    activation_matching,
+    merge_many,
+    weight_matching,
+)
 from weightlens.rebasin.spec import HeadGroup, HeadPerm, Permutations, PermutationSpec, Seg
 from weightlens.rebasin.trace import spec_from_module
 
 __all__ = [
+    "ActivationOptions",
     "HeadGroup",
     "HeadPerm",
+    "MatchingOptions",
     "MergeManyResult",
     "PermutationSpec",
     "Permutations",

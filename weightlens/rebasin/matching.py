@@ -19,11 +19,13 @@ within-head LAPs).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
+from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.rebasin._cost import Problem, as_state_dict, work_device
 from weightlens.rebasin.lap import check_solver
@@ -37,7 +39,14 @@ from weightlens.rebasin.spec import (
     head_dims,
 )
 
-__all__ = ["MergeManyResult", "activation_matching", "merge_many", "weight_matching"]
+__all__ = [
+    "ActivationOptions",
+    "MatchingOptions",
+    "MergeManyResult",
+    "activation_matching",
+    "merge_many",
+    "weight_matching",
+]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -159,13 +168,38 @@ def _descend(problem: Problem, start: Permutations, *, seed: int, max_iter: int,
     return Permutations.from_parts(problem.spec, plain, heads, history)
 
 
-def _check_options(seed: int, max_iter: int, tol: float) -> None:
-    if not isinstance(seed, int | np.integer):
-        raise InvalidParameterError(f"The 'seed' parameter must be an int. Got {seed!r} instead.")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise InvalidParameterError(f"The 'max_iter' parameter must be an int >= 1. Got {max_iter!r} instead.")
-    if not (isinstance(tol, float | int) and tol >= 0):
-        raise InvalidParameterError(f"The 'tol' parameter must be a float >= 0. Got {tol!r} instead.")
+@dataclass(frozen=True)
+class MatchingOptions:
+    """How :func:`weight_matching` searches (all have defaults).
+
+    Attributes
+    ----------
+    seed : seeds the random order of each sweep (0).
+    max_iter : most sweeps (100); matching stops earlier when a sweep changes nothing.
+    tol : relative progress a LAP must make to be accepted (1e-12).
+    lap : LAP solver of the plain permutations, ``"scipy"`` (default; CPU, exact) or ``"auction"``
+        (torch, on ``device``; see :mod:`weightlens.rebasin.lap`). Head groups' small LAPs always use SciPy.
+    device : where cost matrices are built (``None``, the default: CPU, float64; a GPU uses float32).
+    progress : show a bar over sweeps (False).
+    """
+
+    seed: int = 0
+    max_iter: int = 100
+    tol: float = 1e-12
+    lap: str = "scipy"
+    device: str | torch.device | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int | np.integer):
+            raise InvalidParameterError(f"The 'seed' parameter must be an int. Got {self.seed!r} instead.")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise InvalidParameterError(
+                f"The 'max_iter' parameter must be an int >= 1. Got {self.max_iter!r} instead."
+            )
+        if not (isinstance(self.tol, float | int) and self.tol >= 0):
+            raise InvalidParameterError(f"The 'tol' parameter must be a float >= 0. Got {self.tol!r} instead.")
+        check_solver(self.lap)
 
 
 def _check_init(init: Permutations | None, spec: PermutationSpec, sd: StateDict) -> Permutations:
@@ -189,13 +223,9 @@ def weight_matching(
     b: object,
     spec: PermutationSpec,
     *,
-    seed: int = 0,
-    max_iter: int = 100,
-    tol: float = 1e-12,
     init: Permutations | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    lap: str = "scipy",
+    options: MatchingOptions | None = None,
+    **overrides: Any,
 ) -> Permutations:
     """Permutations of ``b`` that bring it closest to ``a`` (Git Re-Basin weight matching).
 
@@ -203,14 +233,10 @@ def weight_matching(
     ----------
     a, b : checkpoint sources or ``Mapping[str, Tensor]`` with the spec's keys and equal shapes.
     spec : the permutation spec of the architecture.
-    seed : seeds the random order of each sweep.
-    max_iter : most sweeps; matching stops earlier when a sweep changes nothing.
-    tol : relative progress a LAP must make to be accepted.
     init : starting permutations (default identity), e.g. from an earlier run.
-    device : where cost matrices are built (``None``: CPU, float64; a GPU uses float32).
-    progress : show a bar over sweeps.
-    lap : LAP solver of the plain permutations, ``"scipy"`` (CPU, exact) or ``"auction"`` (torch, on
-        ``device``; see :mod:`weightlens.rebasin.lap`). Head groups' small LAPs always use SciPy.
+    options : a :class:`MatchingOptions`; ``**overrides`` set its fields directly: ``seed`` (0),
+        ``max_iter`` (100), ``tol`` (1e-12), ``lap`` (``"scipy"`` or ``"auction"``), ``device``
+        (``None``: CPU) and ``progress`` (False), e.g. ``weight_matching(a, b, spec, seed=1)``.
 
     Returns
     -------
@@ -228,13 +254,12 @@ def weight_matching(
     >>> all(torch.equal(t, a[k]) for k, t in found.apply(p.apply(a)).items())
     True
     """
-    _check_options(seed, max_iter, tol)
-    check_solver(lap)
+    opts = resolve_options(MatchingOptions, options, overrides, caller="weight_matching")
     a, b = as_state_dict(a), as_state_dict(b)
-    problem = Problem(spec, a, b, device)
+    problem = Problem(spec, a, b, opts.device)
     start = _check_init(init, spec, b)
-    return _descend(problem, start, seed=int(seed), max_iter=max_iter, tol=float(tol), progress=progress,
-                    solver=lap)
+    return _descend(problem, start, seed=int(opts.seed), max_iter=opts.max_iter, tol=float(opts.tol),
+                    progress=opts.progress, solver=opts.lap)
 
 
 # -------------------------------------------------------------------------------------- MergeMany
@@ -288,8 +313,7 @@ def merge_many(
     progress : show a bar over rounds.
     lap : LAP solver (see :func:`weight_matching`).
     """
-    _check_options(seed, max_iter, 0.0)
-    check_solver(lap)
+    matching = MatchingOptions(seed=seed, max_iter=max_iter, lap=lap, device=device)
     models = [as_state_dict(s) for s in state_dicts]
     if len(models) < 2:
         raise InvalidParameterError(f"merge_many needs at least 2 models. Got {len(models)}.")
@@ -310,8 +334,8 @@ def merge_many(
         for i in rng.permutation(len(models)):
             mean = _mean(current, [k for k in spec.keys if k in floats], skip=int(i))
             target = {k: mean.get(k, base[i][k]) for k in spec.keys}
-            found = weight_matching(target, base[i], spec, seed=int(rng.integers(2**31)), max_iter=max_iter,
-                                    init=perms[i], device=device, lap=lap)
+            found = weight_matching(target, base[i], spec, init=perms[i],
+                                    options=replace(matching, seed=int(rng.integers(2**31))))
             if not found.equals(perms[i]):
                 perms[i], current[i], changed = found, found.apply(base[i]), True
         if bar is not None:
@@ -443,6 +467,28 @@ def _loaded(factory: Callable[[], torch.nn.Module], sd: StateDict, which: str) -
     return module
 
 
+@dataclass(frozen=True)
+class ActivationOptions:
+    """How :func:`activation_matching` runs the models and solves its LAPs (all have defaults).
+
+    Attributes
+    ----------
+    batch_size : batch size when ``data`` is a tensor (500).
+    device : where the models run (``None``, the default: CPU).
+    lap : LAP solver, ``"scipy"`` (default) or ``"auction"`` (see :class:`MatchingOptions`).
+    """
+
+    batch_size: int = 500
+    device: str | torch.device | None = None
+    lap: str = "scipy"
+
+    def __post_init__(self) -> None:
+        check_solver(self.lap)
+        size = self.batch_size
+        if not (isinstance(size, int | np.integer) and not isinstance(size, bool) and size >= 1):
+            raise InvalidParameterError(f"The 'batch_size' parameter must be an int >= 1. Got {size!r} instead.")
+
+
 def activation_matching(
     a: object,
     b: object,
@@ -452,9 +498,8 @@ def activation_matching(
     *,
     hooks: Mapping[str, str | Sequence[str]] | None = None,
     correlation: str = "moment",
-    batch_size: int = 500,
-    device: str | torch.device | None = None,
-    lap: str = "scipy",
+    options: ActivationOptions | None = None,
+    **overrides: Any,
 ) -> Permutations:
     """Permutations of ``b`` whose units best match ``a``'s activations on data (Git Re-Basin 9.3).
 
@@ -472,16 +517,16 @@ def activation_matching(
     hooks : ``{permutation: module path or paths}``; default: the Linear/Conv writing it (its
         pre-activation output).
     correlation : ``"moment"`` or ``"pearson"``.
-    batch_size : batch size when ``data`` is a tensor.
-    device : where the models run (``None``: CPU).
-    lap : LAP solver (see :func:`weight_matching`).
+    options : an :class:`ActivationOptions`; ``**overrides`` set its fields directly:
+        ``batch_size`` (500, when ``data`` is a tensor), ``device`` (where the models run;
+        ``None``: CPU) and ``lap`` (see :func:`weight_matching`).
 
     Returns
     -------
     Permutations
         ``objective_history`` holds ``sum_perms trace(M pi)`` before and after matching.
     """
-    check_solver(lap)
+    opts = resolve_options(ActivationOptions, options, overrides, caller="activation_matching")
     if correlation not in ("moment", "pearson"):
         raise InvalidParameterError(f"The 'correlation' parameter must be 'moment' or 'pearson'. Got {correlation!r}.")
     if spec.heads:
@@ -492,14 +537,14 @@ def activation_matching(
     a, b = as_state_dict(a), as_state_dict(b)
     sizes = spec.sizes(a, name="first model (a)")
     spec.sizes(b, name="second model (b)")
-    dev, _ = work_device(device)
+    dev, _ = work_device(opts.device)
     models = [_loaded(module_factory, sd, which).to(dev).eval() for sd, which in ((a, "a"), (b, "b"))]
     sites = _hook_sites(spec, models[0], hooks)
-    stats = _collect(models, sites, sizes, _batches(data, batch_size), dev)
+    stats = _collect(models, sites, sizes, _batches(data, opts.batch_size), dev)
     plain, before, after = {}, 0.0, 0.0
     for name, st in stats.items():
         c = st.matrix(correlation)
-        col = _lap(c, lap, dev)
+        col = _lap(c, opts.lap, dev)
         plain[name] = torch.from_numpy(col)
         before += float(np.trace(c))
         after += float(c[np.arange(len(col)), col].sum())
