@@ -31,7 +31,7 @@ from weightlens.lmc.barriers import (
     barrier_midpoint,
     relative_reduction,
 )
-from weightlens.lmc.curve import curve, curve_many, merge_barrier
+from weightlens.lmc.curve import MergeBarrierOptions, curve, curve_many, merge_barrier
 from weightlens.lmc.evaluator import Evaluator
 from weightlens.lmc.norm import ChannelStats, Repair, channel_stats, mix_stats, repair, repair_layers, reset_batchnorm
 
@@ -40,6 +40,7 @@ __all__ = [
     "Evaluator",
     "LMCCurve",
     "MergeBarrier",
+    "MergeBarrierOptions",
     "Repair",
     "accuracy_barrier",
     "accuracy_barrier_midpoint",

@@ -11,12 +11,14 @@ need an ``Evaluator``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
+from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError
 from weightlens.io import load
 from weightlens.lmc._data import Batches
@@ -25,7 +27,7 @@ from weightlens.lmc.barriers import LMCCurve, MergeBarrier
 from weightlens.lmc.evaluator import DEFAULT_SPLIT, Evaluator, SplitArrays
 from weightlens.lmc.norm import Repair, channel_stats, mix_stats, repair as repair_state, reset_batchnorm
 
-__all__ = ["curve", "curve_many", "merge_barrier"]
+__all__ = ["MergeBarrierOptions", "curve", "curve_many", "merge_barrier"]
 
 Evaluate = Callable[[Mapping[str, Tensor]], Mapping[str, object]] | Evaluator
 
@@ -256,17 +258,38 @@ def _merge_weights(n: int, weights: Sequence[float] | None) -> np.ndarray:
     return w
 
 
+@dataclass(frozen=True)
+class MergeBarrierOptions:
+    """The random simplex points :func:`merge_barrier` scores besides the merge (all have defaults).
+
+    Attributes
+    ----------
+    samples : extra random simplex points, Dirichlet(1), for ``.max_sampled_barrier`` (0: none).
+    seed : seed of those samples (0).
+    """
+
+    samples: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 0:
+            raise InvalidParameterError(f"The 'samples' parameter must be an int >= 0. Got {self.samples!r} instead.")
+        seed = self.seed
+        if not (isinstance(seed, int | np.integer) and not isinstance(seed, bool) and seed >= 0):
+            raise InvalidParameterError(f"The 'seed' parameter must be an int >= 0. Got {seed!r} instead.")
+
+
 def merge_barrier(
     sources: Sequence[object] | Mapping[str, object],
     evaluate: Evaluate,
     *,
     weights: Sequence[float] | None = None,
     points: int | Sequence[float] = 25,
-    samples: int = 0,
-    seed: int = 0,
     bn_loader: object | None = None,
     repair: object | None = None,
     progress: bool = False,
+    options: MergeBarrierOptions | None = None,
+    **overrides: Any,
 ) -> MergeBarrier:
     """Merge barrier of N endpoints: ``L(sum_i w_i theta_i) - sum_i w_i L(theta_i)``, and pairwise curves.
 
@@ -280,12 +303,12 @@ def merge_barrier(
         Merge weights on the simplex; default the centroid ``1/N``.
     points : int or sequence of float, default=25
         Grid of the pairwise curves (their mean barrier is reported).
-    samples : int, default=0
-        Extra random simplex points (Dirichlet(1), seeded) for ``.max_sampled_barrier``.
-    seed : int, default=0
-        Seed of the simplex samples.
     bn_loader, repair, progress
         As in :func:`curve` (REPAIR targets are the ``w``-weighted endpoint statistics).
+    options : MergeBarrierOptions, optional
+        The random simplex points also scored; ``**overrides`` set its fields directly:
+        ``samples`` (default 0; Dirichlet(1) points for ``.max_sampled_barrier``) and ``seed``
+        (default 0), e.g. ``merge_barrier(sources, ev, samples=8, seed=1)``.
 
     Returns
     -------
@@ -295,12 +318,12 @@ def merge_barrier(
     names, srcs = endpoint_names(sources)
     n = len(names)
     w = _merge_weights(n, weights)
-    if not isinstance(samples, int) or samples < 0:
-        raise InvalidParameterError(f"The 'samples' parameter must be an int >= 0. Got {samples!r} instead.")
+    opts = resolve_options(MergeBarrierOptions, options, overrides, caller="merge_barrier")
+    samples = opts.samples
     alphas = _alphas(points)
     endpoints = Endpoints(srcs, names)
     pair_weights, index = _pair_rows(n, alphas)
-    sampled = np.random.default_rng(seed).dirichlet(np.ones(n), size=samples).reshape(samples, n)
+    sampled = np.random.default_rng(opts.seed).dirichlet(np.ones(n), size=samples).reshape(samples, n)
     rows = np.concatenate([pair_weights, w[None, :], sampled])
     metrics = _evaluate_rows(endpoints, rows, evaluate, bn_loader, repair, progress)
     normalization = _normalization(bn_loader, repair)
