@@ -2,7 +2,8 @@
 
 * :class:`InterferenceDashboard`: spectra, alignment and sign conflicts by task and block;
 * :class:`MergeStudio`: method, parameters and tasks; before/after panels, accuracy, export;
-* :class:`LMCExplorer`: naive vs matched interpolation between two models.
+* :class:`LMCExplorer`: naive vs matched interpolation between two models (settings in
+  :class:`LMCExplorerOptions`, results already computed in :class:`LMCExplorerResults`).
 
 Each class is imported on first use, so ``import weightlens`` (and ``import weightlens.widgets``)
 loads neither plotly nor ipywidgets.
@@ -18,17 +19,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["InterferenceDashboard", "LMCExplorer", "MergeStudio"]
+__all__ = ["InterferenceDashboard", "LMCExplorer", "LMCExplorerOptions", "LMCExplorerResults", "MergeStudio"]
 
 _HOME = {
     "InterferenceDashboard": "weightlens.widgets.dashboard",
     "MergeStudio": "weightlens.widgets.studio",
     "LMCExplorer": "weightlens.widgets.lmc",
+    "LMCExplorerOptions": "weightlens.widgets.lmc",
+    "LMCExplorerResults": "weightlens.widgets.lmc",
 }
 
 if TYPE_CHECKING:
     from weightlens.widgets.dashboard import InterferenceDashboard
-    from weightlens.widgets.lmc import LMCExplorer
+    from weightlens.widgets.lmc import LMCExplorer, LMCExplorerOptions, LMCExplorerResults
     from weightlens.widgets.studio import MergeStudio
 
 

@@ -16,7 +16,8 @@ panels, a headless run (``$WEIGHTLENS_HEADLESS``) displays static snapshots of t
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as widgets
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from weightlens._options import option_names, resolve_options
 from weightlens.errors import InvalidParameterError
 from weightlens.figures.lmc import figure_lmc
 from weightlens.figures.rebasin import figure_layer_distances, figure_permutations, figure_singular_alignment
@@ -38,9 +40,81 @@ from weightlens.rebasin import (
 )
 from weightlens.widgets._common import Panel, figure_widget, refresh
 
-__all__ = ["LMCExplorer"]
+__all__ = ["LMCExplorer", "LMCExplorerOptions", "LMCExplorerResults"]
 
 VIEWS = ("interpolation", "layer distance", "permutations", "singular vectors")
+
+
+@dataclass(frozen=True)
+class LMCExplorerOptions:
+    """How :class:`LMCExplorer` computes what it is not given (all have defaults).
+
+    Attributes
+    ----------
+    points : alphas per curve, endpoints included (25), or the alphas themselves (as in
+        :func:`weightlens.lmc.curve`, which checks them).
+    seed : seed of weight matching (0).
+    bn_loader, repair : BatchNorm reset / REPAIR at every alpha (need an ``Evaluator``; see
+        :func:`weightlens.lmc.curve`).
+    k : top singular vectors compared per layer (16).
+
+    ``points``, ``bn_loader`` and ``repair`` apply only to a curve computed by the explorer, ``seed``
+    only to a matching it runs, ``k`` only to an alignment it measures.
+    """
+
+    points: int | Sequence[float] = 25
+    seed: int = 0
+    bn_loader: object | None = None
+    repair: object | None = None
+    k: int = 16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1):
+            raise InvalidParameterError(f"The 'k' parameter must be an int >= 1. Got {self.k!r} instead.")
+        if not isinstance(self.seed, int | np.integer):
+            raise InvalidParameterError(f"The 'seed' parameter must be an int. Got {self.seed!r} instead.")
+
+
+@dataclass(frozen=True)
+class LMCExplorerResults:
+    """Results already computed that :class:`LMCExplorer` shows as they are (each None: computed).
+
+    Attributes
+    ----------
+    naive, matched : ``weightlens.lmc.curve`` of ``a, b`` and of ``a`` and the matched ``b``; same
+        alphas and splits.
+    distances : ``weightlens.rebasin.layer_distances(a, b, spec, permutations)``.
+    alignment : ``weightlens.rebasin.singular_alignment(a, b, spec, permutations, k=k)``.
+    """
+
+    naive: LMCCurve | None = None
+    matched: LMCCurve | None = None
+    distances: pd.DataFrame | None = None
+    alignment: SingularAlignment | None = None
+
+    def __post_init__(self) -> None:
+        kinds = {"naive": LMCCurve, "matched": LMCCurve, "distances": pd.DataFrame, "alignment": SingularAlignment}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise InvalidParameterError(
+                    f"The {name!r} parameter must be a {kind.__name__} or None. Got {type(value).__name__} instead."
+                )
+
+
+def _resolve(results: LMCExplorerResults | None, options: LMCExplorerOptions | None,
+             overrides: dict[str, Any]) -> tuple[LMCExplorerResults, LMCExplorerOptions]:
+    """The explorer's results and options, each with its fields from ``overrides`` applied."""
+    result_names, option_names_ = option_names(LMCExplorerResults), option_names(LMCExplorerOptions)
+    unknown = sorted(set(overrides) - set(result_names) - set(option_names_))
+    if unknown:
+        raise InvalidParameterError(
+            f"LMCExplorer() got unknown option(s) {unknown}; valid options: {option_names_} (see "
+            f"LMCExplorerOptions) and {result_names} (see LMCExplorerResults)."
+        )
+    given = {name: overrides.pop(name) for name in result_names if name in overrides}
+    return (resolve_options(LMCExplorerResults, results, given, caller="LMCExplorer"),
+            resolve_options(LMCExplorerOptions, options, overrides, caller="LMCExplorer"))
 
 
 class LMCExplorer(Panel):
@@ -64,22 +138,14 @@ class LMCExplorer(Panel):
         Permutation spec of the architecture (e.g. :func:`weightlens.rebasin.mlp_spec`).
     permutations : Permutations, optional
         Use these (e.g. from activation matching) instead of running weight matching.
-    points : int, default=25
-        Alphas per curve, endpoints included.
-    seed : int, default=0
-        Seed of weight matching.
-    bn_loader, repair : data, optional
-        BatchNorm reset / REPAIR at every alpha (need an ``Evaluator``; see :func:`weightlens.lmc.curve`).
-    k : int, default=16
-        Top singular vectors compared per layer.
-    naive, matched : LMCCurve, optional
-        Curves already computed (``weightlens.lmc.curve`` of ``a, b`` and of ``a`` and the matched
-        ``b``), shown as they are; same alphas and splits. ``points``, ``bn_loader`` and ``repair``
-        apply only to a curve computed here.
-    distances : DataFrame, optional
-        ``weightlens.rebasin.layer_distances(a, b, spec, permutations)``, already computed.
-    alignment : SingularAlignment, optional
-        ``weightlens.rebasin.singular_alignment(a, b, spec, permutations, k=k)``, already computed.
+    results : LMCExplorerResults, optional
+        Results already computed, shown as they are: curves ``naive`` and ``matched``,
+        ``distances`` and ``alignment``; the keywords ``naive=``, ``matched=``, ``distances=`` and
+        ``alignment=`` set them directly.
+    options : LMCExplorerOptions, optional
+        How what is not given is computed; ``**overrides`` set its fields directly: ``points``
+        (25), ``seed`` (0, of weight matching), ``bn_loader`` and ``repair`` (BatchNorm reset /
+        REPAIR at every alpha; need an ``Evaluator``) and ``k`` (16 top singular vectors per layer).
 
     Attributes
     ----------
@@ -89,6 +155,7 @@ class LMCExplorer(Panel):
         Computed on first access (the "layer distance" view) unless given.
     alignment_ : weightlens.rebasin.SingularAlignment
         Computed on first access (the "singular vectors" view) unless given.
+    options : LMCExplorerOptions
     controls : dict of ipywidgets
         ``view``, ``split``, ``alpha``, ``permutation``, ``side`` (set ``.value`` to drive it from code).
     figures : dict of FigureWidget
@@ -113,16 +180,12 @@ class LMCExplorer(Panel):
         spec: PermutationSpec,
         *,
         permutations: Permutations | None = None,
-        points: int = 25,
-        seed: int = 0,
-        bn_loader: object | None = None,
-        repair: object | None = None,
-        k: int = 16,
-        naive: LMCCurve | None = None,
-        matched: LMCCurve | None = None,
-        distances: pd.DataFrame | None = None,
-        alignment: SingularAlignment | None = None,
+        results: LMCExplorerResults | None = None,
+        options: LMCExplorerOptions | None = None,
+        **overrides: Any,
     ) -> None:
+        given, opts = _resolve(results, options, overrides)
+        naive, matched = given.naive, given.matched
         if not isinstance(spec, PermutationSpec):
             raise InvalidParameterError(
                 f"The 'spec' parameter must be a PermutationSpec (e.g. weightlens.rebasin.mlp_spec(a)). "
@@ -135,21 +198,22 @@ class LMCExplorer(Panel):
 
         super().__init__()
         a_sd, b_sd = load(a), load(b)
-        self._sources, self._spec, self._k = (a_sd, b_sd), spec, k
+        self.options = opts
+        self._sources, self._spec, self._k = (a_sd, b_sd), spec, opts.k
         self.permutations_ = permutations if permutations is not None else weight_matching(a_sd, b_sd, spec,
-                                                                                           seed=seed)
-        options = {"points": points, "bn_loader": bn_loader, "repair": repair}
+                                                                                           seed=opts.seed)
+        settings = {"points": opts.points, "bn_loader": opts.bn_loader, "repair": opts.repair}
         if naive is None:
-            naive = curve(a_sd, b_sd, evaluate, label="naive", **options)
+            naive = curve(a_sd, b_sd, evaluate, label="naive", **settings)
         if matched is None:
             matched_b = self.permutations_.apply({key: b_sd[key] for key in b_sd})
-            matched = curve(a_sd, matched_b, evaluate, label="matched", **options)
+            matched = curve(a_sd, matched_b, evaluate, label="matched", **settings)
         if not np.array_equal(naive.alphas, matched.alphas) or list(naive.splits) != list(matched.splits):
             raise InvalidParameterError("LMCExplorer: the naive and matched curves need the same alphas and "
                                         "splits.")
         self.naive_: LMCCurve = naive
         self.matched_: LMCCurve = matched
-        self._distances, self._alignment = distances, alignment
+        self._distances, self._alignment = given.distances, given.alignment
         self.controls = self._make_controls(spec)
         self._readout = widgets.HTML()
         self._panel = widgets.Box(layout=widgets.Layout(width="100%"))
