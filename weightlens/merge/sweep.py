@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from weightlens._options import option_names, resolve_options
 from weightlens.errors import InvalidParameterError
 from weightlens.merge.engine import merge
 from weightlens.merge.registry import get_method
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["SweepResult", "alpha_grid", "reference_scores", "sweep"]
+__all__ = ["SweepOptions", "SweepResult", "alpha_grid", "reference_scores", "sweep"]
 
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
 
@@ -132,6 +133,40 @@ def _normalize(table: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["base", "finetuned"])
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """The less common settings of :func:`sweep` (all have defaults).
+
+    Attributes
+    ----------
+    report_all : also score ``report_on`` at every alpha (for curves; one more evaluation per
+        alpha). Default False: ``report_on`` is scored at the chosen alpha only.
+    reference : base and fine-tuned scores from :func:`reference_scores` (or a previous sweep's
+        ``.reference``), to skip re-evaluating them (default None: evaluated).
+    device : passed to ``merge`` (default ``"auto"``).
+    """
+
+    report_all: bool = False
+    reference: pd.DataFrame | None = field(default=None, repr=False)
+    device: str | torch.device = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.report_all, bool):
+            raise InvalidParameterError(f"The 'report_all' parameter must be a bool. Got {self.report_all!r} instead.")
+        if self.reference is not None and not isinstance(self.reference, pd.DataFrame):
+            raise InvalidParameterError(
+                "The 'reference' parameter must be a DataFrame from reference_scores or None. Got "
+                f"{type(self.reference).__name__} instead."
+            )
+        if not isinstance(self.device, str | torch.device):
+            raise InvalidParameterError(
+                f"The 'device' parameter must be a str or torch.device. Got {self.device!r} instead."
+            )
+
+
+_OPTION_NAMES = option_names(SweepOptions)
+
+
 def sweep(
     tv: TaskVectors,
     method: str,
@@ -140,10 +175,8 @@ def sweep(
     *,
     select_on: str = "val",
     report_on: str = "test",
-    report_all: bool = False,
-    reference: pd.DataFrame | None = None,
-    device: str | torch.device = "auto",
     progress: bool = True,
+    options: SweepOptions | None = None,
     **params: Any,
 ) -> SweepResult:
     """Merge at every ``alpha`` and score each task: normalized accuracy, NAI, choice on validation.
@@ -159,13 +192,11 @@ def sweep(
         ``evaluate(weights, task, split) -> {"accuracy": ..., "loss": ...}`` (a zoo's ``evaluate``).
     select_on, report_on : str, default="val", "test"
         Split scored at every alpha to choose it, and split reported at the chosen alpha.
-    report_all : bool, default=False
-        Also score ``report_on`` at every alpha (for curves; costs one more evaluation per alpha).
-    reference : DataFrame, optional
-        Base and fine-tuned scores from :func:`reference_scores` (or a previous sweep's
-        ``.reference``), to skip re-evaluating them.
-    device, progress
-        Passed to ``merge``; ``progress`` shows one bar over the grid.
+    progress : bool, default=True
+        One bar over the grid.
+    options : SweepOptions, optional
+        ``report_all`` (False), ``reference`` (None) and ``device`` (``"auto"``); the keywords
+        ``report_all=``, ``reference=`` and ``device=`` set them directly.
     **params
         Other parameters of the method (not ``alpha``).
 
@@ -177,6 +208,9 @@ def sweep(
         raise InvalidParameterError(
             f"sweep() takes the coefficients in 'alphas', not as alpha=; got alpha={params['alpha']!r}."
         )
+    given = {name: params.pop(name) for name in _OPTION_NAMES if name in params}
+    opts = resolve_options(SweepOptions, options, given, caller="sweep")
+    report_all, reference, device = opts.report_all, opts.reference, opts.device
     grid = [float(a) for a in (alpha_grid(method, len(tv), **params) if alphas is None else alphas)]
     if not grid:
         raise InvalidParameterError(f"sweep({method!r}) needs at least one alpha; got an empty grid.")
