@@ -66,6 +66,12 @@ class VocabInfo:
         ``"union"``: ``{token string: row}`` of the rows past ``shared_rows``, in row order; ``"base"``: empty.
     tokenizer_dir : Path or None
         The base's tokenizer folder, which :meth:`write_tokenizer` extends.
+    dropped : dict
+        ``{task: rows of that fine-tune left out of the task vectors}``: every row past the base's
+        ("base"), the rows no token of its tokenizer names ("union": padding).
+    token_attrs : dict
+        ``"union"``: ``{token string: its tokenizer.json attributes}`` (``special``, ``lstrip``, ...),
+        from the first fine-tune that adds it.
     """
 
     mode: Literal["base", "union"]
