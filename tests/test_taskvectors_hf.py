@@ -161,6 +161,23 @@ def test_gpt2_vocab_union_merges_each_row_over_the_tasks_that_have_it(gpt2, tmp_
         assert torch.isfinite(model(ids).logits).all()
 
 
+def test_analysis_reads_the_shared_rows_and_says_how_many_were_set_aside(gpt2, tmp_path):
+    base, fts = gpt2
+    tv = wl.TaskVectors(base, fts, vocab="union")
+    merged = wl.merge(tv, method="task_arithmetic", alpha=0.3)
+    report = wl.analyze(tv, merged=merged, device="cpu", progress=False)
+    assert len(report.notes) == 1 and "sets 3 aside" in report.notes[0]
+    wte = report.spectra.query("key == 'transformer.wte.weight' and task == 'chat'").iloc[0]
+    assert (wte["m"], wte["n"]) == (259, 16)  # the base's rows only
+    b = _tensors(base)["transformer.wte.weight"].double()
+    chat = _tensors(fts["chat"])["transformer.wte.weight"].double()[:259] - b
+    s = torch.linalg.svdvals(chat)
+    assert wte["energy_at_1"] == pytest.approx(float(s[0] ** 2 / (s**2).sum()), rel=1e-5)
+    refs = set(report.alignment.query("key == 'transformer.wte.weight'")["reference"])
+    assert "merged" not in refs and "sum" in refs  # the merge has the union's rows there
+    assert "sets 3 aside" in report.to_html(tmp_path / "r.html").read_text()
+
+
 # ---------------------------------------------------------------------------------------- Llama, GQA
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

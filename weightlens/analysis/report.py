@@ -126,6 +126,7 @@ class Report:
     tasks: tuple[str, ...]
     options: AnalysisOptions
     keys: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         n_matrix = int(self.spectra["key"].nunique()) if not self.spectra.empty else 0
@@ -284,7 +285,8 @@ class Report:
                 f"such as {str(path / 'report.html')!r}."
             )
         settings = dataclasses.asdict(self.options) | {"tasks": list(self.tasks)}
-        html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings)
+        html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings,
+                              notes=self.notes)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, html)
 
@@ -350,6 +352,8 @@ def analyze(
     opts = resolve_options(options, overrides)
     if tasks is not None:
         tv = tv.subset(tasks)
+    notes = (tv.vocab.summary(),) if tv.vocab is not None else ()
+    tv = tv.shared_rows()  # added vocabulary rows are merged per row, never analysed
     chosen = _select_keys(tv, keys)
     with_merged = _merged_keys(tv, merged, chosen)
     thresholds = None
@@ -358,7 +362,7 @@ def analyze(
     run = _Run(tv, opts, device, merged, with_merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
     for key in tqdm(chosen, desc="analyze", disable=not progress):
         _analyze_key(run, key, tv.deltas(key))  # the only read of this key
-    return _build_report(run, chosen)
+    return _build_report(run, chosen, notes)
 
 
 def _select_keys(tv: TaskVectors, keys: Iterable[str] | None) -> list[str]:
@@ -375,6 +379,8 @@ def _merged_keys(tv: TaskVectors, merged: Mapping[str, torch.Tensor] | None, cho
     if merged is None:
         return frozenset()
     held = set(merged_keys(tv, merged))
+    if tv.vocab is not None:  # a merge over a vocabulary union has more rows there than the shared ones
+        held -= set(tv.vocab.keys)
     keys = [k for k in chosen if k in held]
     check_merged(tv, merged, keys, caller="analyze(merged=...)")
     return frozenset(keys)
@@ -509,7 +515,7 @@ def _pairwise(run: _Run, key: str, tasks: list, zero_task: dict[str, bool], pair
             pairs[(names[i], names[j])].update(subspace_row(a.U[:, :k], b.U[:, :k], a.Vh[:k].mT, b.Vh[:k].mT))
 
 
-def _build_report(run: _Run, keys: list[str]) -> Report:
+def _build_report(run: _Run, keys: list[str], notes: tuple[str, ...] = ()) -> Report:
     names = run.names
     tables = {name: pd.DataFrame(run.rows.get(name, [])) for name in
               ("spectra", "alignment", "pairs", "interference", "signs", "singular_values")}
@@ -532,4 +538,5 @@ def _build_report(run: _Run, keys: list[str]) -> Report:
         tasks=tuple(names),
         options=run.opts,
         keys=tuple(keys),
+        notes=notes,
     )

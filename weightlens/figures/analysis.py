@@ -242,8 +242,9 @@ def report_page(
     figures: Mapping[str, go.Figure],
     *,
     settings: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
-    """A standalone HTML page: settings, summary table, figures and per-block table.
+    """A standalone HTML page: settings, notes, summary table, figures and per-block table.
 
     plotly.js is inlined once (in the first figure); the page loads nothing from the network.
     """
@@ -252,6 +253,7 @@ def report_page(
     if settings:
         text = ", ".join(f"{html.escape(str(k))}={html.escape(str(v))}" for k, v in settings.items())
         parts.append(f"<p class='note'>{text}</p>")
+    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
     parts += ["<h2>Summary</h2>", "<p class='note'>plain: every key counts once; weighted: by parameter count "
               "(rates: pooled counts).</p>", summary.to_html(float_format=lambda v: f"{v:.4g}", na_rep="")]
     first = True
