@@ -17,6 +17,7 @@ import html
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from weightlens.io.keys import block_of
 from weightlens.io.sources import _display_name
 from weightlens.io.recipe import ExportRecipe, Recipe, _version as file_version, mergekit_config
 
-__all__ = ["block_changes", "check_extras", "md_text", "svg_bars", "write_card"]
+__all__ = ["CardFiles", "block_changes", "check_extras", "md_text", "svg_bars", "write_card"]
 
 _EXTRAS = ("title", "metrics", "report", "notes")
 
@@ -133,7 +134,7 @@ def _sources(merged: Any, recipe: Recipe | None) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _header(merged: Any, recipe: Recipe | None, copied: list[str], extras: Mapping[str, Any]) -> list[str]:
+def _header(merged: Any, recipe: Recipe | None, copied: Sequence[str], extras: Mapping[str, Any]) -> list[str]:
     method = recipe.method if recipe is not None else getattr(merged, "method", None)
     tags = ["weightlens", "merge"] + ([method] if method and _TAG.fullmatch(method) else [])
     front = ["---"]
@@ -214,19 +215,37 @@ def _reproduce_section(plan: ExportRecipe, base_dtype: str | None) -> list[str]:
     return lines + [""]
 
 
-def _files_section(written: WrittenWeights, copied: list[str], skipped: list[str],
-                   dtype: torch.dtype | None) -> list[str]:
+@dataclass(frozen=True)
+class CardFiles:
+    """What the card's *Files* section lists: the files an export wrote and the ``like`` files.
+
+    Attributes
+    ----------
+    written : the weight files written (names, sha256, sizes, how far each key moved).
+    dtype : the dtype floating tensors were cast to (None: kept).
+    copied : files copied from the ``like`` folder.
+    skipped : files of that folder not copied (a link leading out of it, or not a regular file).
+    """
+
+    written: WrittenWeights
+    dtype: torch.dtype | None = None
+    copied: Sequence[str] = ()
+    skipped: Sequence[str] = ()
+
+
+def _files_section(files: CardFiles) -> list[str]:
+    written, dtype = files.written, files.dtype
     rows = {name: {"sha256": _Markup(f"`{sha}`")} for name, sha in written.files.items()}
     cast = f", cast to {dtype_name(dtype)}" if dtype is not None else ""
     lines = ["## Files", "", f"{written.n_tensors} tensors, {written.total_size / 1e6:.1f} MB{cast}.", "",
              markdown_table(rows, "file"), ""]
-    if copied:
+    if files.copied:
         lines += ["Copied from the `like` model folder (by default the base's; only its config, tokenizer, "
                   "processor, chat template and licence files, never its weights): "
-                  + ", ".join(map(md_text, copied)) + ".", ""]
-    if skipped:
+                  + ", ".join(map(md_text, files.copied)) + ".", ""]
+    if files.skipped:
         lines += ["Not copied from that folder (a symbolic link leading out of it, or not a regular file): "
-                  + ", ".join(map(md_text, skipped)) + ".", ""]
+                  + ", ".join(map(md_text, files.skipped)) + ".", ""]
     return lines
 
 
@@ -242,15 +261,15 @@ def check_extras(extras: Any) -> Mapping[str, Any]:
     return extras
 
 
-def write_card(folder: Path, merged: Any, plan: ExportRecipe, written: WrittenWeights, copied: list[str],
-               extras: Mapping[str, Any], *, dtype: torch.dtype | None, base_dtype: str | None = None,
-               skipped: list[str] | None = None) -> None:
-    """Write ``README.md`` (and the figure) into ``folder``; ``plan`` is what the export knows of the merge."""
+def write_card(folder: Path, merged: Any, plan: ExportRecipe, files: CardFiles, extras: Mapping[str, Any], *,
+               base_dtype: str | None = None) -> None:
+    """Write ``README.md`` (and the figure) into ``folder``; ``plan`` is what the export knows of the merge,
+    ``files`` what it wrote, ``base_dtype`` the dtype named in the mergekit config."""
     recipe = plan.recipe
-    lines = _header(merged, recipe, copied, extras)
+    lines = _header(merged, recipe, files.copied, extras)
     lines += _merge_section(merged, recipe)
     lines += _known_section(merged, extras)
-    lines += _figure_section(folder, written)
+    lines += _figure_section(folder, files.written)
     lines += _reproduce_section(plan, base_dtype)
-    lines += _files_section(written, copied, skipped or [], dtype)
+    lines += _files_section(files)
     write_text(folder / CARD, "\n".join(lines).rstrip() + "\n")

@@ -40,9 +40,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from weightlens._options import resolve_options
 from weightlens.errors import (
     CheckpointError,
     DTypeError,
+    InvalidParameterError,
     NonFiniteError,
     ShapeMismatchError,
     TargetExistsError,
@@ -55,7 +57,7 @@ from weightlens.io._layout import INDEX, WrittenWeights, dtype_name, parse_dtype
 from weightlens.io._like import LikePlan, copy_like, like_folder, plan_like
 from weightlens.io.sources import Checkpoint, load
 
-__all__ = ["TargetExistsError", "export", "parse_dtype", "parse_size"]
+__all__ = ["ExportOptions", "TargetExistsError", "export", "parse_dtype", "parse_size"]
 
 _CODES = {dtype: code for code, dtype in st.DTYPES.items()}
 _SAMPLE = 1 << 20  # entries per tensor used to measure how far a key moved (the card's figure)
@@ -301,20 +303,60 @@ def _inputs(merged: Mapping[str, Any], like_dir: Path | None) -> list[tuple[str,
 
 
 # ---------------------------------------------------------------------------------------- entry point
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export` writes beside the weights, and its expert safety knobs (all have defaults).
+
+    Attributes
+    ----------
+    recipe : None, False, Recipe or mapping
+        ``None`` (default): derive ``weightlens_recipe.yaml`` from a ``MergeResult`` whose inputs are
+        files; ``False``: write none; a ``Recipe`` (or its mapping) is written as given.
+    fingerprint : {"header", "full"}
+        How the derived recipe fingerprints each input file: its size and a sha256 of its header
+        (``"header"``, the default, cheap), or also a sha256 of the whole file (``"full"``, reads
+        every byte); a re-run refuses inputs that changed. A recipe given as ``recipe=`` keeps its own.
+    card : mapping, optional
+        Extras for the model card: ``"title"``, ``"metrics"`` (``{task: {metric: value}}`` or a
+        DataFrame), ``"report"`` (an analysis ``Report`` or its ``summary()``), ``"notes"`` (text).
+    verify : callable, optional
+        Called with ``{weight file: sha256}`` once the weights are written, before anything else is
+        and before the folder is moved into place; an exception it raises leaves no output behind
+        (``run_recipe`` checks a re-run against the recipe's recorded sha256 this way).
+    overwrite_any : bool
+        Replace any existing ``out_dir``, folder or file, whatever it holds (default False). Never
+        the current or home folder, a folder above either, a filesystem root, or a folder holding an input.
+    """
+
+    recipe: Any = None
+    fingerprint: str = "header"
+    card: Mapping[str, Any] | None = None
+    verify: Callable[[Mapping[str, str]], None] | None = None
+    overwrite_any: bool = False
+
+    def __post_init__(self) -> None:
+        from weightlens.io import _card, recipe as _recipe
+
+        _card.check_extras(self.card)
+        if self.recipe is not False:  # no recipe: no fingerprints
+            _recipe.check_fingerprint_mode(self.fingerprint)
+        if self.verify is not None and not callable(self.verify):
+            raise InvalidParameterError(
+                f"The 'verify' parameter must be a callable or None. Got {self.verify!r} instead."
+            )
+
+
 def export(
     merged: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike[str],
     *,
     like: Any = None,
-    recipe: Any = None,
     shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
-    overwrite_any: bool = False,
     progress: bool = True,
-    card: Mapping[str, Any] | None = None,
-    verify: Callable[[Mapping[str, str]], None] | None = None,
-    fingerprint: str = "header",
+    options: ExportOptions | None = None,
+    **overrides: Any,
 ) -> Path:
     """Write merged weights as an HF-style model folder, atomically and key by key.
 
@@ -330,9 +372,6 @@ def export(
         licence files are copied (an allowlist, from its top level, regular files only; never its
         weights); with ``dtype`` its ``config.json`` names the new dtype. ``None``: the merge
         base's folder when it has one.
-    recipe : None, False, Recipe or mapping
-        ``None``: derive ``weightlens_recipe.yaml`` from a ``MergeResult`` whose inputs are files;
-        ``False``: write none; a ``Recipe`` (or its mapping) is written as given.
     shard_size : int or str, default="5GB"
         Largest shard in bytes (``"5GB"`` = 5e9, ``"2GiB"`` = 2**31); one file when all fits.
     dtype : torch.dtype or str, optional
@@ -340,22 +379,14 @@ def export(
     overwrite : bool, default=False
         Replace an existing non-empty ``out_dir`` atomically when it is an earlier weightlens export
         (its ``*.safetensors`` headers carry ``weightlens_version``); otherwise it is refused.
-    overwrite_any : bool, default=False
-        Replace any existing ``out_dir``, folder or file, whatever it holds. Never the current or
-        home folder, a folder above either, a filesystem root, or a folder holding an input.
     progress : bool, default=True
         Progress bar (bytes) on stderr.
-    card : mapping, optional
-        Extras for the model card: ``"title"``, ``"metrics"`` (``{task: {metric: value}}`` or a
-        DataFrame), ``"report"`` (an analysis ``Report`` or its ``summary()``), ``"notes"`` (text).
-    verify : callable, optional
-        Called with ``{weight file: sha256}`` once the weights are written, before anything else is
-        and before the folder is moved into place; an exception it raises leaves no output behind
-        (``run_recipe`` checks a re-run against the recipe's recorded sha256 this way).
-    fingerprint : {"header", "full"}, default="header"
-        How the derived recipe fingerprints each input file: its size and a sha256 of its header
-        (``"header"``, cheap), or also a sha256 of the whole file (``"full"``, reads every byte);
-        a re-run refuses inputs that changed. A recipe given as ``recipe=`` keeps its own.
+    options : ExportOptions, optional
+        What is written beside the weights and the expert safety knobs; ``**overrides`` set its
+        fields directly: ``recipe`` (None: derived from a merge result; False: none),
+        ``fingerprint`` (``"header"`` or ``"full"``), ``card`` (model-card extras), ``verify`` (a
+        check of the written weights' sha256) and ``overwrite_any`` (replace any existing
+        ``out_dir``), e.g. ``export(merged, out, recipe=False)``.
 
     Returns
     -------
@@ -391,11 +422,13 @@ def export(
     >>> wl.load(out)["w"].sum().item()
     4.0
     """
-    from weightlens.io import _card, recipe as _recipe
+    from weightlens.io import recipe as _recipe
 
+    opts = resolve_options(ExportOptions, options, overrides, caller="export")
+    overwrite_any = opts.overwrite_any
     if not isinstance(merged, Mapping):
         merged = load(merged)
-    extras = _card.check_extras(card)
+    extras = opts.card if opts.card is not None else {}
     max_bytes, target = parse_size(shard_size), parse_dtype(dtype)
     _paths.check_output_path(out_dir)
     out = Path(out_dir).expanduser()
@@ -404,10 +437,10 @@ def export(
     check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=overwrite_any)
     check(out)  # before the recipe reads its inputs' fingerprints
     like_plan = plan_like(like_dir) if like_dir is not None else None
-    rec = _recipe.recipe_for(merged, recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
-                             fingerprint=fingerprint)
+    rec = _recipe.recipe_for(merged, opts.recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
+                             fingerprint=opts.fingerprint)
     job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(rec), rec, like_plan, extras,
-               verify, progress)
+               opts.verify, progress)
     try:
         with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
             _write_folder(job, tmp)
@@ -456,8 +489,8 @@ def _write_folder(job: _Job, tmp: Path) -> None:
     copied = copy_like(job.like, tmp, job.target) if job.like is not None else []
     base_dtype = _main_dtype(job.merged, job.target)
     _recipe.write_recipes(tmp, job.recipe, written, base_dtype=base_dtype)
-    _card.write_card(tmp, job.merged, job.recipe, written, copied, job.extras, dtype=job.target,
-                     base_dtype=base_dtype, skipped=job.like.skipped if job.like is not None else [])
+    files = _card.CardFiles(written, job.target, copied, job.like.skipped if job.like is not None else [])
+    _card.write_card(tmp, job.merged, job.recipe, files, job.extras, base_dtype=base_dtype)
 
 
 def _os_failure(out: Path, err: OSError) -> OSError:

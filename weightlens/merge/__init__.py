@@ -24,7 +24,7 @@ from weightlens.merge.registry import (
 )
 from weightlens.merge.engine import MergeContext, MergeResult, merge
 from weightlens.merge.compare import Comparison, compare
-from weightlens.merge.recipes import merge_recipe, run_recipe
+from weightlens.merge.recipes import RunRecipeOptions, merge_recipe, run_recipe
 from weightlens.merge.sweep import SweepOptions, SweepResult, alpha_grid, reference_scores, sweep
 
 #: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
@@ -41,6 +41,7 @@ __all__ = [
     "MergeContext",
     "MergeMethod",
     "MergeResult",
+    "RunRecipeOptions",
     "SweepOptions",
     "SweepResult",
     "alpha_grid",

@@ -19,16 +19,17 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightlens._version import __version__
+from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError, ReproducibilityError
 from weightlens.io import _fingerprint as _fp
-from weightlens.io.export import export
+from weightlens.io.export import ExportOptions, export
 from weightlens.io.recipe import (
     ExportRecipe,
     Recipe,
@@ -43,7 +44,15 @@ from weightlens.merge.engine import MergeResult, merge
 from weightlens.merge.registry import get_method, list_methods, mergekit_of
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["export_recipe", "input_fingerprints", "merge_recipe", "mergekit_config", "not_reproducible", "run_recipe"]
+__all__ = [
+    "RunRecipeOptions",
+    "export_recipe",
+    "input_fingerprints",
+    "merge_recipe",
+    "mergekit_config",
+    "not_reproducible",
+    "run_recipe",
+]
 
 _RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
 
@@ -167,10 +176,34 @@ def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, device: str | None 
     return _merge(recipe, _inputs(recipe, check=check_inputs)[0], device, progress)
 
 
+@dataclass(frozen=True)
+class RunRecipeOptions:
+    """The reproducibility and safety checks of :func:`run_recipe` (all have defaults).
+
+    Attributes
+    ----------
+    verify : check the written weights against the recipe's ``expect`` before the folder is moved
+        into place (default True); a mismatch raises ``ReproducibilityError`` leaving no output.
+    check_inputs : compare the inputs with the recipe's ``fingerprints`` before anything is merged
+        (default True); False merges changed inputs anyway.
+    fingerprint : how the recipe written beside the weights fingerprints the inputs, ``"header"``
+        or ``"full"`` (default None: the recipe's own mode).
+    overwrite_any : replace a non-empty output folder that is not a weightlens export (default False).
+    """
+
+    verify: bool = True
+    check_inputs: bool = True
+    fingerprint: str | None = None
+    overwrite_any: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fingerprint is not None:
+            check_fingerprint_mode(self.fingerprint)
+
+
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-               overwrite: bool = False, overwrite_any: bool = False, progress: bool = True,
-               device: str | None = None, verify: bool = True, check_inputs: bool = True,
-               fingerprint: str | None = None) -> Path:
+               overwrite: bool = False, progress: bool = True, device: str | None = None,
+               options: RunRecipeOptions | None = None, **overrides: Any) -> Path:
     """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder.
 
     Before anything is merged, the inputs are compared with the recipe's ``fingerprints`` (a changed
@@ -179,11 +212,15 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     are checked against the recipe's ``expect`` before the folder is moved into place, and a mismatch
     raises ``ReproducibilityError`` leaving no output. The recipe written beside the weights records the
     inputs as they are now (``fingerprint``: "header" or "full"; default: the recipe's own mode).
-    ``overwrite_any`` replaces a non-empty folder that is not a weightlens export.
+    ``overwrite_any`` replaces a non-empty folder that is not a weightlens export. These four are the
+    fields of ``options`` (a :class:`RunRecipeOptions`), and ``**overrides`` set them directly, e.g.
+    ``run_recipe(path, out, verify=False)``.
     """
+    opts = resolve_options(RunRecipeOptions, options, overrides, caller="run_recipe")
+    check_inputs = opts.check_inputs
     recipe = _as_recipe(recipe)
     target = _target(recipe, out)
-    tv, current = _inputs(recipe, check=check_inputs, mode=fingerprint)
+    tv, current = _inputs(recipe, check=check_inputs, mode=opts.fingerprint)
     merged = _merge(recipe, tv, device, progress=False)
     like: Any = recipe.path(recipe.like) if recipe.like else False
     threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
@@ -191,10 +228,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like or None,
                    params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
     checked = bool(recipe.fingerprints) and check_inputs
-    check = _verifier(recipe, target, device, checked) if verify and recipe.expect else None
+    check = _verifier(recipe, target, device, checked) if opts.verify and recipe.expect else None
+    written = ExportOptions(recipe=done, verify=check, overwrite_any=opts.overwrite_any)
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
-        return export(merged, target, like=like, recipe=done, shard_size=recipe.shard_size, dtype=recipe.dtype,
-                      overwrite=overwrite, overwrite_any=overwrite_any, progress=progress, verify=check)
+        return export(merged, target, like=like, shard_size=recipe.shard_size, dtype=recipe.dtype,
+                      overwrite=overwrite, progress=progress, options=written)
 
 
 def _target(recipe: Recipe, out: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
