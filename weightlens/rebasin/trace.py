@@ -1,4 +1,4 @@
-"""Derive a permutation spec by tracing a module with ``torch.fx``.
+"""Derive a permutation spec by tracing a module with ``torch.fx`` (or ``torch.export``).
 
 Every Linear/Conv/Embedding output starts a permutation; operations that keep units aligned pass it on
 (norms, activations, dropout, pooling, flatten, reductions over other axes, slicing of other axes);
@@ -8,13 +8,18 @@ comes from its inputs, is not permuted. ``nn.MultiheadAttention`` becomes a head
 :class:`~weightlens.rebasin.spec.HeadGroup` named after the module, and its output projection starts
 a permutation. Operations outside this list raise an
 error naming the graph node, so a spec is never silently wrong.
+
+Modules that ``torch.fx`` cannot trace (Hugging Face transformers, whose forward branches on Python
+values) are traced with ``torch.export`` instead; the walk over its ATen graph (in
+``weightlens.rebasin._export_trace``) follows the same rules and also attention written with head
+reshapes, grouped-query attention and rotary embeddings.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +112,8 @@ class _Tracer:
         return InvalidParameterError(
             f"spec_from_module: cannot follow node {node.name!r} ({node.op} {_target_name(node)}): {why}. "
             f"Supported: {_SUPPORTED}. Build the spec with a builder (mlp_spec, resnet_spec, "
-            f"transformer_spec) or write a PermutationSpec by hand."
+            f"transformer_spec) or write a PermutationSpec by hand; tracer='export' follows attention "
+            f"written with head reshapes."
         )
 
     def val(self, node: fx.Node, arg: object) -> _Val:
@@ -375,49 +381,85 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def spec_from_module(module: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> PermutationSpec:
-    """Derive a permutation spec by tracing ``module`` with ``torch.fx``.
+def spec_from_module(
+    module: nn.Module,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, object],
+    *,
+    tracer: str = "auto",
+) -> PermutationSpec:
+    """Derive a permutation spec by tracing ``module`` with ``torch.fx`` or ``torch.export``.
 
     Parameters
     ----------
-    module : a sequential or residual model built from Linear/Conv/Embedding/BatchNorm/LayerNorm
-        layers, ``nn.MultiheadAttention``, activations, pooling, flatten, slicing and additions (see
-        the module docstring). Attention written by hand (head reshapes, ``q @ k.T``) is not
-        followed: use :func:`~weightlens.rebasin.transformer_spec` for such models.
-    example_input : one input (or a tuple of inputs) to find shapes; the module runs once in eval
+    module : a model built from Linear/Conv/Embedding/BatchNorm/LayerNorm layers,
+        ``nn.MultiheadAttention``, activations, pooling, flatten, slicing and additions (see the module
+        docstring), or (through ``torch.export``) a transformer whose attention splits layer outputs
+        into heads, such as Hugging Face BERT, GPT-2 and Llama models (GQA and rotary embeddings
+        included).
+    example_input : one input, a tuple of positional inputs, or a dict of keyword inputs (e.g.
+        ``{"input_ids": ids, "attention_mask": mask}``) to find shapes; the module runs once in eval
         mode, its train/eval mode is restored afterwards and BatchNorm statistics are not updated.
+    tracer : ``"auto"`` (default): ``torch.fx`` when it can trace the module, else ``torch.export``
+        (and always ``torch.export`` for keyword inputs); ``"fx"``; ``"export"``: also follows
+        attention written with head reshapes (``view``, ``transpose``, ``q @ k.transpose``,
+        ``scaled_dot_product_attention``). With ``torch.export``, a ``use_cache`` argument of
+        ``forward`` is set to ``False`` unless given: a KV cache is not an output.
 
     Returns
     -------
     PermutationSpec
         Permutations named after the first Linear/Conv writing them (a residual stream is named
-        after its first writer); ``num_batches_tracked`` entries are ``()``.
+        after its first writer); ``num_batches_tracked`` entries are ``()`` (fx). Units that reach
+        the outputs are not permuted: for a model that returns its hidden states (``BertModel``)
+        that is the residual stream. Head groups are named after the attention module (fx:
+        ``nn.MultiheadAttention``; export: the module the attention op runs in).
 
     Raises
     ------
     InvalidParameterError
-        The module cannot be traced, or uses an operation the tracer cannot follow (the error names
-        the graph node).
+        The module cannot be traced (e.g. data-dependent control flow in ``forward``), or uses an
+        operation the tracer cannot follow; the error names the graph node and the builder to use
+        instead (e.g. ``transformer_spec(model.state_dict(), n_heads=12, layout='bert')``).
     """
+    if tracer not in ("auto", "fx", "export"):
+        raise InvalidParameterError(
+            f"The 'tracer' parameter of spec_from_module must be one of 'auto', 'fx', 'export'. Got {tracer!r} "
+            f"instead."
+        )
+    from weightlens.rebasin._export_trace import builder_hint, spec_from_export
+
+    if isinstance(example_input, Mapping):
+        args: tuple = ()
+        kwargs = dict(example_input)
+    else:
+        args, kwargs = (example_input if isinstance(example_input, tuple) else (example_input,)), {}
+    if tracer == "export" or kwargs and tracer == "auto":
+        return spec_from_export(module, args, kwargs)
+    if kwargs:
+        raise InvalidParameterError(
+            "spec_from_module: tracer='fx' takes a tensor or a tuple of positional inputs; pass keyword inputs "
+            "with tracer='export' (or 'auto')."
+        )
     try:
         gm = fx.symbolic_trace(module)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, ...)
+        if tracer == "auto":
+            return spec_from_export(module, args, kwargs, fx_error=exc)
         raise InvalidParameterError(
             f"spec_from_module: torch.fx cannot trace {type(module).__name__} ({type(exc).__name__}: {exc}). "
-            f"Use a builder or write a PermutationSpec by hand."
+            f"Pass tracer='export' (or 'auto'). {builder_hint(module)}."
         ) from None
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     modes = {m: m.training for m in module.modules()}
     try:
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*args)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    tracer = _Tracer(gm)
+    walk = _Tracer(gm)
     for node in gm.graph.nodes:
-        tracer.step(node)
-    spec = tracer.spec()
+        walk.step(node)
+    spec = walk.spec()
     spec.sizes(module.state_dict())
     return spec
