@@ -293,3 +293,57 @@ def test_background_work_runs_on_a_worker_thread_and_scoring_on_half_the_threads
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_studio_options_and_the_keyword_forms(tv):
+    from weightlens.widgets.studio import StudioOptions
+
+    keys = [k for k in tv.keys if tv.kind(k) == "matrix"][:2]
+    old = MergeStudio(tv, split="test", debounce=0.0, out_dir="here", keys=keys)
+    new = MergeStudio(tv, options=StudioOptions(split="test", debounce=0.0, out_dir="here", keys=tuple(keys)))
+    for studio in (old, new):
+        assert studio.options == StudioOptions("test", 0.0, "here", tuple(keys))
+        assert studio.split == "test" and studio.out_path.value == "here"
+        assert set(studio.comparison.signs["key"]) == set(keys)
+    assert MergeStudio(tv, options=StudioOptions(debounce=0.0), split="test").options.split == "test"
+    with pytest.raises(wl.InvalidParameterError, match=r"unknown option\(s\) \['debounse'\].*StudioOptions"):
+        MergeStudio(tv, debounse=0.1)
+    with pytest.raises(wl.InvalidParameterError, match="must be a StudioOptions"):
+        MergeStudio(tv, options={"debounce": 0.0})
+    with pytest.raises(wl.InvalidParameterError, match="debounce"):
+        StudioOptions(debounce=-1)
+
+
+def test_alpha_zero_shows_the_whole_model_once_compared(tv, digits_zoo):
+    studio = MergeStudio(tv, debounce=0.0)
+    studio.params["task_arithmetic"]["alpha"].value = 0.0
+    assert studio.wait(120) and not studio.state["pending"]  # a comparison at alpha 0 is not cached
+    assert studio.state["params"]["alpha"] == 0.0 and studio.state["sigma1"] == 0.0
+    studio.params["task_arithmetic"]["alpha"].value = 0.45  # the cached alpha-0.3 comparison, rescaled
+    assert not studio.state["pending"] and studio.comparison.params["alpha"] == 0.45
+    ref = compare(fresh(digits_zoo), merge(fresh(digits_zoo), method="task_arithmetic", alpha=0.45))
+    sar = ref.per_task[ref.per_task["which"] == "merged"]["sar"].to_numpy()
+    np.testing.assert_allclose(trace(studio.figures["retained"], "task_arithmetic").y, sar, rtol=1e-5)
+    assert studio.last_error is None
+
+
+def test_background_work_reports_and_shows_its_errors():
+    from weightlens.widgets._common import Background, Panel
+
+    panel, seen = Panel(), []
+
+    def work(job, value):
+        job.start(2)
+        job.advance()
+        seen.append((value, job.current))
+        if value == "boom":
+            raise RuntimeError("boom")
+        job.say("done <ok>")
+
+    runner = Background(panel, work, delay=0.0)
+    runner.schedule("waiting ...", "fine")
+    assert runner.wait(30) and seen == [("fine", True)]
+    assert runner.status.value == "done &lt;ok&gt;" and (runner.progress.value, runner.progress.max) == (1, 2)
+    runner.schedule("waiting ...", "boom")
+    assert runner.wait(30)
+    assert isinstance(panel.last_error, RuntimeError) and "background work failed" in panel.status.value

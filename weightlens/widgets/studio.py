@@ -3,6 +3,12 @@
 A thin view over :func:`weightlens.merge.merge` and :func:`weightlens.merge.compare`; the
 parameter controls are built from the registry's schemas (:func:`weightlens.merge.get_method`).
 Figures come from :mod:`weightlens.figures.merge` and :mod:`weightlens.figures.task_accuracy`.
+The widget holds the controls, the layout and their wiring; the rest is outside the class:
+
+* which comparison to show: a :class:`weightlens.merge.comparisons.ComparisonCache` (the cached
+  one, rescaled to a new ``alpha``, or a fresh :func:`~weightlens.merge.compare`);
+* background work: :class:`weightlens.widgets._common.Background` (debounced, superseded by a
+  newer change, with a progress bar); accuracy: :func:`score_merge`; export: :func:`export_merge`.
 
 Speed: merges are lazy and their unscaled updates cached in ``tv.cache``; a comparison is computed
 once per (tasks, method, parameters other than ``alpha``) and a move of ``alpha`` rescales it
@@ -19,8 +25,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,14 +36,17 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError
 from weightlens.figures.merge import figure_merge_conflicts, figure_merge_spectrum, figure_retained_alignment
 from weightlens.figures.task_accuracy import figure_task_accuracy
-from weightlens.merge import alpha_grid, compare, get_method, list_methods, merge
+from weightlens.merge import Comparison, MergeResult, alpha_grid, get_method, list_methods, merge
+from weightlens.merge.comparisons import ComparisonCache
 from weightlens.merge.registry import Param
 from weightlens.taskvectors import TaskVectors
 from weightlens.widgets._common import (
-    Debouncer,
+    Background,
+    Job,
     Panel,
     background_threads,
     figure_widget,
@@ -45,13 +54,48 @@ from weightlens.widgets._common import (
     short_key,
 )
 
-__all__ = ["METRICS", "PANELS", "MergeStudio", "param_control"]
+__all__ = [
+    "METRICS",
+    "PANELS",
+    "MergeStudio",
+    "StudioOptions",
+    "export_merge",
+    "method_controls",
+    "param_control",
+    "score_merge",
+]
 
 METRICS = ("sar", "kept", "cos", "agreement")
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, float]]
-_CACHE_SIZE = 8  # comparisons kept per studio
+_CACHE_SIZE = 8  # comparisons kept per studio (whole-model ones; as many one-key ones)
 PANELS = ("spectrum", "retained", "conflicts")
 _HEIGHT, _WIDTH = 420, 600  # px, every panel (a FigureWidget does not follow its container's width)
+
+
+@dataclass(frozen=True)
+class StudioOptions:
+    """Settings of :class:`MergeStudio` that are rarely changed (all have defaults).
+
+    Attributes
+    ----------
+    split : split passed to ``evaluate`` (``"val"``).
+    debounce : seconds the controls must be still before the background work starts (0.5).
+    out_dir : initial export folder (``"merged-model"``).
+    keys : restrict the comparison to these keys (None: every task-vector key).
+    """
+
+    split: str = "val"
+    debounce: float = 0.5
+    out_dir: str = "merged-model"
+    keys: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.debounce, bool) or not isinstance(self.debounce, (int, float)) or not self.debounce >= 0:
+            raise InvalidParameterError(
+                f"The 'debounce' parameter must be a number >= 0. Got {self.debounce!r} instead."
+            )
+        if self.keys is not None:
+            object.__setattr__(self, "keys", tuple(self.keys))
 
 
 def _panel_style(fig: go.Figure) -> go.Figure:
@@ -97,6 +141,12 @@ def param_control(p: Param, *, method: str, n_tasks: int) -> widgets.ValueWidget
                                style=style, layout=width)
 
 
+def method_controls(n_tasks: int) -> dict[str, dict[str, widgets.ValueWidget]]:
+    """:func:`param_control` for every parameter of every registered method, by method and name."""
+    return {m: {p.name: param_control(p, method=m, n_tasks=n_tasks) for p in get_method(m).params.values()}
+            for m in list_methods()}
+
+
 def _coerce(p: Param, value: Any) -> Any:
     """A text box of a nullable parameter: empty is None, anything else the parameter's type."""
     if isinstance(value, str) and p.kind is not str:
@@ -122,23 +172,22 @@ class MergeStudio(Panel):
         Matrix key whose spectrum is shown (default: a matrix in the middle of the model).
     metric : {"sar", "kept", "cos", "agreement"}, default="sar"
         Per-task column of the retained-alignment panel.
-    split : str, default="val"
-        Split passed to ``evaluate``.
-    debounce : float, default=0.5
-        Seconds the controls must be still before accuracy is re-evaluated.
-    out_dir : str, default="merged-model"
-        Initial export folder.
-    keys : sequence of str, optional
-        Restrict the comparison to these keys (all task-vector keys by default).
+    options : StudioOptions, optional
+        ``split`` (of ``evaluate``), ``debounce`` (seconds of still controls before background work),
+        ``out_dir`` (initial export folder), ``keys`` (compare only these keys); see :class:`StudioOptions`.
+    **overrides
+        Any of those by name, over ``options``: ``MergeStudio(tv, debounce=0.3, split="test")``.
 
     Attributes
     ----------
     merged : MergeResult
         The current merge (lazy: keys are computed when read; updates cached).
     comparison : Comparison
-        Its comparison with task arithmetic.
+        Its comparison with task arithmetic (None while the whole model is compared in the background).
     scores : DataFrame
         Latest accuracy table (``task, model, accuracy``), empty without ``evaluate``.
+    options : StudioOptions
+        The settings in use.
     """
 
     def __init__(
@@ -150,87 +199,66 @@ class MergeStudio(Panel):
         tasks: Sequence[str] | None = None,
         key: str | None = None,
         metric: str = "sar",
-        split: str = "val",
-        debounce: float = 0.5,
-        out_dir: str = "merged-model",
-        keys: Sequence[str] | None = None,
+        options: StudioOptions | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
         if not isinstance(task_vectors, TaskVectors):
             raise InvalidParameterError(f"MergeStudio needs TaskVectors; got {type(task_vectors).__name__}.")
-        self.tv = task_vectors
-        self._evaluate = evaluate
-        self.split = split
-        self._keys = list(keys) if keys is not None else None
-        self._comparisons: OrderedDict[tuple, Any] = OrderedDict()
-        self._key_comparisons: OrderedDict[tuple, Any] = OrderedDict()
-        self._references: dict[tuple[str, str], float] = {}
+        self.options = resolve_options(StudioOptions, options, overrides, caller="MergeStudio")
+        self.tv, self._evaluate, self.split = task_vectors, evaluate, self.options.split
+        self._keys = list(self.options.keys) if self.options.keys is not None else None
+        self._comparisons = ComparisonCache(_CACHE_SIZE)  # whole model (or options.keys)
+        self._key_comparisons = ComparisonCache(_CACHE_SIZE)  # the shown key alone
+        self._references: dict[tuple[str, str], float] = {}  # fine-tuned accuracy per (task, split)
         self._lock = threading.RLock()  # the panels' state: callbacks vs background thread
-        self._compare_lock = threading.Lock()  # one whole-model compare at a time
         self.scores = pd.DataFrame(columns=["task", "model", "accuracy"])
-        self._build_controls(method, tasks, key, metric, out_dir)
-        self._drawn: dict[str, tuple] = {}
-        self._held: dict[str, tuple] = {}
+        self._background = Background(self, self._settle, self.options.debounce)
+        self.progress, self.eval_status = self._background.progress, self._background.status
+        self._build_controls(*_choices(self.tv, method, tasks, key, metric, self._keys), method, key, metric)
+        self._panels = _Panels()
         start = time.perf_counter()
         self._recompute()
         if self.comparison is None:  # the first comparison is made here, before anything is shown
-            self.comparison = compare(self.merged.task_vectors, self.merged, keys=self._keys)
-            self._key_comparison = self.comparison
-            self._store(self._comparisons, self._tag, self.comparison)
-        figs = self._figures()
+            self.comparison = self._key_comparison = self._comparisons.compare(self.merged, self._keys)
+        figs = self._panels.draw(PANELS, self.comparison, self._key_comparison, **self._view)
+        if evaluate is not None:
+            figs["accuracy"] = figure_task_accuracy(self.scores, split=self.split)
         self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
         self.last_update_s = time.perf_counter() - start
-        self._debouncer = Debouncer(self._settle, debounce)
         self._layout()
         self._describe()
         self._schedule()
 
     # ------------------------------------------------------------------ controls
-    def _build_controls(self, method: str, tasks: Sequence[str] | None, key: str | None, metric: str,
-                        out_dir: str) -> None:
-        get_method(method)
-        if metric not in METRICS:
-            raise InvalidParameterError(f"The 'metric' parameter must be one of {METRICS}. Got {metric!r} instead.")
-        names = self.tv.names
-        chosen = list(tasks) if tasks is not None else names
-        if [t for t in chosen if t not in names] or len(chosen) < 2:
-            raise InvalidParameterError(f"MergeStudio(tasks=...) needs at least two of {names}; got {chosen}.")
-        matrices = [k for k in (self._keys or self.tv.keys) if self.tv.kind(k) == "matrix"]
-        if not matrices:
-            raise InvalidParameterError("MergeStudio needs at least one matrix key to show a spectrum.")
-        if key is not None and key not in matrices:
-            raise InvalidParameterError(f"key={key!r} is not a matrix key of the task vectors.")
+    def _build_controls(self, chosen: list[str], matrices: list[str], method: str, key: str | None,
+                        metric: str) -> None:
         style = {"description_width": "110px"}
         self.method = widgets.Dropdown(options=[(get_method(m).pretty_name, m) for m in list_methods()],
                                        value=method, description="method", style=style)
-        self.params: dict[str, dict[str, widgets.ValueWidget]] = {
-            m: {p.name: param_control(p, method=m, n_tasks=len(chosen)) for p in get_method(m).params.values()}
-            for m in list_methods()
-        }
+        self.params = method_controls(len(chosen))
         self.task_boxes = {t: widgets.Checkbox(value=t in chosen, description=t, indent=False,
-                                               layout=widgets.Layout(width="auto")) for t in names}
+                                               layout=widgets.Layout(width="auto")) for t in self.tv.names}
         self.key = widgets.Dropdown(options=[(short_key(k), k) for k in matrices],
                                     value=key or matrices[len(matrices) // 2], description="spectrum of",
                                     style=style, layout=widgets.Layout(width="520px"))
         self.metric = widgets.Dropdown(options=METRICS, value=metric, description="per task", style=style)
         self.param_box = widgets.VBox(list(self.params[method].values()))
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="background")
-        self.eval_status = widgets.HTML()
-        self.out_path = widgets.Text(value=out_dir, description="export to", style=style,
+        self.out_path = widgets.Text(value=self.options.out_dir, description="export to", style=style,
                                      layout=widgets.Layout(width="420px"))
         self.overwrite = widgets.Checkbox(value=False, description="overwrite", indent=False,
                                           layout=widgets.Layout(width="auto"))
         self.export_button = widgets.Button(description="Export", icon="download", button_style="primary")
         self.export_status = widgets.HTML()
         self.method.observe(self._on_method, names="value")
-        for m, controls in self.params.items():
+        for controls in self.params.values():
             for name, control in controls.items():
                 control.observe(partial(self._on_param, what="alpha" if name == "alpha" else "parameters"),
                                 names="value")
         for box in self.task_boxes.values():
             box.observe(self._on_param, names="value")
-        self.key.observe(self._on_key, names="value")
-        self.metric.observe(self._on_metric, names="value")
+        self.key.observe(partial(self._on_view, what="spectrum key", names=("spectrum",)), names="value")
+        self.metric.observe(partial(self._on_view, what="metric", names=("retained",)), names="value")
         self.export_button.on_click(lambda _: self.export())
 
     def _layout(self) -> None:
@@ -276,110 +304,30 @@ class MergeStudio(Panel):
         ``pending`` is True while the whole-model comparison runs in the background (then only the
         spectrum is current and the per-task numbers are absent).
         """
-        shown = self.comparison if self.comparison is not None else self._key_comparison
-        spec = shown.spectrum
-        rows = spec[(spec["key"] == self.key.value) & (spec["which"] == "merged")]
-        out = {
-            "method": self.merged.method,
-            "params": dict(self.merged.params),
-            "tasks": list(self.merged.task_vectors.names),
-            "key": self.key.value,
-            "sigma1": float(rows["sigma"].max()) if not rows.empty else math.nan,
-            "pending": self.comparison is None,
-        }
-        if self.comparison is not None:
-            per_task = self.comparison.per_task
-            merged = per_task[per_task["which"] == "merged"]
-            out[self.metric.value] = dict(zip(merged["task"], merged[self.metric.value].astype(float)))
-        return out
-
-    def _selected_tv(self) -> TaskVectors:
-        tasks = self.tasks
-        return self.tv if tasks == self.tv.names else self.tv.subset(tasks)
-
-    def _cached(self, table: OrderedDict, tag: tuple, alpha: float) -> Any:
-        """A cached comparison under ``tag`` rescaled to ``alpha``, or None."""
-        comp = table.get(tag)
-        if comp is None or alpha <= 0:
-            return None
-        table.move_to_end(tag)
-        return comp.rescaled(alpha)
-
-    def _store(self, table: OrderedDict, tag: tuple, comp: Any) -> None:
-        if float(comp.params["alpha"]) > 0:
-            table[tag] = comp
-            while len(table) > _CACHE_SIZE:
-                table.popitem(last=False)
+        return _state(self.merged, self.comparison, self._key_comparison, key=self.key.value,
+                      metric=self.metric.value)
 
     def _recompute(self) -> None:
-        """Merge (lazy) and find the comparison: cached and rescaled when known, else the shown key's
-        now and the whole model's later (:meth:`_settle`, in the background)."""
-        tv = self._selected_tv()
+        """Merge (lazy) and ask the cache for its comparison (a known one rescaled to this ``alpha``);
+        without one, the shown key's now and the whole model's later (:meth:`_settle`, in the background)."""
+        tasks = self.tasks
+        tv = self.tv if tasks == self.tv.names else self.tv.subset(tasks)
         self.merged = merge(tv, method=self.method.value, lazy=True, **self.method_params)
-        alpha = self.merged.alpha
-        frozen = tuple(sorted((k, v) for k, v in self.merged.params.items() if k != "alpha"))
-        self._tag = (tuple(tv.names), self.method.value, frozen, tuple(self._keys or ()))
-        self.comparison = self._cached(self._comparisons, self._tag, alpha)
-        self._key_comparison = self.comparison
-        if self.comparison is None:
-            self._key_comparison = self._key_only()
+        self.comparison = self._comparisons.get(self.merged, self._keys)
+        self._key_comparison = self.comparison if self.comparison is not None else self._key_only()
 
-    def _key_only(self) -> Any:
+    def _key_only(self) -> Comparison:
         """Comparison restricted to the shown key (cheap: one key's update, SVD and signs)."""
-        tag = (*self._tag, self.key.value)
-        comp = self._cached(self._key_comparisons, tag, self.merged.alpha)
-        if comp is None:
-            comp = compare(self.merged.task_vectors, self.merged, keys=[self.key.value])
-            self._store(self._key_comparisons, tag, comp)
-        return comp
+        return self._key_comparisons.compare(self.merged, [self.key.value])
 
-    def _label(self) -> str:
-        return f"{self.merged.method} alpha={self.merged.alpha:.2f}"
-
-    def _inputs(self, name: str, comp: Any) -> tuple:
-        """What figure ``name`` is drawn from; an unchanged signature means an unchanged figure."""
-        if name == "spectrum":
-            return ("spectrum", self.key.value, comp.params["alpha"], id(comp.spectrum))
-        if name == "retained":
-            rows = comp.per_task[["task", "which", self.metric.value]]
-            return ("retained", comp.method, self.metric.value, tuple(map(tuple, rows.astype(str).to_numpy())))
-        return ("conflicts", comp.method, id(comp.signs))
-
-    def _figures(self, names: Sequence[str] = ("spectrum", "retained", "conflicts", "accuracy"),
-                 *, changed_only: bool = False) -> dict[str, go.Figure]:
-        """Figures from the pure builders; with ``changed_only``, only those whose inputs changed.
-
-        The legend names the method (``alpha`` is in the spectrum's title and the status line), so
-        the per-task and sign panels change with ``alpha`` only where their numbers do (``kept``).
-        While the whole-model comparison is pending only the spectrum is drawn.
-        """
-        out: dict[str, go.Figure] = {}
-        for name in names:
-            if name == "accuracy":
-                if self._evaluate is not None and not changed_only:
-                    out[name] = figure_task_accuracy(self.scores, split=self.split)
-                continue
-            comp = self.comparison if self.comparison is not None else (
-                self._key_comparison if name == "spectrum" else None)
-            if comp is None:
-                continue
-            sig = self._inputs(name, comp)
-            if changed_only and self._drawn.get(name) == sig:
-                continue
-            self._drawn[name], self._held[name] = sig, comp  # holding comp keeps the ids in sig valid
-            comps = {self.merged.method: comp}
-            if name == "spectrum":
-                fig = figure_merge_spectrum(comps, self.key.value)
-                fig.update_layout(title=f"Spectrum of the update ({self._label()}): {short_key(self.key.value)}")
-            elif name == "retained":
-                fig = figure_retained_alignment(comps, metric=self.metric.value)
-            else:
-                fig = figure_merge_conflicts(comps)
-            out[name] = _panel_style(fig)
-        return out
+    @property
+    def _view(self) -> dict[str, str]:
+        return {"key": self.key.value, "metric": self.metric.value}
 
     def _redraw(self, names: Sequence[str]) -> None:
-        for name, fig in self._figures(names, changed_only=True).items():
+        """Update in place the panels among ``names`` whose inputs changed."""
+        figs = self._panels.draw(names, self.comparison, self._key_comparison, changed_only=True, **self._view)
+        for name, fig in figs.items():
             refresh(self.figures[name], fig)
 
     # ------------------------------------------------------------------ callbacks
@@ -409,121 +357,217 @@ class MergeStudio(Panel):
         self.param_box.children = list(self.params[self.method.value].values())
         self._update("method", PANELS, recompute=True)
 
-    def _on_key(self, change: dict[str, Any]) -> None:
-        self._update("spectrum key", ("spectrum",))
-
-    def _on_metric(self, change: dict[str, Any]) -> None:
-        self._update("metric", ("retained",))
+    def _on_view(self, change: dict[str, Any], what: str, names: Sequence[str]) -> None:
+        """The spectrum's key or the per-task metric changed: redraw that panel (nothing is merged)."""
+        self._update(what, names)
 
     def _describe(self) -> None:
-        s = self.state
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
-        if s["pending"]:
-            whole = "whole model: comparing in the background ..."
-        else:
-            values = [v for v in s[self.metric.value].values() if not math.isnan(v)]
-            whole = f"mean {self.metric.value}={sum(values) / len(values) if values else math.nan:.4f}"
-        self.set_status(f"{s['method']}: {shown} | tasks {', '.join(s['tasks'])} | sigma1={s['sigma1']:.6g} "
-                        f"| {whole} | updated in {self.last_update_s * 1000:.0f} ms")
+        self.set_status(_status_line(self.state, self.metric.value, self.last_update_s))
 
     # ------------------------------------------------------------------ background work
     def _schedule(self) -> None:
         """After the controls settle: the whole-model comparison if missing, then accuracy."""
-        if self.comparison is None:
-            self.eval_status.value = "<i>whole model: waiting for the controls to settle ...</i>"
-        elif self._evaluate is not None:
-            self.eval_status.value = "<i>accuracy: waiting for the controls to settle ...</i>"
-        else:
-            return
-        self._debouncer.schedule(self.merged, self._tag)
+        if self.comparison is None or self._evaluate is not None:
+            what = "whole model" if self.comparison is None else "accuracy"
+            self._background.schedule(f"{what}: waiting for the controls to settle ...", self.merged)
 
-    def _settle(self, gen: int, merged: Any, tag: tuple) -> None:
-        """Background thread: compare the whole model (one compare at a time), show it if it is still
-        the merge on screen (rescaled to the current alpha), then score accuracy."""
-        with self.guarded("background work"):
-            if tag not in self._comparisons:
-                self.eval_status.value = "<i>whole model: comparing with task arithmetic ...</i>"
-                self.progress.max, self.progress.value = 1, 0
-                with self._compare_lock:
-                    if tag not in self._comparisons:
-                        self._store(self._comparisons, tag, compare(merged.task_vectors, merged, keys=self._keys))
-                self.progress.value = 1
-                with self._lock:
-                    if self._tag == tag and self.comparison is None and self.merged.alpha > 0:
-                        self.comparison = self._cached(self._comparisons, tag, self.merged.alpha)
+    def _settle(self, job: Job, merged: MergeResult) -> None:
+        """Background thread: compare the whole model (kept in the cache), show it if the merge on
+        screen still lacks it (rescaled to the current alpha), then score accuracy."""
+        if self._comparisons.get(merged, self._keys) is None:
+            job.say("whole model: comparing with task arithmetic ...", busy=True)
+            job.start(1)
+            comp = self._comparisons.compare(merged, self._keys)
+            job.advance()
+            with self._lock:
+                if self.comparison is None:  # the cache's answer for the merge on screen, if any
+                    found = self._comparisons.get(self.merged, self._keys)
+                    self.comparison = comp if found is None and self.merged is merged else found
+                    if self.comparison is not None:
                         self._key_comparison = self.comparison
                         self._redraw(PANELS)
                         self._describe()
-                if self._evaluate is None:
-                    self.eval_status.value = "whole model compared"
-            if self._evaluate is not None and self._debouncer.current(gen):
-                with background_threads():  # model forwards: keep one OpenMP team off the kernel's
-                    self._score(gen, merged, tuple(merged.task_vectors.names))
-
-    def _score(self, gen: int, merged: Any, tasks: tuple[str, ...]) -> None:
-        """Fine-tuned references once, then the merged model on every task (stops when superseded)."""
-        todo = [t for t in tasks if (t, self.split) not in self._references]
-        self.progress.max, self.progress.value = len(tasks) + len(todo), 0
-        self.eval_status.value = f"<i>accuracy: scoring {len(tasks)} tasks on {self.split} ...</i>"
-        for task in todo:
-            if not self._debouncer.current(gen):
-                return
-            score = self._evaluate(self.tv.finetuned[task], task, self.split)
-            self._references[task, self.split] = float(score["accuracy"])
-            self.progress.value += 1
-        state = {k: merged[k] for k in merged}  # materialise once for every task
-        rows = []
-        for task in tasks:
-            if not self._debouncer.current(gen):
-                return
-            score = self._evaluate(state, task, self.split)
-            rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
-                     {"task": task, "model": "fine-tuned", "accuracy": self._references[task, self.split]}]
-            self.progress.value += 1
+            if self._evaluate is None:
+                job.say("whole model compared")
+        if self._evaluate is None or not job.current:
+            return
+        with background_threads():  # model forwards: keep one OpenMP team off the kernel's
+            scores = score_merge(self._evaluate, merged, self.split, self._references, job)
         with self._lock:
-            if not self._debouncer.current(gen):
+            if scores is None or not job.current:
                 return
-            self.scores = pd.DataFrame(rows, columns=["task", "model", "accuracy"])
-            label = f"{merged.method} alpha={merged.alpha:.2f}"
-            fig = figure_task_accuracy(self.scores, split=self.split, label=label)
-            refresh(self.figures["accuracy"], _panel_style(fig))
-            mean = self.scores[self.scores["model"] == "merged"]["accuracy"].mean()
-            self.eval_status.value = f"accuracy ({self.split}) of {label}: mean {mean:.4f}"
+            self.scores, label = scores, _label(merged)
+            refresh(self.figures["accuracy"], _panel_style(figure_task_accuracy(scores, split=self.split, label=label)))
+            mean = scores[scores["model"] == "merged"]["accuracy"].mean()
+            job.say(f"accuracy ({self.split}) of {label}: mean {mean:.4f}")
 
     def wait(self, timeout: float | None = 600.0) -> bool:
         """Block until the latest background work (whole-model comparison, accuracy) has finished;
         False if ``timeout`` seconds passed first."""
-        return self._debouncer.wait(timeout)
+        return self._background.wait(timeout)
 
     def _before_snapshot(self) -> None:
         self.wait()
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path | None:
-        """Write the current merge to ``out_dir`` (default: the path box) and report in the status line.
-
-        Uses ``weightlens.io.export`` (safetensors shards, config, card, recipe). Returns the folder,
-        or None when it failed (the reason is shown in the export status line and kept in
-        ``last_error``).
-        """
+        """Write the current merge to ``out_dir`` (default: the path box) with :func:`export_merge`
+        (safetensors shards, config, card, recipe) and report in the export status line. Returns the
+        folder, or None when it failed (the reason is shown there and kept in ``last_error``)."""
         path = Path(out_dir if out_dir is not None else self.out_path.value).expanduser()
         overwrite = self.overwrite.value if overwrite is None else overwrite
-        self.export_status.value = f"<i>exporting {self._label()} to {path} ...</i>"
-        start = time.perf_counter()
-        written: Path | None = None
+        label, written, start = _label(self.merged), None, time.perf_counter()
+        self.export_status.value = f"<i>exporting {label} to {path} ...</i>"
         with self.guarded("export"):
-            written, how = _write(self.merged, path, overwrite=overwrite)
+            written, what = export_merge(self.merged, path, overwrite=overwrite)
         if written is None:
             self.export_status.value = f"<span style='color:#b00020'>export failed: {self.last_error}</span>"
             return None
-        size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) / 1e6
-        self.export_status.value = (f"<span class='wl-export-ok'>Exported {self._label()} to {written} "
-                                    f"({how}, {size:.1f} MB) in {time.perf_counter() - start:.1f} s</span>")
+        self.export_status.value = (f"<span class='wl-export-ok'>Exported {label} to {written} ({what}) "
+                                    f"in {time.perf_counter() - start:.1f} s</span>")
         return written
 
 
-def _write(merged: Mapping[str, torch.Tensor], path: Path, *, overwrite: bool) -> tuple[Path, str]:
-    """Export with ``weightlens.io.export``; also name the writer, for the status line."""
+def _label(merged: MergeResult) -> str:
+    return f"{merged.method} alpha={merged.alpha:.2f}"
+
+
+def _state(merged: MergeResult, comparison: Comparison | None, key_comparison: Comparison, *, key: str,
+           metric: str) -> dict[str, Any]:
+    """:attr:`MergeStudio.state`: the merge, its largest singular value at ``key``, per-task ``metric``."""
+    spec = (comparison if comparison is not None else key_comparison).spectrum
+    rows = spec[(spec["key"] == key) & (spec["which"] == "merged")]
+    out = {
+        "method": merged.method,
+        "params": dict(merged.params),
+        "tasks": list(merged.task_vectors.names),
+        "key": key,
+        "sigma1": float(rows["sigma"].max()) if not rows.empty else math.nan,
+        "pending": comparison is None,
+    }
+    if comparison is not None:
+        per_task = comparison.per_task
+        rows = per_task[per_task["which"] == "merged"]
+        out[metric] = dict(zip(rows["task"], rows[metric].astype(float)))
+    return out
+
+
+def _status_line(state: dict[str, Any], metric: str, seconds: float) -> str:
+    """The studio's status line: method, parameters, tasks, sigma1, the whole model's mean ``metric``."""
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in state["params"].items())
+    if state["pending"]:
+        whole = "whole model: comparing in the background ..."
+    else:
+        values = [v for v in state[metric].values() if not math.isnan(v)]
+        whole = f"mean {metric}={sum(values) / len(values) if values else math.nan:.4f}"
+    return (f"{state['method']}: {shown} | tasks {', '.join(state['tasks'])} | sigma1={state['sigma1']:.6g} "
+            f"| {whole} | updated in {seconds * 1000:.0f} ms")
+
+
+class _Panels:
+    """The comparison panels (spectrum, retained, conflicts), drawn by the pure builders.
+
+    A panel is drawn again only when what it is drawn from changed. The legend names the method
+    (``alpha`` is in the spectrum's title and the status line), so the per-task and sign panels
+    change with ``alpha`` only where their numbers do (``kept``). While the whole-model comparison
+    is pending only the spectrum is drawn, from the shown key's comparison.
+    """
+
+    def __init__(self) -> None:
+        self._drawn: dict[str, tuple] = {}
+        self._held: dict[str, Comparison] = {}  # holding a drawn comparison keeps the ids in _drawn valid
+
+    def draw(self, names: Sequence[str], comparison: Comparison | None, key_comparison: Comparison, *,
+             key: str, metric: str, changed_only: bool = False) -> dict[str, go.Figure]:
+        """The figures among ``names``; with ``changed_only``, only those whose inputs changed."""
+        out: dict[str, go.Figure] = {}
+        for name in names:
+            comp = comparison if comparison is not None else key_comparison if name == "spectrum" else None
+            if comp is None:
+                continue
+            sig = _signature(name, comp, key=key, metric=metric)
+            if changed_only and self._drawn.get(name) == sig:
+                continue
+            self._drawn[name], self._held[name] = sig, comp
+            out[name] = _panel(name, comp, key=key, metric=metric)
+        return out
+
+
+def _signature(name: str, comp: Comparison, *, key: str, metric: str) -> tuple:
+    """What panel ``name`` is drawn from; an unchanged signature means an unchanged figure."""
+    if name == "spectrum":
+        return ("spectrum", key, comp.params["alpha"], id(comp.spectrum))
+    if name == "retained":
+        rows = comp.per_task[["task", "which", metric]]
+        return ("retained", comp.method, metric, tuple(map(tuple, rows.astype(str).to_numpy())))
+    return ("conflicts", comp.method, id(comp.signs))
+
+
+def _panel(name: str, comp: Comparison, *, key: str, metric: str) -> go.Figure:
+    """Panel ``name`` of one comparison."""
+    comps = {comp.method: comp}
+    if name == "spectrum":
+        fig = figure_merge_spectrum(comps, key)
+        fig.update_layout(title=f"Spectrum of the update ({comp.method} alpha={comp.params['alpha']:.2f}): "
+                                f"{short_key(key)}")
+    elif name == "retained":
+        fig = figure_retained_alignment(comps, metric=metric)
+    else:
+        fig = figure_merge_conflicts(comps)
+    return _panel_style(fig)
+
+
+def _choices(tv: TaskVectors, method: str, tasks: Sequence[str] | None, key: str | None, metric: str,
+             keys: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Check the studio's starting choices; the tasks ticked and the matrix keys offered."""
+    get_method(method)
+    if metric not in METRICS:
+        raise InvalidParameterError(f"The 'metric' parameter must be one of {METRICS}. Got {metric!r} instead.")
+    chosen = list(tasks) if tasks is not None else tv.names
+    if [t for t in chosen if t not in tv.names] or len(chosen) < 2:
+        raise InvalidParameterError(f"MergeStudio(tasks=...) needs at least two of {tv.names}; got {chosen}.")
+    matrices = [k for k in (keys or tv.keys) if tv.kind(k) == "matrix"]
+    if not matrices:
+        raise InvalidParameterError("MergeStudio needs at least one matrix key to show a spectrum.")
+    if key is not None and key not in matrices:
+        raise InvalidParameterError(f"key={key!r} is not a matrix key of the task vectors.")
+    return chosen, matrices
+
+
+def score_merge(evaluate: Evaluate, merged: MergeResult, split: str, references: dict[tuple[str, str], float],
+                job: Job) -> pd.DataFrame | None:
+    """Accuracy of ``merged`` on each of its tasks next to the task's fine-tune (``task, model, accuracy``).
+
+    Fine-tunes are scored once per ``(task, split)`` and kept in ``references``; the merge is
+    materialised once for every task. Reports on ``job``; returns None as soon as ``job`` is
+    superseded.
+    """
+    tv, tasks = merged.task_vectors, merged.task_vectors.names
+    todo = [t for t in tasks if (t, split) not in references]
+    job.start(len(tasks) + len(todo))
+    job.say(f"accuracy: scoring {len(tasks)} tasks on {split} ...", busy=True)
+    for task in todo:
+        if not job.current:
+            return None
+        references[task, split] = float(evaluate(tv.finetuned[task], task, split)["accuracy"])
+        job.advance()
+    state = {k: merged[k] for k in merged}
+    rows = []
+    for task in tasks:
+        if not job.current:
+            return None
+        score = evaluate(state, task, split)
+        rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
+                 {"task": task, "model": "fine-tuned", "accuracy": references[task, split]}]
+        job.advance()
+    return pd.DataFrame(rows, columns=["task", "model", "accuracy"])
+
+
+def export_merge(merged: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False) -> tuple[Path, str]:
+    """Write ``merged`` with :func:`weightlens.io.export` (safetensors shards, config, card and the
+    merge's recipe); returns the folder and what a status line says of it (writer and size)."""
     from weightlens.io import export
 
-    return Path(export(merged, path, overwrite=overwrite, progress=False)), "weightlens.io.export"
+    written = Path(export(merged, path, overwrite=overwrite, progress=False))
+    size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) / 1e6
+    return written, f"weightlens.io.export, {size:.1f} MB"
