@@ -3,6 +3,7 @@
 ``load`` and ``TaskVectors`` are imported eagerly; ``analyze``, ``merge``, ``compare``, ``sweep``,
 ``export`` and the subpackages ``lmc``, ``rebasin``, ``widgets``, ``figures``, ``zoo`` and ``linalg``
 load on first use, so ``import weightlens`` stays light (no plotly, no ipywidgets).
+``weightlens.config`` holds session-wide settings (``wl.config.progress = False`` silences every bar).
 
 Examples
 --------
@@ -30,6 +31,7 @@ from weightlens.errors import (
     UnsafePathError,
     WeightlensError,
 )
+from weightlens import config
 from weightlens.io import Checkpoint, load
 from weightlens.taskvectors import TaskVectors
 
@@ -96,6 +98,7 @@ __all__ = [
     "UnsafePathError",
     "WeightlensError",
     "__version__",
+    "config",
     "load",
     *_LAZY,
 ]

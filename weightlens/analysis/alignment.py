@@ -31,9 +31,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from weightlens import decompositions, linalg
+from weightlens._progress import bar
 from weightlens.analysis.spectra import CRITERIA, Criterion, check_criterion, rank_for_energy
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.merged import check_merged, merged_keys, merged_update
@@ -352,7 +352,7 @@ def alignment_to_merged(
     eps: float = 0.05,
     reference: str | None = None,
     device: str | torch.device = "auto",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """SAR of every task matrix against a merge (or the task-arithmetic sum), per key.
 
@@ -367,7 +367,7 @@ def alignment_to_merged(
         ``k``/``sar`` columns). ``"iso_script"`` reproduces the published figures.
     reference : label of the reference column (``"merged"`` or ``"sum"`` by default).
     device : decomposition device.
-    progress : show a progress bar over keys.
+    progress : a bar over keys; None (default) follows ``weightlens.config.progress``.
 
     Returns
     -------
@@ -380,7 +380,7 @@ def alignment_to_merged(
     names = list(tv.names if tasks is None else tasks)
     label = reference or ("sum" if merged is None else "merged")
     rows: list[dict[str, Any]] = []
-    for key in tqdm(_matrix_keys(tv, keys, merged), desc="alignment", disable=not progress):
+    for key in bar(_matrix_keys(tv, keys, merged), progress=progress, desc="alignment", unit="key"):
         deltas = torch.stack([tv.delta(t, key) for t in names])
         if merged is None:
             ref = decompositions.svd(tv, key, names, device=device, delta=deltas.sum(0))

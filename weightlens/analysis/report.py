@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from weightlens import decompositions, linalg
+from weightlens._progress import bar
 from weightlens.analysis.alignment import (
     cosine_matrix,
     gram,
@@ -320,7 +320,7 @@ def analyze(
     tasks: Iterable[str] | None = None,
     keys: Iterable[str] | None = None,
     merged: Mapping[str, torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     options: AnalysisOptions | None = None,
     **overrides: Any,
 ) -> Report:
@@ -334,7 +334,8 @@ def analyze(
     merged : optional merge: a ``wl.merge(...)`` result or full merged weights (a state dict,
         ``wl.load(folder)``), as ``compare`` takes; adds ``"merged"`` spectra and SAR for the matrix
         keys it updates (its update ``merged - base`` comes from ``weightlens.merged.merged_update``).
-    progress : progress bar over keys.
+    progress : a bar over keys: None (default) follows ``weightlens.config.progress`` (auto: shown in
+        notebooks and terminals when the work takes a while), True or False.
     options : an :class:`AnalysisOptions`; ``**overrides`` set its fields directly, e.g.
         ``analyze(tv, sar_criterion="paper", top_n=256, sign_density=0.2)``.
 
@@ -360,7 +361,7 @@ def analyze(
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
     run = _Run(tv, opts, device, merged, with_merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
-    for key in tqdm(chosen, desc="analyze", disable=not progress):
+    for key in bar(chosen, progress=progress, desc="analyze", unit="key"):
         _analyze_key(run, key, tv.deltas(key))  # the only read of this key
     return _build_report(run, chosen, notes)
 

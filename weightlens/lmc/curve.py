@@ -19,6 +19,7 @@ import numpy as np
 from torch import Tensor
 
 from weightlens._options import resolve_options
+from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError
 from weightlens.io import load
 from weightlens.lmc._data import Batches
@@ -63,11 +64,9 @@ def _normalize(result: Mapping[str, object], row: int) -> dict[str, dict[str, fl
     return {s: {m: float(v) for m, v in ms.items()} for s, ms in splits.items()}
 
 
-def _loop(endpoints: Endpoints, weights: np.ndarray, evaluate: Callable, progress: bool) -> SplitArrays:
-    from tqdm.auto import tqdm
-
+def _loop(endpoints: Endpoints, weights: np.ndarray, evaluate: Callable, progress: bool | None) -> SplitArrays:
     rows = [_normalize(evaluate(endpoints.combine(w)), i)
-            for i, w in enumerate(tqdm(weights, desc="lmc", unit="model", disable=not progress))]
+            for i, w in enumerate(bar(weights, progress=progress, desc="lmc", unit="model"))]
     return {s: {m: np.array([r[s][m] for r in rows]) for m in rows[0][s]} for s in rows[0]}
 
 
@@ -101,7 +100,7 @@ class _NormalizedStates(Sequence):
 
 
 def _evaluate_rows(endpoints: Endpoints, weights: np.ndarray, evaluate: Evaluate, bn_loader: object | None,
-                   repair: object | None, progress: bool) -> SplitArrays:
+                   repair: object | None, progress: bool | None) -> SplitArrays:
     """Score every weight row: batched with an Evaluator, else one call per row."""
     if not isinstance(evaluate, Evaluator):
         if bn_loader is not None or repair is not None:
@@ -146,7 +145,7 @@ def curve(
     points: int | Sequence[float] = 25,
     bn_loader: object | None = None,
     repair: object | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     label: str | None = None,
 ) -> LMCCurve:
     """Loss and accuracy along ``(1 - alpha) * theta_A + alpha * theta_B``.
@@ -164,8 +163,8 @@ def curve(
         Batches for resetting BatchNorm statistics at every alpha (needs an ``Evaluator``).
     repair : data or Repair, optional
         Apply REPAIR at every alpha, with statistics measured on this data (needs an ``Evaluator``).
-    progress : bool, default=False
-        Show a progress bar.
+    progress : bool or None, default=None
+        A progress bar; None (default) follows ``weightlens.config.progress``.
     label : str, optional
         Display name of the curve (e.g. ``"naive"``, ``"matched"``).
 
@@ -223,7 +222,7 @@ def curve_many(
     points: int | Sequence[float] = 25,
     bn_loader: object | None = None,
     repair: object | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[tuple[str, str], LMCCurve]:
     """Curves between every pair of N endpoints, scored together (each endpoint once).
 
@@ -287,7 +286,7 @@ def merge_barrier(
     points: int | Sequence[float] = 25,
     bn_loader: object | None = None,
     repair: object | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     options: MergeBarrierOptions | None = None,
     **overrides: Any,
 ) -> MergeBarrier:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.io import load
 from weightlens.linalg import resolve_device
@@ -261,19 +262,17 @@ class Evaluator:
         return max(1, self.max_bytes // max(1, per_model + self._activation_bytes))
 
     def _run(self, k: int, make: Callable[[int, int], dict[str, Tensor]], fixed: dict[str, Tensor],
-             chunk: int, progress: bool) -> SplitArrays:
-        from tqdm.auto import tqdm
-
+             chunk: int, progress: bool | None) -> SplitArrays:
         parts: list[dict[str, dict[str, np.ndarray]]] = []
         starts = range(0, k, chunk)
         with torch.no_grad(), eval_mode(self.module):
-            for start in tqdm(starts, desc="lmc", unit="chunk", disable=not progress or len(starts) < 2):
+            for start in bar(starts, progress=progress if len(starts) > 1 else False, desc="lmc", unit="chunk"):
                 stop = min(k, start + chunk)
                 forward = self._stacked_forward(make(start, stop), fixed)
                 parts.append({s: self._score(forward, b, stop - start) for s, b in self.data.items()})
         return {s: {m: np.concatenate([p[s][m] for p in parts]) for m in parts[0][s]} for s in self.data}
 
-    def evaluate_many(self, states: Sequence[Mapping[str, Tensor]], *, progress: bool = False) -> SplitArrays:
+    def evaluate_many(self, states: Sequence[Mapping[str, Tensor]], *, progress: bool | None = None) -> SplitArrays:
         """Score K state dicts in batched passes: ``{split: {"loss": (K,), "accuracy": (K,)}}``.
 
         Non-floating tensors (e.g. ``num_batches_tracked``) are taken from the first state.
@@ -290,7 +289,7 @@ class Evaluator:
 
         return self._run(len(states), make, fixed, self.chunk_size(first), progress)
 
-    def evaluate_weights(self, endpoints: Endpoints, weights: np.ndarray, *, progress: bool = False) -> SplitArrays:
+    def evaluate_weights(self, endpoints: Endpoints, weights: np.ndarray, *, progress: bool | None = None) -> SplitArrays:
         """Score the K combinations ``sum_i weights[k, i] * theta_i`` of stacked endpoints, batched."""
         self._check_keys(endpoints.keys, f"endpoint {endpoints.names[0]!r}")
         endpoints.to(self.device)

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from weightlens import decompositions, linalg
+from weightlens._progress import bar
 from weightlens.analysis.alignment import sar_to_reference
 from weightlens.analysis.signs import chance_conflict, sign_votes
 from weightlens.analysis.spectra import check_criterion
@@ -281,6 +282,7 @@ def compare(
     eps: float = 0.05,
     keys: list[str] | None = None,
     device: str | torch.device = "auto",
+    progress: bool | None = None,
 ) -> Comparison:
     """Compare a merge with task arithmetic: alignment per task, spectra, sign conflicts.
 
@@ -301,6 +303,8 @@ def compare(
         Where the SVDs of a plain mapping's update run. A ``MergeResult``'s update SVDs run on its
         merge device and are cached in ``tv.cache`` (a merge that differs only in ``alpha`` reuses
         them).
+    progress : bool or None, default=None
+        A bar over keys; None follows ``weightlens.config.progress``.
 
     Returns
     -------
@@ -330,7 +334,7 @@ def compare(
             return linalg.svd(merged_update(tv, merged, key, caller="compare()"), device=dev, name=key)
     opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
-    for key in chosen:
+    for key in bar(chosen, progress=progress, desc="compare", unit="key"):
         for name, part in _key_rows(tv, merged, key, opts).items():
             rows[name].extend(part)
     method = merged.method if isinstance(merged, MergeResult) else "weights"

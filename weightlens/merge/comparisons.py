@@ -89,7 +89,8 @@ class ComparisonCache:
             found = self.get(merged, keys)  # computed by another thread meanwhile
             if found is not None:
                 return found
-            comp = compare(merged.task_vectors, merged, keys=None if keys is None else list(keys), **self._options)
+            comp = compare(merged.task_vectors, merged, keys=None if keys is None else list(keys), progress=False,
+                           **self._options)  # the caller (a widget) shows its own progress
             self._put(self.tag(merged, keys), comp)
         return comp
 

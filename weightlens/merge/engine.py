@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from weightlens import decompositions, linalg
+from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
 from weightlens.merged import MergedWeights
@@ -132,7 +132,7 @@ class MergeResult(MergedWeights):
     """
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool,
-                 progress: bool = False) -> None:
+                 progress: bool | None = None) -> None:
         self._ctx, self.spec = ctx, spec
         self.method = spec.name
         self.params = dict(params)
@@ -206,7 +206,7 @@ class MergeResult(MergedWeights):
         """
         self.lazy = False
         show = self._progress if progress is None else progress
-        for key in tqdm(self._keys, desc=f"merge {self.method}", unit="key", disable=not show):
+        for key in bar(self._keys, progress=show, desc=f"merge {self.method}", unit="key"):
             self[key]
         return self
 
@@ -305,7 +305,7 @@ def merge(
     *,
     method: str,
     device: str | torch.device = "auto",
-    progress: bool = False,
+    progress: bool | None = None,
     lazy: bool = False,
     **params: Any,
 ) -> MergeResult:
@@ -323,8 +323,9 @@ def merge(
         ``iso_cts``, ``star`` (see ``weightlens.merge.list_methods()``).
     device : str or torch.device, default="auto"
         Where decompositions run (``"auto"``: CUDA when present).
-    progress : bool, default=False
-        Show a progress bar over the keys when the whole result is computed at once
+    progress : bool or None, default=None
+        A bar over the keys when the whole result is computed at once (None follows
+        ``weightlens.config.progress``)
         (:meth:`MergeResult.materialize`). ``merge`` computes no key itself, so it shows none;
         ``wl.export`` shows its own bar.
     lazy : bool, default=False

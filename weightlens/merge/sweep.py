@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from weightlens._options import option_names, resolve_options
+from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError
 from weightlens.merge.engine import merge
 from weightlens.merge.registry import get_method
@@ -175,7 +175,7 @@ def sweep(
     *,
     select_on: str = "val",
     report_on: str = "test",
-    progress: bool = True,
+    progress: bool | None = None,
     options: SweepOptions | None = None,
     **params: Any,
 ) -> SweepResult:
@@ -192,8 +192,8 @@ def sweep(
         ``evaluate(weights, task, split) -> {"accuracy": ..., "loss": ...}`` (a zoo's ``evaluate``).
     select_on, report_on : str, default="val", "test"
         Split scored at every alpha to choose it, and split reported at the chosen alpha.
-    progress : bool, default=True
-        One bar over the grid.
+    progress : bool or None, default=None
+        One bar over the grid; None (default) follows ``weightlens.config.progress``.
     options : SweepOptions, optional
         ``report_all`` (False), ``reference`` (None) and ``device`` (``"auto"``); the keywords
         ``report_all=``, ``reference=`` and ``device=`` set them directly.
@@ -228,7 +228,7 @@ def sweep(
                 rows.append({"alpha": alpha, "task": task, "split": split,
                              **_metrics(evaluate(merged, task, split))})
 
-    for alpha in tqdm(grid, desc=f"sweep {method}", unit="alpha", disable=not progress):
+    for alpha in bar(grid, progress=progress, desc=f"sweep {method}", unit="alpha"):
         score(alpha, splits if report_all else (select_on,))
     table = _normalize(pd.DataFrame(rows), ref)
     result = SweepResult(method, resolved, table, ref, select_on, report_on)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from weightlens._options import resolve_options
+from weightlens._progress import bar, finish
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError
 from weightlens.rebasin._cost import Problem, as_state_dict, work_device
 from weightlens.rebasin.lap import check_solver
@@ -135,19 +136,16 @@ def _solve_heads(
 
 
 def _descend(problem: Problem, start: Permutations, *, seed: int, max_iter: int, tol: float,
-             progress: bool, solver: str = "scipy") -> Permutations:
+             progress: bool | None, solver: str = "scipy") -> Permutations:
     perms, heads = dict(start.perms), dict(start.heads)
     units = problem.spec.units
     rng = np.random.default_rng(seed)
     version = dict.fromkeys(units, 0)
     solved_with: dict[str, tuple[int, ...]] = {}
     history = [problem.objective(perms)]
-    sweeps: Iterable[int] = range(max_iter)
-    if progress:
-        from tqdm.auto import tqdm
-
-        sweeps = tqdm(sweeps, desc="weight matching", unit="sweep")
-    for _ in sweeps:
+    sweeps = bar(total=max_iter, progress=progress, desc="weight matching", unit="sweep")
+    for _ in range(max_iter):
+        sweeps.update(1)
         moved = False
         for unit in (units[i] for i in rng.permutation(len(units))):
             snapshot = tuple(version[d] for d in problem.deps[unit])
@@ -164,6 +162,7 @@ def _descend(problem: Problem, start: Permutations, *, seed: int, max_iter: int,
         history.append(problem.objective(perms))
         if not moved:
             break
+    finish(sweeps)
     plain = {u: perms[u] for u in units if u not in problem.spec.heads}
     return Permutations.from_parts(problem.spec, plain, heads, history)
 
@@ -180,7 +179,7 @@ class MatchingOptions:
     lap : LAP solver of the plain permutations, ``"scipy"`` (default; CPU, exact) or ``"auction"``
         (torch, on ``device``; see :mod:`weightlens.rebasin.lap`). Head groups' small LAPs always use SciPy.
     device : where cost matrices are built (``None``, the default: CPU, float64; a GPU uses float32).
-    progress : show a bar over sweeps (False).
+    progress : a bar over sweeps: None (default) follows ``weightlens.config.progress``, True or False.
     """
 
     seed: int = 0
@@ -188,7 +187,7 @@ class MatchingOptions:
     tol: float = 1e-12
     lap: str = "scipy"
     device: str | torch.device | None = None
-    progress: bool = False
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int | np.integer):
@@ -236,7 +235,7 @@ def weight_matching(
     init : starting permutations (default identity), e.g. from an earlier run.
     options : a :class:`MatchingOptions`; ``**overrides`` set its fields directly: ``seed`` (0),
         ``max_iter`` (100), ``tol`` (1e-12), ``lap`` (``"scipy"`` or ``"auction"``), ``device``
-        (``None``: CPU) and ``progress`` (False), e.g. ``weight_matching(a, b, spec, seed=1)``.
+        (``None``: CPU) and ``progress`` (None: auto), e.g. ``weight_matching(a, b, spec, seed=1)``.
 
     Returns
     -------
@@ -293,7 +292,7 @@ def merge_many(
     seed: int = 0,
     max_iter: int = 100,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     lap: str = "scipy",
 ) -> MergeManyResult:
     """Align N models to each other with no anchor, then average them (Git Re-Basin MergeMany).
@@ -310,10 +309,10 @@ def merge_many(
     seed : seeds the model order and each weight matching.
     max_iter : most rounds (and most sweeps of each weight matching).
     device : where cost matrices are built (see :func:`weight_matching`).
-    progress : show a bar over rounds.
+    progress : a bar over rounds (None: ``weightlens.config.progress`` decides).
     lap : LAP solver (see :func:`weight_matching`).
     """
-    matching = MatchingOptions(seed=seed, max_iter=max_iter, lap=lap, device=device)
+    matching = MatchingOptions(seed=seed, max_iter=max_iter, lap=lap, device=device, progress=False)
     models = [as_state_dict(s) for s in state_dicts]
     if len(models) < 2:
         raise InvalidParameterError(f"merge_many needs at least 2 models. Got {len(models)}.")
@@ -322,11 +321,7 @@ def merge_many(
     perms = [Permutations.identity(spec, m) for m in base]
     current = [dict(m) for m in base]
     rng = np.random.default_rng(seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_iter, desc="MergeMany", unit="round")
+    rounds = bar(total=max_iter, progress=progress, desc="MergeMany", unit="round")
     done = 0
     for _ in range(max_iter):
         done += 1
@@ -338,12 +333,10 @@ def merge_many(
                                     options=replace(matching, seed=int(rng.integers(2**31))))
             if not found.equals(perms[i]):
                 perms[i], current[i], changed = found, found.apply(base[i]), True
-        if bar is not None:
-            bar.update(1)
+        rounds.update(1)
         if not changed:
             break
-    if bar is not None:
-        bar.close()
+    finish(rounds)
     merged = _mean(current, floats)
     out = {k: (merged[k].to(models[0][k].dtype) if k in merged else models[0][k]) for k in models[0]}
     return MergeManyResult(out, tuple(perms), done)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["InterferenceDashboard", "LMCExplorer", "LMCExplorerOptions", "LMCExplorerResults", "MergeStudio"]
+__all__ = ["InterferenceDashboard", "LMCExplorer", "LMCExplorerOptions", "LMCExplorerResults", "MergeStudio",
+           "StudioOptions"]
 
 _HOME = {
     "InterferenceDashboard": "weightlens.widgets.dashboard",
     "MergeStudio": "weightlens.widgets.studio",
+    "StudioOptions": "weightlens.widgets.studio",
     "LMCExplorer": "weightlens.widgets.lmc",
     "LMCExplorerOptions": "weightlens.widgets.lmc",
     "LMCExplorerResults": "weightlens.widgets.lmc",
@@ -32,7 +34,7 @@ _HOME = {
 if TYPE_CHECKING:
     from weightlens.widgets.dashboard import InterferenceDashboard
     from weightlens.widgets.lmc import LMCExplorer, LMCExplorerOptions, LMCExplorerResults
-    from weightlens.widgets.studio import MergeStudio
+    from weightlens.widgets.studio import MergeStudio, StudioOptions
 
 
 def __getattr__(name: str) -> Any:
