@@ -18,6 +18,8 @@ from test_rebasin_builders import TinyBert, TinyLlama, canonical, randomize, tok
 
 from weightlens.errors import InvalidParameterError
 from weightlens.rebasin import Permutations, PermutationSpec, TransformerLayout, spec_from_module, transformer_spec
+from weightlens.rebasin._export_trace import builder_hint
+from weightlens.rebasin.builders import LAYOUTS
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,23 +49,6 @@ def llama_config(**kw: object) -> object:
     return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16,
                                     bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
-
-
-class _Rules(dict):
-    """A rule table ``transformer_spec`` can take inside a custom layout (it hashes the layout)."""
-
-    __hash__ = object.__hash__
-
-
-# transformer_spec has no GPT-2 layout; Conv1D weights are stored (in, out), so outputs are axis 1.
-GPT2_LAYOUT = TransformerLayout(
-    r"h\.(\d+)\.",
-    _Rules({r"ln_[12]\.(weight|bias)": ("res",), r"attn\.c_attn\.weight": ("res", ("q", "k", "v")),
-            r"attn\.c_attn\.bias": (("q", "k", "v"),), r"attn\.c_proj\.weight": ("o", "res"),
-            r"attn\.c_proj\.bias": ("res",), r"mlp\.c_fc\.weight": ("res", "mlp"), r"mlp\.c_fc\.bias": ("mlp",),
-            r"mlp\.c_proj\.weight": ("mlp", "res"), r"mlp\.c_proj\.bias": ("res",)}),
-    _Rules({r"w[tp]e\.weight": (None, "res"), r"ln_f\.(weight|bias)": ("res",), r"lm_head\.weight": (None, "res")}),
-)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +148,11 @@ def test_bert_matches_transformer_spec_with_the_residual_fixed(bert):
 def test_gpt2_matches_a_gpt2_layout_with_tied_embeddings_and_stacked_qkv(gpt2):
     model, spec = gpt2
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert canonical(spec) == canonical(transformer_spec(model.state_dict(), n_heads=4, layout=GPT2_LAYOUT))
+    assert canonical(spec) == canonical(transformer_spec(model.state_dict(), n_heads=4, layout="gpt2"))
+    lay = LAYOUTS["gpt2"]  # a custom layout of plain dicts works too
+    custom = TransformerLayout(lay.block, dict(lay.block_rules), dict(lay.global_rules))
+    assert canonical(spec) == canonical(transformer_spec(model.state_dict(), n_heads=4, layout=custom))
+    assert "n_heads=4, layout='gpt2')" in builder_hint(model)  # what a failed trace of GPT-2 suggests
     assert spec.units == ["transformer.wte", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc",
                           "transformer.h.0.attn", "transformer.h.1.attn"]
     ax = spec.axes

@@ -117,10 +117,6 @@ def builder_hint(module: nn.Module) -> str:
     if layout is not None:
         return (f"Build the spec with weightlens.rebasin.transformer_spec(model.state_dict(), {n_heads}{kv_arg}, "
                 f"layout={layout!r}) instead")
-    if any(k.endswith("attn.c_attn.weight") for k in keys):
-        return (f"Build the spec with weightlens.rebasin.transformer_spec(model.state_dict(), {n_heads}, "
-                f"layout=TransformerLayout(...)) giving rules for the GPT-2 keys (c_attn, c_proj, c_fc: Conv1D "
-                f"weights stored as (in, out), so the output axis comes second) instead")
     return ("Build the spec with a builder (mlp_spec, vgg_spec, resnet_spec, transformer_spec) or write a "
             "PermutationSpec by hand instead")
 

@@ -297,6 +297,15 @@ LAYOUTS: dict[str, TransformerLayout] = {
          r"(proj|text_projection)": ("res", None), r"token_embedding\.weight": (None, "res"),
          r"logit_scale": ()},
     ),
+    # GPT-2 stores its Linear layers as Conv1D, weights (in, out): output units are axis 1.
+    "gpt2": TransformerLayout(
+        r"h\.(\d+)\.",
+        {r"ln_[12]" + _LN: _RES, r"attn\.c_attn\.weight": ("res", _QKV), r"attn\.c_attn\.bias": (_QKV,),
+         r"attn\.c_proj\.weight": ("o", "res"), r"attn\.c_proj\.bias": _RES,
+         r"mlp\.c_fc\.weight": ("res", "mlp"), r"mlp\.c_fc\.bias": ("mlp",),
+         r"mlp\.c_proj\.weight": ("mlp", "res"), r"mlp\.c_proj\.bias": _RES},
+        {r"w[tp]e\.weight": (None, "res"), r"ln_f" + _LN: _RES, r"lm_head\.weight": (None, "res")},
+    ),
     "torch": TransformerLayout(
         r"layers\.(\d+)\.",
         {r"self_attn\.in_proj_weight": (_QKV, "res"), r"self_attn\.in_proj_bias": (_QKV,),
@@ -307,7 +316,7 @@ LAYOUTS: dict[str, TransformerLayout] = {
     ),
 }
 _DETECT = (("bert", "attention.self.query.weight"), ("llama", "self_attn.q_proj.weight"),
-           ("open_clip", "attn.in_proj_weight"), ("torch", "self_attn.in_proj_weight"))
+           ("open_clip", "attn.in_proj_weight"), ("torch", "self_attn.in_proj_weight"), ("gpt2", "attn.c_attn.weight"))
 
 
 def _detect(keys: Sequence[str]) -> str:
@@ -391,7 +400,7 @@ def transformer_spec(
     state_dict : the model's state dict (or a ``Checkpoint``).
     n_heads : query heads per attention block.
     n_kv_heads : key/value heads (GQA/MQA); ``None`` infers it from the K and Q shapes.
-    layout : ``"auto"``, ``"bert"`` (HF BERT/MiniLM), ``"llama"``, ``"open_clip"``, ``"torch"``
+    layout : ``"auto"``, ``"bert"`` (HF BERT/MiniLM), ``"llama"``, ``"gpt2"`` (HF GPT-2, Conv1D), ``"open_clip"``, ``"torch"``
         (``nn.TransformerEncoder``) or a :class:`TransformerLayout`.
     rope : rotary embeddings (sigma_qk fixed to the identity); ``None`` takes the layout's default.
     residual : permute the residual stream (``"<prefix>res"``). ``False`` keeps outputs in the
@@ -406,7 +415,10 @@ def transformer_spec(
         Float keys under ``prefix`` that no rule covers (name them in ``extra``).
     """
     keys = [k for k in state_dict if k.startswith(prefix) and k not in (extra or {})]
-    lay = LAYOUTS[_detect(keys)] if layout == "auto" else LAYOUTS.get(layout, layout)  # type: ignore[arg-type]
+    if isinstance(layout, str):
+        lay = LAYOUTS[_detect(keys)] if layout == "auto" else LAYOUTS.get(layout, layout)
+    else:
+        lay = layout
     if not isinstance(lay, TransformerLayout):
         raise InvalidParameterError(f"The 'layout' parameter must be 'auto', one of {sorted(LAYOUTS)} or a "
                                     f"TransformerLayout. Got {layout!r} instead.")
