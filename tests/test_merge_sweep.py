@@ -40,7 +40,7 @@ def test_table_normalisation_and_choice(setup):
     base = ref.loc[(row["task"], row["split"], "base")]
     assert row["normalized_accuracy"] == pytest.approx(row["accuracy"] / 1.0)
     assert row["nai"] == pytest.approx((row["accuracy"] - base) / (1.0 - base))
-    val = sw.summary.query("split == 'val'").set_index("alpha")["normalized_accuracy"]
+    val = sw.summary().query("split == 'val'").set_index("alpha")["normalized_accuracy"]
     assert sw.best_alpha == val.idxmax()
     assert set(sw.best["split"]) == {"test"} and set(sw.best["alpha"]) == {sw.best_alpha}
     rep = sw.report()

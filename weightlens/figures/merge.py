@@ -1,7 +1,7 @@
 """Before/after figures of a merge: pure builders, data in, ``plotly.graph_objects.Figure`` out.
 
 Inputs are the tidy tables of ``weightlens.merge.compare`` (a ``Comparison``: ``.spectrum``,
-``.per_task``, ``.conflicts()``) and ``weightlens.merge.sweep`` (a ``SweepResult``: ``.summary``,
+``.per_task``, ``.conflicts()``) and ``weightlens.merge.sweep`` (a ``SweepResult``: ``.summary()``,
 ``.best_alpha``). Builders read only those attributes, hold no state and import nothing above them.
 """
 
@@ -136,7 +136,7 @@ def figure_sweep(sweeps: Any, *, metric: str = "normalized_accuracy") -> go.Figu
     """
     fig = go.Figure()
     for label, sw in _labelled(sweeps).items():
-        summary = sw.summary
+        summary = sw.summary()
         for split in summary["split"].unique():
             rows = summary[summary["split"] == split]
             dash = None if split == sw.report_on else "dot"

@@ -88,18 +88,28 @@ class SweepResult:
     select_on: str = "val"
     report_on: str = "test"
 
-    @property
     def summary(self) -> pd.DataFrame:
-        """Means over tasks per ``(alpha, split)``: accuracy, loss, normalized_accuracy, nai."""
+        """Means over tasks per ``(alpha, split)``: accuracy, loss, normalized_accuracy, nai.
+
+        A method, like ``Report.summary()``; one row per alpha and split scored.
+        """
         cols = ["accuracy", "loss", "normalized_accuracy", "nai"]
         return self.table.groupby(["alpha", "split"], sort=True)[cols].mean().reset_index()
 
     @property
     def best_alpha(self) -> float:
-        """The alpha with the highest mean normalized accuracy on ``select_on`` (smallest on ties)."""
-        s = self.summary
+        """The alpha with the highest mean normalized accuracy on ``select_on`` (smallest on ties).
+
+        Means that differ by rounding only (1e-12 relative: the same scores summed in another order)
+        are ties, so the choice does not depend on which other rows the table holds.
+        """
+        s = self.summary()
         s = s[s["split"] == self.select_on].sort_values("alpha")
-        return float(s["alpha"].iloc[int(np.argmax(s["normalized_accuracy"].to_numpy()))])
+        values = s["normalized_accuracy"].to_numpy(dtype=float)
+        if np.isnan(values).all():
+            return float(s["alpha"].iloc[0])
+        top = np.nanmax(values)
+        return float(s["alpha"].iloc[int(np.flatnonzero(values >= top - 1e-12 * max(1.0, abs(top)))[0])])
 
     @property
     def best(self) -> pd.DataFrame:
@@ -109,7 +119,7 @@ class SweepResult:
 
     def report(self) -> dict[str, Any]:
         """One line for a results table: method, alpha, selection and report means, base and fine-tuned."""
-        s, ref = self.summary, self.reference
+        s, ref = self.summary(), self.reference
         at = s[s["alpha"] == self.best_alpha].set_index("split")
         means = ref.groupby(["split", "model"])["accuracy"].mean()
         return {
