@@ -279,6 +279,11 @@ class MergeManyResult:
     permutations: tuple[Permutations, ...]
     rounds: int
 
+    def __repr__(self) -> str:  # short: never the tensors
+        numel = sum(t.numel() for t in self.state_dict.values())
+        return (f"MergeManyResult({len(self.permutations)} models averaged, {len(self.state_dict)} keys, "
+                f"{numel:,} values, {self.rounds} round(s) of matching)")
+
 
 def _mean(models: Sequence[StateDict], keys: Iterable[str], skip: int | None = None) -> dict[str, torch.Tensor]:
     chosen = [m for i, m in enumerate(models) if i != skip]

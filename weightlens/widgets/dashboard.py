@@ -28,6 +28,7 @@ from weightlens.figures.analysis import (
 )
 from weightlens.taskvectors import TaskVectors
 from weightlens.widgets._common import Panel, figure_widget, refresh
+from weightlens.widgets._controls import Controls
 
 __all__ = ["ALL_BLOCKS", "InterferenceDashboard"]
 
@@ -61,6 +62,10 @@ class InterferenceDashboard(Panel):
     ----------
     report : Report
         The report behind the current selection.
+    controls : Controls
+        The user-facing controls: an ipywidgets ``VBox`` (the task and block rows above the tabs) and,
+        by name, ``"task:<name>"`` (one checkbox per task), ``"block"``, ``"normalize"`` and
+        ``"alignment_view"`` (shown in the Alignment tab); set ``.value`` to drive the dashboard.
     figures : dict of str to plotly.graph_objects.FigureWidget
         ``"spectra"``, ``"alignment"``, ``"signs"``.
 
@@ -142,10 +147,13 @@ class InterferenceDashboard(Panel):
             self.tabs.set_title(i, title)
         tasks_row = widgets.HBox([widgets.HTML("<b>tasks</b>&nbsp;"), *self.task_boxes.values()],
                                  layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
+        named = {**{f"task:{t}": box for t, box in self.task_boxes.items()}, "block": self.block,
+                 "normalize": self.normalize, "alignment_view": self.alignment_view}
+        self.controls = Controls(named, [tasks_row, widgets.HBox([self.block, self.normalize],
+                                                                  layout=widgets.Layout(gap="16px"))])
         self.children = [
             widgets.HTML("<b>Interference dashboard</b>"),
-            tasks_row,
-            widgets.HBox([self.block, self.normalize], layout=widgets.Layout(gap="16px")),
+            self.controls,
             self.status,
             self.tabs,
             self.errors,

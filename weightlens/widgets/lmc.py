@@ -39,6 +39,7 @@ from weightlens.rebasin import (
     weight_matching,
 )
 from weightlens.widgets._common import Panel, figure_widget, refresh
+from weightlens.widgets._controls import Controls
 
 __all__ = ["LMCExplorer", "LMCExplorerOptions", "LMCExplorerResults"]
 
@@ -156,8 +157,10 @@ class LMCExplorer(Panel):
     alignment_ : weightlens.rebasin.SingularAlignment
         Computed on first access (the "singular vectors" view) unless given.
     options : LMCExplorerOptions
-    controls : dict of ipywidgets
-        ``view``, ``split``, ``alpha``, ``permutation``, ``side`` (set ``.value`` to drive it from code).
+    controls : Controls
+        The user-facing controls: an ipywidgets ``VBox`` (the header row: view and split) and, by name,
+        ``view``, ``split``, ``alpha``, ``permutation``, ``side`` (the last three are shown with their
+        view); set ``.value`` to drive it from code.
     figures : dict of FigureWidget
         The figure of each view shown so far.
     last_error : Exception or None
@@ -214,11 +217,11 @@ class LMCExplorer(Panel):
         self.naive_: LMCCurve = naive
         self.matched_: LMCCurve = matched
         self._distances, self._alignment = given.distances, given.alignment
-        self.controls = self._make_controls(spec)
+        named = self._make_controls(spec)
+        self.controls = Controls(named, [widgets.HBox([named["view"], named["split"]])])
         self._readout = widgets.HTML()
         self._panel = widgets.Box(layout=widgets.Layout(width="100%"))
-        header = widgets.HBox([self.controls["view"], self.controls["split"]])
-        self.children = [widgets.HTML(self.summary_html()), header, self._panel, self.status, self.errors]
+        self.children = [widgets.HTML(self.summary_html()), self.controls, self._panel, self.status, self.errors]
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         self._show()
