@@ -1,4 +1,5 @@
-"""The command line: help with examples, clear one-line errors and exit codes; merge, report, rebasin, lmc."""
+"""The command line: help with examples, clear one-line errors and exit codes; merge, report, sweep, rebasin, lmc,
+tour."""
 
 from __future__ import annotations
 
@@ -74,9 +75,9 @@ def test_help_shows_every_command_with_examples(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for word in ("report", "merge", "rebasin", "lmc", "zoo", "weightlens merge --base", "Exit codes"):
+    for word in ("report", "sweep", "merge", "rebasin", "lmc", "zoo", "weightlens merge --base", "Exit codes"):
         assert word in out
-    for command in ("merge", "report", "rebasin", "lmc"):
+    for command in ("merge", "report", "sweep", "rebasin", "lmc"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0 and "examples:" in capsys.readouterr().out
@@ -224,3 +225,161 @@ def test_a_recipe_that_does_not_reproduce_says_why(tmp_path, capsys):
     assert "this recipe: weightlens 0.0.1, here: " in err and "LAPACK" in err
     assert main(["merge", str(path), "--out", str(tmp_path / "third"), "-q"]) != 0  # the check is the default
     assert "differ from the sha256 recorded" in capsys.readouterr().err and not (tmp_path / "third").exists()
+
+
+# ------------------------------------------------------------------------------------ help, tour, report tables, sweep
+
+
+def _subparsers(parser):
+    """``{"zoo build": parser, ...}``: every command's parser, nested ones included."""
+    import argparse
+
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = sub
+                out.update({f"{name} {k}": v for k, v in _subparsers(sub).items()})
+    return out
+
+
+def test_every_option_of_every_command_is_described_in_its_help(capsys):
+    commands = _subparsers(build_parser())
+    assert {"report", "sweep", "merge", "rebasin", "lmc", "zoo build", "zoo list", "tour"} <= set(commands)
+    for name, parser in commands.items():
+        if name == "zoo":
+            continue
+        with pytest.raises(SystemExit):
+            main([*name.split(), "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert parser.description, f"weightlens {name} --help has no description"
+        for action in parser._actions:
+            if action.option_strings and "--help" not in action.option_strings:
+                assert (action.help or "").strip(), f"weightlens {name}: {action.option_strings} has no help text"
+                assert action.option_strings[-1] in text
+
+
+def test_zoo_build_and_tour_help_say_what_they_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["zoo", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("--size", "ci:", "demo:", "--names", "digits-pairs", "digits-tasks", "minilm-tasks", "--force",
+                 "~/.cache/weightlens", "$WEIGHTLENS_HOME", "examples:"):
+        assert word in text, word
+    with pytest.raises(SystemExit):
+        main(["tour", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("--headless", "--notebook", "--out", "reports/tour.html", "any folder", "minilm-tasks", "examples:"):
+        assert word in text, word
+
+
+def test_zoo_names_in_the_help_are_the_registry_s():
+    from weightlens import cli, zoo
+
+    assert cli._ZOO_NAMES == zoo.NAMES
+    assert set(cli._TASK_ZOOS) < set(zoo.NAMES)
+
+
+def test_tour_finds_its_notebook_from_any_folder(tmp_path, monkeypatch, capsys):
+    import weightlens._tour as tour
+    from weightlens import zoo
+
+    root = Path(__file__).resolve().parents[1]
+    assert tour.tour_notebook() == root / "notebooks" / "00_tour.ipynb"
+    ran, loaded = [], []
+    monkeypatch.setattr(tour, "run_tour", lambda nb, out, headless: ran.append((nb, out, headless)) or out)
+    monkeypatch.setattr(zoo, "load", lambda name, **kw: loaded.append(name))
+    monkeypatch.chdir(tmp_path)
+    assert main(["tour", "--headless", "--out", "t.html"]) == 0
+    assert ran == [(root / "notebooks" / "00_tour.ipynb", Path("t.html"), True)] and loaded == ["minilm-tasks"]
+    assert capsys.readouterr().out.strip() == "t.html"
+
+
+def test_tour_without_its_zoo_says_how_to_build_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTLENS_HOME", str(tmp_path))
+    monkeypatch.delenv("WEIGHTLENS_ZOO_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tour", "--headless"]) == 1
+    err = capsys.readouterr().err
+    assert "minilm-tasks" in err and "weightlens zoo build" in err and err.count("\n") == 1
+    assert not (tmp_path / "reports").exists()
+
+
+def test_report_csv_and_json_write_the_report_s_tables(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from weightlens.cli import report_tables
+
+    base, (a, b) = mlp_files(tmp_path)
+    tables, doc = tmp_path / "tables", tmp_path / "out" / "report.json"
+    assert main(["report", str(base), f"a={a}", f"b={b}", "--csv", str(tables), "--json", str(doc),
+                 "--device", "cpu", "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [str(tables), str(doc)]
+    report = wl.analyze(wl.TaskVectors(base, {"a": a, "b": b}), device="cpu", progress=False)
+    expected = report_tables(report)
+    assert {"spectra", "alignment", "pairs", "interference", "signs", "singular_values", "cosines", "summary",
+            "by_block"} <= set(expected)
+    assert sorted(p.stem for p in tables.iterdir()) == sorted(expected)
+    data = json.loads(doc.read_text())
+    assert data["tasks"] == ["a", "b"] and sorted(data["tables"]) == sorted(expected)
+
+    def same(df):  # CSV writes "" and NaN alike; dtypes as read back
+        return df.replace("", None).convert_dtypes()
+
+    for name, table in expected.items():
+        from_csv = pd.read_csv(tables / f"{name}.csv", keep_default_na=False, na_values=[""])
+        from_json = pd.DataFrame(data["tables"][name], columns=table.columns)
+        for got in (from_csv, from_json):
+            pd.testing.assert_frame_equal(same(got), same(table), check_dtype=False, check_exact=True, obj=name)
+    assert report_tables(report)["cosines"].columns[0] == "task"
+    assert report_tables(report)["summary"].columns[0] == "metric"
+
+
+def test_report_needs_an_output(tmp_path, capsys):
+    base, (a,) = mlp_files(tmp_path, 1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(base), str(a)])
+    assert exit_.value.code == 2 and "--html FILE, --csv DIR or --json FILE" in capsys.readouterr().err
+
+
+def test_sweep_from_the_command_line_chooses_the_python_sweep_s_alpha(digits_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTLENS_ZOO_SIZE", "ci")
+    expected = wl.sweep(digits_zoo.task_vectors(), "ties", [0.5, 1.0, 1.5], digits_zoo.evaluate, progress=False)
+    assert main(["sweep", "--zoo", "digits-tasks", "--method", "ties", "--alphas", "0.5,1,1.5", "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["alpha", "split", "accuracy", "loss", "normalized_accuracy", "nai"]
+    assert len(out) == 1 + len(expected.summary()) + 1
+    assert out[-1].startswith(f"chosen alpha: {expected.best_alpha:g} (highest mean normalized accuracy on val)")
+    test_acc = expected.report()["test_accuracy"]
+    assert f"accuracy {test_acc:.4f}" in out[-1]
+
+    # the user's own scorer, from a file and from a module in the current folder (imports leave no trace)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("scoring", "_weightlens_user_scoring"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "scoring.py").write_text(
+        "from weightlens import zoo\n_zoo = zoo.load('digits-tasks', size='ci')\n"
+        "def score(weights, task, split):\n    return _zoo.evaluate(weights, task, split)\n")
+    fts = [f"{t}={digits_zoo.finetuned[t]}" for t in digits_zoo.tasks]
+    for spec in (f"{tmp_path / 'scoring.py'}:score", "scoring:score"):
+        monkeypatch.chdir(tmp_path)
+        assert main(["sweep", str(digits_zoo.base), *fts, "--evaluate", spec, "--method", "ties",
+                     "--alphas", "0.5,1,1.5", "-q"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == out[-1], spec
+
+
+def test_sweep_usage_errors(tmp_path, capsys):
+    base, (a,) = mlp_files(tmp_path, 1)
+    for argv, says in (
+        (["sweep", "--method", "ties"], "sweep needs --zoo NAME"),
+        (["sweep", str(base), str(a), "--method", "ties"], "--evaluate MODULE:FUNCTION"),
+        (["sweep", str(base), str(a), "--method", "ties", "--evaluate", "no_such_module_x"], "no module"),
+        (["sweep", str(base), str(a), "--method", "ties", "--evaluate", f"{tmp_path / 'none.py'}:f"], "no Python"),
+        (["sweep", "--zoo", "digits-tasks", "--method", "ties", "--alphas", "0.5,x"], "--alphas takes numbers"),
+        (["sweep", "--zoo", "digits-tasks", str(base), "--method", "ties"], "not both"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and says in capsys.readouterr().err, argv

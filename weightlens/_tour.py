@@ -1,6 +1,8 @@
 """Execute a notebook headless and write a standalone HTML report (plotly inlined, no CDN).
 
 Used by ``weightlens tour --headless`` on machines without a browser, and by the notebook tests.
+The tour notebook is found beside the package (``<checkout>/notebooks/00_tour.ipynb``), not in the
+current folder, so the command works from any folder.
 """
 
 from __future__ import annotations
@@ -58,12 +60,32 @@ def _as_json(spec) -> str:
     return spec if isinstance(spec, str) else json.dumps(spec)
 
 
-def run_tour(notebook: Path, out: Path, *, headless: bool = True) -> Path:
-    """Execute ``notebook`` and write it as one standalone HTML page at ``out``."""
+TOUR_ZOOS = ("minilm-tasks",)  # the zoos the tour notebook loads
+
+
+def tour_notebook() -> Path:
+    """``notebooks/00_tour.ipynb`` of the checkout weightlens is installed from (editable install).
+
+    Found from the package's own location, so the current folder does not matter. A copy installed
+    without its checkout has no notebook: ``FileNotFoundError`` says to pass one.
+    """
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "00_tour.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No tour notebook at {path}: it ships with the weightlens source checkout (installed with "
+            "./dev.sh or pip install -e), not with this installed copy. Pass --notebook PATH/00_tour.ipynb."
+        )
+    return path
+
+
+def run_tour(notebook: Path | None, out: Path, *, headless: bool = True) -> Path:
+    """Execute ``notebook`` (default :func:`tour_notebook`) and write it as one standalone HTML page at ``out``."""
     from nbconvert import HTMLExporter
 
+    notebook = tour_notebook() if notebook is None else Path(notebook)
     if not headless:
-        raise SystemExit("Interactive tour: run `./dev.sh tour` (JupyterLab). Use --headless here.")
+        raise SystemExit(f"Interactive tour: run `./dev.sh tour`, or `jupyter lab {notebook}`. Use --headless "
+                         "here to execute it into an HTML page.")
     os.environ.setdefault("WEIGHTLENS_HEADLESS", "1")
     nb = execute_notebook(Path(notebook))
     _inline_plotly(nb)

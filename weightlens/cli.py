@@ -2,7 +2,9 @@
 
 Examples
 --------
-  weightlens report base/ math=ft/math code=ft/code --html report.html
+  weightlens report base/ math=ft/math code=ft/code --html report.html --csv tables/
+  weightlens sweep --zoo digits-tasks --method ties --alphas 0.5,1.0      # alpha chosen on validation
+  weightlens sweep base/ math=ft/math code=ft/code --evaluate scoring.py:evaluate --method tsv
   weightlens merge merged/weightlens_recipe.yaml --out merged-again/      # re-run a recipe, bitwise
   weightlens merge --base base/ --ft math=ft/math --ft code=ft/code --method ties \\
                    --param density=0.2 --param alpha=1.0 --out merged/
@@ -10,7 +12,7 @@ Examples
   weightlens lmc --zoo digits-pairs --width 128 --rebasin
   weightlens zoo build --size ci          # train the CI-size zoo (about 2 minutes on 2 cores)
   weightlens zoo list                     # what is built, with base and fine-tuned accuracies
-  weightlens tour --headless --out reports/tour.html
+  weightlens tour --headless --out reports/tour.html   # from any folder
 
 Exit codes: 0 success, 1 error (one line naming the file or key; --debug shows the traceback),
 2 usage error. Progress bars go to stderr, results to stdout.
@@ -19,10 +21,16 @@ Exit codes: 0 success, 1 error (one line naming the file or key; --debug shows t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
 import json
+import math
 import os
 import re
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,10 @@ _LMC_HELP = (
     "weightlens.lmc.curve(a, b, weightlens.lmc.Evaluator(module, {'test': (x, y)}))."
 )
 _LMC_ZOOS = ("digits-pairs",)
+_TASK_ZOOS = ("digits-tasks", "minilm-tasks")  # zoos with a base, fine-tunes and evaluate(weights, task, split)
+_ZOO_NAMES = ("digits-pairs", "digits-tasks", "minilm-tasks")  # weightlens.zoo.NAMES (a test keeps them equal)
+_ZOO_HOME = ("$WEIGHTLENS_HOME when set, else $XDG_CACHE_HOME/weightlens, else ~/.cache/weightlens: one default "
+             "location, the same for Python, the command line, the notebooks and dev.sh")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a task name in NAME=PATH
 _SCALARS = (bool, int, float, str, type(None))
 
@@ -132,25 +144,172 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _tour(args: argparse.Namespace) -> int:
-    from weightlens._tour import run_tour
+    from weightlens import zoo
+    from weightlens._tour import TOUR_ZOOS, run_tour, tour_notebook
 
-    out = run_tour(Path(args.notebook), Path(args.out), headless=args.headless)
+    notebook = Path(args.notebook) if args.notebook else tour_notebook()
+    if not notebook.is_file():
+        raise FileNotFoundError(f"--notebook {args.notebook}: no such notebook.")
+    if args.headless:
+        for name in TOUR_ZOOS:  # a missing zoo: one line that says how to build it, before a kernel starts
+            zoo.load(name)
+    out = run_tour(notebook, Path(args.out), headless=args.headless)
     sys.stdout.write(f"{out}\n")
     return 0
 
 
 # ---------------------------------------------------------------------------------------- report
+def report_tables(report: Any) -> dict[str, Any]:
+    """Every table of a ``Report`` as a DataFrame with plain columns, by name (what --csv/--json write).
+
+    The tidy tables (``spectra``, ``alignment``, ``pairs``, ``interference``, ``signs``,
+    ``singular_values``), ``cosines`` (task x task, its rows named in a ``task`` column), and the
+    aggregates ``summary()`` (a ``metric`` column) and ``by_block()`` (a ``block`` column).
+    """
+    import pandas as pd
+
+    tables = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)
+              if isinstance(getattr(report, f.name), pd.DataFrame)}
+    tables["summary"], tables["by_block"] = report.summary(), report.by_block()
+    out = {}
+    for name, table in tables.items():
+        if not isinstance(table.index, pd.RangeIndex):
+            table = table.rename_axis(table.index.name or "task").reset_index()
+        out[name] = table.reset_index(drop=True)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A table cell for JSON: NaN, NA and NaT become null, numpy scalars Python ones."""
+    import pandas as pd
+
+    if value is None or (not isinstance(value, list | tuple | dict) and pd.isna(value)):
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _write_tables(report: Any, csv_dir: str | None, json_file: str | None) -> None:
+    """``--csv DIR``: ``DIR/<table>.csv`` per table; ``--json FILE``: ``{tasks, notes, tables: {name: rows}}``."""
+    from weightlens.io._atomic import atomic_write_text
+
+    tables = report_tables(report)
+    if csv_dir is not None:
+        folder = Path(csv_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"--csv {csv_dir}: that is a file; --csv takes a folder (one CSV per table).")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
+    if json_file is not None:
+        path = Path(json_file).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"--json {json_file}: that is a folder; --json takes a file (all tables in one).")
+        doc = {"tasks": list(report.tasks), "notes": list(report.notes),
+               "tables": {name: [{k: _plain(v) for k, v in row.items()} for row in table.to_dict("records")]
+                          for name, table in tables.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
 def _report(args: argparse.Namespace) -> int:
     from weightlens.analysis import analyze
     from weightlens.taskvectors import TaskVectors
 
+    if not (args.html or args.csv or args.json):
+        raise UsageError("report needs somewhere to write: --html FILE, --csv DIR or --json FILE (or several).")
     tv = TaskVectors(args.base, _named(args.finetuned, "report"), include=args.include, exclude=args.exclude)
     report = analyze(tv, device=args.device, progress=not args.quiet)
-    out = report.to_html(args.html)
+    written = [report.to_html(args.html)] if args.html else []
+    _write_tables(report, args.csv, args.json)
+    written += [Path(x) for x in (args.csv, args.json) if x]
     summary = report.summary()
     cols = [c for c in ("plain", "weighted", "chance") if c in summary.columns]
     sys.stdout.write(summary[cols].to_string(float_format=lambda v: f"{v:.4g}") + "\n")
-    sys.stdout.write(f"{out}\n")
+    sys.stdout.write("".join(f"{w}\n" for w in written))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- sweep
+def load_function(spec: str, what: str = "--evaluate") -> Callable[..., Any]:
+    """The function ``MODULE:NAME`` names: an importable module (``pkg.scoring:evaluate``, the current
+    folder included) or a Python file (``path/to/scoring.py:evaluate``); NAME defaults to ``evaluate``.
+
+    This imports that module, that is, it runs the user's code: the user named it.
+    """
+    target, sep, name = spec.rpartition(":")
+    if not sep or not name.isidentifier():
+        target, name = spec, "evaluate"
+    if not target:
+        raise UsageError(f"{what} {spec!r}: give MODULE:FUNCTION or path/to/file.py:FUNCTION.")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"{what} {spec!r}: no Python file {target}.")
+        sys.path.insert(0, str(path.parent))  # as python runs a script: its folder's modules import
+        module_spec = importlib.util.spec_from_file_location(f"_weightlens_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as err:
+            if err.name != target.split(".")[0] and err.name != target:
+                raise
+            raise UsageError(f"{what} {spec!r}: no module {target!r} on the path or in the current folder; "
+                             f"give a file instead: path/to/{target.rsplit('.', 1)[-1]}.py:{name}.") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"{what} {spec!r}: {target} has no function {name!r}.")
+    return fn
+
+
+def _alphas(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--alphas takes numbers separated by commas (e.g. --alphas 0.5,1.0); got {text!r}.") \
+            from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--alphas takes finite numbers separated by commas (e.g. --alphas 0.5,1.0); got {text!r}.")
+    return values
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from weightlens.merge import sweep
+    from weightlens.taskvectors import TaskVectors
+
+    if args.zoo is not None:
+        if args.base is not None:
+            raise UsageError("sweep takes --zoo NAME or BASE FT... --evaluate MODULE:FUNCTION, not both.")
+        from weightlens import zoo
+
+        z = zoo.load(args.zoo, size=args.size)
+        tv, evaluate = z.task_vectors(), z.evaluate
+        if args.evaluate:
+            evaluate = load_function(args.evaluate)
+    else:
+        if args.base is None or not args.finetuned or not args.evaluate:
+            raise UsageError("sweep needs --zoo NAME (digits-tasks or minilm-tasks), or BASE FT [FT ...] with "
+                             "--evaluate MODULE:FUNCTION (your scorer; see weightlens sweep --help).")
+        tv = TaskVectors(args.base, _named(args.finetuned, "sweep"))
+        evaluate = load_function(args.evaluate)
+    sw = sweep(tv, args.method, _alphas(args.alphas), evaluate, select_on=args.select_on,
+               report_on=args.report_on, progress=not args.quiet, device=args.device, **_params(args.param))
+    sys.stdout.write(sw.summary().to_string(index=False, formatters={"alpha": "{:g}".format},
+                                            float_format=lambda v: f"{v:.4f}") + "\n")
+    line, on = sw.report(), args.report_on
+    sys.stdout.write(
+        f"chosen alpha: {sw.best_alpha:g} (highest mean normalized accuracy on {args.select_on}); on {on}: "
+        f"accuracy {line[f'{on}_accuracy']:.4f}, normalized {line[f'{on}_normalized_accuracy']:.4f} "
+        f"(base {line[f'base_{on}_accuracy']:.4f}, fine-tuned {line[f'finetuned_{on}_accuracy']:.4f})\n"
+    )
     return 0
 
 
@@ -373,14 +532,22 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _sub(sub, "report", "interference report of task vectors (spectra, alignment, sign conflicts) as HTML",
-             "  weightlens report base/ math=ft/math code=ft/code --html report.html\n", common)
+    p = _sub(sub, "report", "interference report of task vectors (spectra, alignment, sign conflicts): an HTML "
+             "page and/or the tidy tables",
+             "  weightlens report base/ math=ft/math code=ft/code --html report.html\n"
+             "  weightlens report base/ ft/math ft/code --csv tables/ --json report.json   # the tables only\n", common)
     p.add_argument("base", help="base checkpoint (file or HF folder)")
     p.add_argument("finetuned", nargs="+", metavar="FT",
                    help="fine-tunes: PATH or NAME=PATH (an existing path is a path even with '=' in it)")
-    p.add_argument("--html", required=True, help="output HTML file")
-    p.add_argument("--include", action="append", metavar="GLOB")
-    p.add_argument("--exclude", action="append", metavar="GLOB")
+    p.add_argument("--html", metavar="FILE", help="write the standalone HTML page (plotly inlined) here")
+    p.add_argument("--csv", metavar="DIR",
+                   help="write every table of the report as DIR/<table>.csv: the tidy spectra, alignment, pairs, "
+                        "interference, signs and singular_values, cosines (task x task), summary and by_block")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the same tables to one JSON file: {\"tasks\", \"notes\", \"tables\": {name: [row, "
+                        "...]}}, NaN as null")
+    p.add_argument("--include", action="append", metavar="GLOB", help="analyse only matching keys (repeat)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave matching keys out (repeat)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.set_defaults(func=_report)
 
@@ -393,8 +560,8 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", choices=("mlp", "transformer"), default="mlp",
                    help="mlp: inferred from Linear keys (default); transformer: BERT/Llama/CLIP layouts")
     p.add_argument("--heads", type=int, help="attention heads (transformer; default: config.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the order units are matched in (default 0)")
+    p.add_argument("--max-iter", type=int, default=100, help="most sweeps over the units (default 100)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output folder (a weightlens export) atomically")
     p.add_argument("--overwrite-any", action="store_true",
@@ -415,6 +582,41 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_lmc)
 
 
+def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _sub(sub, "sweep", "merge at each coefficient alpha and score every task: alpha chosen on validation, "
+             "reported on test",
+             "  weightlens sweep --zoo digits-tasks --method ties --alphas 0.5,1.0\n"
+             "  weightlens sweep --zoo minilm-tasks --method tsv            # the method's own grid\n"
+             "  weightlens sweep base/ math=ft/math code=ft/code --evaluate scoring.py:evaluate --method ties \\\n"
+             "                   --param density=0.2\n\n"
+             "--evaluate names your scorer, evaluate(weights, task, split) -> {'accuracy': ..., 'loss': ...}\n"
+             "(weights: a mapping of key -> tensor; task: a fine-tune's name; split: 'val' or 'test'). The\n"
+             "command imports that module, which runs its code: name only code you trust.\n"
+             "It prints the mean over tasks per alpha and split (SweepResult.summary()) and the chosen alpha.\n",
+             common)
+    p.formatter_class = _MethodsHelp
+    p.add_argument("base", nargs="?", help="base checkpoint (file or HF folder); or use --zoo")
+    p.add_argument("finetuned", nargs="*", metavar="FT",
+                   help="fine-tunes: PATH or NAME=PATH (the task names evaluate receives)")
+    p.add_argument("--zoo", choices=_TASK_ZOOS, help="a task zoo: its base, fine-tunes and scorer")
+    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+    p.add_argument("--evaluate", metavar="MODULE:FUNCTION",
+                   help="your scorer: an importable module (pkg.scoring:evaluate; the current folder is searched) "
+                        "or a file (path/to/scoring.py:evaluate); FUNCTION defaults to evaluate. Imports and runs "
+                        "that code. With --zoo it replaces the zoo's scorer")
+    p.add_argument("--method", required=True, help="{methods}")
+    p.add_argument("--alphas", metavar="A,B,...",
+                   help="coefficients separated by commas, e.g. 0.5,1.0 (default: the method's validation grid, "
+                        "weightlens.merge.alpha_grid)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another parameter of the method, not alpha (repeat)")
+    p.add_argument("--select-on", default="val", metavar="SPLIT", help="split that chooses alpha (default val)")
+    p.add_argument("--report-on", default="test", metavar="SPLIT",
+                   help="split reported at the chosen alpha (default test)")
+    p.add_argument("--device", default="auto", help="where the merges run: auto (CUDA when present), cpu or cuda")
+    p.set_defaults(func=_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -427,24 +629,69 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = _common()
     _add_analysis(sub, common)
+    _add_sweep(sub, common)
     _add_merge(sub, common)
+    _add_zoo_and_tour(sub)
+    return parser
 
-    zoo_p = sub.add_parser("zoo", help="build or list the offline model zoo")
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 100)
+
+
+def _add_zoo_and_tour(sub: Any) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    zoo_p = sub.add_parser("zoo", help="build or list the offline model zoo",
+                           description=_wrap(f"The model zoo: small real models trained here, cached under {_ZOO_HOME}."),
+                           formatter_class=raw)
     zoo_sub = zoo_p.add_subparsers(dest="zoo_command", required=True)
-    build = zoo_sub.add_parser("build", help="train and cache the zoo (skips what is built)")
-    build.add_argument("--size", choices=("ci", "demo"), default="ci")
-    build.add_argument("--names", nargs="*", help="zoos to build (default: all)")
-    build.add_argument("--force", action="store_true", help="rebuild even when built")
+    build = zoo_sub.add_parser(
+        "build", help="train and cache the zoo (skips what is built)", formatter_class=raw,
+        description=_wrap("Train the model zoo on this machine (seeded, deterministic; data ships inside packages, "
+                          "nothing is downloaded) and cache it, one folder per size and zoo: "
+                          "<home>/zoo/<size>/<name>. A zoo already built by this weightlens is skipped; one built by "
+                          f"an older recipe is rebuilt. <home> is {_ZOO_HOME}. zoo.load() and weightlens zoo list "
+                          "look there."),
+        epilog="zoos:\n"
+               "  digits-pairs   independently trained MLPs on sklearn digits, widths 16/128/512 (+2048 at demo size)\n"
+               "  digits-tasks   an MLP pretrained on digits and 4 fine-tunes (task vectors, merging)\n"
+               "  minilm-tasks   all-MiniLM-L6-v2 and 4 fine-tunes on WordNet and fortunes (the tour's)\n"
+               "examples:\n"
+               "  weightlens zoo build --size ci                             # all three, for the tests\n"
+               "  weightlens zoo build --size demo --names minilm-tasks      # what the tour loads\n"
+               "  WEIGHTLENS_HOME=/data/wl weightlens zoo build               # elsewhere\n")
+    build.add_argument("--size", choices=("ci", "demo"), default="ci",
+                       help="ci: small, a few minutes on 2 cores (what the tests use; default); demo: larger, for "
+                            "the tour and notebooks (zoo.load takes demo when it is built)")
+    build.add_argument("--names", nargs="*", metavar="NAME",
+                       help=f"zoos to build, of {', '.join(_ZOO_NAMES)} (default: all)")
+    build.add_argument("--force", action="store_true", help="rebuild even when built by the current recipe")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_zoo_build)
-    zoo_sub.add_parser("list", help="show built zoos").set_defaults(func=_zoo_list)
+    zoo_sub.add_parser("list", help="show each zoo and size: built or not, its folder, accuracies",
+                       description=_wrap(f"Each zoo at each size: built or not, its folder and its accuracies. "
+                                         f"The zoo lives under {_ZOO_HOME}."),
+                       formatter_class=raw).set_defaults(func=_zoo_list)
 
-    tour = sub.add_parser("tour", help="execute the tour notebook into a standalone HTML report")
-    tour.add_argument("--headless", action="store_true", help="execute and write HTML (no browser)")
-    tour.add_argument("--notebook", default="notebooks/00_tour.ipynb")
-    tour.add_argument("--out", default="reports/tour.html")
+    tour = sub.add_parser(
+        "tour", help="execute the tour notebook into a standalone HTML report", formatter_class=raw,
+        description=_wrap("Execute the tour notebook (notebooks/00_tour.ipynb of the checkout weightlens is "
+                          "installed from, found from the package, so it works from any folder) in a fresh kernel "
+                          "and write it as one standalone HTML page (plotly inlined, no CDN). It loads the "
+                          "minilm-tasks zoo: build it first (weightlens zoo build --size demo --names minilm-tasks, "
+                          "or --size ci)."),
+        epilog="examples:\n"
+               "  weightlens tour --headless                          # writes reports/tour.html here\n"
+               "  weightlens tour --headless --out /tmp/tour.html\n"
+               "  ./dev.sh tour                                       # the interactive tour in JupyterLab\n")
+    tour.add_argument("--headless", action="store_true",
+                      help="execute the notebook and write --out (no browser); without it, says how to open the "
+                           "interactive tour")
+    tour.add_argument("--notebook", metavar="PATH",
+                      help="the notebook to execute (default: the checkout's notebooks/00_tour.ipynb)")
+    tour.add_argument("--out", default="reports/tour.html", metavar="FILE",
+                      help="HTML file to write, relative to the current folder (default reports/tour.html)")
     tour.set_defaults(func=_tour)
-    return parser
 
 
 def _one_line(err: BaseException) -> str:
