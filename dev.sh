@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-export WEIGHTLENS_HOME="${WEIGHTLENS_HOME:-$ROOT/.wl-cache}"
+# The zoo is where plain Python finds it (weightlens.zoo.home()): $WEIGHTLENS_HOME if set, else
+# $XDG_CACHE_HOME/weightlens or ~/.cache/weightlens. No override here: one default location.
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 setup() {

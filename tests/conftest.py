@@ -1,7 +1,7 @@
 """Shared fixtures: the real model zoo at CI size, built once per test session.
 
-The zoo is cached under ``$WEIGHTLENS_HOME`` (``./dev.sh test`` points it at ``.wl-cache/`` in the
-checkout, so a clean clone builds it afresh); builds are deterministic and skipped when present.
+The zoo is cached where ``weightlens.zoo.home()`` says (``$WEIGHTLENS_HOME``, else ``~/.cache/weightlens``;
+``./dev.sh test`` sets nothing of its own); builds are deterministic and skipped when present.
 """
 
 from __future__ import annotations

@@ -90,8 +90,7 @@ def lab(browser, minilm_zoo, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "WEIGHTLENS_HEADLESS"}
     env.update(JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
                JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
-               IPYTHONDIR=str(dirs["ipython"]), WEIGHTLENS_ZOO_SIZE="ci",
-               WEIGHTLENS_HOME=os.environ.get("WEIGHTLENS_HOME", str(ROOT / ".wl-cache")))
+               IPYTHONDIR=str(dirs["ipython"]), WEIGHTLENS_ZOO_SIZE="ci")  # the zoo: where the fixtures built it
     port, token = _free_port(), os.urandom(16).hex()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "jupyterlab.log", "w")  # noqa: SIM115  (closed below)

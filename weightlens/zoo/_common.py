@@ -24,9 +24,19 @@ Metrics = dict[str, float]  # {"accuracy": ..., "loss": ...}
 
 
 def home() -> Path:
-    """Root of weightlens' cache: ``$WEIGHTLENS_HOME`` or ``~/.cache/weightlens``."""
+    """Root of weightlens' cache, the one default location of the zoo (``home() / "zoo"``).
+
+    ``$WEIGHTLENS_HOME`` when set, else ``$XDG_CACHE_HOME/weightlens`` when that is an absolute path,
+    else ``~/.cache/weightlens``. Plain Python, the command line, the notebooks and ``dev.sh`` all use
+    this function, so they find the same zoo.
+    """
     env = os.environ.get("WEIGHTLENS_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "weightlens"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is to be ignored
+        return Path(xdg) / "weightlens"
+    return Path.home() / ".cache" / "weightlens"
 
 
 def zoo_dir(name: str, size: str, root: Path | None = None) -> Path:
