@@ -13,6 +13,7 @@ Examples
 
 from weightlens.linalg.backend import numerical_rank, polar, svd, svdvals, topk_svd
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
+from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.devices import (
     CUDA_DRIVER_TABLE,
     GESVDA_RTOL_FACTOR,
@@ -34,6 +35,8 @@ __all__ = [
     "TopkOptions",
     "available_cores",
     "choose_driver",
+    "concat_factors",
+    "factored_svd",
     "gesvda_tolerance",
     "numerical_rank",
     "polar",
