@@ -2,7 +2,9 @@
 
 Sources: a ``.safetensors`` file; sharded safetensors (``*.safetensors.index.json``); an HF model
 folder (safetensors or ``pytorch_model.bin``, sharded or not); a ``.bin``/``.pt`` pickle, read only
-through ``torch.load(weights_only=True)``; a state dict; an ``nn.Module``; a ``Checkpoint``.
+through ``torch.load(weights_only=True)``; a state dict; an ``nn.Module``; a ``Checkpoint``; a PEFT
+LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``), opened as an
+:class:`AdapterCheckpoint` (``weightlens.io._adapter`` reads its config and key names).
 
 Opening reads headers only: keys, shapes and dtypes are known before any tensor data is read, and
 a corrupt or truncated file is reported, naming the file and key, before the first tensor is used.
@@ -28,9 +30,11 @@ from typing import Any
 import torch
 
 from weightlens.errors import CheckpointError, KeyMismatchError, UnsafeCheckpointError
+from weightlens.io import _adapter
 from weightlens.io import _safetensors as st
+from weightlens.io._adapter import LoraFactors, LoraModule
 
-__all__ = ["Checkpoint", "TensorInfo", "load"]
+__all__ = ["AdapterCheckpoint", "Checkpoint", "LoraFactors", "LoraModule", "TensorInfo", "load"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Folder contents tried in order; the first present wins.
@@ -143,13 +147,91 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return f"{file or self.source} key {key!r}"
 
 
+class AdapterCheckpoint(Checkpoint):
+    """A PEFT LoRA adapter: the tensors of its weights file (the Mapping, under the file's names) and
+    what they change in its base model, named by the base model's keys.
+
+    ``lora_keys`` get the low-rank update ``delta = (B @ A * scale).reshape(shape)`` (:meth:`factors`,
+    :meth:`delta`; :meth:`lora` says shape, rank and scale from the headers); ``full_keys`` are stored
+    whole (``modules_to_save`` copies, biases trained with ``bias="all"``/``"lora_only"``, embeddings
+    peft saves beside their LoRA): the fine-tuned value there is the stored tensor, plus the LoRA update
+    when the key is in both. Every other key of the base is unchanged. The base is not part of the
+    adapter: pass it to :class:`~weightlens.TaskVectors` (or ``base=None`` there to use
+    :attr:`base_path`).
+
+    Attributes
+    ----------
+    config : dict, the adapter's ``adapter_config.json``.
+    folder : Path, the adapter folder.
+    base_model_name_or_path : str or None, the base the adapter was trained on, as the config names it.
+    lora_keys : tuple of str, base model keys with a low-rank update (peft's ``base_model.model.`` and
+        ``.lora_A.weight`` parts removed, e.g. ``'model.layers.0.self_attn.q_proj.weight'``).
+    full_keys : dict, ``{base model key: file key}`` of the full tensors the adapter stores.
+    """
+
+    def __init__(self, inner: Checkpoint, *, folder: Path, config: dict[str, Any]) -> None:
+        super().__init__(inner._infos, inner._reader, name=inner.name, source=inner.source, hf_dir=inner.hf_dir,
+                         metadata=inner.metadata)
+        where = str(folder)
+        _adapter.check_config(config, where)
+        layout = _adapter.layout_of(config, {k: i.shape for k, i in inner._infos.items()}, where)
+        self.config = config
+        self.folder = folder
+        self.base_model_name_or_path: str | None = config.get("base_model_name_or_path") or None
+        self._modules = layout.modules
+        self.lora_keys = tuple(sorted(layout.modules, key=_natural))
+        self.full_keys = dict(sorted(layout.full.items(), key=lambda kv: _natural(kv[0])))
+
+    @property
+    def base_path(self) -> Path | None:
+        """``base_model_name_or_path`` when it names a local folder (relative to the working directory, as
+        peft resolves it), else ``None``; nothing is downloaded."""
+        name = self.base_model_name_or_path
+        return Path(name).expanduser() if name and Path(name).expanduser().is_dir() else None
+
+    def lora(self, key: str) -> LoraModule:
+        """Shape, rank, alpha, scale and file keys of the update of base model key ``key``; reads no tensor."""
+        try:
+            return self._modules[key]
+        except KeyError:
+            close = difflib.get_close_matches(str(key), list(self._modules), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyMismatchError(
+                f"Adapter {self.name!r} ({self.folder}) has no LoRA update of key {key!r}; its lora_keys are "
+                f"{len(self._modules)} base model keys.{hint}"
+            ) from None
+
+    def factors(self, key: str) -> LoraFactors:
+        """``(A, B, scale)`` of ``key`` in the base tensor's orientation, upcast to fp32 (fp64 stays)."""
+        m = self.lora(key)
+        a, b = (_wide(self[k]) for k in (m.a_key, m.b_key))
+        return m.orient(a, b)
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The update of ``key``, ``(B @ A * scale).reshape(shape)``, fp32 (factors upcast before multiplying)."""
+        return self.factors(key).dense().reshape(self.lora(key).shape).to(torch.float32)
+
+    def __repr__(self) -> str:
+        ranks = sorted({m.rank for m in self._modules.values()})
+        r = f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}..{ranks[-1]}"
+        full = f" + {len(self.full_keys)} full tensor(s)" if self.full_keys else ""
+        return (f"AdapterCheckpoint({self.name!r}, LoRA {r} on {len(self.lora_keys)} keys{full}, "
+                f"base={self.base_model_name_or_path!r}, source={self.source!r})")
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def load(source: Any, *, name: str | None = None) -> Checkpoint:
     """Open ``source`` as a lazy :class:`Checkpoint`; reads headers only.
 
     Parameters
     ----------
     source : path to a ``.safetensors`` file, a ``*.index.json`` of shards, an HF model folder or a
-        ``.bin``/``.pt`` file; a ``Mapping[str, Tensor]``; an ``nn.Module``; a ``Checkpoint``.
+        ``.bin``/``.pt`` file; a ``Mapping[str, Tensor]``; an ``nn.Module``; a ``Checkpoint``. A PEFT
+        LoRA adapter folder (or its ``adapter_model.*`` file) opens as an :class:`AdapterCheckpoint`;
+        one whose config asks for what weightlens does not model (DoRA, ``lora_bias``, ...) is refused.
     name : display name; defaults to the file stem or folder name.
 
     Examples
@@ -236,6 +318,8 @@ def _from_file(path: Path) -> Checkpoint:
     hf_dir = path.parent if (path.parent / "config.json").is_file() else None
     name = _display_name(path)
     lower = path.name.lower()
+    if path.name in _adapter.ADAPTER_WEIGHTS and (path.parent / _adapter.ADAPTER_CONFIG).is_file():
+        return _from_adapter(path.parent, path)
     if lower.endswith(".safetensors.index.json"):
         return _from_safetensors_index(path, name, hf_dir)
     if lower.endswith(".bin.index.json") or lower.endswith(".pt.index.json"):
@@ -256,6 +340,15 @@ def _display_name(path: Path) -> str:
 
 def _from_folder(folder: Path) -> Checkpoint:
     hf_dir = folder if (folder / "config.json").is_file() else None
+    adapter = _adapter.adapter_weights(folder)
+    if adapter is not None:
+        both = [c for c in _FOLDER_CANDIDATES if os.path.lexists(folder / c)]
+        if both:
+            raise CheckpointError(
+                f"{folder}: holds both full weights ({both[0]}) and a PEFT adapter ({adapter.name}); pass the "
+                "file you mean instead of the folder."
+            )
+        return _from_adapter(folder, adapter)
     for candidate in _FOLDER_CANDIDATES:
         if os.path.lexists(folder / candidate):  # present but unreadable is an error, not a fallback
             return _renamed(_from_file(folder / candidate), folder.name, hf_dir)
@@ -272,6 +365,19 @@ def _from_folder(folder: Path) -> Checkpoint:
         f"{folder}: no weights found. Looked for {', '.join(_FOLDER_CANDIDATES)}, or a single "
         "*.safetensors / *.bin / *.pt file."
     )
+
+
+def _from_adapter(folder: Path, weights: Path) -> AdapterCheckpoint:
+    """A PEFT adapter folder: its config, then its weights file (headers only)."""
+    config = _adapter.read_config(folder)
+    st.check_regular(weights)
+    hf_dir = folder if (folder / "config.json").is_file() else None
+    name = folder.name or weights.stem
+    if weights.name.endswith(".safetensors"):
+        inner = _from_safetensors(weights, name, hf_dir)
+    else:
+        inner = _from_torch_file(weights, name, hf_dir)
+    return AdapterCheckpoint(inner, folder=folder, config=config)
 
 
 def _renamed(ckpt: Checkpoint, name: str, hf_dir: Path | None) -> Checkpoint:
