@@ -6,8 +6,9 @@ left, all from the checkpoint headers when it is built (no tensor data is read).
 key (matrix / vector / conv / skip) and computes ``finetuned - base`` per key on demand, upcasting
 to fp32 *before* subtracting so bf16/fp16 checkpoints keep their small deltas. Keys only a fine-tune
 has (task heads) are its extras; vocabulary rows that fine-tunes added follow ``vocab``
-(``weightlens.taskvectors._vocab``). It also carries the decomposition cache that analysis, merges
-and widgets share.
+(``weightlens.taskvectors._vocab``). A fine-tune given as a PEFT LoRA adapter stays factored: its delta
+is its low-rank update on the keys it targets and exactly zero elsewhere (``weightlens.taskvectors._factored``).
+It also carries the decomposition cache that analysis, merges and widgets share.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 from weightlens.errors import DTypeError, InvalidParameterError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from weightlens.io import Checkpoint, TensorInfo, load
+from weightlens.io.sources import AdapterCheckpoint, LoraFactors
 from weightlens.linalg import DecompositionCache
-from weightlens.taskvectors import _keys, _vocab
+from weightlens.taskvectors import _factored, _keys, _vocab
 from weightlens.taskvectors._keys import KeyMapWarning, where
 from weightlens.taskvectors._vocab import VocabInfo
 
@@ -83,8 +85,13 @@ class TaskVectors:
 
     Parameters
     ----------
-    base : any source ``wl.load`` accepts (path, state dict, ``nn.Module``, ``Checkpoint``).
-    finetuned : a list of sources (names from their file or folder names) or ``{name: source}``.
+    base : any source ``wl.load`` accepts (path, state dict, ``nn.Module``, ``Checkpoint``), or ``None``
+        when the fine-tunes are PEFT adapters whose configs name one local base folder
+        (``base_model_name_or_path``; nothing is downloaded).
+    finetuned : a list of sources (names from their file or folder names) or ``{name: source}``. A
+        source may be a PEFT LoRA adapter folder: its delta is ``scale * B @ A`` on the keys it targets,
+        its stored full tensors minus the base (``modules_to_save``, trained biases), zero elsewhere;
+        :meth:`factors` gives the low-rank form without materialising it.
     include, exclude : glob patterns (``fnmatch``) on tensor keys, e.g. ``"*.attention.*"``.
         ``include`` keeps only matching keys, ``exclude`` drops matching keys. Both run before any
         key is compared, on the base's names (and on a fine-tune's own names for its extras).
@@ -102,7 +109,8 @@ class TaskVectors:
     Attributes
     ----------
     names, keys : task names; the selected floating-point base keys (every fine-tune has them).
-    extras : ``{task: [keys only that fine-tune has]}``, e.g. classification heads; never merged.
+    extras : ``{task: [keys only that fine-tune has]}``, e.g. classification heads (an adapter's
+        ``modules_to_save`` the base lacks); never merged.
     key_maps : ``{task: {fine-tune key: base key}}`` for the keys whose names differ.
     vocab : :class:`VocabInfo` when fine-tunes have vocabulary rows the base lacks, else ``None``.
 
@@ -143,8 +151,11 @@ class TaskVectors:
             raise InvalidParameterError(
                 f"The 'vocab' parameter of TaskVectors must be None, 'base' or 'union'. Got {vocab!r} instead."
             )
-        self.base = load(base)
+        if base is not None:
+            self.base = load(base)
         self.finetuned = _named_checkpoints(finetuned)
+        if base is None:
+            self.base = load(_factored.base_of(self.finetuned))
         self.include = _keys.as_patterns(include)
         self.exclude = _keys.as_patterns(exclude)
         self.cache = cache if cache is not None else DecompositionCache()
@@ -258,6 +269,8 @@ class TaskVectors:
         """
         self._check_key(key)
         self._check_task(task)
+        if task in self._adapted:
+            return self._adapter_delta(task, key)
         base = self._upcast(self.base, key)
         diff = self._task_tensor(task, key, base) - base
         return diff if diff.dtype == torch.float32 else diff.to(torch.float32)
@@ -265,11 +278,58 @@ class TaskVectors:
     def deltas(self, key: str) -> torch.Tensor:
         """Deltas of every task for ``key``, stacked: shape ``(T, *shape)``, fp32, CPU."""
         self._check_key(key)
-        base = self._upcast(self.base, key)
-        out = torch.empty((len(self.finetuned), *base.shape), dtype=torch.float32)
+        base = None  # read only when a full fine-tune needs it
+        out = torch.empty((len(self.finetuned), *self.shape(key)), dtype=torch.float32)
         for i, task in enumerate(self.finetuned):  # filled in place: no list + stack copy
+            if task in self._adapted:
+                out[i] = self._adapter_delta(task, key)
+                continue
+            base = self._upcast(self.base, key) if base is None else base
             torch.sub(self._task_tensor(task, key, base), base, out=out[i])
         return out
+
+    def factors(self, task: str, key: str) -> LoraFactors | None:
+        """The delta of ``task`` at ``key`` in low-rank form, without materialising it, or ``None``.
+
+        For a task given as a PEFT adapter and a key with 2 or more dims: ``(A, B, scale)`` with
+        ``delta(task, key) == (B @ A * scale).reshape(shape(key))`` (``A`` is ``(r, n)``, ``B`` is ``(m, r)``,
+        fp32, in the base tensor's orientation; convolutions as ``(out, in * kernel)`` matrices); rank 0
+        (``r == 0``) where the adapter leaves the key unchanged. ``None`` for full fine-tunes, 0/1-D keys
+        and keys whose full tensor the adapter stores (a ``modules_to_save`` head), unless that tensor
+        equals the base's and the key has a LoRA update (peft saves a targeted embedding or LM head beside
+        its LoRA): that is read once to compare. See :meth:`is_factored`.
+        """
+        self._check_key(key)
+        self._check_task(task)
+        if task not in self._adapted:
+            return None
+        own = self._adapted[task].get(key)
+        return _factored.factors(self.finetuned[task], own, self.shape(key),
+                                 lambda: self._stored_is_base(task, key, own))
+
+    def is_factored(self, task: str) -> bool:
+        """Whether :meth:`factors` gives ``task``'s delta on every selected key with 2 or more dims: a PEFT
+        adapter that stores no full matrix other than its LoRA'd embeddings' unchanged base weights."""
+        self._check_task(task)
+        if task not in self._adapted:
+            return False
+        ft, adapted = self.finetuned[task], self._adapted[task]
+        return not any(len(self.shape(k)) >= 2 and adapted.get(k) in ft.full_keys
+                       and not (adapted[k] in ft.lora_keys and self._stored_is_base(task, k, adapted[k]))
+                       for k in self.keys)
+
+    def _stored_is_base(self, task: str, key: str, own: str) -> bool:
+        """Whether adapter ``task``'s stored full tensor of ``key`` equals the base's (cached per task and key)."""
+        if (task, key) not in self._stored_base:
+            ft = self.finetuned[task]
+            stored, base = ft[ft.full_keys[own]], self._base[key]
+            self._stored_base[task, key] = stored.dtype == base.dtype and torch.equal(stored, base)
+        return self._stored_base[task, key]
+
+    def _adapter_delta(self, task: str, key: str) -> torch.Tensor:
+        """fp32 delta of adapter ``task`` at ``key`` (zero where it changes nothing), on the task vectors' rows."""
+        return _factored.delta(self.finetuned[task], self._adapted[task].get(key), self.shape(key),
+                               lambda: self._upcast(self._base, key), self._upcast)
 
     def extra(self, task: str, key: str) -> torch.Tensor:
         """Tensor ``key`` that only fine-tune ``task`` has (one of ``extras[task]``), in its stored dtype."""
@@ -279,7 +339,8 @@ class TaskVectors:
                 f"Key {key!r} is not an extra of task {task!r} ({self.finetuned[task].source}); its extras "
                 f"(keys only it has) are {_keys.listing(self._extras[task]) or 'none'}."
             )
-        return self.finetuned[task][key]
+        ft = self.finetuned[task]
+        return ft[ft.full_keys[key]] if isinstance(ft, AdapterCheckpoint) else ft[key]
 
     def _task_tensor(self, task: str, key: str, base: torch.Tensor) -> torch.Tensor:
         """Fine-tune ``task``'s ``key`` (upcast) on the task vectors' rows; ``base`` is the upcast base."""
@@ -336,10 +397,18 @@ class TaskVectors:
         self._own: dict[str, dict[str, str]] = {}
         self._renamed: dict[str, dict[str, str]] = {}
         self._extras: dict[str, tuple[str, ...]] = {}
+        self._adapted: dict[str, dict[str, str]] = {}  # adapters: {base key: its key} of the keys it changes
+        self._stored_base: dict[tuple[str, str], bool] = {}  # (adapter, key): its stored full tensor is the base's
         found = []
         for name, ft in self.finetuned.items():
-            a = _keys.align(self.base, ft, self.keys, maps[name], self.include, self.exclude)
-            self._own[name], self._renamed[name], self._extras[name] = a.own, a.renamed, a.extras
+            if isinstance(ft, AdapterCheckpoint):
+                a = _factored.align(self.base, ft, self.keys, maps[name], self.include, self.exclude)
+                self._adapted[name] = a.own
+                a_own = {b: f for b, f in a.own.items() if b != f}
+            else:
+                a = _keys.align(self.base, ft, self.keys, maps[name], self.include, self.exclude)
+                a_own = a.own
+            self._own[name], self._renamed[name], self._extras[name] = a_own, a.renamed, a.extras
             if a.prefix is not None:
                 strip, add = a.prefix
                 how = f"'{strip}' + base key" if strip else f"the base key without '{add}'"
@@ -358,6 +427,9 @@ class TaskVectors:
         diffs: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         for name, ft in self.finetuned.items():
             diffs[name] = {}
+            if name in self._adapted:  # an adapter: its updates have the base's shapes, vocabulary rows too
+                _factored.validate(self.base, ft, self._adapted[name])
+                continue
             for key in self.keys:
                 own = self._own[name].get(key, key)
                 b, f = self.base.info(key), ft.info(own)

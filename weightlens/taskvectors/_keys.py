@@ -5,7 +5,8 @@ left out is never validated. Each fine-tune is then aligned to the base from its
 explicit ``key_map`` first, then, for the selected base keys still unmatched, one prefix found from
 the keys themselves (``bert.``, ``model.``, ``transformer.``, ``base_model.model.``: stripped from
 the fine-tune's keys, or added to them when the base carries it). Keys only the fine-tune has are
-its extras (task heads), kept per task and out of the shared merge.
+its extras (task heads), kept per task and out of the shared merge. A PEFT adapter is aligned by
+its base model keys and may lack base keys (those it leaves unchanged).
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def key_maps_per_task(key_map: Any, names: Sequence[str]) -> dict[str, KeyMap | 
     )
 
 
-def _explicit(ft: Checkpoint, key_map: KeyMap | None, base_keys: set[str]) -> dict[str, str | None]:
-    """``{fine-tune key: base key or None}`` for the keys the user's map renames or leaves out."""
+def _explicit(ft: Checkpoint, own: Sequence[str], key_map: KeyMap | None, base_keys: set[str]
+              ) -> dict[str, str | None]:
+    """``{fine-tune key: base key or None}`` for the keys (``own``) the user's map renames or leaves out."""
     out: dict[str, str | None] = {}
     if key_map is None:
         return out
-    pairs = ((f, key_map[f]) for f in ft if f in key_map) if isinstance(key_map, Mapping) else (
-        (f, key_map(f)) for f in ft)
+    pairs = ((f, key_map[f]) for f in own if f in key_map) if isinstance(key_map, Mapping) else (
+        (f, key_map(f)) for f in own)
     for f, b in pairs:
         if b is not None and not isinstance(b, str):
             raise InvalidParameterError(
@@ -138,7 +140,8 @@ def _close(key: str, keys: Iterable[str]) -> str:
 class Alignment:
     """How one fine-tune's keys meet the base's.
 
-    ``own``: base key -> the fine-tune's key, for the selected keys whose names differ;
+    ``own``: base key -> the fine-tune's key, for the selected keys whose names differ (every matched
+    key when aligned with ``partial``, as adapters are);
     ``renamed``: fine-tune key -> base key, every key the map or the prefix renamed;
     ``extras``: the fine-tune's keys that no base key matches (after include/exclude);
     ``prefix``: ``(stripped, added)`` when a prefix was found in the names, and how many keys it renamed.
@@ -152,16 +155,23 @@ class Alignment:
 
 
 def align(base: Checkpoint, ft: Checkpoint, wanted: Sequence[str], key_map: KeyMap | None,
-          include: list[str] | None, exclude: list[str] | None) -> Alignment:
-    """Match ``ft``'s keys to the base's ``wanted`` keys (headers only); raise on gaps and clashes."""
+          include: list[str] | None, exclude: list[str] | None, *, own: Sequence[str] | None = None,
+          partial: bool = False) -> Alignment:
+    """Match ``ft``'s keys to the base's ``wanted`` keys (headers only); raise on gaps and clashes.
+
+    ``own``: the fine-tune's key names when they are not its Mapping's (a PEFT adapter's base model
+    keys); ``partial``: the fine-tune may lack wanted keys (an adapter changes only some), so the
+    ``own`` map then holds every matched key, renamed or not.
+    """
     base_keys = set(base.keys())
-    explicit = _explicit(ft, key_map, base_keys)
-    names = {f: explicit.get(f, f) for f in ft}
+    own = list(ft) if own is None else list(own)
+    explicit = _explicit(ft, own, key_map, base_keys)
+    names = {f: explicit.get(f, f) for f in own}
     owner = _owners(ft, names, wanted, "key_map")
     prefix, n_prefixed = None, 0
     missing = [b for b in wanted if b not in owner]
     if missing:
-        free = [f for f in ft if f not in explicit and f not in base_keys]
+        free = [f for f in own if f not in explicit and f not in base_keys]
         prefix = _find_prefix(ft, missing, free)
         if prefix is not None:
             strip, add = prefix
@@ -171,13 +181,13 @@ def align(base: Checkpoint, ft: Checkpoint, wanted: Sequence[str], key_map: KeyM
                     n_prefixed += 1
             owner = _owners(ft, names, wanted, f"prefix {_describe(prefix)}")
             missing = [b for b in wanted if b not in owner]
-    if missing:
+    if missing and not partial:
         raise _missing_error(base, ft, missing, prefix, len(wanted))
-    extras = tuple(f for f in ft if names[f] is not None and names[f] not in base_keys
+    extras = tuple(f for f in own if names[f] is not None and names[f] not in base_keys
                    and selected(f, include, exclude))
     renamed = {f: b for f, b in names.items() if b is not None and b != f}
-    own = {b: f for b, f in owner.items() if b != f}
-    return Alignment(own, renamed, extras, prefix, n_prefixed)
+    matched = {b: f for b, f in owner.items() if partial or b != f}
+    return Alignment(matched, renamed, extras, prefix, n_prefixed)
 
 
 def _owners(ft: Checkpoint, names: Mapping[str, str | None], wanted: Sequence[str], how: str) -> dict[str, str]:
