@@ -58,6 +58,20 @@ def test_the_lmc_explorer_has_controls_that_drive_it():
     assert "layer distance" in explorer.figures
 
 
+def test_the_merge_studio_has_controls_that_drive_it(digits_zoo):
+    from weightlens.merge import list_methods
+    from weightlens.widgets import MergeStudio
+
+    tv = digits_zoo.task_vectors()
+    studio = MergeStudio(tv, debounce=0.0)
+    params = [f"{m}.{name}" for m in list_methods() for name in studio.params[m]]
+    names = ["method", *(f"task:{t}" for t in tv.names), *params, "key", "metric", "out_path", "overwrite"]
+    c = _check_controls(studio, names)
+    assert c["method"] is studio.method and c["task_arithmetic.alpha"] is studio.params["task_arithmetic"]["alpha"]
+    c["method"].value = "ties"
+    assert studio.merged.method == "ties"
+
+
 def test_sweep_summary_is_a_method_like_report_summary(digits_zoo):
     tv = digits_zoo.task_vectors(["rot90", "hflip"])
     sw = wl.sweep(tv, "task_arithmetic", [0.3, 0.6], digits_zoo.evaluate, progress=False)

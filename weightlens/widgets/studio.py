@@ -44,6 +44,7 @@ from weightlens.merge import Comparison, MergeResult, alpha_grid, get_method, li
 from weightlens.merge.comparisons import ComparisonCache
 from weightlens.merge.registry import Param
 from weightlens.taskvectors import TaskVectors
+from weightlens.widgets._controls import Controls
 from weightlens.widgets._common import (
     Background,
     Job,
@@ -270,11 +271,17 @@ class MergeStudio(Panel):
                                  layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
         export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
                                   layout=widgets.Layout(gap="12px", align_items="center"))
-        self.children = [
-            widgets.HTML("<b>Merge studio</b>"),
+        named = {"method": self.method, **{f"task:{t}": box for t, box in self.task_boxes.items()},
+                 **{f"{m}.{name}": c for m, controls in self.params.items() for name, c in controls.items()},
+                 "key": self.key, "metric": self.metric, "out_path": self.out_path, "overwrite": self.overwrite}
+        self.controls = Controls(named, [
             widgets.HBox([self.method, tasks_row], layout=widgets.Layout(gap="24px")),
             self.param_box,
             widgets.HBox([self.key, self.metric], layout=widgets.Layout(gap="12px")),
+        ])
+        self.children = [
+            widgets.HTML("<b>Merge studio</b>"),
+            self.controls,
             self.status,
             widgets.GridBox(grid, layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
                                                         grid_gap="8px")),
