@@ -286,3 +286,14 @@ def test_folder_with_weights_and_adapter_is_ambiguous(zoo):
     with pytest.raises(CheckpointError, match="both full weights"):
         wl.load(both)
     assert isinstance(wl.load(both / "adapter_model.safetensors"), AdapterCheckpoint)
+
+
+def test_finetuned_weights_of_an_adapter_are_what_merge_and_unload_gives(zoo):
+    base_dir = zoo["bases"]["llama"]
+    tv = wl.TaskVectors(base_dir, {"lora": zoo["adapters"]["plain"], "full": zoo["full"]})
+    assert tv.finetuned_weights("full") is tv.finetuned["full"]  # a full fine-tune is scored as given
+    applied, merged, base = tv.finetuned_weights("lora"), zoo["merged"]["plain"], wl.load(base_dir)
+    assert list(applied) == list(base) and len(applied) == len(base)
+    for key in base:
+        assert applied[key].dtype == base[key].dtype
+        _check_close(applied[key].double() - base[key].double(), merged[key], base[key], key)

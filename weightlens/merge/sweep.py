@@ -55,7 +55,7 @@ def reference_scores(
     rows = []
     for task in tv.names:
         for split in dict.fromkeys(splits):
-            for model, weights in (("base", tv.base), ("finetuned", tv.finetuned[task])):
+            for model, weights in (("base", tv.base), ("finetuned", tv.finetuned_weights(task))):
                 rows.append({"task": task, "split": split, "model": model, **_metrics(evaluate(weights, task, split))})
     return pd.DataFrame(rows)
 

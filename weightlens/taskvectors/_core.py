@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -331,6 +331,18 @@ class TaskVectors:
         return _factored.delta(self.finetuned[task], self._adapted[task].get(key), self.shape(key),
                                lambda: self._upcast(self._base, key), self._upcast)
 
+    def finetuned_weights(self, task: str) -> Mapping[str, torch.Tensor]:
+        """The weights of fine-tune ``task`` as a model holds them, for scoring it (``evaluate``).
+
+        A full fine-tune: its checkpoint as given. A PEFT adapter: a lazy view of the base's keys, each
+        ``base + delta`` in the base dtype (what ``merge_and_unload()`` gives), plus the task's extras
+        (``modules_to_save`` heads) under their own names.
+        """
+        self._check_task(task)
+        if task not in self._adapted:
+            return self.finetuned[task]
+        return _AppliedAdapter(self, task)
+
     def extra(self, task: str, key: str) -> torch.Tensor:
         """Tensor ``key`` that only fine-tune ``task`` has (one of ``extras[task]``), in its stored dtype."""
         self._check_task(task)
@@ -485,3 +497,26 @@ def _union_base(base: Checkpoint, finetuned: dict[str, Checkpoint], own: dict[st
         return torch.cat([t, added[key]])
 
     return Checkpoint(infos, read, name=base.name, source=base.source, hf_dir=base.hf_dir, metadata=base.metadata)
+
+
+class _AppliedAdapter(Mapping[str, torch.Tensor]):
+    """Base weights with one adapter applied (:meth:`TaskVectors.finetuned_weights`), computed per key read."""
+
+    def __init__(self, tv: TaskVectors, task: str) -> None:
+        self._tv, self._task = tv, task
+        self._keys = [*tv.base, *(k for k in tv.extras[task] if k not in tv.base)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tv = self._tv
+        if key in tv.extras[self._task] and key not in tv.base:
+            return tv.extra(self._task, key)
+        base = tv.base[key]
+        if key not in tv.keys:
+            return base
+        return (base.to(torch.float32) + tv.delta(self._task, key)).to(base.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -556,7 +556,7 @@ def score_merge(evaluate: Evaluate, merged: MergeResult, split: str, references:
     for task in todo:
         if not job.current:
             return None
-        references[task, split] = float(evaluate(tv.finetuned[task], task, split)["accuracy"])
+        references[task, split] = float(evaluate(tv.finetuned_weights(task), task, split)["accuracy"])
         job.advance()
     state = {k: merged[k] for k in merged}
     rows = []
