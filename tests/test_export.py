@@ -301,7 +301,7 @@ def test_card_has_method_sources_metrics_interference_and_figure(tmp_path):
     out = export(m, tmp_path / "out", progress=False,
                  card={"title": "my merge", "metrics": metrics, "report": summary})
     card = (out / "README.md").read_text()
-    for text in ("# my merge", "TIES-Merging", "| density | 0.3 |", str(base), str(fts["task1"]),
+    for text in ("# my merge", "TIES-Merging", "| density | 0.3 |", "../base.safetensors", "../task1.safetensors",
                  "## Evaluation", "| task0 | 0.9 | 0.95 |", "## Interference", "| conflict rate | 0.31 | 0.29 | 0.5 |",
                  "update_norms.svg", "weightlens merge weightlens_recipe.yaml", "mergekit-yaml",
                  sha256(out / "model.safetensors")):
@@ -310,6 +310,31 @@ def test_card_has_method_sources_metrics_interference_and_figure(tmp_path):
     assert svg.tag.endswith("svg") and len([e for e in svg.iter() if e.tag.endswith("rect")]) == 2  # fc1, fc2
     with pytest.raises(InvalidParameterError, match="'card' parameter"):
         export(m, tmp_path / "o2", card={"metrix": {}}, progress=False)
+
+
+def _front_matter(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+
+
+def test_the_front_matter_names_the_merged_models_and_a_rebasin_output_is_no_merge(tmp_path):
+    base, fts = write_task_files(tmp_path, hf=True)
+    merged = export(merge(base, fts, method="ties"), tmp_path / "merged", progress=False)
+    assert _front_matter(merged) == {"base_model": ["../base", "../task0", "../task1"],
+                                     "base_model_relation": "merge", "library_name": "transformers",
+                                     "tags": ["weightlens", "merge", "ties"]}
+    from weightlens.cli import main
+
+    g = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):  # two MLPs in HF folders (a config.json): the Re-Basin output copies b's
+        (tmp_path / name).mkdir()
+        save_file({"fc1.weight": torch.randn(8, 4, generator=g), "fc1.bias": torch.randn(8, generator=g),
+                   "fc2.weight": torch.randn(3, 8, generator=g)}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "mlp"}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["rebasin", str(a), str(b), "--spec", "mlp", "--out", str(tmp_path / "aligned"), "-q"]) == 0
+    assert _front_matter(tmp_path / "aligned") == {"library_name": "transformers", "tags": ["weightlens"]}
+    plain = export({"w": torch.ones(2)}, tmp_path / "plain", progress=False)
+    assert _front_matter(plain) == {"tags": ["weightlens"]}  # no config.json: no library named
 
 
 def test_in_memory_inputs_give_no_recipe_and_the_card_says_why(tmp_path):
@@ -426,8 +451,10 @@ def test_mergekit_configs_match_the_methods():
 def test_mergekit_config_is_written_beside_the_recipe_only_for_its_methods(tmp_path):
     base, fts = write_task_files(tmp_path, hf=True)
     ta = export(merge(base, fts, method="task_arithmetic"), tmp_path / "ta", progress=False)
-    cfg = yaml.safe_load((ta / "mergekit_config.yml").read_text())
-    assert cfg["base_model"] == str(base) and cfg["dtype"] == "float32"
+    text = (ta / "mergekit_config.yml").read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["base_model"] == "../base" and cfg["dtype"] == "float32"  # mergekit reads it from its cwd:
+    assert "Run from this folder" in text.splitlines()[0]                  # the export folder, as it says
     tsv = export(merge(base, fts, method="tsv"), tmp_path / "tsv", progress=False)
     assert (tsv / "weightlens_recipe.yaml").is_file() and not (tsv / "mergekit_config.yml").exists()
 

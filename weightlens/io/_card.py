@@ -1,9 +1,14 @@
 """The model card (``README.md``) of an export and its small figure (a hand-written SVG, no plotting stack).
 
 The card says what was merged and how (method, parameters, sources), what is known of the result
-(per-task metrics and an interference summary when the caller gives them), how far each block moved
-from the base (the figure), how to reproduce it (weightlens recipe, mergekit config) and the files
-with their sha256.
+(per-task metrics and an interference summary when the caller gives them), which head it carries and
+the heads of every task, how far each block moved from the base (the figure), how to reproduce it
+(weightlens recipe, mergekit config) and the files with their sha256.
+
+Its front matter is what the Hugging Face Hub reads: for a merge, ``base_model`` (the inputs: a Hub id
+when one is known, else the path the recipe records) with ``base_model_relation: merge`` and the tags
+``weightlens`` and ``merge``; ``library_name: transformers`` when a ``config.json`` is written. Weights
+that are not a merge (a Re-Basin output, a state dict) are tagged ``weightlens`` only.
 
 Every string that comes from the user or the inputs (titles, notes, task and parameter names and
 values, paths, metrics, tensor keys, copied file names, a method name not from the registry) goes
@@ -17,18 +22,19 @@ import html
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from weightlens.errors import InvalidParameterError
 from weightlens.io._atomic import write_text
-from weightlens.io._layout import CARD, FIGURE, MERGEKIT, RECIPE, WrittenWeights, dtype_name
+from weightlens.io._layout import CARD, FIGURE, MERGEKIT, RECIPE, ExportLayout, WrittenWeights, dtype_name
 from weightlens.io.keys import block_of
 from weightlens.io.sources import _display_name
-from weightlens.io.recipe import ExportRecipe, Recipe, _version as file_version, mergekit_config
+from weightlens.io.recipe import ExportRecipe, Recipe, _model_path, _version as file_version, mergekit_config
 
 __all__ = ["CardFiles", "block_changes", "check_extras", "md_text", "svg_bars", "write_card"]
 
@@ -38,6 +44,7 @@ _MAX_BARS = 60
 # Markdown's table (|), code (`) and link ([ ]) syntax, and the backslash that escapes them.
 _MARKDOWN = str.maketrans({c: "\\" + c for c in "\\|`[]"})
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./~+@=-]{1,1000}")  # a base_model entry: an id or a path of plain characters
 
 
 class _Markup(str):
@@ -134,10 +141,32 @@ def _sources(merged: Any, recipe: Recipe | None) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _header(merged: Any, recipe: Recipe | None, copied: Sequence[str], extras: Mapping[str, Any]) -> list[str]:
+def _base_models(merged: Any, recipe: Any, layout: ExportLayout | None) -> list[str]:
+    """The merge's inputs for ``base_model``: each one's Hub id when known, else the model folder (or file)
+    the recipe records; without a recipe, the Hub ids alone (no paths of this machine)."""
+    hub = dict(layout.hub_ids) if layout is not None else {}
+    base, finetuned = getattr(recipe, "base", None), getattr(recipe, "finetuned", None)
+    if isinstance(base, str) and isinstance(finetuned, Mapping):
+        paths = {"base": base, **finetuned}
+        found = [hub.get(role) or _model_path(path, recipe.path(path))[0] for role, path in paths.items()]
+    elif _is_merge(merged):
+        found = [hub[role] for role in ("base", *merged.task_vectors.finetuned) if role in hub]
+    else:
+        return []
+    return list(dict.fromkeys(p for p in found if _PLAIN_PATH.fullmatch(p)))  # no markup, even quoted
+
+
+def _header(merged: Any, recipe: Recipe | None, copied: Sequence[str], extras: Mapping[str, Any],
+            layout: ExportLayout | None = None) -> list[str]:
     method = recipe.method if recipe is not None else getattr(merged, "method", None)
-    tags = ["weightlens", "merge"] + ([method] if method and _TAG.fullmatch(method) else [])
+    is_merge = recipe is not None or _is_merge(merged)
+    tags = ["weightlens"] + (["merge"] + ([method] if method and _TAG.fullmatch(method) else []) if is_merge else [])
     front = ["---"]
+    parents = _base_models(merged, recipe, layout) if is_merge else []
+    if parents:  # quoted by the YAML writer: a path cannot add fields
+        front += yaml.safe_dump({"base_model": parents}, default_flow_style=False, allow_unicode=True,
+                                width=10**6).splitlines()
+        front.append("base_model_relation: merge")
     if "config.json" in copied:
         front.append("library_name: transformers")
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
@@ -160,6 +189,26 @@ def _merge_section(merged: Any, recipe: Recipe | None) -> list[str]:
                           "base's."), ""]
     lines += ["## Sources", "", markdown_table(sources, "role"), ""]
     return lines
+
+
+def _layout_section(layout: ExportLayout | None) -> list[str]:
+    """Which head the export carries, the heads of every task, and the vocabulary."""
+    if layout is None or not (layout.head is not None or any(layout.heads.values()) or layout.notes):
+        return []
+    lines = ["## Heads and vocabulary", ""]
+    if layout.head is not None:
+        lines += [f"Carries the head of fine-tune {md_text(layout.head)}: the merged weights under its key names, "
+                  f"its {len(layout.extras)} key(s) that the base lacks, and its config.json, so the folder loads "
+                  "as that fine-tune's model class.", ""]
+    elif any(layout.heads.values()):
+        lines += ["Carries no head: the base's keys and config. Keys only a fine-tune has (task heads) are never "
+                  "merged; export `merged.with_head(task)` to carry one.", ""]
+    if any(layout.heads.values()):
+        rows = {t: {"head keys": ", ".join(keys) or "none", "carried": "yes" if t == layout.head else "no"}
+                for t, keys in layout.heads.items()}
+        lines += [markdown_table(rows, "task"), ""]
+    lines += [md_text(note) for note in layout.notes]
+    return lines + ([""] if layout.notes else [])
 
 
 def _known_section(merged: Any, extras: Mapping[str, Any]) -> list[str]:
@@ -225,12 +274,18 @@ class CardFiles:
     dtype : the dtype floating tensors were cast to (None: kept).
     copied : files copied from the ``like`` folder.
     skipped : files of that folder not copied (a link leading out of it, or not a regular file).
+    layout : what the merge said about the folder (head, vocabulary), or None.
+    origins : ``{file: folder}`` of the copied files taken from another folder than ``like``.
+    tokenizer : the union tokenizer's files, written by the merge.
     """
 
     written: WrittenWeights
     dtype: torch.dtype | None = None
     copied: Sequence[str] = ()
     skipped: Sequence[str] = ()
+    layout: ExportLayout | None = None
+    origins: Mapping[str, str] = field(default_factory=dict)
+    tokenizer: Sequence[str] = ()
 
 
 def _files_section(files: CardFiles) -> list[str]:
@@ -239,10 +294,23 @@ def _files_section(files: CardFiles) -> list[str]:
     cast = f", cast to {dtype_name(dtype)}" if dtype is not None else ""
     lines = ["## Files", "", f"{written.n_tensors} tensors, {written.total_size / 1e6:.1f} MB{cast}.", "",
              markdown_table(rows, "file"), ""]
-    if files.copied:
-        lines += ["Copied from the `like` model folder (by default the base's; only its config, tokenizer, "
-                  "processor, chat template and licence files, never its weights): "
-                  + ", ".join(map(md_text, files.copied)) + ".", ""]
+    own = [n for n in files.copied if n not in files.origins]
+    if own:
+        lines += ["Copied from the `like` model folder (by default the carried head's or the base's; only its "
+                  "config, tokenizer, processor, chat template and licence files, never its weights): "
+                  + ", ".join(map(md_text, own)) + ".", ""]
+    moved = [n for n in files.copied if n in files.origins]
+    for what, names in (("the carried head's folder", [n for n in moved if n == "config.json"]),
+                        ("the base's folder (the merged vocabulary is the base's)",
+                         [n for n in moved if n != "config.json"])):
+        if names:
+            lines += [f"Copied from {what}: " + ", ".join(map(md_text, names)) + ".", ""]
+    if files.layout is not None and files.layout.config and "config.json" in files.copied:
+        fields = ", ".join(f"{md_text(k)} = {md_text(v)}" for k, v in files.layout.config.items())
+        lines += [f"Set in config.json: {fields}.", ""]
+    if files.tokenizer:
+        lines += ["Written by weightlens: the union tokenizer (the base's tokenizer and every token the fine-tunes "
+                  "added, at its merged row): " + ", ".join(map(md_text, files.tokenizer)) + ".", ""]
     if files.skipped:
         lines += ["Not copied from that folder (a symbolic link leading out of it, or not a regular file): "
                   + ", ".join(map(md_text, files.skipped)) + ".", ""]
@@ -266,8 +334,9 @@ def write_card(folder: Path, merged: Any, plan: ExportRecipe, files: CardFiles, 
     """Write ``README.md`` (and the figure) into ``folder``; ``plan`` is what the export knows of the merge,
     ``files`` what it wrote, ``base_dtype`` the dtype named in the mergekit config."""
     recipe = plan.recipe
-    lines = _header(merged, recipe, files.copied, extras)
+    lines = _header(merged, recipe, files.copied, extras, files.layout)
     lines += _merge_section(merged, recipe)
+    lines += _layout_section(files.layout)
     lines += _known_section(merged, extras)
     lines += _figure_section(folder, files.written)
     lines += _reproduce_section(plan, base_dtype)

@@ -5,14 +5,17 @@ the recipe all read it, and it reads none of them."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["CARD", "FIGURE", "INDEX", "MERGEKIT", "RECIPE", "WrittenWeights", "dtype_name", "parse_dtype",
-           "parse_size"]
+__all__ = ["CARD", "FIGURE", "INDEX", "MERGEKIT", "RECIPE", "ExportLayout", "WrittenWeights", "dtype_name",
+           "parse_dtype", "parse_size"]
 
 CARD, RECIPE, MERGEKIT, FIGURE, INDEX = (
     "README.md", "weightlens_recipe.yaml", "mergekit_config.yml", "update_norms.svg", "model.safetensors.index.json")
@@ -71,3 +74,41 @@ class WrittenWeights:
     moved: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (|w - w0|^2, |w0|^2)
 
 
+@dataclass(frozen=True)
+class ExportLayout:
+    """How the export of a merge lays out its model folder beyond the merged keys, as plain data (built by
+    ``MergeResult.export_layout()``: io knows no task vectors). The default lays out the base's model.
+
+    Attributes
+    ----------
+    head : the fine-tune whose head is carried (its key names, extra tensors and ``config.json``); None: none.
+    rename : ``{merged key: key written}`` (the head's names for the base's keys).
+    dropped : merged keys not written (the head's model has no such key).
+    extras : ``{key: (shape, dtype)}`` of the head's extra tensors, written after the merged keys.
+    read_extra : reads one of ``extras`` (a tensor).
+    config_dir : folder whose ``config.json`` is written instead of the ``like`` folder's (the head's).
+    config : ``config.json`` fields set over the one written (``vocab_size`` of a resized vocabulary).
+    tokenizer_dir : folder whose tokenizer files are copied instead of the default ``like`` folder's
+        (``vocab="base"``: the base's, whatever the head).
+    write_tokenizer : writes the union tokenizer into a folder (``vocab="union"`` with added tokens),
+        called as ``write_tokenizer(folder, base_tokenizer=folder or None)``; it replaces the ``like``
+        folder's tokenizer files.
+    union_from : the base tokenizer folder ``write_tokenizer`` extends (None: the ``like`` folder must have one).
+    heads : ``{task: [keys only that fine-tune has]}``, for the card.
+    hub_ids : ``{"base" or task: Hugging Face Hub id}`` of the inputs whose id is known, for the card.
+    notes : sentences for the card.
+    """
+
+    head: str | None = None
+    rename: Mapping[str, str] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
+    extras: Mapping[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    read_extra: Callable[[str], torch.Tensor] | None = None
+    config_dir: Path | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None
+    write_tokenizer: Callable[..., Any] | None = None
+    union_from: Path | None = None
+    heads: Mapping[str, list[str]] = field(default_factory=dict)
+    hub_ids: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()

@@ -5,6 +5,11 @@ recipe's ``like`` cannot carry other files of the user's (credentials, notes) in
 then uploaded. Only regular files are copied; a symbolic link is followed only when it resolves
 inside the folder, or, for a Hugging Face cache snapshot (``models--*/snapshots/<rev>``), into that
 repository's ``blobs`` folder, where the cache keeps the files its snapshots link to.
+
+The export of a merge may take two groups of these files from other folders, under the same rules:
+``config.json`` from the carried head's folder (:func:`with_config`), and the tokenizer files
+(:data:`TOKENIZER_FILES`) from the base's folder when the vocabulary was cut to the base's rows
+(:func:`with_tokenizer`); a union tokenizer written by the merge replaces them altogether.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from weightlens.io._atomic import write_text
 from weightlens.io._layout import dtype_name
 from weightlens.io.sources import Checkpoint
 
-__all__ = ["LIKE_FILES", "LikePlan", "copy_like", "like_folder", "plan_like"]
+__all__ = ["LIKE_FILES", "TOKENIZER_FILES", "LikePlan", "copy_like", "is_tokenizer_file", "like_folder", "plan_like",
+           "with_config", "with_tokenizer"]
 
 # The files copied from the `like` folder: shell patterns, matched case-insensitively against the
 # names at its top level. Model and generation configs; tokenizers (fast, WordPiece, BPE,
@@ -40,6 +46,14 @@ LIKE_FILES: tuple[str, ...] = (
     "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*",
 )
 _CONFIG = "config.json"
+#: The tokenizer files among them (and chat templates, which belong to a tokenizer): what a vocabulary
+#: other than the ``like`` folder's replaces.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model", "*.tiktoken", "tiktoken.model",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
 @dataclass
@@ -49,13 +63,19 @@ class LikePlan:
     folder: Path
     files: dict[str, Path] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # a link leaving the folder, or not a regular file
+    config: dict[str, Any] = field(default_factory=dict)  # fields set in the config.json written
+    origins: dict[str, Path] = field(default_factory=dict)  # files taken from another folder: name -> folder
+    union_from: Path | None = None  # the base tokenizer the merge's union tokenizer extends (written instead)
 
 
-def like_folder(like: Any, merged: Any) -> Path | None:
-    """The HF folder whose non-weight files are copied (``like``; by default the merge base's)."""
+def like_folder(like: Any, merged: Any, *, default: Path | None = None) -> Path | None:
+    """The HF folder whose non-weight files are copied (``like``; by default ``default``, else the merge
+    base's)."""
     if like is False:
         return None
     if like is None:
+        if default is not None:
+            return default
         tv = getattr(merged, "task_vectors", None)
         return getattr(getattr(tv, "base", None), "hf_dir", None) or getattr(merged, "hf_dir", None)
     if isinstance(like, Checkpoint):
@@ -74,8 +94,13 @@ def like_folder(like: Any, merged: Any) -> Path | None:
     )
 
 
-def _wanted(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in LIKE_FILES)
+def _wanted(name: str, patterns: tuple[str, ...] = LIKE_FILES) -> bool:
+    return any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in patterns)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether ``name`` is one of :data:`TOKENIZER_FILES`."""
+    return _wanted(name, TOKENIZER_FILES)
 
 
 def _allowed_target(real: Path, folder: Path) -> bool:
@@ -107,6 +132,33 @@ def plan_like(src: Path) -> LikePlan:
     return plan
 
 
+def with_config(plan: LikePlan, folder: Path) -> LikePlan:
+    """``plan`` with the ``config.json`` of ``folder`` (checked as :func:`plan_like` checks it) instead of its
+    own; unchanged when ``folder`` has none it may copy."""
+    other = plan_like(folder)
+    if _CONFIG in other.files:
+        plan.files[_CONFIG] = other.files[_CONFIG]
+        plan.origins[_CONFIG] = other.folder
+    elif _CONFIG in other.skipped:
+        plan.skipped.append(f"{other.folder / _CONFIG}")
+    return plan
+
+
+def with_tokenizer(plan: LikePlan, folder: Path | None) -> LikePlan:
+    """``plan`` without its tokenizer files, and with those of ``folder`` (None: none)."""
+    for name in [n for n in plan.files if is_tokenizer_file(n)]:
+        del plan.files[name]
+    if folder is None:
+        return plan
+    other = plan_like(folder)
+    for name, real in other.files.items():
+        if is_tokenizer_file(name):
+            plan.files[name] = real
+            plan.origins[name] = other.folder
+    plan.skipped += [f"{other.folder / n}" for n in other.skipped if is_tokenizer_file(n)]
+    return plan
+
+
 def read_config(path: Path, *, shown: Path | None = None) -> dict[str, Any]:
     """An HF ``config.json`` as a dict; ``CheckpointError`` naming the file when it is not a JSON object."""
     shown = shown or path
@@ -130,13 +182,19 @@ def copy_like(plan: LikePlan, dst: Path, dtype: torch.dtype | None) -> list[str]
 
     With ``dtype``, the copied ``config.json`` names it: ``torch_dtype`` and ``dtype`` are updated
     where present, and ``torch_dtype`` is added when the config has neither (what
-    ``from_pretrained(..., torch_dtype="auto")`` reads).
+    ``from_pretrained(..., torch_dtype="auto")`` reads). The fields of ``plan.config`` are set in it too
+    (in its ``text_config`` when only that has the field).
     """
     for name, real in plan.files.items():
-        if name == _CONFIG and dtype is not None:
-            config = read_config(real, shown=plan.folder / name)
-            present = [f for f in ("torch_dtype", "dtype") if f in config] or ["torch_dtype"]
-            config.update({f: dtype_name(dtype) for f in present})
+        if name == _CONFIG and (dtype is not None or plan.config):
+            config = read_config(real, shown=plan.origins.get(name, plan.folder) / name)
+            if dtype is not None:
+                present = [f for f in ("torch_dtype", "dtype") if f in config] or ["torch_dtype"]
+                config.update({f: dtype_name(dtype) for f in present})
+            for key, value in plan.config.items():
+                inner = config.get("text_config")
+                target = inner if key not in config and isinstance(inner, dict) and key in inner else config
+                target[key] = value
             write_text(dst / name, json.dumps(config, indent=2) + "\n")
             continue
         shutil.copyfile(real, dst / name)

@@ -6,7 +6,14 @@ names: ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` plus
 licence files of the ``like`` HF folder (an allowlist, ``weightlens.io._like.LIKE_FILES``, from its
 top level only), and writes a model card ``README.md``, a figure, a
 ``weightlens_recipe.yaml`` that ``weightlens merge`` re-runs bitwise, and for task arithmetic, TIES
-and DARE a ``mergekit_config.yml``.
+and DARE a ``mergekit_config.yml``. The recipe, the mergekit YAML and the card name the inputs relative
+to the export folder when they share a project folder with it (``weightlens.io.recipe.relative_path``).
+
+A merge result says what else its folder holds (``MergeResult.export_layout()``, plain data): with a
+head (``merged.with_head(task)``) the merged keys are written under that fine-tune's names, with the
+keys only it has (its classifier) and its ``config.json``; a resized vocabulary sets ``vocab_size``,
+and ``vocab="union"`` writes the union tokenizer instead of the ``like`` folder's tokenizer files
+(``vocab="base"``: the base's tokenizer files).
 
 Atomic: everything is written into a hidden folder beside the target
 (``.<name>.weightlens-tmp-<pid>-<random>``), each file fsynced, then renamed onto the target in
@@ -53,8 +60,8 @@ from weightlens.errors import (
 from weightlens.io import _paths
 from weightlens.io import _safetensors as st
 from weightlens.io._atomic import atomic_folder, write_text
-from weightlens.io._layout import INDEX, WrittenWeights, dtype_name, parse_dtype, parse_size
-from weightlens.io._like import LikePlan, copy_like, like_folder, plan_like
+from weightlens.io._layout import INDEX, ExportLayout, WrittenWeights, dtype_name, parse_dtype, parse_size
+from weightlens.io._like import LikePlan, copy_like, like_folder, plan_like, with_config, with_tokenizer
 from weightlens.io.sources import Checkpoint, load
 
 __all__ = ["ExportOptions", "TargetExistsError", "export", "parse_dtype", "parse_size"]
@@ -65,10 +72,20 @@ _SAMPLE = 1 << 20  # entries per tensor used to measure how far a key moved (the
 
 # ---------------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
+class _Entry:
+    """One tensor to write: its name in the folder and where it comes from (a merged key, or an extra
+    tensor of the carried head when ``key`` is None)."""
+
+    name: str
+    key: str | None
+
+
+@dataclass(frozen=True)
 class _Item:
-    key: str
+    key: str  # as written
     shape: tuple[int, ...]
     dtype: torch.dtype  # as written (after the dtype option)
+    src: str | None = None  # the merged key (None: an extra tensor of the head)
 
     @property
     def nbytes(self) -> int:
@@ -94,15 +111,30 @@ def _known_info(merged: Mapping[str, Any], key: str) -> tuple[tuple[int, ...], t
     return None
 
 
-def _plan(merged: Mapping[str, Any], target: torch.dtype | None, max_bytes: int) -> list[list[_Item]] | None:
+def _entries(merged: Mapping[str, Any], layout: ExportLayout) -> list[_Entry]:
+    """What is written, in order: the merged keys (renamed or left out for a head), then the head's extras."""
+    dropped = set(layout.dropped)
+    found = [_Entry(layout.rename.get(str(k), str(k)), str(k)) for k in merged if k not in dropped]
+    found += [_Entry(name, None) for name in layout.extras]
+    seen: set[str] = set()
+    for e in found:
+        if e.name in seen:
+            raise CheckpointError(f"export: two tensors would be written as {e.name!r} (head={layout.head!r}); "
+                                  "the merge's key map gives two keys one name. Export without the head.")
+        seen.add(e.name)
+    return found
+
+
+def _plan(merged: Mapping[str, Any], entries: list[_Entry], layout: ExportLayout, target: torch.dtype | None,
+          max_bytes: int) -> list[list[_Item]] | None:
     """Keys split into shards greedily (HF rule: a new shard when the next tensor would not fit)."""
     shards: list[list[_Item]] = [[]]
     size = 0
-    for key in merged:
-        known = _known_info(merged, key)
+    for e in entries:
+        known = layout.extras[e.name] if e.key is None else _known_info(merged, e.key)
         if known is None:
             return None
-        item = _Item(str(key), known[0], _out_dtype(known[1], target))
+        item = _Item(e.name, tuple(known[0]), _out_dtype(known[1], target), e.key)
         if shards[-1] and size + item.nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -181,17 +213,23 @@ class _WeightWriter:
     """Streams the merged keys into shards, checking each tensor and measuring its change."""
 
     def __init__(self, merged: Mapping[str, Any], folder: Path, target: torch.dtype | None,
-                 metadata: Mapping[str, str], where: str) -> None:
+                 metadata: Mapping[str, str], where: str, layout: ExportLayout) -> None:
         self.merged, self.folder, self.target, self.metadata, self.where = merged, folder, target, metadata, where
+        self.layout = layout
         self.out = WrittenWeights()
         tv = getattr(merged, "task_vectors", None)
         updated = getattr(merged, "updated_keys", None)
         self._base = tv.base if tv is not None and updated is not None else None
         self._updated = set(updated or ())
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """``merged[key]`` cast to the output dtype and checked: finite, a tensor."""
-        t = getattr(self.merged, "peek", self.merged.__getitem__)(key)  # a MergeResult keeps nothing
+    def tensor(self, key: str | None, name: str = "") -> torch.Tensor:
+        """``merged[key]`` (``key`` None: the head's extra tensor ``name``) cast to the output dtype and
+        checked: finite, a tensor."""
+        extra = key is None
+        if extra:
+            key, t = name, self.layout.read_extra(name)
+        else:
+            t = getattr(self.merged, "peek", self.merged.__getitem__)(key)  # a MergeResult keeps nothing
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{self.where}: merged[{key!r}] is a {type(t).__name__}, not a tensor.")
         orig = t
@@ -201,11 +239,11 @@ class _WeightWriter:
             cast = (f" after the cast from {orig.dtype} to {t.dtype} (values out of range?)"
                     if orig.dtype != t.dtype and bool(torch.isfinite(orig).all()) else "")
             raise NonFiniteError(
-                f"{self.where}: merged key {key!r} has {bad} NaN/Inf value(s) of {t.numel()}{cast}; "
-                "nothing was written. Check the inputs of that key or the merge parameters "
+                f"{self.where}: {'head' if extra else 'merged'} key {key!r} has {bad} NaN/Inf value(s) of "
+                f"{t.numel()}{cast}; nothing was written. Check the inputs of that key or the merge parameters "
                 "(e.g. a smaller alpha), or export in a wider dtype."
             )
-        if self._base is not None and key in self._updated:
+        if not extra and self._base is not None and key in self._updated:
             self.out.moved[key] = _moved(t, self._base[key])
         return t
 
@@ -215,14 +253,14 @@ class _WeightWriter:
             shard = _Shard(self.folder / name, items, self.metadata)
             try:
                 for it in items:
-                    shard.write(self.tensor(it.key))
+                    shard.write(self.tensor(it.src, it.key))
                     bar.update(it.nbytes)
             except BaseException:
                 shard.abort()
                 raise
             self._record(name, shard.close(), items, shard.size)
 
-    def write_buffered(self, max_bytes: int, bar: tqdm) -> None:
+    def write_buffered(self, entries: list[_Entry], max_bytes: int, bar: tqdm) -> None:
         """For mappings that cannot tell shapes ahead: hold one output shard, then write it."""
         parts: list[tuple[Path, str, list[_Item], int]] = []
         held: dict[str, torch.Tensor] = {}
@@ -241,13 +279,13 @@ class _WeightWriter:
             held.clear()
 
         size = 0
-        for key in self.merged:
-            t = self.tensor(str(key))
+        for e in entries:
+            t = self.tensor(e.key, e.name)
             nbytes = t.numel() * t.element_size()
             if held and size + nbytes > max_bytes:
                 flush()
                 size = 0
-            held[str(key)] = t
+            held[e.name] = t
             size += nbytes
             bar.update(nbytes)
         if held or not parts:
@@ -370,8 +408,11 @@ def export(
     like : path, Checkpoint, False or None
         HF model folder whose config, generation config, tokenizer, processor, chat template and
         licence files are copied (an allowlist, from its top level, regular files only; never its
-        weights); with ``dtype`` its ``config.json`` names the new dtype. ``None``: the merge
-        base's folder when it has one.
+        weights); with ``dtype`` its ``config.json`` names the new dtype. ``None``: the folder of the
+        head the merge carries (``merged.with_head(task)``), else the merge base's folder when it has
+        one. With a head, ``config.json`` is the head's whatever ``like`` says; a merged vocabulary
+        brings its own tokenizer files (the union tokenizer, or the base's unless ``like`` is given)
+        and sets ``vocab_size``. ``False``: copy and write no such file.
     shard_size : int or str, default="5GB"
         Largest shard in bytes (``"5GB"`` = 5e9, ``"2GiB"`` = 2**31); one file when all fits.
     dtype : torch.dtype or str, optional
@@ -432,15 +473,17 @@ def export(
     max_bytes, target = parse_size(shard_size), parse_dtype(dtype)
     _paths.check_output_path(out_dir)
     out = Path(out_dir).expanduser()
-    like_dir = like_folder(like, merged)
+    layout = _layout_of(merged)
+    like_dir = like_folder(like, merged, default=layout.config_dir)
     _paths.check_inputs(out, _inputs(merged, like_dir))
     check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=overwrite_any)
     check(out)  # before the recipe reads its inputs' fingerprints
-    like_plan = plan_like(like_dir) if like_dir is not None else None
-    rec = _recipe.recipe_for(merged, opts.recipe, out=out, like=like_dir, dtype=target, shard_size=shard_size,
+    like_plan = _plan_like(like_dir, layout, given=like is not None)
+    recorded = like_dir if like is not None and like is not False else like  # None: the default folder
+    rec = _recipe.recipe_for(merged, opts.recipe, out=out, like=recorded, dtype=target, shard_size=shard_size,
                              fingerprint=opts.fingerprint)
     job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(rec), rec, like_plan, extras,
-               opts.verify, progress)
+               opts.verify, progress, layout)
     try:
         with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
             _write_folder(job, tmp)
@@ -465,6 +508,38 @@ class _Job:
     extras: Mapping[str, Any]
     verify: Callable[[Mapping[str, str]], None] | None
     progress: bool
+    layout: ExportLayout
+
+
+def _layout_of(merged: Mapping[str, Any]) -> ExportLayout:
+    """What a merge result says about its folder beyond the merged keys (head, vocabulary); else the default."""
+    build = getattr(merged, "export_layout", None)
+    layout = build() if callable(build) else None
+    return layout if isinstance(layout, ExportLayout) else ExportLayout()
+
+
+def _plan_like(like_dir: Path | None, layout: ExportLayout, *, given: bool) -> LikePlan | None:
+    """The files copied beside the weights: the ``like`` folder's, with the head's ``config.json`` and
+    the vocabulary's tokenizer files (the base's, or none when the union tokenizer is written)."""
+    if like_dir is None:
+        return None
+    plan = plan_like(like_dir)
+    if layout.config_dir is not None and Path(os.path.realpath(layout.config_dir)) != plan.folder:
+        with_config(plan, layout.config_dir)
+    if layout.write_tokenizer is not None:
+        with_tokenizer(plan, None)
+        source = layout.union_from or (like_dir if given and (like_dir / "tokenizer.json").is_file() else None)
+        if source is None:
+            raise CheckpointError(
+                "The merge keeps the fine-tunes' added tokens (vocab='union'), and its union tokenizer extends the "
+                "base's tokenizer.json, which the base's folder lacks. Pass like=<a folder with the base's tokenizer "
+                "files>, or like=False to write no config or tokenizer files."
+            )
+        plan.union_from = source
+    elif layout.tokenizer_dir is not None and not given:
+        with_tokenizer(plan, layout.tokenizer_dir)
+    plan.config.update(layout.config)
+    return plan
 
 
 def _write_folder(job: _Job, tmp: Path) -> None:
@@ -472,25 +547,41 @@ def _write_folder(job: _Job, tmp: Path) -> None:
     from weightlens.io import _card, recipe as _recipe
 
     meta = {k: _as_str(v) for k, v in job.meta.items()}
-    writer = _WeightWriter(job.merged, tmp, job.target, meta, f"export to {job.out}")
-    plan = _plan(job.merged, job.target, job.max_bytes)
+    writer = _WeightWriter(job.merged, tmp, job.target, meta, f"export to {job.out}", job.layout)
+    entries = _entries(job.merged, job.layout)
+    plan = _plan(job.merged, entries, job.layout, job.target, job.max_bytes)
     total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
     with tqdm(total=total, desc=f"export {job.out.name}", unit="B", unit_scale=True, file=sys.stderr,
               disable=not job.progress) as bar:
         if plan is not None:
             writer.write_planned(plan, bar)
         else:
-            writer.write_buffered(job.max_bytes, bar)
+            writer.write_buffered(entries, job.max_bytes, bar)
     written = writer.out
     if job.verify is not None:
         job.verify(dict(written.files))
     if len(written.files) > 1:
         write_index(tmp, written, job.meta)
-    copied = copy_like(job.like, tmp, job.target) if job.like is not None else []
+    like = job.like
+    copied = copy_like(like, tmp, job.target) if like is not None else []
+    union = (_write_union_tokenizer(job.layout, like.union_from, tmp)
+             if like is not None and like.union_from is not None else [])
     base_dtype = _main_dtype(job.merged, job.target)
-    _recipe.write_recipes(tmp, job.recipe, written, base_dtype=base_dtype)
-    files = _card.CardFiles(written, job.target, copied, job.like.skipped if job.like is not None else [])
-    _card.write_card(tmp, job.merged, job.recipe, files, job.extras, base_dtype=base_dtype)
+    rec = _recipe.portable(job.recipe, job.out)  # paths relative to the folder when the inputs are near it
+    _recipe.write_recipes(tmp, rec, written, base_dtype=base_dtype)
+    files = _card.CardFiles(written, job.target, copied, like.skipped if like is not None else [], job.layout,
+                            {n: str(p) for n, p in like.origins.items()} if like is not None else {}, union)
+    _card.write_card(tmp, job.merged, rec, files, job.extras, base_dtype=base_dtype)
+
+
+def _write_union_tokenizer(layout: ExportLayout, source: Path, tmp: Path) -> list[str]:
+    """The merge's union tokenizer written into ``tmp``, each file fsynced; the names written."""
+    names = []
+    for path in layout.write_tokenizer(tmp, base_tokenizer=source):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        names.append(Path(path).name)
+    return names
 
 
 def _os_failure(out: Path, err: OSError) -> OSError:

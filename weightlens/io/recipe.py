@@ -4,24 +4,32 @@ Schema (``weightlens_recipe: 1``)::
 
     weightlens_recipe: 1
     weightlens_version: 0.2.0
-    base: /models/base                 # any source wl.load accepts (file or HF folder)
-    finetuned: {math: /models/math, code: /models/code}   # order matters (it is the task order)
+    base: ../models/base               # any source wl.load accepts (file or HF folder)
+    finetuned: {math: ../models/math, code: /data/ft/code}   # order matters (it is the task order)
     method: ties
     params: {density: 0.2, scope: global, merge_func: mean, alpha: 1.0}
     include: null                      # glob patterns on tensor keys, or null
     exclude: null
+    key_map: null                      # {task: {fine-tune key: base key or null}}: how keys were matched
+    vocab: null                        # added vocabulary rows: null (none), base or union
+    head: null                         # the task whose head the export carries (null: none)
     device: cpu                        # where the merge ran (cuda results differ in the last bits)
     threads: 2                         # torch's CPU threads then: LAPACK's last bits depend on it
     dtype: null                        # export dtype (null: the base's)
     shard_size: 5GB
-    like: /models/base                 # HF folder whose config and tokenizer are copied
-    output: /models/merged             # default output folder of `weightlens merge`
+    like: null                         # HF folder whose config and tokenizer are copied (null: the
+                                       # default, the head's or the base's folder; false: none)
+    output: .                          # default output folder of `weightlens merge`
     expect: {model.safetensors: <sha256>}   # what the run that wrote the recipe produced
     fingerprints:                      # the inputs as they were (optional; older recipes have none)
       base: {base.safetensors: {size: 1234, header: <sha256>}}        # sha256: <...> too in "full" mode
       finetuned: {math: {model.safetensors: {size: 1234, header: <sha256>}}}
 
-Relative paths are taken relative to the recipe file's folder. The file is plain YAML: anchors,
+Relative paths are taken relative to the recipe file's folder. An export records a path relative to
+its folder when the input and the export share a project folder (:func:`relative_path`), else
+absolute; ``weightlens.merge.run_recipe(..., sources={name: path})`` points a re-run at moved inputs.
+``key_map`` is the resolved renaming of every task, whatever ``key_map=`` (a dict, a function, or a
+prefix found in the names) the task vectors were built with. The file is plain YAML: anchors,
 aliases, tags, values nested over 16 levels and files over 8 MiB are refused (nothing expands or
 runs, nothing blocks), and every field's type is checked. ``fingerprints`` are defined in
 ``weightlens.io._fingerprint`` (size and a sha256 of the safetensors header per file read; a full
@@ -59,17 +67,18 @@ from weightlens.io._layout import MERGEKIT, RECIPE, parse_dtype, parse_size
 
 __all__ = [
     "ExportRecipe", "Mergekit", "Recipe", "check_fingerprint_mode", "given_recipe", "load_recipe", "mergekit_config",
-    "name_paths", "plain_yaml", "recipe_metadata",
+    "name_paths", "plain_yaml", "portable", "recipe_metadata", "relative_path",
 ]
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
-_OPTIONAL = ("params", "include", "exclude", "device", "threads", "dtype", "shard_size", "like", "output",
-             "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
+_OPTIONAL = ("params", "include", "exclude", "key_map", "vocab", "head", "device", "threads", "dtype", "shard_size",
+             "like", "output", "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
 _SCALARS = (bool, int, float, str, type(None))
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_BYTES = 8 * 2**20  # a recipe is a few KiB (fingerprints of 1000 shards: about 200 KiB)
 _MAX_DEPTH = 16  # the deepest field, fingerprints.finetuned.<task>.<file>.size, is 5 levels down
+_VOCAB = (None, "base", "union")
 _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
 
@@ -166,6 +175,46 @@ def _finetuned(value: Any, where: str) -> dict[str, str]:
         return {k: os.fspath(v) for k, v in value.items()}
     raise InvalidParameterError(
         f"{where}: 'finetuned' must map task names (strings) to paths, or list paths. Got {_short(value)}.")
+
+
+def _key_map(value: Any, finetuned: Mapping[str, str], where: str) -> dict[str, dict[str, str | None]] | None:
+    """``key_map``: ``{task: {fine-tune key: base key or null}}`` for some of the recipe's tasks."""
+    if value is None:
+        return None
+    shape = ("'key_map' must map the recipe's task names to {fine-tune key: base key or null} (written by "
+             "export; a function cannot be written)")
+    if not isinstance(value, Mapping) or not all(isinstance(t, str) and t in finetuned for t in value):
+        raise InvalidParameterError(f"{where}: {shape}. Got {_short(value)}.")
+    for task, renames in value.items():
+        if not isinstance(renames, Mapping) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in renames.items()):
+            raise InvalidParameterError(f"{where}: {shape}; key_map.{task} is {_short(renames)}.")
+    return {t: dict(m) for t, m in value.items()} or None
+
+
+def _choice(value: Any, name: str, allowed: tuple[Any, ...], where: str) -> Any:
+    if value not in allowed or isinstance(value, bool):
+        raise InvalidParameterError(f"{where}: '{name}' must be one of {', '.join(map(repr, allowed))}. "
+                                    f"Got {_short(value)}.")
+    return value
+
+
+def _head(value: Any, finetuned: Mapping[str, str], where: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or value not in finetuned):
+        raise InvalidParameterError(f"{where}: 'head' must be null or one of the recipe's tasks "
+                                    f"({', '.join(finetuned)}). Got {_short(value)}.")
+    return value
+
+
+def _like(data: Mapping[str, Any], where: str) -> str | bool | None:
+    """``like``: a folder, null (the default folder) or false (copy nothing)."""
+    if data.get("like") is False:
+        return False
+    value = data.get("like")
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return None if value is None else os.fspath(value)
+    raise InvalidParameterError(f"{where}: 'like' must be a string (a path), null (the default folder) or false "
+                                f"(copy no files). Got {_short(value)} ({type(value).__name__}).")
 
 
 def _params(value: Any, where: str) -> dict[str, Any]:
@@ -298,11 +347,14 @@ class Recipe:
     params: dict[str, Any] = field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] | None = None
+    key_map: dict[str, dict[str, str | None]] | None = None
+    vocab: str | None = None
+    head: str | None = None
     device: str = "cpu"
     threads: int | None = None
     dtype: str | None = None
     shard_size: str | int = "5GB"
-    like: str | None = None
+    like: str | bool | None = None
     output: str | None = None
     expect: dict[str, str] = field(default_factory=dict)
     fingerprints: dict[str, Any] = field(default_factory=dict)
@@ -321,9 +373,11 @@ class Recipe:
             base=_text(data, "base", where, path=True), finetuned=ft, method=_text(data, "method", where),
             params=_params(data.get("params"), where), include=_patterns(data.get("include"), "include", where),
             exclude=_patterns(data.get("exclude"), "exclude", where),
+            key_map=_key_map(data.get("key_map"), ft, where), vocab=_choice(data.get("vocab"), "vocab", _VOCAB, where),
+            head=_head(data.get("head"), ft, where),
             device=_text(data, "device", where, null=True) or "cpu", threads=_threads(data.get("threads"), where),
             dtype=_dtype(data.get("dtype"), where), shard_size=_shard_size(data.get("shard_size"), where),
-            like=_text(data, "like", where, null=True, path=True),
+            like=_like(data, where),
             output=_text(data, "output", where, null=True, path=True),
             expect=_expect(data.get("expect"), where),
             fingerprints=_fingerprints(data.get("fingerprints"), ft, where),
@@ -346,7 +400,9 @@ class Recipe:
         return {
             "weightlens_recipe": RECIPE_VERSION, "weightlens_version": self.weightlens_version or _version(),
             "base": self.base, "finetuned": dict(self.finetuned), "method": self.method, "params": dict(self.params),
-            "include": self.include, "exclude": self.exclude, "device": self.device, "threads": self.threads,
+            "include": self.include, "exclude": self.exclude,
+            "key_map": {t: dict(m) for t, m in self.key_map.items()} if self.key_map else None,
+            "vocab": self.vocab, "head": self.head, "device": self.device, "threads": self.threads,
             "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output,
             "expect": dict(self.expect), **({"fingerprints": self.fingerprints} if self.fingerprints else {}),
         }
@@ -365,9 +421,9 @@ class Recipe:
 
     # ------------------------------------------------------------------ running
     def path(self, value: str) -> str:
-        """``value`` as a path, relative ones taken from the recipe file's folder."""
+        """``value`` as a path, relative ones taken from the recipe file's folder (``..`` resolved there)."""
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() or self.root is None else self.root / p)
+        return str(p if p.is_absolute() or self.root is None else os.path.normpath(self.root / p))
 
     def check(self, folder: str | os.PathLike[str]) -> list[str]:
         """Weight files in ``folder`` whose sha256 differs from ``expect`` (empty: reproduced)."""
@@ -399,7 +455,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(f"{path}: cannot read the recipe ({why}).") from None
     data = plain_yaml(text, str(path))
-    return Recipe.from_mapping(data, where=str(path), root=path.parent.absolute(), file=path)
+    return Recipe.from_mapping(data, where=str(path), root=Path(os.path.realpath(path.parent)), file=path)
 
 
 # ---------------------------------------------------------------------------------------- for an export
@@ -463,6 +519,56 @@ def file_metadata(plan: ExportRecipe) -> dict[str, Any]:
     return {"format": "pt", "weightlens_version": _version(), **plan.metadata}
 
 
+def _near(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute, its folder's symbolic links resolved (not its own: an HF cache links files to blobs)."""
+    p = Path(os.path.abspath(os.path.expanduser(path)))
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
+def relative_path(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> str:
+    """``path`` as a recipe in ``folder`` records it: relative to ``folder`` when both lie in one project
+    folder, else absolute.
+
+    One project folder: their deepest common folder (symbolic links resolved) is at least two levels
+    below the filesystem root (so not ``/`` or ``/tmp``) and is neither the home folder nor above it.
+    Moving that project folder keeps such a recipe working; a recipe with absolute paths, or one moved
+    alone, runs with ``run_recipe(..., sources={name: path})``.
+
+    Examples
+    --------
+    >>> relative_path("/work/proj/models/base", "/work/proj/merged")
+    '../models/base'
+    >>> relative_path("/data/base", "/work/proj/merged")
+    '/data/base'
+    """
+    p, f = _near(path), Path(os.path.realpath(os.path.abspath(os.path.expanduser(folder))))
+    given = os.path.abspath(os.path.expanduser(path))
+    try:
+        common = Path(os.path.commonpath([p, f]))
+    except ValueError:  # another drive
+        return given
+    home = Path(os.path.realpath(Path.home()))
+    if len(common.parts) < 3 or common == home or common in home.parents:
+        return given
+    return Path(os.path.relpath(p, f)).as_posix()
+
+
+def portable(plan: ExportRecipe, folder: Path) -> ExportRecipe:
+    """``plan`` with its recipe's paths as a recipe file in ``folder`` records them (:func:`relative_path`)."""
+    r = plan.recipe
+    if r is None:
+        return plan
+
+    def rel(value: str) -> str:
+        return relative_path(r.path(value), folder)
+
+    recipe = replace(r, base=rel(r.base), finetuned={n: rel(p) for n, p in r.finetuned.items()},
+                     like=rel(r.like) if isinstance(r.like, str) else r.like,
+                     output=rel(r.output) if r.output else r.output,
+                     root=Path(os.path.realpath(os.path.abspath(folder))))
+    return replace(plan, recipe=recipe)
+
+
 def write_recipes(folder: Path, plan: ExportRecipe, written: Any, base_dtype: str | None = None) -> None:
     """``weightlens_recipe.yaml`` (with the sha256 of what was written) and ``mergekit_config.yml``."""
     if plan.recipe is None:
@@ -474,11 +580,11 @@ def write_recipes(folder: Path, plan: ExportRecipe, written: Any, base_dtype: st
 
 
 # ---------------------------------------------------------------------------------------- mergekit
-def _model_path(source: str) -> tuple[str, bool]:
-    """The HF folder mergekit should load for ``source``, and whether there is one."""
-    p = Path(source)
-    if p.is_file() or p.suffix in (".safetensors", ".json", ".bin", ".pt"):
-        return (str(p.parent), True) if (p.parent / "config.json").is_file() else (str(p), False)
+def _model_path(source: str, resolved: str) -> tuple[str, bool]:
+    """The HF folder mergekit should load for ``source`` (found at ``resolved``), and whether there is one."""
+    p, real = Path(source), Path(resolved)
+    if real.is_file() or real.suffix in (".safetensors", ".json", ".bin", ".pt"):
+        return (str(p.parent), True) if (real.parent / "config.json").is_file() else (str(p), False)
     return str(p), True
 
 
@@ -523,11 +629,13 @@ def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | No
     if recipe.include or recipe.exclude:
         notes.append(f"weightlens merged only the keys selected by include={recipe.include} "
                      f"exclude={recipe.exclude}; mergekit merges every tensor")
-    paths = [_model_path(src) for src in (recipe.base, *recipe.finetuned.values())]
+    sources = (recipe.base, *recipe.finetuned.values())
+    paths = [_model_path(src, recipe.path(src)) for src in sources]
     if not all(ok for _, ok in paths):
         notes.append("mergekit loads HF model folders (weights and config.json); replace the bare file "
                      "paths with such folders")
-    fails = {MERGEKIT_FAILS[a] for a in _architectures(paths[0][0]) if a in MERGEKIT_FAILS}
+    base_dir = recipe.path(paths[0][0])
+    fails = {MERGEKIT_FAILS[a] for a in _architectures(base_dir) if a in MERGEKIT_FAILS}
     notes.extend(sorted(fails))
     config = {
         "merge_method": mk.method,
@@ -537,6 +645,9 @@ def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | No
         "dtype": recipe.dtype or base_dtype or "float32",
     }
     note = "; ".join(notes) + "."
-    head = (f"# mergekit equivalent of this weightlens {recipe.method} merge ({mk.method}). Run: mergekit-yaml "
-            f"mergekit_config.yml OUT_DIR\n# Note: {note}\n")
+    relative = [p for p, _ in paths if not Path(p).expanduser().is_absolute()]
+    where = (" from this folder (its model paths are relative to it, and mergekit reads them from the working "
+             "directory)") if relative else ""
+    head = (f"# mergekit equivalent of this weightlens {recipe.method} merge ({mk.method}). Run{where}: "
+            f"mergekit-yaml mergekit_config.yml OUT_DIR\n# Note: {note}\n")
     return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=False), note

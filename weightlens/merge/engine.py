@@ -20,6 +20,7 @@ buffers, excluded keys) are copied from the base. Hence:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,9 @@ class MergeResult(MergedWeights):
         The task vectors that were merged (``compare`` uses them).
     lazy : bool
         True while indexing keeps nothing (``merge(..., lazy=True)``, until :meth:`materialize`).
+    head : str or None
+        The fine-tune whose head (keys only it has) ``wl.export`` carries; None by default (the base's
+        layout). Set with :meth:`with_head`.
     """
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool,
@@ -145,6 +149,7 @@ class MergeResult(MergedWeights):
         self._keys = list(ctx.tv.base.keys())
         self._weights: dict[str, torch.Tensor] = {}
         self._notes: dict[str, tuple[str, ...]] = {}  # per key whose update was computed: a few strings
+        self.head: str | None = None  # the fine-tune whose head an export carries (with_head)
 
     # ---------------------------------------------------------------- Mapping
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -274,6 +279,28 @@ class MergeResult(MergedWeights):
         from weightlens.merge.recipes import export_recipe
 
         return export_recipe(self, recipe, **options)
+
+    def with_head(self, task: str | None) -> MergeResult:
+        """The same merged weights, exported with fine-tune ``task``'s head (``None``: none, the base's layout).
+
+        ``wl.export(merged.with_head("sst2"), out)`` writes the merged keys under that fine-tune's names
+        (``tv.key_maps``, reversed), its keys that the base lacks (``tv.extras["sst2"]``, e.g. a classifier)
+        and its ``config.json`` (architectures, labels), so the folder loads as that fine-tune's model class.
+        The copy shares the merged keys already kept and the cache; ``self`` is unchanged.
+        """
+        from weightlens.merge.recipes import check_head
+
+        check_head(self, task)
+        new = copy.copy(self)
+        new.head = task
+        return new
+
+    def export_layout(self) -> Any:
+        """What an export writes beside the merged keys: head and vocabulary (an ``io._layout.ExportLayout``,
+        built by :func:`weightlens.merge.recipes.export_layout`)."""
+        from weightlens.merge.recipes import export_layout
+
+        return export_layout(self)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

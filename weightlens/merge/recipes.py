@@ -2,10 +2,12 @@
 the export, key by key).
 
 Recipes are read, validated and written by :mod:`weightlens.io.recipe`, which knows no merge methods;
-building one from a merge (inputs, fingerprints, device, threads, the mergekit equivalent from the
-method's registration) and running one need the merge engine, so they live here
-(``MergeResult.export_recipe`` calls :func:`export_recipe`; ``weightlens merge recipe.yaml`` calls
-:func:`run_recipe`).
+building one from a merge (inputs, fingerprints, device, threads, how the task vectors matched keys and
+vocabularies, the head carried, the mergekit equivalent from the method's registration) and running one
+need the merge engine, so they live here (``MergeResult.export_recipe`` calls :func:`export_recipe`;
+``weightlens merge recipe.yaml`` calls :func:`run_recipe`). So does what the export of a merge writes
+beside the merged keys (:func:`export_layout`: the head's key names, tensors and config, the vocabulary's
+tokenizer and ``vocab_size``), which io receives as plain data.
 
 Examples
 --------
@@ -16,7 +18,11 @@ PosixPath('again')
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import json
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -27,9 +33,9 @@ import torch
 
 from weightlens._version import __version__
 from weightlens._options import resolve_options
-from weightlens.errors import InvalidParameterError, ReproducibilityError
+from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError, ShapeMismatchError
 from weightlens.io import _fingerprint as _fp
-from weightlens.io.export import ExportOptions, export
+from weightlens.io.export import ExportLayout, ExportOptions, export
 from weightlens.io.recipe import (
     ExportRecipe,
     Recipe,
@@ -46,12 +52,17 @@ from weightlens.taskvectors import TaskVectors
 
 __all__ = [
     "RunRecipeOptions",
+    "check_head",
+    "export_layout",
     "export_recipe",
+    "hub_id",
     "input_fingerprints",
     "merge_recipe",
     "mergekit_config",
     "not_reproducible",
+    "resolved_key_map",
     "run_recipe",
+    "with_sources",
 ]
 
 _RUN_CACHE_BYTES = 256 * 2**20  # a lazy export reads each update once; keep the cache small
@@ -93,7 +104,41 @@ def mergekit_config(recipe: Recipe, *, base_dtype: str | None = None) -> tuple[s
     return _mergekit_yaml(recipe, mergekit_of(recipe.method, recipe.params), base_dtype=base_dtype)
 
 
-def _derived(merged: MergeResult, *, out: Path, like: Path | None, dtype: torch.dtype | None,
+def _selected(key: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether ``key`` passes ``include`` (when given) and no ``exclude`` pattern (TaskVectors' rule)."""
+    if include is not None and not any(fnmatch.fnmatchcase(key, p) for p in include):
+        return False
+    return exclude is None or not any(fnmatch.fnmatchcase(key, p) for p in exclude)
+
+
+def resolved_key_map(tv: TaskVectors) -> dict[str, dict[str, str | None]] | None:
+    """``{task: {fine-tune key: base key or None}}``: a ``key_map`` that matches every fine-tune's keys as
+    ``tv`` matched them (whether by a dict, a function or a prefix found in the names); ``None`` when no
+    task renames or leaves out a key.
+
+    A fine-tune key is recorded with ``None`` when it was left out: a base key another of its keys stands
+    for, or a key that is neither the base's, renamed, nor an extra (though ``include``/``exclude`` keep it).
+    """
+    base_keys = set(tv.base.keys())
+    found: dict[str, dict[str, str | None]] = {}
+    for task, ft in tv.finetuned.items():
+        # a function's key_map may name keys the base lacks: those keys are extras under their own names
+        renames: dict[str, str | None] = {f: b for f, b in tv.key_maps[task].items() if b in base_keys}
+        taken, extras = set(renames.values()), set(tv.extras[task])
+        for key in ft.keys():
+            if key in renames:
+                continue
+            if key in base_keys:
+                if key in taken:
+                    renames[key] = None
+            elif key not in extras and _selected(key, tv.include, tv.exclude):
+                renames[key] = None
+        if renames:
+            found[task] = renames
+    return found or None
+
+
+def _derived(merged: MergeResult, *, out: Path, like: Path | bool | None, dtype: torch.dtype | None,
              shard_size: int | str, fingerprint: str) -> Recipe:
     """The recipe of ``merged`` (its inputs are files), fingerprinted in mode ``fingerprint``."""
     tv, device = merged.task_vectors, merged.device
@@ -102,20 +147,22 @@ def _derived(merged: MergeResult, *, out: Path, like: Path | None, dtype: torch.
     return Recipe(
         base=base, finetuned=finetuned,
         method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
+        key_map=resolved_key_map(tv), vocab=tv.vocab.mode if tv.vocab is not None else None, head=merged.head,
         device=device, threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None,
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-        shard_size=shard_size, like=None if like is None else os.path.abspath(like),
+        shard_size=shard_size, like=os.path.abspath(like) if isinstance(like, (str, os.PathLike)) else like,
         output=str(Path(os.path.abspath(out))),
         fingerprints=input_fingerprints(tv, base, finetuned, fingerprint), weightlens_version=__version__,
     )
 
 
-def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: Path | None = None,
+def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: Path | bool | None = None,
                   dtype: torch.dtype | None = None, shard_size: int | str = "5GB",
                   fingerprint: str = "header") -> ExportRecipe:
     """What ``wl.export(merged, out, recipe=recipe, ...)`` writes about the merge: the recipe given
     (validated) or derived from ``merged`` (``None`` for ``recipe=False`` or inputs given in memory),
-    its mergekit equivalent and the shard metadata."""
+    its mergekit equivalent and the shard metadata. ``like`` is the export's as given (None: the default
+    folder, False: none, else the folder)."""
     if recipe is not False:
         check_fingerprint_mode(fingerprint)
     why = not_reproducible(merged)
@@ -130,9 +177,176 @@ def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: P
     return ExportRecipe(done, mergekit_of(done.method, done.params), recipe_metadata(done), from_merge=True)
 
 
+# ---------------------------------------------------------------------------------------- layout
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+
+
+def hub_id(ckpt: Any) -> str | None:
+    """The Hugging Face Hub id of a checkpoint, when known: from the cache folder it was loaded from
+    (``models--org--name/snapshots/<rev>``), else from its ``config.json``'s ``_name_or_path`` when that
+    reads as an id (``org/name`` or ``name``), not a path."""
+    folder = _folder_of(ckpt)
+    if folder is None:
+        return None
+    for snapshot in (folder, *folder.parents):
+        repo = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo.name.startswith("models--"):
+            found = repo.name.removeprefix("models--").replace("--", "/", 1)
+            return found if _HUB_ID.fullmatch(found) else None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(name, str) and _HUB_ID.fullmatch(name) and ".." not in name and not name.startswith("."):
+        return name
+    return None
+
+
+def _weights_folder(ckpt: Any) -> Path | None:
+    """The folder of a checkpoint's weights file (None for one given in memory)."""
+    source = Path(str(ckpt.source))
+    return _fp.anchor_of(source) if source.exists() else None
+
+
+def _folder_of(ckpt: Any) -> Path | None:
+    """A checkpoint's HF folder, else the folder of its weights file; None for one given in memory."""
+    return Path(ckpt.hf_dir) if ckpt.hf_dir is not None else _weights_folder(ckpt)
+
+
+def _tokenizer_folder(ckpt: Any) -> Path | None:
+    """The folder of a checkpoint's tokenizer files: its HF folder, or the folder of its weights."""
+    for folder in (ckpt.hf_dir, _weights_folder(ckpt)):
+        if folder is not None and any((Path(folder) / n).is_file() for n in _TOKENIZER_FILES):
+            return Path(folder)
+    return None
+
+
+def check_head(merged: MergeResult, head: str | None) -> None:
+    """Refuse a head that is not one of the merge's tasks, naming them and their extra keys."""
+    tv = merged.task_vectors
+    if head is None or (isinstance(head, str) and head in tv.finetuned):
+        return
+    heads = "; ".join(f"{t!r}: {', '.join(k) or 'no extra keys'}" for t, k in tv.extras.items())
+    raise InvalidParameterError(
+        f"The 'head' parameter must be None (the base's layout) or one of the merge's tasks, whose head (keys "
+        f"only its fine-tune has) the export carries. Got {head!r} instead. Tasks: {heads}."
+    )
+
+
+def _head_names(tv: TaskVectors, head: str, keys: list[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``({merged key: the head fine-tune's name for it}, merged keys it has no name for)``."""
+    ft = tv.finetuned[head]
+    own, renames = set(ft.keys()), tv.key_maps[head]
+    inverse: dict[str, str] = {}
+    for f, b in renames.items():
+        inverse.setdefault(b, f)
+    rename, dropped = {}, []
+    for key in keys:
+        name = inverse.get(key)
+        if name is None and key in own and key not in renames:  # the same name, standing for this key
+            name = key
+        if name is None:
+            dropped.append(key)
+        elif name != key:
+            rename[key] = name
+    return rename, tuple(dropped)
+
+
+def _check_head_rows(tv: TaskVectors, head: str, extras: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+    """A head key with one row per token of its fine-tune (an LM head) fits the merged vocabulary only when
+    that is the fine-tune's own, row for row: the base's rows, or a union to which only it adds tokens."""
+    vocab = tv.vocab
+    if vocab is None:
+        return
+    rows = vocab.task_rows[head]
+    clash = [k for k, (shape, _) in extras.items() if shape and shape[0] == rows]
+    others_add = any(n - vocab.dropped.get(t, 0) > vocab.shared_rows for t, n in vocab.task_rows.items() if t != head)
+    same = rows == vocab.rows and (vocab.mode == "base" or not others_add)
+    if clash and not same:
+        raise ShapeMismatchError(
+            f"head={head!r} carries {clash[0]!r} with one row per token of that fine-tune ({rows} rows), and the "
+            f"merged vocabulary keys have {vocab.rows} rows (vocab={vocab.mode!r}) in another order or number; "
+            "the exported model would not load or would mix tokens up. Export without the head (with_head(None)), "
+            "or merge from a base that has that key."
+        )
+
+
+def export_layout(merged: MergeResult) -> ExportLayout:
+    """What the export of ``merged`` writes beside the merged keys, as plain data for io.
+
+    The vocabulary: ``vocab_size`` of the merged rows in ``config.json``; with ``vocab="union"`` and added
+    tokens the union tokenizer (``VocabInfo.write_tokenizer``) instead of the ``like`` folder's tokenizer
+    files, with ``vocab="base"`` the base's tokenizer files. The head (``merged.head``, see
+    :meth:`MergeResult.with_head`): the merged keys under that fine-tune's names (the reverse of
+    ``tv.key_maps[head]``; base keys it lacks are left out), its extra tensors, its ``config.json``.
+    """
+    tv, head = merged.task_vectors, merged.head
+    check_head(merged, head)
+    vocab = tv.vocab
+    hub = {role: found for role, ckpt in (("base", tv.base), *tv.finetuned.items())
+           if (found := hub_id(ckpt)) is not None}
+    common: dict[str, Any] = {"heads": tv.extras, "hub_ids": hub}
+    notes = [vocab.summary()] if vocab is not None else []
+    if vocab is not None:
+        common["config"] = {"vocab_size": vocab.rows}
+        if vocab.mode == "union" and vocab.added:
+            common["write_tokenizer"], common["union_from"] = vocab.write_tokenizer, vocab.tokenizer_dir
+        else:  # the base's rows: the base's tokenizer, whichever folder the config comes from
+            common["tokenizer_dir"] = vocab.tokenizer_dir or _tokenizer_folder(tv.base)
+    if head is None:
+        return ExportLayout(notes=tuple(notes), **common)
+    ft = tv.finetuned[head]
+    rename, dropped = _head_names(tv, head, list(merged))
+    extras = {k: (tuple(ft.info(k).shape), ft.info(k).dtype) for k in tv.extras[head]}
+    _check_head_rows(tv, head, extras)
+    if ft.hf_dir is None:
+        notes.append(f"The fine-tune {head!r} has no config.json beside its weights: the config written is "
+                     "the like folder's.")
+    if dropped:
+        notes.append(f"{len(dropped)} base key(s) that the fine-tune {head!r} lacks are not written: "
+                     + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "") + ".")
+    return ExportLayout(head=head, rename=rename, dropped=dropped, extras=extras,
+                        read_extra=functools.partial(tv.extra, head), config_dir=ft.hf_dir, notes=tuple(notes),
+                        **common)
+
+
 # ---------------------------------------------------------------------------------------- running
-def _as_recipe(recipe: Recipe | str | os.PathLike[str]) -> Recipe:
-    return recipe.checked() if isinstance(recipe, Recipe) else load_recipe(recipe)
+def _as_recipe(recipe: Recipe | str | os.PathLike[str], sources: Mapping[str, Any] | None = None) -> Recipe:
+    recipe = recipe.checked() if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return with_sources(recipe, sources)
+
+
+def with_sources(recipe: Recipe, sources: Mapping[str, Any] | None) -> Recipe:
+    """``recipe`` with inputs moved: ``sources`` maps ``"base"``, task names and ``"like"`` to their paths now
+    (relative ones from the current folder). A ``like`` recorded as the base's folder follows the base.
+    The recorded fingerprints still apply: a re-run checks the moved files against them."""
+    if not sources:
+        return recipe
+    names = ["base", *recipe.finetuned, "like"]
+    if not isinstance(sources, Mapping) or not all(isinstance(k, str) for k in sources):
+        raise InvalidParameterError(f"The 'sources' parameter must map input names ({', '.join(names)}) to paths. "
+                                    f"Got {type(sources).__name__} instead.")
+    unknown = [k for k in sources if k not in names]
+    if unknown:
+        raise InvalidParameterError(
+            f"sources names {', '.join(map(repr, unknown))}, which {recipe.where} has not; its inputs are "
+            f"{', '.join(names)} (command line: --source NAME=PATH).")
+    moved: dict[str, str] = {}
+    for name, path in sources.items():
+        if not isinstance(path, (str, os.PathLike)) or not os.path.exists(os.path.expanduser(path)):
+            raise CheckpointError(f"sources[{name!r}] = {str(path)!r}: no such file or folder.")
+        moved[name] = os.path.abspath(os.path.expanduser(path))
+    like = recipe.like
+    if "like" in moved:
+        like = moved["like"]
+    elif "base" in moved and isinstance(like, str):
+        old = recipe.path(recipe.base)
+        if recipe.path(like) in (old, os.path.dirname(old)):  # the base's folder: it moved with the base
+            like = moved["base"] if os.path.isdir(moved["base"]) else os.path.dirname(moved["base"])
+    return replace(recipe, base=moved.get("base", recipe.base), like=like,
+                   finetuned={n: moved.get(n, p) for n, p in recipe.finetuned.items()})
 
 
 def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[TaskVectors, dict[str, Any]]:
@@ -143,11 +357,12 @@ def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[Ta
     """
     recorded = recipe.fingerprints
     mode = mode or _fp.mode_of({f"{r}/{n}": f for r, _, fps in _roles(recipe, recorded) for n, f in fps.items()})
+    _check_present(recipe)
     if check:
         _check_recorded(recipe)
     paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
     tv = TaskVectors(recipe.path(recipe.base), paths, include=recipe.include, exclude=recipe.exclude,
-                     cache=DecompositionCache(_RUN_CACHE_BYTES))
+                     key_map=recipe.key_map, vocab=recipe.vocab, cache=DecompositionCache(_RUN_CACHE_BYTES))
     current = input_fingerprints(tv, recipe.path(recipe.base), paths, mode, recorded if check else None)
     if check:
         _check_same_files(recipe, current)
@@ -162,17 +377,20 @@ def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) 
             "device='cpu' (command line: --device cpu). The weights may then differ from the recorded "
             "sha256 in the last bits."
         )
-    return merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **recipe.params)
+    merged = merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **recipe.params)
+    return merged.with_head(recipe.head) if recipe.head is not None else merged
 
 
-def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, device: str | None = None,
-                 progress: bool = False, check_inputs: bool = True) -> MergeResult:
+def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, sources: Mapping[str, Any] | None = None,
+                 device: str | None = None, progress: bool = False, check_inputs: bool = True) -> MergeResult:
     """The merge a recipe (or recipe file) describes, lazy: keys are computed when read.
 
-    ``device`` overrides the recipe's; a recipe recorded on CUDA needs CUDA unless overridden. Inputs
-    that differ from the recipe's fingerprints raise ``ReproducibilityError`` unless ``check_inputs=False``.
+    ``sources`` points at moved inputs (see :func:`run_recipe`). ``device`` overrides the recipe's; a
+    recipe recorded on CUDA needs CUDA unless overridden. Inputs that differ from the recipe's
+    fingerprints raise ``ReproducibilityError`` unless ``check_inputs=False``. The result carries the
+    recipe's head (:meth:`MergeResult.with_head`).
     """
-    recipe = _as_recipe(recipe)
+    recipe = _as_recipe(recipe, sources)
     return _merge(recipe, _inputs(recipe, check=check_inputs)[0], device, progress)
 
 
@@ -202,9 +420,14 @@ class RunRecipeOptions:
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-               overwrite: bool = False, progress: bool = True, device: str | None = None,
-               options: RunRecipeOptions | None = None, **overrides: Any) -> Path:
+               sources: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+               device: str | None = None, options: RunRecipeOptions | None = None, **overrides: Any) -> Path:
     """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder.
+
+    ``sources`` points at inputs that moved since the recipe was written: ``{"base": path, task: path,
+    "like": path}`` (any of them; relative paths from the current folder; a ``like`` recorded as the
+    base's folder follows the base). Moved inputs are checked against the recorded fingerprints as
+    any other, so a moved export re-runs bitwise.
 
     Before anything is merged, the inputs are compared with the recipe's ``fingerprints`` (a changed
     one raises ``ReproducibilityError``; ``check_inputs=False`` merges them anyway; a recipe without
@@ -218,14 +441,14 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     """
     opts = resolve_options(RunRecipeOptions, options, overrides, caller="run_recipe")
     check_inputs = opts.check_inputs
-    recipe = _as_recipe(recipe)
+    recipe = _as_recipe(recipe, sources)
     target = _target(recipe, out)
     tv, current = _inputs(recipe, check=check_inputs, mode=opts.fingerprint)
     merged = _merge(recipe, tv, device, progress=False)
-    like: Any = recipe.path(recipe.like) if recipe.like else False
+    like: Any = recipe.path(recipe.like) if isinstance(recipe.like, str) else recipe.like  # None: the default
     threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
     paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
-    done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like or None,
+    done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like,
                    params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
     checked = bool(recipe.fingerprints) and check_inputs
     check = _verifier(recipe, target, device, checked) if opts.verify and recipe.expect else None
@@ -263,6 +486,21 @@ def _changed(recipe: Recipe, role: str, what: str) -> ReproducibilityError:
         "reproduce the recorded merge; restore the input, or pass check_inputs=False (command line: "
         "--ignore-changed-inputs) to merge it as it is now."
     )
+
+
+def _check_present(recipe: Recipe) -> None:
+    """Every input is where the recipe says; one that is not is named with how to point at it."""
+    inputs = [("base", recipe.base), *recipe.finetuned.items()]
+    inputs += [("like", recipe.like)] if isinstance(recipe.like, str) else []
+    for name, value in inputs:
+        path = recipe.path(value)
+        if not os.path.exists(path):
+            moved = " (relative to the recipe's folder)" if not Path(value).expanduser().is_absolute() else ""
+            raise CheckpointError(
+                f"{recipe.where}: its {name!r} input {path}{moved} is not there. If it moved, pass "
+                f"sources={{{name!r}: <its path now>}} (command line: --source {name}=PATH); the recorded "
+                "fingerprints are checked against it."
+            )
 
 
 def _check_recorded(recipe: Recipe) -> None:
