@@ -326,13 +326,30 @@ def _recipe_from_flags(args: argparse.Namespace) -> Any:
     ft = _named(args.ft, "--ft")
     if isinstance(ft, list):
         ft = name_paths(ft)
-    like = args.like if args.like else load(args.base).hf_dir
+    if args.head is not None and args.head not in ft:
+        raise UsageError(f"--head {args.head}: not one of the fine-tunes ({', '.join(ft)}); name one given by --ft.")
+    load(args.base)  # a missing or unreadable base is reported before anything else
     return Recipe(
         base=os.path.abspath(args.base), finetuned={n: os.path.abspath(p) for n, p in ft.items()},
         method=args.method, params=_params(args.param), include=args.include, exclude=args.exclude,
+        vocab=args.vocab, head=args.head,
         device=str(resolve_device(args.device or "auto")), dtype=args.dtype, shard_size=args.shard_size or "5GB",
-        like=None if like is None else os.path.abspath(like), output=os.path.abspath(args.out),
+        like=os.path.abspath(args.like) if args.like else None, output=os.path.abspath(args.out),
     )
+
+
+def _sources(items: list[str]) -> dict[str, str]:
+    """``--source NAME=PATH`` items as ``{name: path}`` (the path may hold '=')."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not _NAME.fullmatch(name) or not path:
+            raise UsageError(f"--source takes NAME=PATH, NAME being base, like or a task of the recipe "
+                             f"(e.g. --source base=models/base); got {item[:80]!r}.")
+        if name in out:
+            raise UsageError(f"--source {name}= is given twice.")
+        out[name] = path
+    return out
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -343,16 +360,21 @@ def _merge(args: argparse.Namespace) -> int:
     if args.recipe:
         given = [f for f, v in (("--base", args.base), ("--ft", args.ft), ("--method", args.method),
                                 ("--param", args.param), ("--include", args.include), ("--exclude", args.exclude),
-                                ("--like", args.like), ("--dtype", args.dtype), ("--shard-size", args.shard_size))
+                                ("--like", args.like), ("--dtype", args.dtype), ("--shard-size", args.shard_size),
+                                ("--vocab", args.vocab), ("--head", args.head))
                  if v]
         if given:
             raise UsageError(f"merge: {', '.join(given)} cannot be combined with a recipe file; edit the recipe "
                              "(and drop its 'expect') or give the merge by flags alone.")
         recipe = load_recipe(args.recipe)
+    elif args.source:
+        raise UsageError("merge: --source points a recipe's re-run at moved inputs; give the recipe file, or "
+                         "--base and --ft for a merge by flags.")
     else:
         recipe = _recipe_from_flags(args)
-    out = run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                     verify=args.verify, check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
+    out = run_recipe(recipe, args.out, sources=_sources(args.source), overwrite=args.overwrite,
+                     progress=not args.quiet, device=args.device, verify=args.verify,
+                     check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
                      overwrite_any=args.overwrite_any)
     if recipe.expect:
         _say_reproduced(recipe, out, verified=args.verify, device=args.device)
@@ -498,6 +520,7 @@ def _sub(sub: Any, name: str, help_: str, examples: str, common: argparse.Argume
 def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _sub(sub, "merge", "merge fine-tunes of one base and export the result (from a recipe or flags)",
              "  weightlens merge merged/weightlens_recipe.yaml --out again/   # checks inputs and sha256\n"
+             "  weightlens merge moved/weightlens_recipe.yaml --source base=models/base --out again/\n"
              "  weightlens merge --base base/ --ft math=ft/math --ft code=ft/code --method task_arithmetic \\\n"
              "                   --param alpha=0.3 --out merged/ --dtype bfloat16\n", common)
     p.add_argument("recipe", nargs="?", help="a weightlens_recipe.yaml (as written by export)")
@@ -510,7 +533,17 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeat)")
     p.add_argument("--include", action="append", metavar="GLOB", help="merge only matching keys (repeat)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="keep the base for matching keys (repeat)")
-    p.add_argument("--like", help="HF folder whose config/tokenizer files are copied (default: the base's)")
+    p.add_argument("--like", help="HF folder whose config/tokenizer files are copied (default: the head's or the "
+                                  "base's)")
+    p.add_argument("--vocab", choices=("base", "union"),
+                   help="fine-tunes with added tokens: merge the base's rows (base) or every token (union: the "
+                        "export writes the union tokenizer); default: refuse them")
+    p.add_argument("--head", metavar="TASK",
+                   help="carry that fine-tune's head: its key names, the keys only it has (e.g. a classifier) and "
+                        "its config.json (default: none, the base's layout)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                   help="a recipe's input that moved: base, like or a task name, and its path now (repeat); "
+                        "checked against the recipe's fingerprints")
     p.add_argument("--dtype", help="export dtype: float32, bfloat16, float16 (default: the base's)")
     p.add_argument("--shard-size", help="largest shard, e.g. 5GB (default) or 500MB")
     p.add_argument("--device", help="where the merge runs: auto, cpu, cuda (default: the recipe's; flags: auto)")
