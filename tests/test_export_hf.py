@@ -171,6 +171,21 @@ def test_gpt2_tied_embeddings_export_loads_as_a_language_model(gpt2, vocab, rows
             assert torch.isfinite(model(ids).logits).all()
 
 
+def test_a_union_tokenizer_needs_the_bases_tokenizer_and_like_can_give_it(gpt2):
+    root, base, fts = gpt2
+    bare = root / "bare"  # the base's weights and config, no tokenizer files
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(base / name, bare / name)
+    merged = wl.merge(wl.TaskVectors(bare, fts, vocab="union"), method="task_arithmetic")
+    with pytest.raises(CheckpointError, match=r"union tokenizer extends the base's tokenizer.json.*like="):
+        wl.export(merged, root / "no-tokenizer", progress=False)
+    assert not (root / "no-tokenizer").exists()
+    out = wl.export(merged, root / "given", like=base, progress=False)
+    assert len(transformers.AutoTokenizer.from_pretrained(out)) == 262 == _config(out)["vocab_size"]
+    _loaded(transformers.GPT2LMHeadModel, out)
+
+
 # ---------------------------------------------------------------------------------------- Llama, GQA
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

@@ -140,7 +140,7 @@ def with_config(plan: LikePlan, folder: Path) -> LikePlan:
         plan.files[_CONFIG] = other.files[_CONFIG]
         plan.origins[_CONFIG] = other.folder
     elif _CONFIG in other.skipped:
-        plan.skipped.append(f"{other.folder / _CONFIG}")
+        plan.skipped.append(f"{_CONFIG} (of the head's folder)")
     return plan
 
 
@@ -155,7 +155,7 @@ def with_tokenizer(plan: LikePlan, folder: Path | None) -> LikePlan:
         if is_tokenizer_file(name):
             plan.files[name] = real
             plan.origins[name] = other.folder
-    plan.skipped += [f"{other.folder / n}" for n in other.skipped if is_tokenizer_file(n)]
+    plan.skipped += [f"{n} (of the base's folder)" for n in other.skipped if is_tokenizer_file(n)]
     return plan
 
 
