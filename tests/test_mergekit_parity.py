@@ -11,6 +11,7 @@ mergekit equivalent and the YAML says in how many entries the nearest one may di
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def test_mergekit_reproduces_the_export_exactly(mergekit, llama_models, tmp_path
     assert "approximate" not in yaml_text
     theirs = _run_mergekit(mergekit, ours, tmp_path / "theirs")
     assert _max_abs_diff(wl.load(ours), theirs) == 0.0
+
+
+@pytest.mark.peers
+def test_ties_global_says_how_far_mergekit_is_and_mergekit_stays_within_it(mergekit, llama_models, tmp_path):
+    base, finetuned = llama_models
+    ours = wl.export(wl.merge(base, finetuned, method="ties", alpha=1.0, density=0.3), tmp_path / "ours",
+                     like=base, progress=False)
+    head = (ours / "mergekit_config.yml").read_text().split("merge_method:")[0]
+    found = re.search(r"keep different entries at (\d+) of (\d+) coordinates \(([\d.]+)%\)", head)
+    assert "approximate" in head and found, head
+    bound, entries = int(found[1]), int(found[2])
+    assert 0 < bound < entries
+    theirs, mine = _run_mergekit(mergekit, ours, tmp_path / "theirs"), wl.load(ours)
+    tv = wl.TaskVectors(base, finetuned)
+    assert entries == sum(tv.numel(k) for k in tv.keys)
+    differing = sum(int((mine[k] != theirs[k]).sum()) for k in tv.keys)
+    assert 0 < differing <= bound
 
 
 def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

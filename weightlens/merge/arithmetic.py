@@ -136,15 +136,37 @@ def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: 
     return {"thresholds": thresholds, "majority": majority}
 
 
-def _ties_mergekit(p: Mapping[str, Any]) -> Mergekit | None:
-    """mergekit's ``ties``; none for ``merge_func="max"``; approximate for ``scope="global"``."""
+def scope_gap(tv: TaskVectors, density: float, thresholds: torch.Tensor) -> tuple[int, int]:
+    """``(entries, differing)``: how many entries the global trim (``thresholds``, one per task) and the
+    per-tensor trim at ``density`` keep differently for some task. The two TIES merges can differ only
+    there (elsewhere every task keeps or drops the same entries), so it bounds their difference."""
+    entries = differing = 0
+    for key in tv.keys:
+        deltas = tv.deltas(key)
+        kept_global = trim(deltas, thresholds=thresholds) != 0
+        kept_tensor = trim_tensor(deltas, density) != 0
+        entries += deltas[0].numel()
+        differing += int((kept_global != kept_tensor).any(0).sum())
+    return entries, differing
+
+
+def _ties_mergekit(p: Mapping[str, Any], merged: Any = None) -> Mergekit | None:
+    """mergekit's ``ties``; none for ``merge_func="max"``; approximate for ``scope="global"``, by how
+    much measured on ``merged`` when given (one more pass over the task vectors)."""
     if p.get("merge_func", "mean") == "max":
         return None
-    notes = ("approximate: weightlens trimmed with one threshold per task over the whole model "
-             "(scope='global'); mergekit trims each tensor (weightlens scope='tensor')",)
+    notes: tuple[str, ...] = ()
+    if p.get("scope", "global") == "global":
+        how_much = ""
+        if merged is not None and "thresholds" in merged.state:
+            entries, differing = scope_gap(merged.task_vectors, float(p.get("density", 0.2)),
+                                           merged.state["thresholds"])
+            how_much = (f"; the two trims keep different entries at {differing} of {entries} coordinates "
+                        f"({100 * differing / max(entries, 1):.1f}%), the only ones where the merges can differ")
+        notes = ("approximate: weightlens trimmed with one threshold per task over the whole model "
+                 f"(scope='global'); mergekit trims each tensor (weightlens scope='tensor'){how_much}",)
     return Mergekit("ties", {"weight": 1.0, "density": float(p.get("density", 0.2))},
-                    {"lambda": _alpha(p), "normalize": p.get("merge_func", "mean") == "mean"},
-                    notes if p.get("scope", "global") == "global" else ())
+                    {"lambda": _alpha(p), "normalize": p.get("merge_func", "mean") == "mean"}, notes)
 
 
 @register_merge(

@@ -216,6 +216,11 @@ class MergeResult(MergedWeights):
         return self
 
     @property
+    def state(self) -> Mapping[str, Any]:
+        """The method's whole-model statistics (its ``prepare`` hook's result, e.g. TIES' thresholds)."""
+        return self._ctx.state
+
+    @property
     def alpha(self) -> float:
         """The coefficient the unscaled updates were multiplied by."""
         return float(self.params["alpha"])
@@ -351,9 +356,9 @@ def merge(
     device : str or torch.device, default="auto"
         Where decompositions run (``"auto"``: CUDA when present).
     progress : bool or None, default=None
-        A bar over the keys when the whole result is computed at once (None follows
-        ``weightlens.config.progress``)
-        (:meth:`MergeResult.materialize`). ``merge`` computes no key itself, so it shows none;
+        A bar over the keys when the whole result is computed at once
+        (:meth:`MergeResult.materialize`; None follows ``weightlens.config.progress``). ``merge``
+        computes no key itself, so it shows none;
         ``wl.export`` shows its own bar.
     lazy : bool, default=False
         Keep nothing when a key is read by indexing (each read computes it again from the cached

@@ -174,7 +174,7 @@ def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: P
         meta = {"method": r["method"], "parameters": r["params"], "tasks": r["tasks"]}
         return ExportRecipe(None, metadata=meta, why_not=why or "no recipe was requested (recipe=False)",
                             from_merge=True)
-    return ExportRecipe(done, mergekit_of(done.method, done.params), recipe_metadata(done), from_merge=True)
+    return ExportRecipe(done, mergekit_of(done.method, done.params, merged), recipe_metadata(done), from_merge=True)
 
 
 # ---------------------------------------------------------------------------------------- layout

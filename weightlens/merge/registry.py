@@ -367,12 +367,17 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def mergekit_of(name: str, params: Mapping[str, Any]) -> _io_recipe.Mergekit | None:
+def mergekit_of(name: str, params: Mapping[str, Any], merged: Any = None) -> _io_recipe.Mergekit | None:
     """mergekit's equivalent of method ``name`` with ``params``, from its registration (``None``: none,
-    no such method, or ``alpha``/``density`` that are not numbers, as in a recipe no merge accepted)."""
+    no such method, or ``alpha``/``density`` that are not numbers, as in a recipe no merge accepted).
+
+    A translation that takes ``merged`` (the merge result, when there is one) may measure how far
+    mergekit's nearest config is from it (TIES with ``scope="global"``)."""
     method = _REGISTRY.get(name)
     numbers = [params.get(k, 1.0) for k in ("alpha", "density")]
     if method is None or method.mergekit is None or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         return None
+    if merged is not None and "merged" in inspect.signature(method.mergekit).parameters:
+        return method.mergekit(params, merged=merged)
     return method.mergekit(params)
