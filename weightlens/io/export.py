@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from weightlens._options import resolve_options
+from weightlens._progress import bar
 from weightlens.errors import (
     CheckpointError,
     DTypeError,
@@ -392,7 +393,7 @@ def export(
     shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     options: ExportOptions | None = None,
     **overrides: Any,
 ) -> Path:
@@ -420,8 +421,9 @@ def export(
     overwrite : bool, default=False
         Replace an existing non-empty ``out_dir`` atomically when it is an earlier weightlens export
         (its ``*.safetensors`` headers carry ``weightlens_version``); otherwise it is refused.
-    progress : bool, default=True
-        Progress bar (bytes) on stderr.
+    progress : bool or None, default=None
+        A bar over the bytes written; None follows ``weightlens.config.progress`` (auto: in notebooks
+        and terminals, once the export has run a second).
     options : ExportOptions, optional
         What is written beside the weights and the expert safety knobs; ``**overrides`` set its
         fields directly: ``recipe`` (None: derived from a merge result; False: none),
@@ -507,7 +509,7 @@ class _Job:
     like: LikePlan | None
     extras: Mapping[str, Any]
     verify: Callable[[Mapping[str, str]], None] | None
-    progress: bool
+    progress: bool | None
     layout: ExportLayout
 
 
@@ -551,12 +553,12 @@ def _write_folder(job: _Job, tmp: Path) -> None:
     entries = _entries(job.merged, job.layout)
     plan = _plan(job.merged, entries, job.layout, job.target, job.max_bytes)
     total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
-    with tqdm(total=total, desc=f"export {job.out.name}", unit="B", unit_scale=True, file=sys.stderr,
-              disable=not job.progress) as bar:
+    with bar(total=total, progress=job.progress, desc=f"export {job.out.name}", unit="B", unit_scale=True,
+             file=sys.stderr) as shown:
         if plan is not None:
-            writer.write_planned(plan, bar)
+            writer.write_planned(plan, shown)
         else:
-            writer.write_buffered(entries, job.max_bytes, bar)
+            writer.write_buffered(entries, job.max_bytes, shown)
     written = writer.out
     if job.verify is not None:
         job.verify(dict(written.files))

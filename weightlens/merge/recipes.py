@@ -420,7 +420,7 @@ class RunRecipeOptions:
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-               sources: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+               sources: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool | None = None,
                device: str | None = None, options: RunRecipeOptions | None = None, **overrides: Any) -> Path:
     """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder.
 
