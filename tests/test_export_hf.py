@@ -309,3 +309,19 @@ def test_paths_are_relative_inside_a_project_folder_and_absolute_otherwise(tmp_p
     home = tmp_path / "home"
     assert relative_path(home / "a" / "base", home / "b") == str(home / "a" / "base")  # only home in common
     assert relative_path(home / "p" / "base", home / "p" / "out") == "../base"
+
+
+# ------------------------------------------------------------------ every family: analysis and every method
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_analysis_and_every_method_export_a_loadable_model(request, family):
+    """The BERT heads test above covers BertModel; here GPT-2 (tied, added tokens) and Llama (GQA, resized)."""
+    root, base, fts = request.getfixturevalue(family)
+    tv = wl.TaskVectors(base, fts, vocab="union")
+    report = wl.analyze(tv, device="cpu", progress=False)
+    assert set(report.spectra["task"]) >= set(tv.names) and "set" in report.notes[0] and not report.signs.empty
+    cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+    for method in list_methods():
+        merged = wl.merge(tv, method=method, lazy=True)
+        model = _loaded(cls, wl.export(merged, root / f"all-{method}", progress=False))
+        state = model.state_dict()
+        assert all(torch.equal(state[k], merged[k]) for k in merged if k in state), method
