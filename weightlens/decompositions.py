@@ -9,6 +9,16 @@ top-k triplets reuse a cached full SVD when there is one.
 
 Cache keys: ``(op, task, key, [k,] device, dtype)`` for a task and ``(op + "_sum", names, key, [k,]
 device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``.
+
+**Low-rank factors.** When every task of the subject has LoRA factors at ``key`` (``tv.factors`` is not
+None: PEFT adapters), nothing of size ``m x n`` is formed or decomposed: the SVD is computed exactly from
+the factors (:func:`weightlens.linalg.factored_svd`; a sum of adapters concatenates them,
+:func:`weightlens.linalg.concat_factors`, rank ``sum r``) and cached under ``"svd"``, which
+:func:`topk_svd` then slices; :func:`svdvals` takes the values from the triangular factors alone
+(``weightlens.linalg.factored.factored_svdvals``) unless the SVD is cached. Such an SVD is thin in the
+rank: ``k = min(sum r, m, n)`` triplets, not ``min(m, n)`` (the values past them are exactly zero, their
+vectors arbitrary), and :func:`topk_svd` returns at most that many. A subject with any full fine-tune
+is decomposed densely, as before; so is a product with ``sum r >= min(m, n)`` (nothing to gain).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import torch
 
 from weightlens import linalg
 from weightlens.errors import InvalidParameterError
+from weightlens.linalg.factored import factored_svdvals
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["svd", "svdvals", "topk_svd"]
@@ -60,6 +71,34 @@ class _Subject:
             lambda: compute(self.matrix(), *extra, device=self.device, dtype=self.dtype, name=self.key),
         )
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, scale)`` with the subject's matrix ``scale * B @ A`` when every task has LoRA factors
+        at this key (a sum: concatenated, rank ``sum r``), else None."""
+        names = (self.of,) if isinstance(self.of, str) else self.of
+        parts = []
+        for name in names:
+            f = self.tv.factors(name, self.key)
+            if f is None:
+                return None
+            parts.append(f)
+        if len(parts) == 1:
+            return parts[0].B, parts[0].A, parts[0].scale
+        B, A = linalg.concat_factors(parts)
+        return B, A, 1.0
+
+    def svd(self, factors: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> linalg.SVD:
+        """The subject's thin SVD (cached under ``"svd"``): from its factors when it has them (``factors``:
+        :meth:`factors` when the caller already has them), else dense."""
+
+        def compute() -> linalg.SVD:
+            f = self.factors() if factors is None else factors
+            if f is None:
+                return linalg.svd(self.matrix(), device=self.device, dtype=self.dtype, name=self.key)
+            B, A, scale = f
+            return linalg.factored_svd(B, A, scale=scale, device=self.device, dtype=self.dtype, name=self.key)
+
+        return self.tv.cache.get_or_compute(self.cache_key("svd"), compute)
+
 
 def _subject(
     tv: TaskVectors,
@@ -95,8 +134,9 @@ def svd(
     """Thin SVD of ``key``'s task matrix (``of`` a task name) or task sum (``of`` task names), cached.
 
     ``delta``: that matrix when the caller already holds it (saves re-reading it on a miss).
+    From LoRA factors (see the module docstring) the SVD has ``min(sum r, m, n)`` triplets.
     """
-    return _subject(tv, key, of, device, dtype, delta).cached("svd", linalg.svd)
+    return _subject(tv, key, of, device, dtype, delta).svd()
 
 
 def svdvals(
@@ -108,10 +148,16 @@ def svdvals(
     dtype: torch.dtype = torch.float32,
     delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Singular values of the subject of :func:`svd`; taken from its cached SVD when there is one."""
+    """Singular values of the subject of :func:`svd`; taken from its cached SVD when there is one, or from
+    its factors (then ``min(sum r, m, n)`` values: the rest are exactly zero)."""
     subject = _subject(tv, key, of, device, dtype, delta)
     if subject.cache_key("svd") in tv.cache:
-        return subject.cached("svd", linalg.svd).S
+        return subject.svd().S
+    factors = subject.factors()
+    if factors is not None:
+        B, A, scale = factors
+        return tv.cache.get_or_compute(subject.cache_key("svdvals"), lambda: factored_svdvals(
+            B, A, scale=scale, device=subject.device, dtype=subject.dtype, name=key))
     return subject.cached("svdvals", linalg.svdvals)
 
 
@@ -128,11 +174,14 @@ def topk_svd(
     """Leading ``k`` singular triplets of the subject of :func:`svd` (cached).
 
     Sliced from its cached full SVD when there is one, else :func:`weightlens.linalg.topk_svd`
-    (``method="auto"``), for very large layers where only the top of the spectrum is wanted.
+    (``method="auto"``), for very large layers where only the top of the spectrum is wanted. From LoRA
+    factors: the leading ``min(k, sum r, m, n)`` triplets of the exact SVD, so fewer than ``k`` when the
+    rank is smaller (the spectrum is then complete: every value past them is zero).
     """
     subject = _subject(tv, key, of, device, dtype, delta)
     k = int(k)
-    if subject.cache_key("svd") in tv.cache:  # (recomputed only if it was evicted in between)
-        U, S, Vh = subject.cached("svd", linalg.svd)
+    factors = None if subject.cache_key("svd") in tv.cache else subject.factors()
+    if factors is not None or subject.cache_key("svd") in tv.cache:  # (recomputed only if evicted since)
+        U, S, Vh = subject.svd(factors)
         return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
     return subject.cached("topk_svd", linalg.topk_svd, k)

@@ -9,6 +9,10 @@ factors ``[s_1 B_1, ..., s_k B_k] @ [A_1; ...; A_k]`` (rank at most ``sum r_i``)
 
 The QR and the core run in float64 (cheap at these sizes) and the result is cast to ``dtype``, so
 small singular values keep float64 accuracy; signs follow :func:`~weightlens.linalg.svd`.
+
+Such a thin SVD has ``k = rank`` triplets, not ``min(m, n)``: where a method needs the directions of the
+zero singular values (which a dense SVD returns as an arbitrary orthonormal completion),
+:func:`complete_basis` gives a deterministic one, orthogonal to the known directions.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import torch
 from torch import Tensor
 
 from weightlens.errors import InvalidParameterError, ShapeMismatchError
-from weightlens.linalg.backend import _fix_signs, svd
+from weightlens.linalg.backend import _fix_signs, svd, svdvals
 from weightlens.linalg.devices import resolve_device
 from weightlens.linalg.results import SVD
 
-__all__ = ["concat_factors", "factored_svd"]
+__all__ = ["complete_basis", "concat_factors", "factored_svd", "factored_svdvals"]
 
 
 def concat_factors(factors: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
@@ -76,13 +80,7 @@ def factored_svd(
         ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` with ``k = min(r, m, n)``. When ``r >= min(m, n)`` the
         product is formed and decomposed densely (nothing to gain from the factors).
     """
-    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
-        raise ShapeMismatchError(
-            f"factored_svd{'' if name is None else f' of {name!r}'}: B {tuple(B.shape)} @ A {tuple(A.shape)} is "
-            "not a product of an (m, r) and an (r, n) matrix."
-        )
-    if dtype not in (torch.float32, torch.float64):
-        raise InvalidParameterError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype!r}.")
+    _check(B, A, dtype, "factored_svd", name)
     (m, r), n = B.shape, A.shape[1]
     dev = resolve_device(device)
     if r >= min(m, n):
@@ -93,3 +91,56 @@ def factored_svd(
     Uc, S, Vch = torch.linalg.svd(float(scale) * (Rb @ Ra.mT))
     result = SVD((Qb @ Uc).to(dtype), S.to(dtype), (Vch @ Qa.mT).to(dtype))
     return _fix_signs(result)
+
+
+def factored_svdvals(
+    B: Tensor,
+    A: Tensor,
+    *,
+    scale: float = 1.0,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+) -> Tensor:
+    """Singular values of ``scale * B @ A`` alone: :func:`factored_svd`'s ``S`` from the triangular factors
+    only (no ``Q`` formed), ``min(r, m, n)`` values, descending; dense when ``r >= min(m, n)``."""
+    _check(B, A, dtype, "factored_svdvals", name)
+    (m, r), n = B.shape, A.shape[1]
+    dev = resolve_device(device)
+    if r >= min(m, n):
+        dense = float(scale) * (B.to(dev, torch.float64) @ A.to(dev, torch.float64))
+        return svdvals(dense, device=dev, dtype=dtype, name=name)
+    Rb = torch.linalg.qr(B.to(dev, torch.float64), mode="r").R
+    Ra = torch.linalg.qr(A.to(dev, torch.float64).mT, mode="r").R
+    return torch.linalg.svdvals(float(scale) * (Rb @ Ra.mT)).to(dtype)
+
+
+def _check(B: Tensor, A: Tensor, dtype: torch.dtype, op: str, name: str | None) -> None:
+    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ShapeMismatchError(
+            f"{op}{'' if name is None else f' of {name!r}'}: B {tuple(B.shape)} @ A {tuple(A.shape)} is "
+            "not a product of an (m, r) and an (r, n) matrix."
+        )
+    if dtype not in (torch.float32, torch.float64):
+        raise InvalidParameterError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype!r}.")
+
+
+def complete_basis(Q: Tensor, width: int) -> Tensor:
+    """``Q``'s orthonormal columns followed by ``width - p`` more, orthogonal to them and to each other.
+
+    ``Q`` is ``(m, p)`` with orthonormal columns and ``p <= width <= m``. The new columns are those of the
+    Householder reflections that triangularise ``Q`` (``torch.geqrf``, then ``torch.ormqr`` on identity
+    columns), in ``Q``'s dtype (float32 at least) and on its device: deterministic, ``O(m * width * p)`` work,
+    nothing of size ``m x m`` formed, orthogonal to working precision. They stand for the arbitrary
+    completion a dense SVD returns past a matrix's rank. The first ``p`` columns are ``Q`` itself.
+    """
+    m, p = Q.shape
+    if not p <= width <= m:
+        raise InvalidParameterError(f"complete_basis: width {width} must lie in [{p}, {m}] for a ({m}, {p}) basis.")
+    if width == p:
+        return Q
+    dtype = torch.promote_types(Q.dtype, torch.float32)
+    a, tau = torch.geqrf(Q.to(dtype))
+    eye = torch.zeros((m, width - p), dtype=dtype, device=Q.device)
+    eye[p:width] = torch.eye(width - p, dtype=dtype, device=Q.device)
+    return torch.cat([Q, torch.ormqr(a, tau, eye).to(Q.dtype)], dim=1)
