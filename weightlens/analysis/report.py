@@ -51,7 +51,7 @@ from weightlens.analysis.signs import (
     pairwise_conflicts,
     trim,
 )
-from weightlens.analysis.spectra import CRITERIA, spectrum_rows
+from weightlens.analysis.spectra import CRITERIA, complete_spectrum, spectrum_rows
 from weightlens.errors import InvalidParameterError, KeyMismatchError
 from weightlens.io._atomic import atomic_write_text
 from weightlens.io.keys import block_of
@@ -451,12 +451,13 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
     kv = opts.top_n if opts.top_n is not None and r > opts.top_n else r
     truncated = kv < r  # truncated spectra take their total energy from the deltas themselves
     tasks, ref = _decompose(run, key, deltas, kv, r)
-    values = {name: (tasks[t].S, norms2[t] if truncated else None) for t, name in enumerate(run.names)}
-    refs = {"sum": (ref, sum_sq if truncated else None)}
+    values = {name: _spectrum(tasks[t], kv, (m, n), norms2[t] if truncated else None)
+              for t, name in enumerate(run.names)}
+    refs = {"sum": (ref, _spectrum(ref, kv, (m, n), sum_sq if truncated else None)[1])}
     if key in run.merged_keys:
         mdec, msq = _merged_svd(run, key, kv, r)
         refs["merged"] = (mdec, msq if truncated else None)
-    values.update({label: (dec.S, sq) for label, (dec, sq) in refs.items()})
+    values.update({label: _spectrum(dec, kv, (m, n), sq) for label, (dec, sq) in refs.items()})
     zero_task = {name: norms2[t] == 0.0 for t, name in enumerate(run.names)}
     rows = spectrum_rows(key, (m, n), values, **spec)
     run.add("spectra", [{**row, "block": block, "zero": zero_task.get(row["task"], False)} for row in rows])
@@ -475,8 +476,10 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
     projected = deltas
     if opts.pairwise and not truncated and n > m:
         # ||U^T delta_t||_F = ||U^T U_t diag(S_t)||_F (Vh_t has orthonormal rows): for a wide matrix
-        # the m x r factor is cheaper to project than the m x n delta
-        projected = torch.stack([tasks[t].U * tasks[t].S for t in range(len(tasks))])
+        # the m x r factor is cheaper to project than the m x n delta (from factors, m x rank: zero
+        # columns pad them to one width, which changes no norm)
+        width = max(tasks[t].S.numel() for t in range(len(tasks)))
+        projected = torch.stack([_pad_columns(tasks[t].U * tasks[t].S, width) for t in range(len(tasks))])
     curves = sar_curves(projected, [U for U, _ in spans.values()])  # one product for every reference
     for (label, (U, ranks)), curve in zip(spans.items(), curves):
         rows = sar_rows(key, deltas, run.names, label, U, ranks, opts.sar_criterion, curve=curve)
@@ -485,14 +488,29 @@ def _matrix_key(run: _Run, key: str, deltas: torch.Tensor, g: torch.Tensor, pair
                 row.update({c: math.nan for c in row if c.startswith("sar")})
         run.add("alignment", [{**row, "block": block} for row in rows])
     if opts.pairwise:
-        _pairwise(run, key, tasks, zero_task, pairs)
+        _pairwise(run, key, tasks, zero_task, pairs, kv)
 
 
-def _pairwise(run: _Run, key: str, tasks: list, zero_task: dict[str, bool], pairs: dict) -> None:
-    """STI and top-k subspace overlaps of one key (task x task SAR is in :func:`_matrix_key`)."""
+def _spectrum(dec: Any, kv: int, shape: tuple[int, int], total_sq: float | None) -> tuple[torch.Tensor, float | None]:
+    """``(S, total_sq)`` for :func:`spectrum_rows`: a decomposition with fewer than the ``kv`` values asked
+    for is exact and of lower rank (from LoRA factors), so its spectrum is complete (zeros past the rank)."""
+    if dec.S.numel() < kv:
+        return complete_spectrum(dec.S, shape), None
+    return dec.S, total_sq
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[-1] == width else torch.cat([x, x.new_zeros((*x.shape[:-1], width - x.shape[-1]))], -1)
+
+
+def _pairwise(run: _Run, key: str, tasks: list, zero_task: dict[str, bool], pairs: dict, kv: int) -> None:
+    """STI and top-k subspace overlaps of one key (task x task SAR is in :func:`_matrix_key`).
+
+    ``kv``: the triplets asked of each task (``min(m, n)``, or ``top_n``); a task decomposed from LoRA
+    factors may have fewer (its rank), and then brings only those: the dense path's directions past the
+    rank are an arbitrary completion (singular values zero)."""
     (m, n), opts, names, block = run.tv.shape(key), run.opts, run.names, block_of(key)
     r, T = min(m, n), len(names)
-    kv = tasks[0].U.shape[1]
     k_sti = min(kv, r if opts.sti_k == "r" else (opts.sti_k or max(r // T, 1)))
     live = [t for t, name in enumerate(names) if not zero_task[name]]
     parts = (

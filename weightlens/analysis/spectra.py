@@ -25,6 +25,7 @@ from weightlens.errors import InvalidParameterError
 
 __all__ = [
     "CRITERIA",
+    "complete_spectrum",
     "effective_rank",
     "rank_for_energy",
     "spectrum_metrics",
@@ -55,6 +56,20 @@ def _check_eps(eps: float) -> float:
 
 def _as64(S: torch.Tensor) -> torch.Tensor:
     return S.detach().to(device="cpu", dtype=torch.float64).flatten()
+
+
+def complete_spectrum(S: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """All ``min(m, n)`` singular values from the nonzero ones: ``S`` followed by exact zeros.
+
+    For an exact SVD with fewer triplets than ``min(m, n)``, e.g. from a LoRA update's factors
+    (``weightlens.decompositions``): its values past the rank are exactly zero, so the spectrum is
+    complete, not truncated (:func:`spectrum_metrics` then counts every value, ``energy_at_k`` past the
+    rank is 1.0). ``S`` is returned as is when it already has ``min(m, n)`` values.
+    """
+    r = min(shape)
+    if S.numel() >= r:
+        return S
+    return torch.cat([S.flatten(), S.new_zeros(r - S.numel())])
 
 
 def rank_for_energy(
@@ -137,7 +152,8 @@ def spectrum_metrics(
 
     Parameters
     ----------
-    S : singular values, descending; all ``min(m, n)`` of them, or the top ones only.
+    S : singular values, descending; all ``min(m, n)`` of them, or the top ones only (an exact SVD of
+        lower rank, from factors, gives all of them with :func:`complete_spectrum`).
     shape : ``(m, n)`` of the matrix.
     total_sq : ``||delta||_F^2``; needed for exact energies when ``S`` is truncated.
     eps : tolerance of ``rank_eps`` (Iso Eq. 6 rule).
