@@ -21,15 +21,35 @@ Degenerate cases are reported per key in ``MergeResult.notes`` and never silent:
 * an all-zero task matrix (an untouched layer) is noted; STAR skips it (its rescale would be 0/0);
   where every task matrix is zero the update is zero and no decomposition is taken;
 * Iso-CTS sizes that the reference formula would make negative (``r`` close to ``T``) are noted.
+
+**LoRA adapters** (``docs/adapters.md``): their decompositions come exactly from the factors, thin in the
+rank (``k = rank < min(m, n)`` triplets, see ``weightlens.decompositions``), and nothing of size
+``m x n`` is decomposed; the update itself is formed, one key at a time. A dense SVD of a rank-``k``
+matrix returns ``min(m, n) - k`` more triplets of singular value zero whose vectors are an arbitrary
+orthonormal completion. From factors:
+
+* TSV-M takes ``min(floor(r/T), rank)`` meaningful triplets of such a task (noted): the arbitrary ones
+  would have weight 0 and only bend the others' orthogonalisation;
+* Iso-C and Iso-CTS, which weight those directions by sigma-bar (``restrict_to_numerical_rank=False``,
+  the reference), take a deterministic completion orthogonal to every meaningful direction
+  (:func:`weightlens.linalg.factored.complete_basis`); Iso-CTS's residuals ``delta_t - Uc Uc^T delta_t``
+  are low-rank products too (``(B_t - Uc Uc^T B_t) @ A_t``), decomposed from their factors in float64,
+  their rank counted against the task's norm;
+* every other step is the dense path's, so the results agree wherever the dense result does not depend
+  on its arbitrary completion (TSV-M with ``floor(r/T)`` at most the adapters' ranks; Iso with
+  ``restrict_to_numerical_rank=True`` or a full-rank sum; STAR always).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
 
-from weightlens import linalg
+from weightlens import decompositions, linalg
+from weightlens.io.sources import LoraFactors
+from weightlens.linalg.factored import complete_basis
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge
 
@@ -45,16 +65,27 @@ def _mean(ctx: MergeContext, key: str) -> KeyUpdate:
     return KeyUpdate(ctx.deltas(key).mean(0))
 
 
+def _zero_tasks(ctx: MergeContext, key: str) -> tuple[str, ...]:
+    """Tasks whose matrix of ``key`` is zero: ``ctx.zero_tasks``, or from the factors when every task has LoRA
+    factors there (nothing ``m x n`` formed): rank 0 (the adapter leaves the key alone), a zero factor or scale.
+    (Nonzero factors whose product vanishes count as nonzero: their exact SVD is then numerically zero.)"""
+    factors = [ctx.tv.factors(t, key) for t in ctx.tasks]
+    if any(f is None for f in factors):
+        return ctx.zero_tasks(key)
+    return tuple(t for t, f in zip(ctx.tasks, factors)
+                 if f.A.shape[0] == 0 or f.scale == 0 or not f.B.any() or not f.A.any())
+
+
 def _all_zero(ctx: MergeContext, key: str, method: str) -> KeyUpdate | None:
     """A zero update and a note when every task matrix of ``key`` is zero (no SVD is taken)."""
-    if len(ctx.zero_tasks(key)) < ctx.n_tasks:
+    if len(_zero_tasks(ctx, key)) < ctx.n_tasks:
         return None
     note = f"{method}: every task matrix is zero here (an untouched layer): zero update, no decomposition."
     return KeyUpdate(torch.zeros(ctx.shape(key)), (note,))
 
 
 def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> list[str]:
-    return [f"{method}: task {t!r} has an all-zero matrix here; {consequence}." for t in ctx.zero_tasks(key)]
+    return [f"{method}: task {t!r} has an all-zero matrix here; {consequence}." for t in _zero_tasks(ctx, key)]
 
 
 # --------------------------------------------------------------------------------------- TSV-M
@@ -85,6 +116,8 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
         upd = deltas.mean(0) if fallback == "mean" else deltas.sum(0)
         return KeyUpdate(upd, (note + f": used the task {fallback} (fallback={fallback!r}).",))
     svds = [ctx.task_svd(t, key) for t in ctx.tasks]
+    if any(s.S.numel() < k for s in svds):  # a task of rank < k, decomposed from its LoRA factors
+        return _tsv_low_rank(ctx, key, svds, k)
     dev = svds[0].U.device
     U_hat, V_hat, S_hat = torch.zeros(m, r, device=dev), torch.zeros(n, r, device=dev), torch.zeros(r, device=dev)
     for i, s in enumerate(svds):
@@ -98,6 +131,45 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
     order = torch.argsort(S_hat, descending=True, stable=True)  # U_perp, V_perp orthonormal: an SVD
     factors = linalg.SVD(U_perp[:, order], S_hat[order], V_perp[:, order].mT)
     return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
+
+
+def _tsv_low_rank(ctx: MergeContext, key: str, svds: list[linalg.SVD], k: int) -> KeyUpdate:
+    """TSV-M when some task's SVD has fewer than ``k`` triplets (exact, from LoRA factors): such a task
+    brings its ``min(k, numerical rank)`` meaningful triplets; the others their top ``k`` as usual."""
+    shape = ctx.shape(key)
+    r = min(shape)
+    Us, Vs, Ss, notes, zero = [], [], [], [], _zero_tasks(ctx, key)
+    for task, s in zip(ctx.tasks, svds):
+        keep = k
+        if s.S.numel() < k:
+            keep = min(k, linalg.numerical_rank(s.S, shape))
+            notes.append(f"TSV-M: task {task!r} has rank {keep} < floor(r/T)={k} here (from its LoRA factors): its "
+                         f"{keep} direction(s) enter the orthogonalisation, not {k - keep} more of weight 0 that a "
+                         "dense SVD would complete arbitrarily.")
+        elif task in zero:
+            notes.append(f"TSV-M: task {task!r} has an all-zero matrix here; its singular vectors are arbitrary "
+                         "(weight 0) but still enter the orthogonalisation (reference behaviour).")
+        Us.append(s.U[:, :keep])
+        Vs.append(s.Vh[:keep].mT)
+        Ss.append(s.S[:keep])
+    U_hat, V_hat, S_hat = torch.cat(Us, 1), torch.cat(Vs, 1), torch.cat(Ss)
+    if S_hat.numel() == 0:  # every task numerically zero
+        return KeyUpdate(torch.zeros(shape), (*notes, "TSV-M: no direction left to merge: zero update."))
+    dev = U_hat.device
+    U_perp = linalg.polar(U_hat, device=dev, name=key)
+    V_perp = linalg.polar(V_hat, device=dev, name=key)
+    order = torch.argsort(S_hat, descending=True, stable=True)
+    factors = _completed(U_perp[:, order], S_hat[order], V_perp[:, order].mT, r)
+    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
+
+
+def _completed(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> linalg.SVD:
+    """A thin SVD of ``p`` orthonormal pairs completed to ``r``: values zero, directions orthogonal to them
+    (:func:`complete_basis`), as a dense SVD's arbitrary completion past the rank."""
+    p = S.numel()
+    if p == r:
+        return linalg.SVD(U, S, Vh)
+    return linalg.SVD(complete_basis(U, r), torch.cat([S, S.new_zeros(r - p)]), complete_basis(Vh.mT, r).mT)
 
 
 def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, r: int) -> linalg.SVD | None:
@@ -119,6 +191,8 @@ def _rank_note(method: str, what: str, rank: int, r: int, restrict: bool) -> str
 
 def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> KeyUpdate:
     U, S, Vh = ctx.sum_svd(key)
+    if S.numel() < min(ctx.shape(key)):  # the sum of LoRA adapters, decomposed from their factors
+        return _iso_c_low_rank(ctx, key, restrict, method, linalg.SVD(U, S, Vh))
     r = S.numel()
     rank = linalg.numerical_rank(S, ctx.shape(key))
     notes = () if rank == r else (_rank_note(method, "the task-arithmetic sum", rank, r, restrict),)
@@ -128,6 +202,23 @@ def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> K
     sigma_bar = S[:keep].mean()
     factors = _flat(U[:, :keep], sigma_bar, Vh[:keep], S.numel())
     return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes, factors)
+
+
+def _iso_c_low_rank(ctx: MergeContext, key: str, restrict: bool, method: str, dec: linalg.SVD) -> KeyUpdate:
+    """Iso-C of a sum whose exact SVD has fewer than ``r`` triplets (from factors): the same update, its
+    ``r - rank`` null-space directions (unrestricted) a deterministic completion."""
+    U, S, Vh = dec
+    shape = ctx.shape(key)
+    r = min(shape)
+    rank = linalg.numerical_rank(S, shape)
+    if rank == 0:
+        return KeyUpdate(torch.zeros(shape), (f"{method}: the task-arithmetic sum is zero: zero update.",))
+    notes = (_rank_note(method, "the task-arithmetic sum", rank, r, restrict),)
+    sigma_bar = S[:rank].mean() if restrict else S.sum() / r  # unrestricted: the mean of all r values
+    width = rank if restrict else r
+    U_iso, V_iso = complete_basis(U[:, :rank], width), complete_basis(Vh[:rank].mT, width)
+    ones = sigma_bar * torch.ones(width, dtype=U.dtype, device=U.device)
+    return KeyUpdate((sigma_bar * (U_iso @ V_iso.mT)).cpu(), notes, _completed(U_iso, ones, V_iso.mT, r))
 
 
 @register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True)
@@ -257,6 +348,8 @@ def iso_cts(
         note = (f"Iso-CTS: no task-specific room (r={r}, T={T}, common_fraction="
                 f"{common_fraction} gives k={k}, s=0): Iso-C update.")
         return KeyUpdate(ku.update, (*guard, note, *ku.notes), ku.factors)
+    if _low_rank_sum(ctx, key):  # the sum of LoRA adapters: from their factors
+        return _iso_cts_low_rank(ctx, key, k, s, restrict_to_numerical_rank, guard)
     U_perp, Vs, sig, notes = _cts_blocks(ctx, key, k, s, restrict_to_numerical_rank)
     notes = [*guard, *notes]
     if U_perp.shape[1] == 0:
@@ -265,6 +358,92 @@ def iso_cts(
     sigma_bar = torch.cat(sig).mean()
     factors = _flat(U_perp, sigma_bar, V_perp.mT, r)
     return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes), factors)
+
+
+def _low_rank_sum(ctx: MergeContext, key: str) -> bool:
+    """Whether every task has LoRA factors at ``key`` and their ranks sum below ``min(m, n)``: then the sum's
+    SVD comes from the factors with fewer than ``min(m, n)`` triplets (``weightlens.decompositions``)."""
+    total = 0
+    for task in ctx.tasks:
+        f = ctx.tv.factors(task, key)
+        if f is None:
+            return False
+        total += f.A.shape[0]
+    return total < min(ctx.shape(key))
+
+
+def _frobenius(f: LoraFactors) -> float:
+    """``||scale * B @ A||_F`` from the factors: ``|scale| sqrt(sum((B^T B) * (A A^T)))``, float64."""
+    B, A = f.B.double(), f.A.double()
+    return abs(f.scale) * math.sqrt(max(float(((B.mT @ B) * (A @ A.mT)).sum()), 0.0))
+
+
+def _residual_from_factors(ctx: MergeContext, key: str, task: str, Uc: torch.Tensor, s: int) -> linalg.SVD:
+    """Exact SVD of ``R_t = (I - Uc Uc^T) delta_t`` for a LoRA task, ``(B - Uc Uc^T B) @ A * scale``, in float64
+    (cached per task set, key, task, k, s)."""
+
+    def compute() -> linalg.SVD:
+        f = ctx.tv.factors(task, key)
+        B = f.B.to(Uc.device, torch.float64)
+        B = B - Uc @ (Uc.mT @ B)
+        return linalg.factored_svd(B, f.A, scale=f.scale, device=Uc.device, dtype=torch.float64, name=key)
+
+    return ctx.cached(("iso_cts_residual_factors", key, task, Uc.shape[1], s), compute)
+
+
+def _polar_beside(X: torch.Tensor, Q: torch.Tensor, key: str) -> torch.Tensor:
+    """Polar factor of ``X`` (columns orthogonal to the orthonormal ``Q``) that stays orthogonal to ``Q``: the
+    directions past ``X``'s numerical rank (arbitrary) are taken orthogonal to ``Q`` as well, as the dense
+    path's polar factor in the coordinates of ``Q``'s complement. float64."""
+    if X.shape[1] == 0:
+        return X
+    P, sv, Qh = linalg.svd(X, device=X.device, dtype=torch.float64, name=key)
+    rank = linalg.numerical_rank(sv, tuple(X.shape), torch.float32)
+    if rank < X.shape[1]:
+        P = complete_basis(torch.cat([Q, P[:, :rank]], 1), Q.shape[1] + X.shape[1])[:, Q.shape[1]:]
+    return P @ Qh
+
+
+def _iso_cts_low_rank(ctx: MergeContext, key: str, k: int, s: int, restrict: bool,
+                      guard: tuple[str, ...]) -> KeyUpdate:
+    """Iso-CTS of LoRA adapters from their factors (float64 up to the directions, then float32).
+
+    The common block is the sum's top ``k`` (its ``min(k, rank)`` meaningful directions, the rest null-space
+    ones); each task's block the top ``s`` of its residual, whose rank counts values above the numerical
+    tolerance ``max(m, n) * eps(float32)`` of the task's own Frobenius norm (float64 rounding of a residual
+    that is zero in exact arithmetic stays far below it). Meaningful left blocks are orthogonal to the common
+    one by construction, so only the task blocks are orthogonalised; directions past a rank (unrestricted)
+    come from :func:`complete_basis`, orthogonal to every meaningful one.
+    """
+    shape, f32 = ctx.shape(key), torch.float32
+    r, tol = min(shape), max(shape) * torch.finfo(f32).eps
+    U, S, Vh = decompositions.svd(ctx.tv, key, ctx.tasks, device=ctx.device, dtype=torch.float64)
+    rank = linalg.numerical_rank(S, shape, f32)
+    notes = [*guard, _rank_note("Iso-CTS", "the task-arithmetic sum", rank, r, restrict)]
+    kc = min(k, rank) if restrict else k
+    cm = min(kc, rank)  # meaningful common directions
+    Uc = U[:, :cm]
+    Ws, Vs, sig, count = [], [Vh[:cm].mT], [S[:cm]], kc
+    for task in ctx.tasks:
+        Ur, Sr, Vhr = _residual_from_factors(ctx, key, task, Uc, s)
+        meaningful = min(s, int((Sr > tol * _frobenius(ctx.tv.factors(task, key))).sum()))
+        if meaningful < s:
+            notes.append(_rank_note("Iso-CTS", f"the residual of task {task!r}", meaningful, s, restrict))
+        Ws.append(Ur[:, :meaningful])
+        Vs.append(Vhr[:meaningful].mT)
+        sig.append(Sr[:meaningful])
+        count += meaningful if restrict else s
+    if count == 0:
+        return KeyUpdate(torch.zeros(shape), (*notes, "Iso-CTS: nothing left to merge: zero update."))
+    left = torch.cat([Uc, _polar_beside(torch.cat(Ws, 1), Uc, key)], 1)
+    right = torch.cat(Vs, 1)
+    if right.shape[1]:
+        right = linalg.polar(right, device=U.device, dtype=torch.float64, name=key)
+    # the meaningful directions in float64, their completion and the m x n product in float32
+    U_iso, V_iso = complete_basis(left.to(f32), count), complete_basis(right.to(f32), count)
+    sigma_bar = (torch.cat(sig).sum() / count).to(f32)
+    ones = sigma_bar * torch.ones(count, dtype=f32, device=U.device)
+    return KeyUpdate((sigma_bar * (U_iso @ V_iso.mT)).cpu(), tuple(notes), _completed(U_iso, ones, V_iso.mT, r))
 
 
 # --------------------------------------------------------------------------------------- STAR
@@ -300,7 +479,7 @@ def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, 
     zero = _all_zero(ctx, key, "STAR")
     if zero is not None:
         return zero
-    total, skipped = None, ctx.zero_tasks(key)
+    total, skipped = None, _zero_tasks(ctx, key)
     notes = _zero_notes(ctx, key, "STAR", "skipped (its rescale would be 0/0)")
     for task in ctx.tasks:
         if task in skipped:
