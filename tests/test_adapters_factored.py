@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import weightlens as wl  # noqa: E402
 from weightlens import decompositions  # noqa: E402
 from weightlens.analysis.alignment import principal_angles  # noqa: E402
+from weightlens.linalg.factored import complete_basis, factored_svdvals  # noqa: E402
 from weightlens.merge import list_methods  # noqa: E402
 
 import _hf_models as hf  # noqa: E402
@@ -87,6 +88,20 @@ def _check_svd(got: wl.linalg.SVD, dense: torch.Tensor, rank: int) -> None:
         assert float(principal_angles(got.Vh[:k].mT, Vh[:k].mT).max()) < 1e-4
     recon = (got.U.double() * got.S.double()) @ got.Vh.double()
     assert float((recon - dense).abs().max()) < 1e-6 * float(S[0])
+
+
+# ------------------------------------------------------------------------------------ linear algebra
+def test_complete_basis_and_factored_svdvals():
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64)).Q
+    full = complete_basis(Q, 25)
+    assert full.shape == (40, 25) and torch.equal(full[:, :6], Q)
+    torch.testing.assert_close(full.mT @ full, torch.eye(25, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(complete_basis(Q, 6), Q) and complete_basis(Q[:, :0], 3).shape == (40, 3)
+    B, A = torch.randn(30, 4, generator=g), torch.randn(4, 50, generator=g)
+    S = torch.linalg.svdvals(1.5 * (B.double() @ A.double()))
+    np.testing.assert_allclose(factored_svdvals(B, A, scale=1.5, device="cpu").double().numpy(), S[:4].numpy(),
+                               rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ decompositions
