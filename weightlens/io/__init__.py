@@ -2,6 +2,7 @@
 
 from weightlens.io.sources import AdapterCheckpoint, Checkpoint, LoraFactors, TensorInfo, load
 from weightlens.io.export import ExportOptions, TargetExistsError, export
+from weightlens.io._adapter_export import export_adapter
 from weightlens.io.recipe import Recipe, load_recipe
 
-__all__ = ["AdapterCheckpoint", "Checkpoint", "ExportOptions", "LoraFactors", "Recipe", "TargetExistsError", "TensorInfo", "export", "load", "load_recipe"]
+__all__ = ["AdapterCheckpoint", "Checkpoint", "ExportOptions", "LoraFactors", "Recipe", "TargetExistsError", "TensorInfo", "export", "export_adapter", "load", "load_recipe"]

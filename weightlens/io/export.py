@@ -429,7 +429,10 @@ def export(
         fields directly: ``recipe`` (None: derived from a merge result; False: none),
         ``fingerprint`` (``"header"`` or ``"full"``), ``card`` (model-card extras), ``verify`` (a
         check of the written weights' sha256) and ``overwrite_any`` (replace any existing
-        ``out_dir``), e.g. ``export(merged, out, recipe=False)``.
+        ``out_dir``), e.g. ``export(merged, out, recipe=False)``. ``as_adapter=True`` (with
+        ``rank=None`` or an int) writes the merged update as a PEFT LoRA adapter folder instead
+        (:func:`weightlens.io.export_adapter`, which says what it writes and refuses); full weights
+        stay the default.
 
     Returns
     -------
@@ -467,6 +470,9 @@ def export(
     """
     from weightlens.io import recipe as _recipe
 
+    if overrides.pop("as_adapter", False):
+        return _as_adapter(merged, out_dir, overrides, like=like, shard_size=shard_size, dtype=dtype,
+                           overwrite=overwrite, progress=progress, options=options)
     opts = resolve_options(ExportOptions, options, overrides, caller="export")
     overwrite_any = opts.overwrite_any
     if not isinstance(merged, Mapping):
@@ -494,6 +500,21 @@ def export(
             raise
         raise _os_failure(out, err) from None
     return out
+
+
+def _as_adapter(merged: Any, out_dir: Any, overrides: dict[str, Any], **given: Any) -> Path:
+    """``export(..., as_adapter=True, rank=...)``: the adapter export, refusing the full-weight settings it ignores."""
+    from weightlens.io._adapter_export import export_adapter
+
+    rank = overrides.pop("rank", None)
+    ignored = sorted(overrides) + [k for k, default in (("like", None), ("shard_size", "5GB"), ("dtype", None),
+                                                          ("options", None)) if given[k] != default]
+    if ignored:
+        raise InvalidParameterError(
+            f"export(..., as_adapter=True) writes a PEFT adapter and takes only rank, overwrite and progress; "
+            f"got {ignored} as well (settings of the full-weight export). Drop them, or export the full weights."
+        )
+    return export_adapter(merged, out_dir, rank=rank, overwrite=given["overwrite"], progress=given["progress"])
 
 
 @dataclass(frozen=True)
