@@ -44,11 +44,11 @@ def zoo(tmp_path_factory):
     return {"root": root, "llama": llama, "gpt2": gpt2, "a": a, "b": b, "g": g, "g2": g2, "full": full}
 
 
-def _merge(base, tasks, **kwargs):
+def _merge(base, tasks, method="task_arithmetic", **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tv = wl.TaskVectors(base, tasks)
-    return wl.merge(tv, method="task_arithmetic", alpha=0.7, **kwargs)
+        return wl.merge(tv, method=method, **{"alpha": 0.7, **kwargs})
 
 
 def _logits(model, seed=0):
@@ -120,6 +120,21 @@ def test_a_truncated_adapter_is_the_best_rank_k_approximation_and_reports_what_i
     assert abs(report["discarded_fraction"] - dropped / total) <= 1e-5
     card = (out / "README.md").read_text()
     assert "at most 2 per key" in card and f"{report['discarded_fraction']:.3e}" in card
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "star"])
+def test_spectral_merges_of_adapters_export_as_adapters_exactly(zoo, tmp_path, method):
+    merged = _merge(zoo["llama"], {"a": zoo["a"], "b": zoo["b"]}, method=method)
+    out = wl.io.export_adapter(merged, tmp_path / method, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = wl.TaskVectors(zoo["llama"], {"m": out})
+    report = json.loads((out / "weightlens_adapter.json").read_text())
+    assert report["discarded_fraction"] < 1e-10
+    for key in merged.updated_keys:
+        ref = merged.update(key).double()
+        err = (back.delta("m", key).double() - ref).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref.abs().max().item()), (method, key)
 
 
 def test_a_merge_that_changes_a_1d_key_is_refused_with_the_keys_named(zoo, tmp_path):

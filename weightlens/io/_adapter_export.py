@@ -140,8 +140,10 @@ def _factors(merged: Any, key: str, rank: int | None, transpose: bool
     U, S, Vh = U.float().cpu(), S.float().cpu(), Vh.float().cpu()
     S64 = S.double()
     energy = float((S64 ** 2).sum())
-    tol = max(U.shape[0], Vh.shape[1]) * torch.finfo(torch.float32).eps * (float(S64[0]) if S64.numel() else 0.0)
+    tol = max(U.shape[0], Vh.shape[1]) * torch.finfo(torch.float32).eps * (float(S64.max()) if S64.numel() else 0.0)
     full = int((S64 > tol).sum())
+    order = torch.argsort(S64, descending=True, stable=True)  # the methods' factors come sorted; be sure
+    U, S, Vh, S64 = U[:, order], S[order], Vh[order], S64[order]
     k = full if rank is None else min(rank, full)
     discarded = float((S64[k:] ** 2).sum())
     root = S[:k].sqrt()
