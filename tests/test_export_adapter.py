@@ -142,6 +142,13 @@ def test_a_merge_that_changes_a_1d_key_is_refused_with_the_keys_named(zoo, tmp_p
     with pytest.raises(CheckpointError, match=r"cannot carry .*norm\.weight \[\d+\]"):
         wl.export(merged, tmp_path / "bad", as_adapter=True, progress=False)
     assert not (tmp_path / "bad").exists()
+    # a full fine-tune's merge restricted to its linear layers, truncated to a rank: the error is reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tv = wl.TaskVectors(zoo["llama"], {"a": zoo["a"], "full": zoo["full"]}, include="*_proj.weight")
+        merged = wl.merge(tv, method="task_arithmetic", alpha=0.5)
+    out = wl.export(merged, tmp_path / "r3", as_adapter=True, rank=3, progress=False)
+    assert json.loads((out / "weightlens_adapter.json").read_text())["discarded_fraction"] > 0.01
 
 
 def test_adapter_export_refuses_bad_settings(zoo, tmp_path):

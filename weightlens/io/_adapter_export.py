@@ -125,7 +125,8 @@ def _targets(merged: Any) -> list[str]:
             f"export as an adapter: the merge changes {len(bad)} key(s) that a LoRA on linear layers cannot carry "
             f"(1-D biases and norms, embeddings, convolutions): {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. "
             "Merge only the keys an adapter updates (adapters that target linear layers leave the rest exactly "
-            "zero; or select keys with TaskVectors(..., keys=...)), or export the full weights (as_adapter=False)."
+            "zero; or select keys with TaskVectors(..., include=\"*_proj.weight\")), or export the full weights "
+            "(as_adapter=False)."
         )
     if not matrices:
         raise CheckpointError("export as an adapter: the merge changes no matrix key, so there is nothing to write "
