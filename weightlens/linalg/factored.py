@@ -27,7 +27,7 @@ from weightlens.linalg.backend import _fix_signs, svd, svdvals
 from weightlens.linalg.devices import resolve_device
 from weightlens.linalg.results import SVD
 
-__all__ = ["complete_basis", "concat_factors", "factored_svd", "factored_svdvals"]
+__all__ = ["complete_basis", "complete_pair", "concat_factors", "factored_svd", "factored_svdvals"]
 
 
 def concat_factors(factors: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
@@ -128,19 +128,66 @@ def _check(B: Tensor, A: Tensor, dtype: torch.dtype, op: str, name: str | None) 
 def complete_basis(Q: Tensor, width: int) -> Tensor:
     """``Q``'s orthonormal columns followed by ``width - p`` more, orthogonal to them and to each other.
 
-    ``Q`` is ``(m, p)`` with orthonormal columns and ``p <= width <= m``. The new columns are those of the
-    Householder reflections that triangularise ``Q`` (``torch.geqrf``, then ``torch.ormqr`` on identity
-    columns), in ``Q``'s dtype (float32 at least) and on its device: deterministic, ``O(m * width * p)`` work,
-    nothing of size ``m x m`` formed, orthogonal to working precision. They stand for the arbitrary
-    completion a dense SVD returns past a matrix's rank. The first ``p`` columns are ``Q`` itself.
+    ``Q`` is ``(m, p)`` with orthonormal columns and ``p <= width <= m``. The new columns are columns
+    ``p .. width - 1`` of the product of the Householder reflections that triangularise ``Q``
+    (``torch.geqrf``), formed from its compact WY form ``I - W T W^T`` with one matrix product, in ``Q``'s
+    dtype (float32 at least) and on its device: deterministic, ``O(m * width * p)`` work, nothing of size
+    ``m x m`` formed, orthogonal to working precision. They stand for the arbitrary completion a dense SVD
+    returns past a matrix's rank. The first ``p`` columns are ``Q`` itself.
     """
+    _check_width(Q, width)
+    if width == Q.shape[1]:
+        return Q
+    return torch.cat([Q, _householder(Q, width)[0].to(Q.dtype)], dim=1)
+
+
+def complete_pair(U: Tensor, V: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(complete_basis(U, width), complete_basis(V, width), N)`` with ``N`` the completions' product.
+
+    ``U (m, p)`` and ``V (n, p)`` are orthonormal pairs (e.g. singular vectors); ``N = Cu @ Cv^T`` for their
+    completions ``Cu (m, width - p)``, ``Cv (n, width - p)``: a partial isometry between the orthogonal
+    complements, formed as ``E Cv^T - W_u (X_u Cv^T)`` from ``Cu = E - W_u X_u`` (the WY form) in
+    ``O((m + n) * width * p + m * n * p)`` instead of the ``O(m * n * width)`` of the product itself.
+    """
+    _check_width(U, width)
+    _check_width(V, width)
+    if U.shape[1] != V.shape[1]:
+        raise ShapeMismatchError(f"complete_pair: U has {U.shape[1]} columns and V {V.shape[1]}; pass pairs.")
+    p = U.shape[1]
+    Cu, Wu, Xu = _householder(U, width)
+    Cv = _householder(V, width)[0]
+    N = -(Wu @ (Xu @ Cv.mT))
+    N[p:width] += Cv.mT
+    dtype = U.dtype
+    return torch.cat([U, Cu.to(dtype)], 1), torch.cat([V, Cv.to(dtype)], 1), N.to(dtype)
+
+
+def _check_width(Q: Tensor, width: int) -> None:
     m, p = Q.shape
     if not p <= width <= m:
         raise InvalidParameterError(f"complete_basis: width {width} must lie in [{p}, {m}] for a ({m}, {p}) basis.")
-    if width == p:
-        return Q
-    dtype = torch.promote_types(Q.dtype, torch.float32)
+
+
+def _householder(Q: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(C, W, X)``: columns ``p .. width - 1`` of ``H = I - W T W^T``, the Householder product of ``geqrf(Q)``
+    (LAPACK's ``larft``, forward, columnwise), with ``C = E - W @ X`` (``E`` those columns of the identity,
+    ``X = T @ W[p:width]^T``)."""
+    (m, p), dtype = Q.shape, torch.promote_types(Q.dtype, torch.float32)
     a, tau = torch.geqrf(Q.to(dtype))
-    eye = torch.zeros((m, width - p), dtype=dtype, device=Q.device)
-    eye[p:width] = torch.eye(width - p, dtype=dtype, device=Q.device)
-    return torch.cat([Q, torch.ormqr(a, tau, eye).to(Q.dtype)], dim=1)
+    W = a.tril(-1)
+    W.diagonal().fill_(1.0)
+    G = W.mT @ W
+    if bool((tau != 0).all()):  # T^-1 = diag(1 / tau) + strictly upper part of W^T W (Puglisi)
+        inverse = torch.diag(1.0 / tau) + G.triu(1)
+        eye = torch.eye(p, dtype=dtype, device=Q.device)
+        T = torch.linalg.solve_triangular(inverse, eye, upper=True)
+    else:  # a reflector that is the identity: larft's recurrence
+        T = torch.zeros((p, p), dtype=dtype, device=Q.device)
+        for i in range(p):
+            T[i, i] = tau[i]
+            if i:
+                T[:i, i] = -tau[i] * (T[:i, :i] @ G[:i, i])
+    X = T @ W[p:width].mT
+    C = -(W @ X)
+    C[p:width] += torch.eye(width - p, dtype=dtype, device=Q.device)
+    return C, W, X

@@ -48,8 +48,8 @@ from typing import Annotated, Literal
 import torch
 
 from weightlens import decompositions, linalg
-from weightlens.io.sources import LoraFactors
-from weightlens.linalg.factored import complete_basis
+from weightlens.io.sources import AdapterCheckpoint, LoraFactors
+from weightlens.linalg.factored import complete_basis, complete_pair
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge
 
@@ -65,15 +65,27 @@ def _mean(ctx: MergeContext, key: str) -> KeyUpdate:
     return KeyUpdate(ctx.deltas(key).mean(0))
 
 
+def _lora(ctx: MergeContext, key: str) -> dict[str, LoraFactors] | None:
+    """Every task's LoRA factors at ``key`` (``tv.factors``), read once per task set and key (``tv.cache``), or
+    None when a task has none there (a full fine-tune: then nothing is read or cached)."""
+    if not all(isinstance(ctx.tv.finetuned[t], AdapterCheckpoint) for t in ctx.tasks):
+        return None
+
+    def read() -> dict[str, LoraFactors] | None:
+        factors = {t: ctx.tv.factors(t, key) for t in ctx.tasks}
+        return None if any(f is None for f in factors.values()) else factors
+
+    return ctx.cached(("lora_factors", key), read)
+
+
 def _zero_tasks(ctx: MergeContext, key: str) -> tuple[str, ...]:
     """Tasks whose matrix of ``key`` is zero: ``ctx.zero_tasks``, or from the factors when every task has LoRA
     factors there (nothing ``m x n`` formed): rank 0 (the adapter leaves the key alone), a zero factor or scale.
     (Nonzero factors whose product vanishes count as nonzero: their exact SVD is then numerically zero.)"""
-    factors = [ctx.tv.factors(t, key) for t in ctx.tasks]
-    if any(f is None for f in factors):
+    lora = _lora(ctx, key)
+    if lora is None:
         return ctx.zero_tasks(key)
-    return tuple(t for t, f in zip(ctx.tasks, factors)
-                 if f.A.shape[0] == 0 or f.scale == 0 or not f.B.any() or not f.A.any())
+    return tuple(t for t, f in lora.items() if f.A.shape[0] == 0 or f.scale == 0 or not f.B.any() or not f.A.any())
 
 
 def _all_zero(ctx: MergeContext, key: str, method: str) -> KeyUpdate | None:
@@ -215,10 +227,21 @@ def _iso_c_low_rank(ctx: MergeContext, key: str, restrict: bool, method: str, de
         return KeyUpdate(torch.zeros(shape), (f"{method}: the task-arithmetic sum is zero: zero update.",))
     notes = (_rank_note(method, "the task-arithmetic sum", rank, r, restrict),)
     sigma_bar = S[:rank].mean() if restrict else S.sum() / r  # unrestricted: the mean of all r values
-    width = rank if restrict else r
-    U_iso, V_iso = complete_basis(U[:, :rank], width), complete_basis(Vh[:rank].mT, width)
+    return _isotropic(U[:, :rank], Vh[:rank].mT, sigma_bar, rank if restrict else r, r, notes)
+
+
+def _isotropic(U: torch.Tensor, V: torch.Tensor, sigma_bar: torch.Tensor, width: int, r: int,
+               notes: tuple[str, ...]) -> KeyUpdate:
+    """``sigma_bar`` times ``width`` orthonormal pairs: the meaningful ``(U, V)`` and a completion of them
+    (:func:`complete_pair`: the completions' product costs ``O(m n p)``, not ``O(m n width)``); factors
+    completed with zero values to ``r`` triplets."""
+    if width == U.shape[1]:  # nothing to complete (restricted to the meaningful directions)
+        U_iso, V_iso, update = U, V, sigma_bar * (U @ V.mT)
+    else:
+        U_iso, V_iso, null = complete_pair(U, V, width)
+        update = sigma_bar * (U @ V.mT + null)
     ones = sigma_bar * torch.ones(width, dtype=U.dtype, device=U.device)
-    return KeyUpdate((sigma_bar * (U_iso @ V_iso.mT)).cpu(), notes, _completed(U_iso, ones, V_iso.mT, r))
+    return KeyUpdate(update.cpu(), notes, _completed(U_iso, ones, V_iso.mT, r))
 
 
 @register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True)
@@ -363,13 +386,8 @@ def iso_cts(
 def _low_rank_sum(ctx: MergeContext, key: str) -> bool:
     """Whether every task has LoRA factors at ``key`` and their ranks sum below ``min(m, n)``: then the sum's
     SVD comes from the factors with fewer than ``min(m, n)`` triplets (``weightlens.decompositions``)."""
-    total = 0
-    for task in ctx.tasks:
-        f = ctx.tv.factors(task, key)
-        if f is None:
-            return False
-        total += f.A.shape[0]
-    return total < min(ctx.shape(key))
+    lora = _lora(ctx, key)
+    return lora is not None and sum(f.A.shape[0] for f in lora.values()) < min(ctx.shape(key))
 
 
 def _frobenius(f: LoraFactors) -> float:
@@ -383,7 +401,7 @@ def _residual_from_factors(ctx: MergeContext, key: str, task: str, Uc: torch.Ten
     (cached per task set, key, task, k, s)."""
 
     def compute() -> linalg.SVD:
-        f = ctx.tv.factors(task, key)
+        f = _lora(ctx, key)[task]
         B = f.B.to(Uc.device, torch.float64)
         B = B - Uc @ (Uc.mT @ B)
         return linalg.factored_svd(B, f.A, scale=f.scale, device=Uc.device, dtype=torch.float64, name=key)
@@ -426,7 +444,7 @@ def _iso_cts_low_rank(ctx: MergeContext, key: str, k: int, s: int, restrict: boo
     Ws, Vs, sig, count = [], [Vh[:cm].mT], [S[:cm]], kc
     for task in ctx.tasks:
         Ur, Sr, Vhr = _residual_from_factors(ctx, key, task, Uc, s)
-        meaningful = min(s, int((Sr > tol * _frobenius(ctx.tv.factors(task, key))).sum()))
+        meaningful = min(s, int((Sr > tol * _frobenius(_lora(ctx, key)[task])).sum()))
         if meaningful < s:
             notes.append(_rank_note("Iso-CTS", f"the residual of task {task!r}", meaningful, s, restrict))
         Ws.append(Ur[:, :meaningful])
@@ -439,11 +457,8 @@ def _iso_cts_low_rank(ctx: MergeContext, key: str, k: int, s: int, restrict: boo
     right = torch.cat(Vs, 1)
     if right.shape[1]:
         right = linalg.polar(right, device=U.device, dtype=torch.float64, name=key)
-    # the meaningful directions in float64, their completion and the m x n product in float32
-    U_iso, V_iso = complete_basis(left.to(f32), count), complete_basis(right.to(f32), count)
-    sigma_bar = (torch.cat(sig).sum() / count).to(f32)
-    ones = sigma_bar * torch.ones(count, dtype=f32, device=U.device)
-    return KeyUpdate((sigma_bar * (U_iso @ V_iso.mT)).cpu(), tuple(notes), _completed(U_iso, ones, V_iso.mT, r))
+    sigma_bar = (torch.cat(sig).sum() / count).to(f32)  # the directions in float64, the rest in float32
+    return _isotropic(left.to(f32), right.to(f32), sigma_bar, count, r, tuple(notes))
 
 
 # --------------------------------------------------------------------------------------- STAR
