@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import weightlens as wl  # noqa: E402
 from weightlens import decompositions  # noqa: E402
 from weightlens.analysis.alignment import principal_angles  # noqa: E402
-from weightlens.linalg.factored import complete_basis, factored_svdvals  # noqa: E402
+from weightlens.linalg.factored import complete_basis, complete_pair, factored_svdvals  # noqa: E402
 from weightlens.merge import list_methods  # noqa: E402
 
 import _hf_models as hf  # noqa: E402
@@ -98,6 +98,12 @@ def test_complete_basis_and_factored_svdvals():
     assert full.shape == (40, 25) and torch.equal(full[:, :6], Q)
     torch.testing.assert_close(full.mT @ full, torch.eye(25, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(complete_basis(Q, 6), Q) and complete_basis(Q[:, :0], 3).shape == (40, 3)
+    eye = torch.eye(8, dtype=torch.float64)
+    assert torch.equal(complete_basis(eye[:, :2], 5), eye[:, :5])  # identity reflectors (tau = 0)
+    V = torch.linalg.qr(torch.randn(30, 6, generator=g, dtype=torch.float64)).Q
+    U_full, V_full, N = complete_pair(Q, V, 25)
+    assert torch.equal(U_full, full) and torch.equal(V_full, complete_basis(V, 25))
+    torch.testing.assert_close(N, U_full[:, 6:] @ V_full[:, 6:].mT, rtol=0, atol=1e-12)
     B, A = torch.randn(30, 4, generator=g), torch.randn(4, 50, generator=g)
     S = torch.linalg.svdvals(1.5 * (B.double() @ A.double()))
     np.testing.assert_allclose(factored_svdvals(B, A, scale=1.5, device="cpu").double().numpy(), S[:4].numpy(),
