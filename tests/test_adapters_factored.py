@@ -272,6 +272,20 @@ def test_restricted_iso_on_adapters_equals_the_dense_merge(tvs):
     assert svd.S.numel() == 16 and float(svd.S[-1]) == 0.0 and float(svd.S[0]) == pytest.approx(float(svd.S[14]))
 
 
+def test_a_mix_of_adapters_and_a_full_finetune(zoo):
+    """The full fine-tune keeps the dense path (its SVD has min(m, n) triplets), the adapters theirs; the sum is
+    dense. Analysis and every merge run, TSV-M taking the adapter's 5 directions and the full task's 8."""
+    mixed = wl.TaskVectors(zoo["llama"], {"t0": zoo["adapters"]["t0"], "full": zoo["full"]})
+    report = wl.analyze(mixed, keys=[Q, UP, "model.norm.weight"], progress=False, **CPU)
+    assert report.spectra.set_index(["key", "task"]).loc[(Q, "t0"), "numerical_rank"] == 5
+    for method in list_methods():
+        upd = wl.merge(mixed, method=method, **CPU).key_update(UP).update
+        assert upd.shape == (32, 16) and bool(torch.isfinite(upd).all()) and upd.any(), method
+    tsv = wl.merge(mixed, method="tsv", **CPU)
+    assert tsv.update_svd(Q).S.numel() == 16 and any("task 't0' has rank 5 < floor(r/T)=8" in n for n in tsv.notes.note)
+    assert int((tsv.update_svd(Q).S > 0).sum()) == 13
+
+
 def test_tsv_of_one_adapter_is_its_own_update(zoo):
     tv = wl.TaskVectors(zoo["llama"], {"t0": zoo["adapters"]["t0"]})
     merged = wl.merge(tv, method="tsv", alpha=1.0, **CPU)
