@@ -14,11 +14,13 @@ parent: each builder makes ``parent / name`` and returns it. Import this module 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["bert_classifier_finetunes", "body_of", "bpe_tokenizer", "finetune", "tiny_bert", "tiny_gpt2",
@@ -169,3 +171,18 @@ def with_added_tokens(src: Path, out: Path, tokens: Sequence[str], *, special: b
     model.resize_token_embeddings(len(tok), pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
     _perturb(model, seed, scale)
     return _save(model, tok, Path(out))
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder/model.safetensors``, read directly (an independent reader for checks)."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def quiet_task_vectors(*args, **kwargs):
+    """``wl.TaskVectors(*args, **kwargs)`` without the ``KeyMapWarning`` a prefix match gives."""
+    import weightlens as wl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wl.taskvectors.KeyMapWarning)
+        return wl.TaskVectors(*args, **kwargs)

@@ -75,10 +75,7 @@ def _check_close(got: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, wh
     assert err <= bound, f"{what}: |delta - (merged - base)| = {err:.3g} > {bound:.3g}"
 
 
-def _tv(base, finetuned, **kwargs) -> wl.TaskVectors:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KeyMapWarning)
-        return wl.TaskVectors(base, finetuned, **kwargs)
+_tv = hf.quiet_task_vectors  # task vectors without the KeyMapWarning of a prefix match
 
 
 def _edited(zoo, name: str, dst: str, **config) -> str:

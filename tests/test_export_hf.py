@@ -8,13 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 import weightlens as wl
 from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError, ShapeMismatchError
@@ -27,6 +25,8 @@ from _hf_models import (  # noqa: E402  (needs transformers)
     bert_classifier_finetunes,
     body_of,
     finetune,
+    quiet_task_vectors as _quiet,
+    tensors as _tensors,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -34,17 +34,6 @@ from _hf_models import (  # noqa: E402  (needs transformers)
 )
 
 RECIPE = "weightlens_recipe.yaml"
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _quiet(*args, **kwargs) -> wl.TaskVectors:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", wl.taskvectors.KeyMapWarning)
-        return wl.TaskVectors(*args, **kwargs)
 
 
 def _loaded(cls, folder: Path):

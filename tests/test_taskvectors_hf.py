@@ -4,11 +4,9 @@ and the union tokenizer. References are read straight from the safetensors files
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import weightlens as wl
 
@@ -17,6 +15,8 @@ from _hf_models import (  # noqa: E402  (needs transformers)
     bert_classifier_finetunes,
     body_of,
     finetune,
+    quiet_task_vectors as _quiet,
+    tensors as _tensors,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -24,17 +24,6 @@ from _hf_models import (  # noqa: E402  (needs transformers)
 )
 
 KeyMapWarning = wl.taskvectors.KeyMapWarning
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _quiet(*args, **kwargs) -> wl.TaskVectors:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KeyMapWarning)
-        return wl.TaskVectors(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- BERT heads

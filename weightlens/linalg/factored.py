@@ -80,11 +80,8 @@ def factored_svd(
         ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` with ``k = min(r, m, n)``. When ``r >= min(m, n)`` the
         product is formed and decomposed densely (nothing to gain from the factors).
     """
-    _check(B, A, dtype, "factored_svd", name)
-    (m, r), n = B.shape, A.shape[1]
-    dev = resolve_device(device)
-    if r >= min(m, n):
-        dense = float(scale) * (B.to(dev, torch.float64) @ A.to(dev, torch.float64))
+    dev, dense = _prepare(B, A, scale, device, dtype, "factored_svd", name)
+    if dense is not None:
         return svd(dense, device=dev, dtype=dtype, name=name)
     Qb, Rb = torch.linalg.qr(B.to(dev, torch.float64))
     Qa, Ra = torch.linalg.qr(A.to(dev, torch.float64).mT)
@@ -104,18 +101,18 @@ def factored_svdvals(
 ) -> Tensor:
     """Singular values of ``scale * B @ A`` alone: :func:`factored_svd`'s ``S`` from the triangular factors
     only (no ``Q`` formed), ``min(r, m, n)`` values, descending; dense when ``r >= min(m, n)``."""
-    _check(B, A, dtype, "factored_svdvals", name)
-    (m, r), n = B.shape, A.shape[1]
-    dev = resolve_device(device)
-    if r >= min(m, n):
-        dense = float(scale) * (B.to(dev, torch.float64) @ A.to(dev, torch.float64))
+    dev, dense = _prepare(B, A, scale, device, dtype, "factored_svdvals", name)
+    if dense is not None:
         return svdvals(dense, device=dev, dtype=dtype, name=name)
     Rb = torch.linalg.qr(B.to(dev, torch.float64), mode="r").R
     Ra = torch.linalg.qr(A.to(dev, torch.float64).mT, mode="r").R
     return torch.linalg.svdvals(float(scale) * (Rb @ Ra.mT)).to(dtype)
 
 
-def _check(B: Tensor, A: Tensor, dtype: torch.dtype, op: str, name: str | None) -> None:
+def _prepare(B: Tensor, A: Tensor, scale: float, device: str | torch.device, dtype: torch.dtype, op: str,
+             name: str | None) -> tuple[torch.device, Tensor | None]:
+    """Checks the factors, resolves the device, and forms the product (float64) when the factors are no
+    thinner than it (``r >= min(m, n)``: nothing to gain from them); else ``None``."""
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ShapeMismatchError(
             f"{op}{'' if name is None else f' of {name!r}'}: B {tuple(B.shape)} @ A {tuple(A.shape)} is "
@@ -123,6 +120,10 @@ def _check(B: Tensor, A: Tensor, dtype: torch.dtype, op: str, name: str | None) 
         )
     if dtype not in (torch.float32, torch.float64):
         raise InvalidParameterError(f"The 'dtype' parameter must be torch.float32 or torch.float64. Got {dtype!r}.")
+    dev = resolve_device(device)
+    if B.shape[1] < min(B.shape[0], A.shape[1]):
+        return dev, None
+    return dev, float(scale) * (B.to(dev, torch.float64) @ A.to(dev, torch.float64))
 
 
 def complete_basis(Q: Tensor, width: int) -> Tensor:
