@@ -385,13 +385,42 @@ def test_factors_of_the_wrong_shape_are_rejected(tv):
         if total.ndim != 2:
             return KeyUpdate(total)
         U, S, Vh = linalg.svd(total)
-        return KeyUpdate(total, (), linalg.SVD(U[:, :1], S[:1], Vh[:1]))
+        return KeyUpdate(total, (), linalg.SVD(U[:, :1], S[:1], Vh[:2]))  # one left vector, two right ones
 
     try:
         with pytest.raises(wl.ShapeMismatchError, match=r"test_bad_factors.*factors of shapes.*key 'enc.weight'"):
             merge(tv, method="test_bad_factors").update_svd("enc.weight")
     finally:
         unregister("test_bad_factors")
+
+
+def test_fewer_factors_than_the_rank_bound_are_completed_on_request(tv):
+    # A method whose update has rank p < min(m, n) may hand over p triplets; update_svd completes them with
+    # zero values and orthonormal directions orthogonal to the p given ones (no decomposition of the update).
+    from weightlens import linalg
+    from weightlens.merge.registry import KeyUpdate, register_merge, unregister
+
+    @register_merge("test_thin_factors")
+    def thin_factors(ctx, key) -> KeyUpdate:
+        total = ctx.deltas(key).sum(0).double()
+        if total.ndim != 2:
+            return KeyUpdate(total.float())
+        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        U, S, Vh = U[:, :2].float(), S[:2].float(), Vh[:2].float()
+        return KeyUpdate((U * S) @ Vh, (), linalg.SVD(U, S, Vh))
+
+    try:
+        result = merge(tv, method="test_thin_factors", alpha=-0.5)
+        m, n = result.key_update("enc.weight").update.shape
+        U, S, Vh = result.update_svd("enc.weight")
+        r = min(m, n)
+        assert U.shape == (m, r) and S.shape == (r,) and Vh.shape == (r, n)
+        assert torch.equal(S[2:], torch.zeros(r - 2)) and bool((S[:2] > 0).all())
+        torch.testing.assert_close((U * S) @ Vh, result.update("enc.weight"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(U.mT @ U, torch.eye(r), rtol=0, atol=1e-5)
+        torch.testing.assert_close(Vh @ Vh.mT, torch.eye(r), rtol=0, atol=1e-5)
+    finally:
+        unregister("test_thin_factors")
 
 
 def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():

@@ -30,6 +30,7 @@ import torch
 from weightlens import decompositions, linalg
 from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
+from weightlens.linalg.factored import complete_basis
 from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
 from weightlens.merged import MergedWeights
 from weightlens.taskvectors import TaskVectors
@@ -245,7 +246,8 @@ class MergeResult(MergedWeights):
         ku = self.key_update(key)
         ctx = self._ctx
         if ku.factors is not None:  # the method built its update from these (TSV-M, Iso)
-            U, S, Vh = ku.factors
+            U, S, Vh = ctx.cached(("update_svd_completed", self.method, self._frozen, key),
+                                  lambda: _completed(ku.factors, min(ctx.shape(key))))
         else:
             U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
                                   lambda: linalg.svd(ku.update, device=ctx.device, name=key))
@@ -416,14 +418,25 @@ def _checked_factors(spec: MergeMethod, key: str, factors: Any, shape: tuple[int
     if factors is None:
         return None
     U, S, Vh = factors
-    r = min(shape)
-    if tuple(U.shape) != (shape[0], r) or tuple(S.shape) != (r,) or tuple(Vh.shape) != (r, shape[1]):
+    p = S.shape[0] if S.dim() == 1 else -1
+    if not 0 < p <= min(shape) or tuple(U.shape) != (shape[0], p) or tuple(Vh.shape) != (p, shape[1]):
+        r = min(shape)
         raise ShapeMismatchError(
             f"Merge method {spec.name!r} returned factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, "
-            f"{tuple(Vh.shape)} for key {key!r}; a thin SVD of shape {shape} needs ({shape[0]}, {r}), "
-            f"({r},), ({r}, {shape[1]})."
+            f"{tuple(Vh.shape)} for key {key!r}; an SVD of {p} triplets of shape {shape} needs "
+            f"({shape[0]}, p), (p,), (p, {shape[1]}) with 0 < p <= {r}."
         )
     return linalg.SVD(U.detach(), S.detach(), Vh.detach())
+
+
+def _completed(factors: linalg.SVD, r: int) -> linalg.SVD:
+    """A method's ``p`` triplets completed to ``r``: zero values, directions orthogonal to them
+    (:func:`~weightlens.linalg.factored.complete_basis`), as a dense SVD's arbitrary completion past the rank."""
+    U, S, Vh = factors
+    p = S.numel()
+    if p == r:
+        return factors
+    return linalg.SVD(complete_basis(U, r), torch.cat([S, S.new_zeros(r - p)]), complete_basis(Vh.mT, r).mT)
 
 
 def _full(base: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -100,9 +100,10 @@ class KeyUpdate:
     ----------
     update : unscaled merged update (fp32, CPU, shape of the key); the engine multiplies by alpha.
     notes : degenerate cases met on this key, one sentence each (reported in ``MergeResult.notes``).
-    factors : optional thin SVD ``(U, S, Vh)`` of ``update`` (``S`` descending, ``min(m, n)``
-        values) for a method that builds its update from orthonormal factors anyway (TSV-M, Iso):
-        ``MergeResult.update_svd`` then needs no decomposition.
+    factors : optional SVD ``(U, S, Vh)`` of ``update`` (``S`` descending, ``p <= min(m, n)`` values:
+        the update has rank at most ``p``) for a method that builds its update from orthonormal factors
+        anyway (TSV-M, Iso): ``MergeResult.update_svd`` then needs no decomposition (it completes fewer
+        than ``min(m, n)`` triplets with zero values and orthogonal directions only when asked).
     """
 
     update: torch.Tensor

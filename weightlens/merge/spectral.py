@@ -171,24 +171,13 @@ def _tsv_low_rank(ctx: MergeContext, key: str, svds: list[linalg.SVD], k: int) -
     U_perp = linalg.polar(U_hat, device=dev, name=key)
     V_perp = linalg.polar(V_hat, device=dev, name=key)
     order = torch.argsort(S_hat, descending=True, stable=True)
-    factors = _completed(U_perp[:, order], S_hat[order], V_perp[:, order].mT, r)
+    factors = linalg.SVD(U_perp[:, order], S_hat[order], V_perp[:, order].mT)
     return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
 
 
-def _completed(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> linalg.SVD:
-    """A thin SVD of ``p`` orthonormal pairs completed to ``r``: values zero, directions orthogonal to them
-    (:func:`complete_basis`), as a dense SVD's arbitrary completion past the rank."""
-    p = S.numel()
-    if p == r:
-        return linalg.SVD(U, S, Vh)
-    return linalg.SVD(complete_basis(U, r), torch.cat([S, S.new_zeros(r - p)]), complete_basis(Vh.mT, r).mT)
-
-
-def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor, r: int) -> linalg.SVD | None:
-    """``(U, sigma * 1, Vh)``: the SVD of ``sigma * U @ Vh`` for orthonormal ``U``, ``Vh`` of ``r`` columns."""
-    if U.shape[1] != r:
-        return None  # restricted to fewer directions: let update_svd decompose it
-    return linalg.SVD(U, sigma * torch.ones(r, dtype=U.dtype, device=U.device), Vh)
+def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor) -> linalg.SVD:
+    """``(U, sigma * 1, Vh)``: the SVD of ``sigma * U @ Vh`` for orthonormal ``U``, ``Vh``."""
+    return linalg.SVD(U, sigma * torch.ones(U.shape[1], dtype=U.dtype, device=U.device), Vh)
 
 
 # --------------------------------------------------------------------------------------- Iso
@@ -212,7 +201,7 @@ def _iso_c_update(ctx: MergeContext, key: str, restrict: bool, method: str) -> K
     if rank == 0:
         return KeyUpdate(torch.zeros(ctx.shape(key)), (f"{method}: the task-arithmetic sum is zero: zero update.",))
     sigma_bar = S[:keep].mean()
-    factors = _flat(U[:, :keep], sigma_bar, Vh[:keep], S.numel())
+    factors = _flat(U[:, :keep], sigma_bar, Vh[:keep])
     return KeyUpdate((sigma_bar * (U[:, :keep] @ Vh[:keep])).cpu(), notes, factors)
 
 
@@ -227,21 +216,21 @@ def _iso_c_low_rank(ctx: MergeContext, key: str, restrict: bool, method: str, de
         return KeyUpdate(torch.zeros(shape), (f"{method}: the task-arithmetic sum is zero: zero update.",))
     notes = (_rank_note(method, "the task-arithmetic sum", rank, r, restrict),)
     sigma_bar = S[:rank].mean() if restrict else S.sum() / r  # unrestricted: the mean of all r values
-    return _isotropic(U[:, :rank], Vh[:rank].mT, sigma_bar, rank if restrict else r, r, notes)
+    return _isotropic(U[:, :rank], Vh[:rank].mT, sigma_bar, rank if restrict else r, notes)
 
 
-def _isotropic(U: torch.Tensor, V: torch.Tensor, sigma_bar: torch.Tensor, width: int, r: int,
+def _isotropic(U: torch.Tensor, V: torch.Tensor, sigma_bar: torch.Tensor, width: int,
                notes: tuple[str, ...]) -> KeyUpdate:
     """``sigma_bar`` times ``width`` orthonormal pairs: the meaningful ``(U, V)`` and a completion of them
-    (:func:`complete_pair`: the completions' product costs ``O(m n p)``, not ``O(m n width)``); factors
-    completed with zero values to ``r`` triplets."""
+    (:func:`complete_pair`: the completions' product costs ``O(m n p)``, not ``O(m n width)``); its ``width``
+    triplets are the update's factors."""
     if width == U.shape[1]:  # nothing to complete (restricted to the meaningful directions)
         U_iso, V_iso, update = U, V, sigma_bar * (U @ V.mT)
     else:
         U_iso, V_iso, null = complete_pair(U, V, width)
         update = sigma_bar * (U @ V.mT + null)
     ones = sigma_bar * torch.ones(width, dtype=U.dtype, device=U.device)
-    return KeyUpdate(update.cpu(), notes, _completed(U_iso, ones, V_iso.mT, r))
+    return KeyUpdate(update.cpu(), notes, linalg.SVD(U_iso, ones, V_iso.mT))
 
 
 @register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True)
@@ -379,7 +368,7 @@ def iso_cts(
         return KeyUpdate(torch.zeros(ctx.shape(key)), (*notes, "Iso-CTS: nothing left to merge: zero update."))
     V_perp = linalg.polar(torch.cat(Vs, 1), device=U_perp.device, name=key)
     sigma_bar = torch.cat(sig).mean()
-    factors = _flat(U_perp, sigma_bar, V_perp.mT, r)
+    factors = _flat(U_perp, sigma_bar, V_perp.mT)
     return KeyUpdate((sigma_bar * (U_perp @ V_perp.mT)).cpu(), tuple(notes), factors)
 
 
@@ -458,7 +447,7 @@ def _iso_cts_low_rank(ctx: MergeContext, key: str, k: int, s: int, restrict: boo
     if right.shape[1]:
         right = linalg.polar(right, device=U.device, dtype=torch.float64, name=key)
     sigma_bar = (torch.cat(sig).sum() / count).to(f32)  # the directions in float64, the rest in float32
-    return _isotropic(left.to(f32), right.to(f32), sigma_bar, count, r, tuple(notes))
+    return _isotropic(left.to(f32), right.to(f32), sigma_bar, count, tuple(notes))
 
 
 # --------------------------------------------------------------------------------------- STAR
