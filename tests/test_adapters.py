@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import weightlens as wl  # noqa: E402
@@ -294,3 +295,20 @@ def test_finetuned_weights_of_an_adapter_are_what_merge_and_unload_gives(zoo):
     for key in base:
         assert applied[key].dtype == base[key].dtype
         _check_close(applied[key].double() - base[key].double(), merged[key], base[key], key)
+
+
+def test_a_recipe_notices_a_changed_adapter_config(zoo, tmp_path):
+    # lora_alpha scales the update without touching a tensor file: the recipe fingerprints adapter_config.json.
+    from weightlens.errors import ReproducibilityError
+    from weightlens.io.recipe import RECIPE
+
+    adapter = _edited(zoo, "plain", "recipe_lora")
+    tv = _tv(zoo["bases"]["llama"], {"a": adapter})
+    out = wl.export(wl.merge(tv, method="task_arithmetic", alpha=0.5, device="cpu"), tmp_path / "merged",
+                    progress=False)
+    recipe = yaml.safe_load((out / RECIPE).read_text())
+    assert "adapter_config.json" in recipe["fingerprints"]["finetuned"]["a"]
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 4}))
+    with pytest.raises(ReproducibilityError, match=r"fine-tune 'a' input changed.*adapter_config\.json"):
+        wl.run_recipe(out / RECIPE, tmp_path / "again", progress=False)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from weightlens.errors import InvalidParameterError
+from weightlens.io._adapter import ADAPTER_CONFIG
 from weightlens.io._safetensors import MAX_HEADER
+from weightlens.io.sources import AdapterCheckpoint
 
 __all__ = ["MODES", "anchor_of", "check_shape", "checkpoint_files", "difference", "fingerprint_file",
            "fingerprint_files", "mode_of", "sha256_file"]
@@ -84,8 +86,11 @@ def sha256_file(path: Path) -> str:
 
 
 def checkpoint_files(ckpt: Any) -> list[Path]:
-    """The files ``wl.load`` read for a checkpoint: its source file, then each tensor file, once each."""
+    """The files ``wl.load`` read for a checkpoint: its source file, then each tensor file, once each; for a
+    PEFT adapter also ``adapter_config.json`` (its alpha, rank and patterns scale the update)."""
     files = [str(ckpt.source)] + [ckpt.info(k).file for k in ckpt]
+    if isinstance(ckpt, AdapterCheckpoint):
+        files.append(str(ckpt.folder / ADAPTER_CONFIG))
     return [Path(f) for f in dict.fromkeys(f for f in files if f and Path(f).is_file())]
 
 
