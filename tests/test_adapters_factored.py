@@ -308,3 +308,18 @@ def test_compare_and_widgets_take_adapters(tvs):
     studio = MergeStudio(tv, method="tsv")
     assert studio.wait(120) and studio.last_error is None
     assert math.isfinite(float(studio.state["params"]["alpha"]))
+
+
+def test_the_dashboard_and_the_studio_run_every_method_on_adapters(tvs):
+    # The widgets take factored task vectors as they are: every method computes, shows a comparison, no error.
+    from weightlens.merge import list_methods
+    from weightlens.widgets import InterferenceDashboard, MergeStudio
+
+    tv = tvs[0]
+    InterferenceDashboard(tv)
+    studio = MergeStudio(tv)
+    for method in list_methods():
+        studio.controls["method"].value = method
+        assert studio.wait(120), method
+        assert "#b00020" not in studio.status.value, (method, studio.status.value)
+        assert studio.status.value.startswith(f"<span class='wl-status' style='color:#333'>{method}:"), method
