@@ -161,3 +161,47 @@ def test_adapter_export_refuses_bad_settings(zoo, tmp_path):
         wl.io.export_adapter({"w": torch.ones(2, 2)}, tmp_path / "x")
     out = wl.io.export_adapter(merged, tmp_path / "once", progress=False)
     assert wl.io.export_adapter(merged, out, overwrite=True, progress=False) == out  # its own export is replaceable
+
+
+@pytest.mark.parametrize("method, rank", [("task_arithmetic", None), ("tsv", 3)])
+def test_an_adapter_export_writes_a_recipe_that_remakes_it_bitwise(zoo, tmp_path, method, rank):
+    import yaml
+
+    from weightlens.errors import ReproducibilityError
+    from weightlens.io.recipe import RECIPE
+    from weightlens.merge import run_recipe
+
+    merged = _merge(zoo["llama"], {"a": zoo["a"], "b": zoo["b"]}, method=method)
+    out = wl.export(merged, tmp_path / "adapter", as_adapter=True, rank=rank, progress=False)
+    recipe = yaml.safe_load((out / RECIPE).read_text())
+    assert recipe["adapter"] == {"rank": rank} and recipe["method"] == method and recipe["like"] is False
+    sha = recipe["expect"]["adapter_model.safetensors"]
+    assert not (out / "mergekit_config.yml").exists()  # mergekit writes full weights, not adapters
+    assert "weightlens merge weightlens_recipe.yaml" in (out / "README.md").read_text()
+
+    again = run_recipe(out / RECIPE, tmp_path / "again", progress=False)  # verified against 'expect'
+    assert (again / "adapter_config.json").read_text() == (out / "adapter_config.json").read_text()
+    assert yaml.safe_load((again / RECIPE).read_text())["expect"]["adapter_model.safetensors"] == sha
+
+    edited = yaml.safe_load((out / RECIPE).read_text())
+    edited["adapter"] = {"rank": 1}  # another rank: other tensors, refused by the recorded sha256
+    (out / "edited.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.raises(ReproducibilityError, match="adapter_model.safetensors differs"):
+        run_recipe(out / "edited.yaml", tmp_path / "third", progress=False)
+    assert not (tmp_path / "third").exists()
+    edited["adapter"] = {"rank": 0}
+    (out / "edited.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.raises(InvalidParameterError, match="'adapter' must be null"):
+        run_recipe(out / "edited.yaml", tmp_path / "third", progress=False)
+
+
+def test_an_adapter_export_of_merged_weights_in_memory_says_why_it_has_no_recipe(zoo, tmp_path):
+    base = wl.load(zoo["llama"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tv = wl.TaskVectors({k: base[k] for k in base}, {"a": zoo["a"]})
+    out = wl.export(wl.merge(tv, method="task_arithmetic"), tmp_path / "mem", as_adapter=True, progress=False)
+    assert not (out / "weightlens_recipe.yaml").exists()
+    assert "No recipe was written" in (out / "README.md").read_text()
+    with pytest.raises(InvalidParameterError, match="no card extras"):
+        wl.export(wl.merge(tv, method="task_arithmetic"), tmp_path / "c", as_adapter=True, card={"title": "x"})

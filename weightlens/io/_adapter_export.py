@@ -34,17 +34,20 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightlens._options import resolve_options
 from weightlens._progress import bar
 from weightlens._version import __version__
 from weightlens.errors import CheckpointError, InvalidParameterError, WeightlensError
 from weightlens.io import _paths
 from weightlens.io._atomic import atomic_folder, write_text
+from weightlens.io._fingerprint import sha256_file
+from weightlens.io.recipe import RECIPE, ExportRecipe, portable
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "export_adapter"]
 
@@ -178,7 +181,7 @@ def _report(modules: list[AdapterModule], rank: int | None) -> dict[str, Any]:
     }
 
 
-def _card(merged: Any, report: dict[str, Any], config: dict[str, Any]) -> str:
+def _card(merged: Any, report: dict[str, Any], config: dict[str, Any], plan: ExportRecipe) -> str:
     tasks = ", ".join(f"`{t}`" for t in merged.task_vectors.names)
     asked = "each key's numerical rank (exact up to fp32 rounding)" if report["rank"] is None else \
         f"at most {report['rank']} per key"
@@ -195,12 +198,15 @@ def _card(merged: Any, report: dict[str, Any], config: dict[str, Any]) -> str:
     ]
     lines += [f"| `{k}` | {m['rank']} | {m['full_rank']} | {m['discarded_fraction']:.3e} |"
               for k, m in report["modules"].items()]
+    lines += ["", f"Re-make it: `weightlens merge {RECIPE} --out OUT_DIR` (bitwise on the same device)." if plan.recipe
+              else f"No recipe was written: {plan.why_not}."]
     return "\n".join(lines) + "\n"
 
 
 def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | None = None,
-                   overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Write a merge's update as a PEFT LoRA adapter folder, atomically.
+                   overwrite: bool = False, progress: bool | None = None, options: Any = None,
+                   **overrides: Any) -> Path:
+    """Write a merge's update as a PEFT LoRA adapter folder, atomically, with the recipe that re-makes it.
 
     Parameters
     ----------
@@ -217,6 +223,11 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
         Replace an earlier weightlens export at ``out_dir``.
     progress : bool or None
         A bar over the keys; None follows ``weightlens.config.progress``.
+    options : ExportOptions, optional
+        As for :func:`weightlens.io.export` (``**overrides`` set its fields): ``recipe`` (None: derive
+        ``weightlens_recipe.yaml``, with ``adapter: {rank: ...}`` and the adapter's sha256, when the merge's
+        inputs are files; False: none), ``fingerprint``, ``verify``, ``overwrite_any``. No mergekit YAML is
+        written: mergekit writes full weights, not adapters. ``card`` extras are not taken (refused).
 
     Returns
     -------
@@ -230,6 +241,12 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     InvalidParameterError
         ``merged`` is not a merge result, or ``rank`` is not a positive int or None.
     """
+    from weightlens.io.export import ExportOptions
+
+    opts = resolve_options(ExportOptions, options, overrides, caller="export_adapter")
+    if opts.card is not None:
+        raise InvalidParameterError("export as an adapter writes its own card (rank and truncation error); it takes "
+                                    "no card extras. Drop card=, or export the full weights.")
     rank = _check_rank(rank)
     if not (hasattr(merged, "update_svd") and hasattr(merged, "task_vectors")):
         raise InvalidParameterError(
@@ -243,8 +260,9 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     tv = merged.task_vectors
     inputs = [("base", tv.base.source), *((f"fine-tune {n!r}", c.source) for n, c in tv.finetuned.items())]
     _paths.check_inputs(out, inputs)
-    check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=False)
+    check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=opts.overwrite_any)
     check(out)
+    plan = _recipe_plan(merged, opts.recipe, out, rank, opts.fingerprint)
     transpose = _model_type(merged) in _CONV1D_MODEL_TYPES
     keys = _targets(merged)
     tensors: dict[str, torch.Tensor] = {}
@@ -260,16 +278,30 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     config = _config(modules, getattr(tv.base, "hf_dir", None), transpose)
     report = _report(modules, rank)
     try:
-        with atomic_folder(out, overwrite=overwrite, check=check) as tmp:
+        with atomic_folder(out, overwrite=overwrite or opts.overwrite_any, check=check) as tmp:
             _write_weights(tmp / ADAPTER_WEIGHTS, tensors)
+            written = {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}
+            if opts.verify is not None:
+                opts.verify(written)
             write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
             write_text(tmp / ADAPTER_REPORT, json.dumps(report, indent=2) + "\n")
-            write_text(tmp / "README.md", _card(merged, report, config))
+            write_text(tmp / "README.md", _card(merged, report, config, plan))
+            if plan.recipe is not None:
+                write_text(tmp / RECIPE, replace(portable(plan, out).recipe, expect=written).to_yaml())
     except OSError as err:
         if isinstance(err, WeightlensError):
             raise
         raise OSError(err.errno, f"export of the adapter to {out} failed: {err}; nothing was left behind.") from None
     return out
+
+
+def _recipe_plan(merged: Any, recipe: Any, out: Path, rank: int | None, fingerprint: str) -> ExportRecipe:
+    """The merge's recipe as an export as an adapter records it (``adapter: {rank}``, no ``like``, no mergekit
+    equivalent), or none (``recipe=False``, inputs given in memory)."""
+    plan = merged.export_recipe(recipe, out=out, like=False, fingerprint=fingerprint)
+    if plan.recipe is None:
+        return plan
+    return replace(plan, recipe=replace(plan.recipe, adapter={"rank": rank}, like=False), mergekit=None)
 
 
 def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -507,14 +507,14 @@ def _as_adapter(merged: Any, out_dir: Any, overrides: dict[str, Any], **given: A
     from weightlens.io._adapter_export import export_adapter
 
     rank = overrides.pop("rank", None)
-    ignored = sorted(overrides) + [k for k, default in (("like", None), ("shard_size", "5GB"), ("dtype", None),
-                                                          ("options", None)) if given[k] != default]
+    ignored = [k for k, default in (("like", None), ("shard_size", "5GB"), ("dtype", None)) if given[k] != default]
     if ignored:
         raise InvalidParameterError(
-            f"export(..., as_adapter=True) writes a PEFT adapter and takes only rank, overwrite and progress; "
-            f"got {ignored} as well (settings of the full-weight export). Drop them, or export the full weights."
+            f"export(..., as_adapter=True) writes a PEFT adapter; {ignored} are settings of the full-weight export. "
+            "Drop them, or export the full weights."
         )
-    return export_adapter(merged, out_dir, rank=rank, overwrite=given["overwrite"], progress=given["progress"])
+    return export_adapter(merged, out_dir, rank=rank, overwrite=given["overwrite"], progress=given["progress"],
+                          options=given["options"], **overrides)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Schema (``weightlens_recipe: 1``)::
     key_map: null                      # {task: {fine-tune key: base key or null}}: how keys were matched
     vocab: null                        # added vocabulary rows: null (none), base or union
     head: null                         # the task whose head the export carries (null: none)
+    adapter: {rank: 16}                # only for an export as a PEFT adapter (rank null: each key's own)
     device: cpu                        # where the merge ran (cuda results differ in the last bits)
     threads: 2                         # torch's CPU threads then: LAPACK's last bits depend on it
     dtype: null                        # export dtype (null: the base's)
@@ -72,8 +73,8 @@ __all__ = [
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
-_OPTIONAL = ("params", "include", "exclude", "key_map", "vocab", "head", "device", "threads", "dtype", "shard_size",
-             "like", "output", "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
+_OPTIONAL = ("params", "include", "exclude", "key_map", "vocab", "head", "adapter", "device", "threads", "dtype",
+             "shard_size", "like", "output", "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
 _SCALARS = (bool, int, float, str, type(None))
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_BYTES = 8 * 2**20  # a recipe is a few KiB (fingerprints of 1000 shards: about 200 KiB)
@@ -204,6 +205,19 @@ def _head(value: Any, finetuned: Mapping[str, str], where: str) -> str | None:
         raise InvalidParameterError(f"{where}: 'head' must be null or one of the recipe's tasks "
                                     f"({', '.join(finetuned)}). Got {_short(value)}.")
     return value
+
+
+def _adapter(value: Any, where: str) -> dict[str, int | None] | None:
+    """``None`` (full weights) or ``{"rank": None | positive int}`` (an export as a PEFT adapter)."""
+    if value is None:
+        return None
+    rank = value.get("rank") if isinstance(value, Mapping) else None
+    if (not isinstance(value, Mapping) or set(value) != {"rank"}
+            or not (rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0))):
+        raise InvalidParameterError(
+            f"{where}: 'adapter' must be null (full weights) or {{rank: null or a positive integer}} (an export as a "
+            f"PEFT adapter). Got {_short(value)}.")
+    return {"rank": rank}
 
 
 def _like(data: Mapping[str, Any], where: str) -> str | bool | None:
@@ -350,6 +364,7 @@ class Recipe:
     key_map: dict[str, dict[str, str | None]] | None = None
     vocab: str | None = None
     head: str | None = None
+    adapter: dict[str, int | None] | None = None
     device: str = "cpu"
     threads: int | None = None
     dtype: str | None = None
@@ -374,7 +389,7 @@ class Recipe:
             params=_params(data.get("params"), where), include=_patterns(data.get("include"), "include", where),
             exclude=_patterns(data.get("exclude"), "exclude", where),
             key_map=_key_map(data.get("key_map"), ft, where), vocab=_choice(data.get("vocab"), "vocab", _VOCAB, where),
-            head=_head(data.get("head"), ft, where),
+            head=_head(data.get("head"), ft, where), adapter=_adapter(data.get("adapter"), where),
             device=_text(data, "device", where, null=True) or "cpu", threads=_threads(data.get("threads"), where),
             dtype=_dtype(data.get("dtype"), where), shard_size=_shard_size(data.get("shard_size"), where),
             like=_like(data, where),
@@ -402,7 +417,8 @@ class Recipe:
             "base": self.base, "finetuned": dict(self.finetuned), "method": self.method, "params": dict(self.params),
             "include": self.include, "exclude": self.exclude,
             "key_map": {t: dict(m) for t, m in self.key_map.items()} if self.key_map else None,
-            "vocab": self.vocab, "head": self.head, "device": self.device, "threads": self.threads,
+            "vocab": self.vocab, "head": self.head, **({"adapter": dict(self.adapter)} if self.adapter else {}),
+            "device": self.device, "threads": self.threads,
             "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output,
             "expect": dict(self.expect), **({"fingerprints": self.fingerprints} if self.fingerprints else {}),
         }

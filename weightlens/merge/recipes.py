@@ -35,6 +35,7 @@ from weightlens._version import __version__
 from weightlens._options import resolve_options
 from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError, ShapeMismatchError
 from weightlens.io import _fingerprint as _fp
+from weightlens.io import export_adapter
 from weightlens.io.export import ExportLayout, ExportOptions, export
 from weightlens.io.recipe import (
     ExportRecipe,
@@ -454,6 +455,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     check = _verifier(recipe, target, device, checked) if opts.verify and recipe.expect else None
     written = ExportOptions(recipe=done, verify=check, overwrite_any=opts.overwrite_any)
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
+        if recipe.adapter is not None:
+            return export_adapter(merged, target, rank=recipe.adapter["rank"], overwrite=overwrite,
+                                  progress=progress, options=written)
         return export(merged, target, like=like, shard_size=recipe.shard_size, dtype=recipe.dtype,
                       overwrite=overwrite, progress=progress, options=written)
 
