@@ -205,3 +205,16 @@ def test_an_adapter_export_of_merged_weights_in_memory_says_why_it_has_no_recipe
     assert "No recipe was written" in (out / "README.md").read_text()
     with pytest.raises(InvalidParameterError, match="no card extras"):
         wl.export(wl.merge(tv, method="task_arithmetic"), tmp_path / "c", as_adapter=True, card={"title": "x"})
+
+
+def test_a_gpt2_full_finetune_exports_with_conv1d_orientation_from_its_model_type(zoo, tmp_path):
+    # No adapter among the inputs says fan_in_fan_out: the base's model_type (gpt2: Conv1D) decides.
+    full = hf.finetune(zoo["gpt2"], tmp_path / "gpt2_ft", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tv = wl.TaskVectors(zoo["gpt2"], {"f": full}, include=["*.attn.c_attn.weight", "*.mlp.c_fc.weight"])
+    merged = wl.merge(tv, method="task_arithmetic", alpha=0.5)
+    whole = wl.export(merged, tmp_path / "whole", progress=False, recipe=False)
+    out = wl.export(merged, tmp_path / "adapter", as_adapter=True, progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert (_peft_logits(zoo["gpt2"], out) - _full_logits(whole)).abs().max().item() <= 1e-4

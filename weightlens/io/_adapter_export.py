@@ -12,7 +12,8 @@ rank-``k`` approximation (Eckart-Young); the discarded energy ``sum(S[k:]^2) / s
 key and overall in the card and in ``adapter_config.json``'s neighbour ``weightlens_adapter.json``.
 
 Orientation: peft stores ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` for ``nn.Linear``; GPT-2 style
-``Conv1D`` layers (weights ``(in, out)``, base ``model_type`` ``gpt2`` / ``openai-gpt``) are written with
+``Conv1D`` layers (weights ``(in, out)``: as the input adapters' ``fan_in_fan_out`` says, else from the base's
+``model_type``, ``gpt2`` / ``openai-gpt`` / ``imagegpt`` / ``decision_transformer``) are written with
 ``fan_in_fan_out=True`` from the SVD of the transposed update.
 
 Refused (nothing written), with the keys named: a merge that changes a 1-D key (bias, norm) or a key with
@@ -53,7 +54,7 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "export_adapter
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_REPORT = "adapter_config.json", "adapter_model.safetensors", \
     "weightlens_adapter.json"
-_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
                         r"embed_positions|shared|embeddings)\.weight$")
 
@@ -94,6 +95,18 @@ def _check_rank(rank: Any) -> int | None:
         raise InvalidParameterError(f"The 'rank' parameter must be a positive int or None (each key's numerical "
                                     f"rank: exact). Got {rank!r} instead.")
     return rank
+
+
+def _fan_in_fan_out(merged: Any) -> bool:
+    """Whether the base's linear layers store ``(in, out)`` (GPT-2's ``Conv1D``): what the input adapters were
+    trained with when any task is one (peft set it for this model), else from the base's ``model_type``."""
+    from weightlens.io.sources import AdapterCheckpoint
+
+    said = {bool(c.config.get("fan_in_fan_out", False)) for c in merged.task_vectors.finetuned.values()
+            if isinstance(c, AdapterCheckpoint) and c.lora_keys}
+    if len(said) == 1:
+        return said.pop()
+    return _model_type(merged) in _CONV1D_MODEL_TYPES
 
 
 def _model_type(merged: Any) -> str | None:
@@ -263,7 +276,7 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     check = functools.partial(_paths.check_replaceable, overwrite=overwrite, overwrite_any=opts.overwrite_any)
     check(out)
     plan = _recipe_plan(merged, opts.recipe, out, rank, opts.fingerprint)
-    transpose = _model_type(merged) in _CONV1D_MODEL_TYPES
+    transpose = _fan_in_fan_out(merged)
     keys = _targets(merged)
     tensors: dict[str, torch.Tensor] = {}
     modules = []
