@@ -1,4 +1,4 @@
-"""Merging fine-tunes of one base model: one registry, one engine, seven methods.
+"""Merging fine-tunes of one base model: one registry, one engine, eleven methods.
 
 ``merge(tv, method=..., **params)`` returns the full merged weights; ``compare(tv, merged)`` shows
 what the merge kept of each task and which sign conflicts it settled; ``sweep`` scores a grid of
@@ -6,10 +6,11 @@ coefficients (chosen on validation, reported on test); ``run_recipe`` repeats a 
 and its export.
 
 Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.arithmetic`);
-``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`). A method is one module whose functions
-carry :func:`register_merge` (schema, alpha grid, display name, mergekit equivalent); the modules
-are listed once, in :data:`METHOD_MODULES`, and everything else (CLI, studio, ``sweep``, recipes)
-reads the registry. A method defined outside the package only needs its module imported.
+``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`); ``knots_ties``, ``knots_ta``
+(:mod:`.knots`); ``peft_cat``, ``peft_svd`` (:mod:`.peft_modes`: PEFT's ``add_weighted_adapter``
+modes). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
+display name, mergekit equivalent); the modules are listed once, in :data:`METHOD_MODULES`, and
+everything else (CLI, studio, ``sweep``, recipes) reads the registry. A method defined outside the package only needs its module imported.
 """
 
 import importlib
@@ -29,7 +30,7 @@ from weightlens.merge.sweep import SweepOptions, SweepResult, alpha_grid, refere
 
 #: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
 #: method file is one more name here.
-METHOD_MODULES = ("arithmetic", "spectral")
+METHOD_MODULES = ("arithmetic", "spectral", "knots", "peft_modes")
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")  # each registers its methods on import
 
