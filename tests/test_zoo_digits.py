@@ -178,6 +178,37 @@ def test_task_arithmetic_record_shows_interference(tasks):
     assert ta["1.0"]["mean"]["test"]["accuracy"] < base_acc  # ... the full sum interferes
 
 
+@pytest.mark.slow
+def test_the_planted_conflict_hurts_rot90_through_fc2_alone(root, tasks):
+    # A fifth fine-tune trained (not edited) to oppose rot90 in fc2: its update lies in fc2 only, a merge of
+    # all five loses rot90, and restoring fc2 to rot90's own update gives it back; other blocks do not.
+    planted = zoo.load("digits-tasks", size="ci", root=root, planted=True)
+    assert planted.tasks == [*tasks.tasks, "rot90_swap"] and "rot90_swap" not in tasks.tasks
+    base, fts = load_file(tasks.base), {t: load_file(planted.finetuned[t]) for t in planted.tasks}
+    swap = fts["rot90_swap"]
+    assert torch.equal(swap["fc1.weight"], base["fc1.weight"]) and torch.equal(swap["fc1.bias"], base["fc1.bias"])
+    assert not torch.equal(swap["fc2.weight"], base["fc2.weight"])
+    assert planted.evaluate(swap, "rot90_swap", "test")["accuracy"] > 0.8  # it learned its swapped labels
+
+    def merge(tasks_, alpha=0.5, restore=None):
+        out = {k: base[k] + alpha * sum(fts[t][k] - base[k] for t in tasks_) for k in base}
+        for k in base:
+            if restore and k.startswith(restore):
+                out[k] = fts["rot90"][k]
+        return out
+
+    four, five = list(tasks.tasks), planted.tasks
+    acc = {name: planted.evaluate(sd, "rot90", "test")["accuracy"] for name, sd in {
+        "without": merge(four), "with": merge(five), "fc2": merge(five, restore="fc2."),
+        "fc1": merge(five, restore="fc1.")}.items()}
+    assert acc["with"] < acc["without"] - 0.2, acc  # the conflict costs rot90 a lot
+    assert acc["fc2"] >= acc["without"], acc  # restoring the planted block recovers all of it
+    assert acc["fc1"] < acc["without"] - 0.2, acc  # the other block does not
+    record = planted.manifest["planted"]["metrics"]
+    assert record["merged_with"]["rot90"]["accuracy"] == pytest.approx(acc["with"], abs=1e-9)
+    assert record["merged_with_block_restored"]["rot90"]["accuracy"] == pytest.approx(acc["fc2"], abs=1e-9)
+
+
 def test_task_errors_name_the_options(tasks):
     base = load_file(tasks.base)
     with pytest.raises(InvalidParameterError, match="'task'.*rot90"):

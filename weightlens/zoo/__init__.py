@@ -60,7 +60,9 @@ def _entry(name: str, part: int):
 
 
 def _recipe(name: str) -> int:
-    return int(getattr(importlib.import_module(_REGISTRY[name][0]), "RECIPE_VERSION", 1))
+    """The zoo's recipe version: its module's ``RECIPE_VERSION`` (an int, or a dict by zoo name)."""
+    version = getattr(importlib.import_module(_REGISTRY[name][0]), "RECIPE_VERSION", 1)
+    return int(version[name] if isinstance(version, dict) else version)
 
 
 def _built(folder: Path, name: str) -> bool:

@@ -32,6 +32,14 @@ TASK_SETTINGS: dict[str, Any] = {
 }
 ALPHAS = (0.25, 1.0)
 SPLITS = ("train", "val", "test")
+#: A fine-tune planted to conflict with ``of`` in one known block (issue: merge diagnosis). Trained, not
+#: edited: ``of``'s inputs with every label swapped in pairs (0<->1, 2<->3, ..., 8<->9), through ``of``'s
+#: frozen head, only ``block`` trained (so its update is confined there and opposes ``of``'s).
+PLANTED: dict[str, Any] = {
+    "task": "rot90_swap", "of": "rot90", "block": "fc2", "labels": "y xor 1 (0<->1, 2<->3, ..., 8<->9)",
+    "finetune": {"optimizer": "Adam", "lr": 1e-3, "epochs": 5, "batch_size": 128, "seed": 200},
+}
+ALL_TASKS = (*TASKS, PLANTED["task"])
 
 Evaluate = Callable[[Mapping[str, torch.Tensor], str, str], Metrics]
 
@@ -69,6 +77,9 @@ class TaskData:
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if task == PLANTED["task"]:  # the inputs of the task it conflicts with, labels swapped in pairs
+            x, y = self(PLANTED["of"], split)
+            return x, y ^ 1
         if (task, split) not in self._cache:
             x, y = dd.raw_digits()
             xt = dd.transform(x, task)
@@ -84,12 +95,13 @@ def evaluator(data: TaskData, heads: Mapping[str, torch.Tensor]) -> Evaluate:
 
     def evaluate(state_dict: Mapping[str, torch.Tensor], task: str, split: str) -> Metrics:
         """Accuracy and mean cross-entropy of a body state dict on ``task`` with its frozen head."""
-        check_choice("task", task, TASKS)
+        check_choice("task", task, ALL_TASKS)
         check_choice("split", split, SPLITS)
         params = tr.checked_params(state_dict, body, "digits-tasks evaluate")
         x, y = data(task, split)
         feats = tr.features_of(body, params, x)
-        logits = torch.nn.functional.linear(feats, heads[f"{task}.weight"], heads[f"{task}.bias"])
+        head = PLANTED["of"] if task == PLANTED["task"] else task
+        logits = torch.nn.functional.linear(feats, heads[f"{head}.weight"], heads[f"{head}.bias"])
         return tr.score(logits, y)
 
     return evaluate
@@ -144,6 +156,42 @@ def train_zoo(folder: Path, data: TaskData, progress: bool) -> dict[str, Any]:
             finetuned[t] = _finetune(base, probes[t], data(t, "train"), s["finetune"]["seed"] + i, bar)
             save_file(finetuned[t], str(folder / f"{t}.safetensors"))
     return {"base": base, "heads": heads, "finetuned": finetuned, "pretrain": pretrain}
+
+
+def train_planted(folder: Path, data: TaskData, base: Mapping[str, torch.Tensor],
+                  heads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The planted conflict (:data:`PLANTED`): only its block trained from the base; written to ``folder``."""
+    s, of, block = PLANTED["finetune"], PLANTED["of"], PLANTED["block"]
+    head = torch.nn.Linear(TASK_SETTINGS["width"], 10, device="meta").to_empty(device="cpu")  # no RNG use
+    with torch.no_grad():
+        head.weight.copy_(heads[f"{of}.weight"])
+        head.bias.copy_(heads[f"{of}.bias"])
+    head.requires_grad_(False)
+    with tr.build_threads():
+        body = tr.seeded(lambda: tr.Body(TASK_SETTINGS["width"]), s["seed"])
+        body.load_state_dict(base)
+        tr.train(lambda x: head(body(x)), getattr(body, block).parameters(), data(PLANTED["task"], "train"),
+                 lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"], seed=s["seed"])
+    planted = tr.state_dict_of(body)
+    save_file(planted, str(folder / f"{PLANTED['task']}.safetensors"))
+    return planted
+
+
+def planted_record(evaluate: Evaluate, base: Mapping, finetuned: Mapping, planted: Mapping) -> dict[str, Any]:
+    """What the planted conflict does: its own metrics, and task arithmetic of the four tasks with and without
+    it at alpha 0.5, with the block restored to ``of``'s own update (the cause, measured)."""
+    of, block, alpha = PLANTED["of"], PLANTED["block"], 0.5
+    four = task_arithmetic(base, finetuned, alpha)
+    five = task_arithmetic(base, {**finetuned, PLANTED["task"]: planted}, alpha)
+    restored = {k: (base[k] + finetuned[of][k] - base[k]) if k.startswith(f"{block}.") else v
+                for k, v in five.items()}
+    models = {"base": base, "planted": planted, "merged_without": four, "merged_with": five,
+              "merged_with_block_restored": restored}
+    return {
+        **{k: v for k, v in PLANTED.items() if k != "finetune"}, "settings": PLANTED["finetune"],
+        "file": f"{PLANTED['task']}.safetensors", "alpha": alpha,
+        "metrics": {name: {t: evaluate(sd, t, "test") for t in (of, PLANTED["task"])} for name, sd in models.items()},
+    }
 
 
 def _means(per_task: Mapping[str, Mapping[str, Metrics]]) -> dict[str, Metrics]:

@@ -21,6 +21,10 @@
     ``heads.safetensors`` holds ``<task>.weight`` and ``<task>.bias``. One image split serves every task
     (stratified test 25%, then val 15% of the rest), so no val or test image is seen in any form while
     training. The manifest also records task arithmetic over all four tasks at alpha 0.25 and 1.0.
+    A fifth fine-tune, ``rot90_swap``, is a planted conflict (``load_tasks(planted=True)``; not among the
+    tasks by default): ``rot90``'s inputs with labels swapped in pairs, through ``rot90``'s frozen head, only
+    ``fc2`` trained (Adam 1e-3, 5 epochs), so its update opposes ``rot90``'s in ``fc2`` alone; the manifest's
+    ``planted`` records what a merge with it does to ``rot90`` and what restoring ``fc2`` gives back.
 
 Sizes: ``"ci"`` and ``"demo"`` train identically, except that ``digits-pairs`` at ``"demo"`` adds width
 2048. Builds use one torch thread and seeded generators (the global RNG is left alone): rebuilding gives
@@ -46,6 +50,9 @@ from weightlens.zoo._common import Metrics, PairZoo, TaskZoo, read_manifest
 from weightlens.zoo._digits_data import TASKS, block_permutation
 from weightlens.zoo._digits_tasks import ALPHAS, TASK_SETTINGS, task_arithmetic
 from weightlens.zoo._digits_train import MLP, Body
+
+#: Bumped per zoo when a change to its recipe changes the files or the scorer (see weightlens.zoo.build).
+RECIPE_VERSION = {"digits-pairs": 1, "digits-tasks": 2}
 
 __all__ = [
     "ALPHAS", "MLP", "PAIR_SETTINGS", "PAIR_WIDTHS", "TASKS", "TASK_SETTINGS", "Body",
@@ -216,10 +223,12 @@ def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
     data = dt.TaskData(split)
     trained = dt.train_zoo(folder, data, progress)
     base, finetuned = trained["base"], trained["finetuned"]
+    planted = dt.train_planted(folder, data, base, trained["heads"])
     with tr.build_threads():
         evaluate = dt.evaluator(data, trained["heads"])
         metrics = dt.task_metrics(evaluate, base, finetuned)
         arithmetic = dt.arithmetic_record(evaluate, base, finetuned)
+        planted_record = dt.planted_record(evaluate, base, finetuned, planted)
     acc = {m: metrics["mean"][m]["test"]["accuracy"] for m in ("base", "finetuned")}
     merged = arithmetic[str(ALPHAS[0])]["mean"]["test"]["accuracy"]
     return {
@@ -233,19 +242,26 @@ def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
         "pretrain_on_original": trained["pretrain"],
         **metrics,
         "task_arithmetic": arithmetic,
+        "planted": planted_record,
         "summary": f"test acc, mean of {len(TASKS)} tasks: base {acc['base']:.3f}, fine-tuned "
         f"{acc['finetuned']:.3f}, task arithmetic (alpha {ALPHAS[0]}) {merged:.3f}",
     }
 
 
-def load_tasks(folder: Path) -> TaskZoo:
-    """Open a built ``digits-tasks`` zoo; its ``evaluate`` takes splits ``train``, ``val``, ``test``."""
+def load_tasks(folder: Path, *, planted: bool = False) -> TaskZoo:
+    """Open a built ``digits-tasks`` zoo; its ``evaluate`` takes splits ``train``, ``val``, ``test``.
+
+    ``planted=True`` adds the planted conflict ``rot90_swap`` as a fifth task (``manifest["planted"]`` says
+    what it is and what it does to a merge): a fine-tune whose update lies in ``fc2`` only and opposes
+    ``rot90``'s there, so that a merge of all five loses ``rot90`` through ``fc2``.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     data = dt.TaskData(dd.load_split(folder / "split.safetensors"))
     heads = load_file(str(folder / "heads.safetensors"))
+    tasks = [*manifest["tasks"], *([manifest["planted"]["task"]] if planted else [])]
     return TaskZoo(
         name="digits-tasks", folder=folder, base=folder / "base.safetensors",
-        finetuned={t: folder / f"{t}.safetensors" for t in manifest["tasks"]},
+        finetuned={t: folder / f"{t}.safetensors" for t in tasks},
         manifest=manifest, evaluate=dt.evaluator(data, heads),
     )
