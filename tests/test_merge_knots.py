@@ -8,8 +8,8 @@ import torch
 
 import weightlens as wl
 from weightlens.merge import get_method, merge
-from weightlens.merge.knots import knots_blocks
 from weightlens.merge.engine import MergeContext
+from weightlens.merge.knots import knots_blocks
 
 CPU = {"device": "cpu"}
 SHAPES = {"w1": (6, 5), "w2": (4, 7), "conv": (3, 2, 2, 2), "b": (5,)}
