@@ -129,7 +129,7 @@ def _histograms(ctx: MergeContext, select: torch.Tensor | None) -> tuple[torch.T
     T, total = ctx.n_tasks, 0
     counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
     for blocks in _all_blocks(ctx):
-        bits = blocks.reshape(T, -1).abs().contiguous().view(torch.int32)
+        bits = blocks.reshape(T, -1).abs().cpu().contiguous().view(torch.int32)
         total += bits.shape[1]
         hi = bits >> 16
         for t in range(T):
