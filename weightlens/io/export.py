@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from weightlens._finite import count_nonfinite, finite
 from weightlens._options import resolve_options
 from weightlens._progress import bar
 from weightlens.errors import (
@@ -235,10 +236,10 @@ class _WeightWriter:
             raise CheckpointError(f"{self.where}: merged[{key!r}] is a {type(t).__name__}, not a tensor.")
         orig = t
         t = t.to(_out_dtype(t.dtype, self.target))
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if not finite(t):
+            bad = count_nonfinite(t)
             cast = (f" after the cast from {orig.dtype} to {t.dtype} (values out of range?)"
-                    if orig.dtype != t.dtype and bool(torch.isfinite(orig).all()) else "")
+                    if orig.dtype != t.dtype and finite(orig) else "")
             raise NonFiniteError(
                 f"{self.where}: {'head' if extra else 'merged'} key {key!r} has {bad} NaN/Inf value(s) of "
                 f"{t.numel()}{cast}; nothing was written. Check the inputs of that key or the merge parameters "

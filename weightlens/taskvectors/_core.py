@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from weightlens._finite import count_nonfinite
 from weightlens.errors import DTypeError, InvalidParameterError, KeyMismatchError, NonFiniteError, ShapeMismatchError
 from weightlens.io import Checkpoint, TensorInfo, load
 from weightlens.io.sources import AdapterCheckpoint, LoraFactors
@@ -372,12 +373,12 @@ class TaskVectors:
         t = ckpt[key]
         wide = torch.float64 if t.dtype == torch.float64 else torch.float32
         t = t.to(wide)
-        # The scan costs as much as the read; a tensor found finite once is not scanned again
+        # The scan is one reduction (weightlens._finite); a tensor found finite once is not scanned again
         # (checkpoints are read-only, and the set is shared with subset()s).
         seen = (id(ckpt._reader), key)
         if seen in self._finite:
             return t
-        bad = int((~torch.isfinite(t)).sum())
+        bad = count_nonfinite(t)
         if bad:
             raise NonFiniteError(
                 f"{where(ckpt)} key {key!r}: {bad} of {t.numel()} values are NaN or Inf. "

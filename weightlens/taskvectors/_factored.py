@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from weightlens._finite import count_nonfinite
 from weightlens.errors import CheckpointError, DTypeError, InvalidParameterError, KeyMismatchError, NonFiniteError
 from weightlens.errors import ShapeMismatchError
 from weightlens.io import Checkpoint
@@ -112,7 +113,7 @@ def _why(got: tuple[int, ...], want: tuple[int, ...], layout: str | None, adapte
 def checked_factors(adapter: AdapterCheckpoint, own: str) -> LoraFactors:
     """``adapter.factors(own)``, refusing NaN or Inf (factors are small: scanned on every read)."""
     f = adapter.factors(own)
-    bad = int((~torch.isfinite(f.A)).sum()) + int((~torch.isfinite(f.B)).sum())
+    bad = count_nonfinite(f.A) + count_nonfinite(f.B)
     if bad or not math.isfinite(f.scale):
         m = adapter.lora(own)
         raise NonFiniteError(
