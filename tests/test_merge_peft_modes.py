@@ -126,3 +126,33 @@ def test_dense_task_vectors():
     U, S, Vh = torch.linalg.svd(total.double())
     _close(merge(tv, method="peft_svd", rank=2, **CPU).update("w"), (U[:, :2] * S[:2]) @ Vh[:2])
     torch.testing.assert_close(merge(tv, method="peft_svd", rank=2, **CPU).update("b"), tv.deltas("b").sum(0))
+
+
+def test_svd_clamp_of_conv1d_adapters_equals_peft(tmp_path):
+    """GPT-2 Conv1D layers (``fan_in_fan_out``): peft decomposes the update transposed, which changes the clamp's
+    quantile (it is taken over ``U S`` and ``Vh``, not symmetric in them); ``peft_svd`` does the same."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    import _hf_models as hf
+    import _peft_models as pm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpt2 = hf.tiny_gpt2(tmp_path)
+        config = peft.LoraConfig(r=3, lora_alpha=6, fan_in_fan_out=True, target_modules=["c_attn"])
+        paths = {f"g{i}": pm.train_adapter(gpt2, tmp_path / f"g{i}", config, seed=i) for i in range(2)}
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(gpt2),
+                                               str(paths["g0"]), adapter_name="g0")
+        model.load_adapter(str(paths["g1"]), adapter_name="g1")
+        model.base_model.add_weighted_adapter(["g0", "g1"], [1.0, 1.0], "merged", combination_type="svd",
+                                              svd_clamp=0.8)
+    want = {f"{name}.weight": module.get_delta_weight("merged").detach()
+            for name, module in model.base_model.model.named_modules()
+            if hasattr(module, "lora_A") and "merged" in module.lora_A}
+    assert want
+    tv = wl.TaskVectors(gpt2, paths)
+    got = merge(tv, method="peft_svd", clamp=0.8, **CPU)
+    for key, ref in want.items():
+        _close(got.update(key), ref)
