@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from weightlens import linalg
+from weightlens import decompositions, linalg
 from weightlens.io.recipe import Mergekit
 from weightlens.io.sources import AdapterCheckpoint
 from weightlens.linalg.factored import concat_factors
@@ -121,8 +121,9 @@ def peft_rank(ctx: MergeContext, key: str) -> int:
         if isinstance(ckpt, AdapterCheckpoint):
             cfg = ckpt.config
             ranks.append(max([int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]))
-        elif mn is not None:
-            S = linalg.svdvals(ctx.delta(task, key).reshape(mn), device=ctx.device, name=key)
+        elif mn is not None:  # 2-D: the values cached for analysis and the spectral merges
+            S = (decompositions.svdvals(ctx.tv, key, task, device=ctx.device) if len(ctx.shape(key)) == 2 else
+                 linalg.svdvals(ctx.delta(task, key).reshape(mn), device=ctx.device, name=key))
             ranks.append(linalg.numerical_rank(S, mn))
     return max(ranks)
 
