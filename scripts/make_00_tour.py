@@ -27,8 +27,11 @@ and fails when they interfere. This tour walks through the whole job on a real t
 4. export the merge as an ordinary model folder and check it.
 
 Run the cells from top to bottom (**Run > Run All Cells**). At the CI size every cell takes seconds; at the
-demo size (`weightlens zoo build --size demo`) up to a minute or two."""),
-    ("code", """import tempfile
+demo size (`weightlens zoo build --size demo`) up to a minute or two. The tour shows the full fine-tunes of
+`minilm-tasks`; set `WEIGHTLENS_TOUR_ZOO=minilm-lora` before starting it to take the same tour through LoRA
+adapters of the same model, on the same tasks and heads (`weightlens zoo build --names minilm-lora` first)."""),
+    ("code", """import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +41,8 @@ from weightlens import zoo
 from weightlens.analysis import analyze
 from weightlens.widgets import InterferenceDashboard, MergeStudio
 
-z = zoo.load("minilm-tasks")  # size: $WEIGHTLENS_ZOO_SIZE if set, else "demo" when built, else "ci"
+ZOO = os.environ.get("WEIGHTLENS_TOUR_ZOO", "minilm-tasks")  # or "minilm-lora": LoRA adapters, same tasks
+z = zoo.load(ZOO)  # size: $WEIGHTLENS_ZOO_SIZE if set, else "demo" when built, else "ci"
 print(f"{z.name} ({z.manifest['size']}): tasks {z.tasks}")"""),
     ("md", """## 1. A base model and four fine-tunes
 

@@ -32,3 +32,11 @@ def minilm_zoo():
     """all-MiniLM-L6-v2 and 4 fine-tunes on WordNet and fortunes tasks (``TaskZoo``)."""
     zoo.build(size="ci", names=["minilm-tasks"], progress=False)
     return zoo.load("minilm-tasks", size="ci")
+
+
+@pytest.fixture(scope="session")
+def minilm_lora():
+    """all-MiniLM-L6-v2 and 4 LoRA adapters (peft) on the minilm-tasks tasks, same heads (``TaskZoo``)."""
+    pytest.importorskip("peft")
+    zoo.build(size="ci", names=["minilm-lora"], progress=False)
+    return zoo.load("minilm-lora", size="ci")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightlens.errors import InvalidParameterError
 from weightlens.io._atomic import atomic_write_text
 
 _PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -60,7 +61,25 @@ def _as_json(spec) -> str:
     return spec if isinstance(spec, str) else json.dumps(spec)
 
 
-TOUR_ZOOS = ("minilm-tasks",)  # the zoos the tour notebook loads
+#: The zoos the tour can show; ``$WEIGHTLENS_TOUR_ZOO`` picks one (default: the first, full fine-tunes).
+TOUR_CHOICES = ("minilm-tasks", "minilm-lora")
+
+
+def tour_zoo() -> str:
+    """The zoo the tour notebook loads: ``$WEIGHTLENS_TOUR_ZOO`` when set, else ``"minilm-tasks"``."""
+    name = os.environ.get("WEIGHTLENS_TOUR_ZOO") or TOUR_CHOICES[0]
+    if name not in TOUR_CHOICES:
+        raise InvalidParameterError(
+            f"WEIGHTLENS_TOUR_ZOO must be one of {', '.join(TOUR_CHOICES)}. Got {name!r} instead; unset it for "
+            f"{TOUR_CHOICES[0]}."
+        )
+    return name
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "TOUR_ZOOS":  # the zoos the tour notebook loads, read from the environment when asked
+        return (tour_zoo(),)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tour_notebook() -> Path:

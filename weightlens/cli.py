@@ -44,8 +44,10 @@ _LMC_HELP = (
     "weightlens.lmc.curve(a, b, weightlens.lmc.Evaluator(module, {'test': (x, y)}))."
 )
 _LMC_ZOOS = ("digits-pairs",)
-_TASK_ZOOS = ("digits-tasks", "minilm-tasks")  # zoos with a base, fine-tunes and evaluate(weights, task, split)
-_ZOO_NAMES = ("digits-pairs", "digits-tasks", "minilm-tasks")  # weightlens.zoo.NAMES (a test keeps them equal)
+# zoos with a base, fine-tunes and evaluate(weights, task, split)
+_TASK_ZOOS = ("digits-tasks", "minilm-tasks", "minilm-lora")
+# weightlens.zoo.NAMES (a test keeps them equal)
+_ZOO_NAMES = ("digits-pairs", "digits-tasks", "minilm-tasks", "minilm-lora")
 _ZOO_HOME = ("$WEIGHTLENS_HOME when set, else $XDG_CACHE_HOME/weightlens, else ~/.cache/weightlens: one default "
              "location, the same for Python, the command line, the notebooks and dev.sh")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a task name in NAME=PATH
@@ -689,8 +691,9 @@ def _add_zoo_and_tour(sub: Any) -> None:
                "  digits-pairs   independently trained MLPs on sklearn digits, widths 16/128/512 (+2048 at demo size)\n"
                "  digits-tasks   an MLP pretrained on digits and 4 fine-tunes (task vectors, merging)\n"
                "  minilm-tasks   all-MiniLM-L6-v2 and 4 fine-tunes on WordNet and fortunes (the tour's)\n"
+               "  minilm-lora    LoRA adapters (peft) of all-MiniLM-L6-v2 on the same tasks, same heads\n"
                "examples:\n"
-               "  weightlens zoo build --size ci                             # all three, for the tests\n"
+               "  weightlens zoo build --size ci                             # all four, for the tests\n"
                "  weightlens zoo build --size demo --names minilm-tasks      # what the tour loads\n"
                "  WEIGHTLENS_HOME=/data/wl weightlens zoo build               # elsewhere\n")
     build.add_argument("--size", choices=("ci", "demo"), default="ci",
@@ -712,7 +715,8 @@ def _add_zoo_and_tour(sub: Any) -> None:
                           "installed from, found from the package, so it works from any folder) in a fresh kernel "
                           "and write it as one standalone HTML page (plotly inlined, no CDN). It loads the "
                           "minilm-tasks zoo: build it first (weightlens zoo build --size demo --names minilm-tasks, "
-                          "or --size ci)."),
+                          "or --size ci). WEIGHTLENS_TOUR_ZOO=minilm-lora takes the tour through the LoRA zoo "
+                          "instead."),
         epilog="examples:\n"
                "  weightlens tour --headless                          # writes reports/tour.html here\n"
                "  weightlens tour --headless --out /tmp/tour.html\n"

@@ -1,12 +1,14 @@
 """Real small models trained here from data that ships inside packages (no downloads).
 
-Three zoos, each at two sizes (``"ci"``: minutes on 2 cores for tests; ``"demo"``: the tour):
+Four zoos, each at two sizes (``"ci"``: minutes on 2 cores for tests; ``"demo"``: the tour):
 
 * ``"digits-pairs"``: pairs of independently trained MLPs on sklearn's digits at several widths
   (linear mode connectivity, Git Re-Basin). ``load("digits-pairs", width=128)``.
 * ``"digits-tasks"``: an MLP pretrained on digits and 4 fine-tunes on transformed digits.
 * ``"minilm-tasks"``: all-MiniLM-L6-v2 (real pretrained transformer) and 4+ fine-tunes on WordNet
   and fortunes text classification.
+* ``"minilm-lora"``: LoRA adapters (``peft``, rank 8) of all-MiniLM-L6-v2 on the same tasks, with
+  the same frozen heads as ``"minilm-tasks"``; they load as factored task vectors.
 
 Examples
 --------
@@ -46,6 +48,7 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "digits-pairs": ("weightlens.zoo.digits", "build_pairs", "load_pairs"),
     "digits-tasks": ("weightlens.zoo.digits", "build_tasks", "load_tasks"),
     "minilm-tasks": ("weightlens.zoo.minilm", "build_tasks", "load_tasks"),
+    "minilm-lora": ("weightlens.zoo.lora", "build_tasks", "load_tasks"),
 }
 NAMES = tuple(_REGISTRY)
 

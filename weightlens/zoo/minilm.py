@@ -250,11 +250,23 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 def _finetune(base: Mapping[str, Tensor], head: tuple[Tensor, Tensor], data: tuple[Tensor, Tensor, Tensor],
               seed: int, desc: str, progress: bool) -> dict[str, Tensor]:
     """Fine-tune the encoder layers through the frozen head; returns the full fp32 state dict."""
-    s = SETTINGS
     model = load_encoder(base).eval()  # eval(): no dropout (SETTINGS["dropout"] == 0)
     params = [p for k, p in model.named_parameters() if k.startswith("encoder.")]
     for k, p in model.named_parameters():
         p.requires_grad_(k.startswith("encoder."))
+    train_through_head(model, params, head, data, seed=seed, settings=SETTINGS, desc=desc, progress=progress)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def train_through_head(model: BertEncoder, params: list[Tensor], head: tuple[Tensor, Tensor],
+                       data: tuple[Tensor, Tensor, Tensor], *, seed: int, settings: Mapping[str, Any],
+                       desc: str, progress: bool) -> None:
+    """Train ``params`` of ``model`` in place through the frozen ``head`` on ``(ids, mask, labels)``.
+
+    AdamW (``settings``' lr, weight decay), linear warm-up then decay, gradient clipping; the batch
+    order is drawn from a generator seeded with ``seed``. The MiniLM and LoRA zoos both train here.
+    """
+    s = settings
     ids, mask, labels = data
     per_epoch = -(-len(ids) // s["batch_size"])
     total = s["epochs"] * per_epoch
@@ -274,7 +286,6 @@ def _finetune(base: Mapping[str, Tensor], head: tuple[Tensor, Tensor], data: tup
             sched.step()
             bar.update(1)
     bar.close()
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 class _Scorer:
@@ -330,22 +341,33 @@ def task_arithmetic(base: Mapping[str, Tensor], finetuned: Mapping[str, Mapping[
     return out
 
 
+def task_head(base_model: BertEncoder, scorer: _Scorer, task: str
+              ) -> tuple[tuple[Tensor, Tensor], dict[str, float], dict[str, Metrics]]:
+    """``task``'s frozen head fitted on the base's embeddings (set in ``scorer``), its ``{C, temperature}``
+    and the base's val/test metrics with it. Deterministic: the LoRA zoo gets the same heads from here."""
+    train, val = scorer.data(task, "train"), scorer.data(task, "val")
+    feats = [(_embed(base_model, *d[:2]), d[2]) for d in (train, val)]
+    head, fit = _fit_head(feats[0], feats[1], SETTINGS["seed"])
+    scorer.heads[task] = head
+    return head, fit, {s: _score(base_model, head, scorer.data(task, s)) for s in ("val", "test")}
+
+
+def train_seed(task: str) -> int:
+    """Seed of ``task``'s batch order (one per task, fixed by its place in ``TASKS``)."""
+    return SETTINGS["seed"] + 1000 * (TASKS.index(task) + 1)
+
+
 def _train_all(folder: Path, scorer: _Scorer, base: dict[str, Tensor], progress: bool,
                timings: dict[str, float]) -> tuple[dict, dict[str, dict[str, Tensor]], dict]:
     """Heads, fine-tunes and their metrics for every task; writes ``heads.safetensors``."""
-    seed = SETTINGS["seed"]
     base_model = load_encoder(base)
     heads, head_fit, finetuned, metrics = {}, {}, {}, {"base": {}, "finetuned": {}}
-    for i, task in enumerate(tqdm(TASKS, desc="minilm-tasks", disable=not progress)):
+    for task in tqdm(TASKS, desc="minilm-tasks", disable=not progress):
         t0 = time.perf_counter()
-        train, val = scorer.data(task, "train"), scorer.data(task, "val")
-        feats = [(_embed(base_model, *d[:2]), d[2]) for d in (train, val)]
-        head, head_fit[task] = _fit_head(feats[0], feats[1], seed)
+        head, head_fit[task], metrics["base"][task] = task_head(base_model, scorer, task)
         heads[f"{task}.weight"], heads[f"{task}.bias"] = head
-        scorer.heads[task] = head
-        metrics["base"][task] = {s: _score(base_model, head, scorer.data(task, s)) for s in ("val", "test")}
         t1 = time.perf_counter()
-        finetuned[task] = _finetune(base, head, train, seed + 1000 * (i + 1), task, progress)
+        finetuned[task] = _finetune(base, head, scorer.data(task, "train"), train_seed(task), task, progress)
         t2 = time.perf_counter()
         metrics["finetuned"][task] = scorer.all(finetuned[task], [task], ("val", "test"))[task]
         _save_hf(folder / task, finetuned[task], scorer.hf_dir)
