@@ -317,3 +317,21 @@ def test_iso_c_with_one_task_is_sigma_bar_times_the_polar_factor(models):
         upd = merged.update(k).double().numpy()
         np.testing.assert_allclose(upd, s.mean() * polar64(d), atol=1e-5)
         assert np.linalg.norm(upd) == pytest.approx(s.mean() * np.sqrt(len(s)), rel=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.25, 0.5, 0.93, 1.0])
+def test_tensor_trim_keeps_what_a_stable_sort_keeps_among_many_ties(density):
+    # Quantised deltas tie everywhere: the kept set must be the first floor(density * n) of a stable
+    # descending sort of |tau| (lower index first among equals), as numpy's stable argsort gives.
+    from weightlens.merge.arithmetic import trim_tensor
+
+    g = torch.Generator().manual_seed(3)
+    deltas = (torch.randn(3, 37, 29, generator=g) * 2).round() / 4  # about a dozen distinct magnitudes
+    got = trim_tensor(deltas, density)
+    flat = deltas.reshape(3, -1).numpy()
+    keep = int(flat.shape[1] * density)
+    want = np.zeros_like(flat)
+    for t in range(3):
+        idx = np.argsort(-np.abs(flat[t]), kind="stable")[:keep]
+        want[t, idx] = flat[t, idx]
+    assert torch.equal(got.reshape(3, -1), torch.from_numpy(want))
