@@ -19,7 +19,8 @@ def test_import_is_light():
 
 
 def test_documented_names_resolve():
-    for name in ("load", "Checkpoint", "TaskVectors", "analyze", "merge", "compare", "sweep", "lmc", "rebasin", "zoo"):
+    for name in ("load", "Checkpoint", "TaskVectors", "analyze", "merge", "compare", "diagnose", "Diagnosis", "sweep",
+                 "lmc", "rebasin", "zoo"):
         assert getattr(wl, name) is not None, name
     assert callable(wl.analyze) and callable(wl.merge)
     assert set(wl._LAZY) <= set(dir(wl))

@@ -1,6 +1,6 @@
 """weightlens: see why a merge of neural networks works or fails, then export the one you chose.
 
-``load`` and ``TaskVectors`` are imported eagerly; ``analyze``, ``merge``, ``compare``, ``sweep``,
+``load`` and ``TaskVectors`` are imported eagerly; ``analyze``, ``merge``, ``compare``, ``diagnose``, ``sweep``,
 ``export`` and the subpackages ``lmc``, ``rebasin``, ``widgets``, ``figures``, ``zoo`` and ``linalg``
 load on first use, so ``import weightlens`` stays light (no plotly, no ipywidgets).
 ``weightlens.config`` holds session-wide settings (``wl.config.progress = False`` silences every bar).
@@ -43,6 +43,8 @@ _LAZY = {
     "Report": ("weightlens.analysis", "Report"),
     "merge": ("weightlens.merge", "merge"),
     "compare": ("weightlens.merge", "compare"),
+    "diagnose": ("weightlens.diagnosis", "diagnose"),
+    "Diagnosis": ("weightlens.diagnosis", "Diagnosis"),
     "sweep": ("weightlens.merge", "sweep"),
     "export": ("weightlens.io", "export"),
     "run_recipe": ("weightlens.merge", "run_recipe"),

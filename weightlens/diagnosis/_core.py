@@ -1,0 +1,260 @@
+"""``diagnose(tv, merged)``: what a merge lost of each task, where, why, and at what predicted cost.
+
+One pass of :func:`weightlens.merge.compare` (SAR of every task against the merged update, sign
+outcomes, the key checks) and one pass of ``_walk`` (the lost part's crowding, the per-task sign story,
+the pre-merge sums); both read the decompositions cached in ``tv.cache`` (a merge result's update SVDs,
+the per-task SVDs a spectral merge computed). Every block and task figure is a ratio of sums over keys
+(energy- or mass-weighted), defined in ``docs/diagnosis.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from weightlens import linalg
+from weightlens._progress import bar
+from weightlens.analysis.spectra import check_criterion
+from weightlens.diagnosis._checks import checks_table
+from weightlens.diagnosis._result import BLOCK_COLUMNS, TASK_COLUMNS, WHATIF_COLUMNS, Diagnosis
+from weightlens.diagnosis._walk import KeyPass, Rows, walk_key
+from weightlens.errors import InvalidParameterError
+from weightlens.io.keys import block_of
+from weightlens.merge.compare import Comparison, compare
+from weightlens.merge.engine import MergeResult
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["diagnose"]
+
+_SUMS = ["energy", "matrix_energy", "kept_energy", "coef_num", "mass", "sign_lost_mass", "lost"]
+
+
+def _blocks(blocks: str | Callable[[str], str]) -> Callable[[str], str]:
+    if blocks == "auto":
+        return block_of
+    if blocks == "key":
+        return str
+    if callable(blocks):
+        return lambda key: str(blocks(key))
+    raise InvalidParameterError(
+        "The 'blocks' parameter of diagnose must be 'auto' (layers, as weightlens.io.keys.block_of groups keys), "
+        f"'key' (every key its own block) or a function key -> block name. Got {blocks!r} instead."
+    )
+
+
+def _check_inputs(tv: TaskVectors, merged: Any, evaluate: Any, eps: float) -> None:
+    if not isinstance(tv, TaskVectors):
+        raise InvalidParameterError(
+            f"diagnose needs TaskVectors (wl.TaskVectors(base, finetuned)) as its first argument. Got {tv!r}."
+        )
+    if evaluate is not None:
+        raise InvalidParameterError(
+            "diagnose(evaluate=...) is not available yet: the restoration tests that measure each block's gain "
+            "are still to come (issue 16). Pass evaluate=None for the weights-only diagnosis; measured_gain "
+            "stays NaN."
+        )
+    if merged is not None and not isinstance(merged, Mapping):
+        raise InvalidParameterError(
+            "The 'merged' parameter of diagnose must be a merge result (wl.merge(tv, ...)), a mapping of full "
+            f"merged weights, or None (pre-merge checks only). Got {type(merged).__name__} instead."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+        raise InvalidParameterError(f"The 'eps' parameter of diagnose must be a float in (0, 1). Got {eps!r} instead.")
+
+
+def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
+    """Per (task, key) sums, with compare's SAR and coefficient folded in as energy-weighted numerators."""
+    df = pd.DataFrame(rows.per_task)
+    for name in ("mass", "sign_lost_mass", "lost", "rank"):
+        if name not in df:
+            df[name] = np.nan
+    if comparison is not None:
+        align = comparison.alignment[comparison.alignment["which"] == "merged"][["task", "key", "sar", "kept"]]
+        df = df.merge(align.rename(columns={"kept": "coef"}), on=["task", "key"], how="left")
+        live = df["matrix_energy"] > 0
+        df["kept_energy"] = np.where(live, df["sar"].fillna(0.0) ** 2 * df["matrix_energy"], 0.0)
+        df["coef_num"] = np.where(live, df["coef"].fillna(0.0) * df["matrix_energy"], 0.0)
+    else:
+        df["kept_energy"] = df["coef_num"] = np.nan
+    df[["mass", "sign_lost_mass", "lost"]] = df[["mass", "sign_lost_mass", "lost"]].fillna(0.0)
+    return df
+
+
+def _ratio(num: pd.Series, den: pd.Series) -> pd.Series:
+    return num / den.where(den > 0)
+
+
+#: A group whose lost share (of energy or of mass) is at most this has lost nothing: no task crowds it
+#: (the ratio of two rounding errors would name one at random).
+NEGLIGIBLE = 1e-6
+
+
+def _leader(pairs: pd.DataFrame, by: list[str], value: str, den: pd.Series, whole: pd.Series,
+            prefix: str) -> pd.DataFrame:
+    """Per group: the other task with the largest ``value`` sum, and that sum over ``den``; no task and 0
+    where ``den`` is a negligible share of ``whole`` (nothing was lost, so nothing crowds it)."""
+    out = pd.DataFrame({f"{prefix}_by": pd.Series(None, index=den.index, dtype=object),
+                        prefix: pd.Series(0.0, index=den.index)})
+    if pairs.empty:
+        return out
+    g = pairs.groupby([*by, "other"], sort=False)[value].sum().reset_index()
+    best = g.loc[g.groupby(by, sort=False)[value].idxmax()].set_index(by)
+    best = best.reindex(den.index)
+    lost = den > NEGLIGIBLE * whole
+    share = (best[value] / den.where(lost)).where(lost, 0.0)
+    out[f"{prefix}_by"] = best["other"].where(lost & (share > NEGLIGIBLE), None)
+    out[prefix] = share
+    return out
+
+
+def _aggregate(keys: pd.DataFrame, pairs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """The figures of ``docs/diagnosis.md`` per group ``by`` (``["task", "block"]`` or ``["task"]``)."""
+    s = keys.groupby(by, sort=False)[_SUMS].sum()
+    total = keys.groupby("task", sort=False)["energy"].sum()
+    out = pd.DataFrame(index=s.index)
+    task_level = s.index.get_level_values("task") if isinstance(s.index, pd.MultiIndex) else s.index
+    out["energy_share"] = _ratio(s["energy"], pd.Series(total.reindex(task_level).to_numpy(), index=s.index))
+    kept_sq = _ratio(s["kept_energy"], s["matrix_energy"])
+    out["kept"] = np.sqrt(kept_sq)
+    out["lost_energy"] = 1.0 - kept_sq
+    out["coef"] = _ratio(s["coef_num"], s["matrix_energy"])
+    crowd = _leader(pairs, by, "crowd", s["lost"], s["matrix_energy"], "crowding")
+    out["crowded_by"], out["crowding"] = crowd["crowding_by"], crowd["crowding"]
+    group = [b for b in by if b != "task"]
+    occupied = s["kept_energy"].groupby(level=group, sort=False).transform("sum") if group else s[
+        "kept_energy"].sum()
+    out["merged_share"] = _ratio(s["kept_energy"], occupied if group else pd.Series(occupied, index=s.index))
+    out["sign_lost"] = _ratio(s["sign_lost_mass"], s["mass"])
+    won = _leader(pairs, by, "won", s["sign_lost_mass"], s["mass"], "sign_won")
+    out["sign_won_by"], out["sign_won"] = won["sign_won_by"], won["sign_won"]
+    lost = out["lost_energy"].fillna(0.0).clip(0.0, 1.0)
+    out["predicted_cost"] = out["energy_share"].fillna(0.0) * (1 - (1 - lost) * (1 - out["sign_lost"].fillna(0.0)))
+    out["energy"] = s["energy"]
+    return out.reset_index()
+
+
+def _blocks_table(keys: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    out = _aggregate(keys, pairs, ["task", "block"])
+    out["rank"] = out.groupby("task", sort=False)["predicted_cost"].rank(ascending=False, method="first")
+    out["rank"] = out["rank"].astype(int)
+    out["measured_gain"] = math.nan
+    return out[BLOCK_COLUMNS]
+
+
+def _tasks_table(keys: pd.DataFrame, pairs: pd.DataFrame, blocks: pd.DataFrame, checks: pd.DataFrame,
+                 comparison: Comparison | None) -> pd.DataFrame:
+    out = _aggregate(keys, pairs, ["task"]).set_index("task")
+    base_norm = math.sqrt(float(keys.drop_duplicates("key")["base_sq"].sum()))
+    out["norm"] = np.sqrt(out["energy"])
+    out["rel_distance"] = out["norm"] / base_norm if base_norm > 0 else math.nan
+    if comparison is not None:
+        out["predicted_cost"] = blocks.groupby("task", sort=False)["predicted_cost"].sum()
+        worst = blocks[blocks["rank"] == 1].set_index("task")["block"]
+        out["worst_block"] = worst.reindex(out.index)
+    else:
+        out["worst_block"] = None
+    fired = checks[checks["fired"] & (checks["severity"] == "warning") & checks["task"].notna()]
+    out["checks"] = [", ".join(fired.loc[fired["task"] == t, "check"]) for t in out.index]
+    return out.reset_index()[TASK_COLUMNS]
+
+
+def _conflicts(rows: Rows, comparison: Comparison | None, block: Callable[[str], str]) -> pd.DataFrame:
+    if comparison is None:
+        return pd.DataFrame(rows.conflicts, columns=["key", "block", "contested", "conflicting", "chance"])
+    s = comparison.signs[comparison.signs["which"] == "merged"]
+    return pd.DataFrame({"key": s["key"], "block": s["key"].map(block), "contested": s["contested"],
+                         "conflicting": s["conflicting"], "chance": s["chance_rate"]})
+
+
+def diagnose(
+    tv: TaskVectors,
+    merged: Mapping[str, torch.Tensor] | None,
+    *,
+    evaluate: Any = None,
+    blocks: str | Callable[[str], str] = "auto",
+    criterion: str = "paper",
+    eps: float = 0.05,
+    device: str | torch.device = "auto",
+    progress: bool | None = None,
+) -> Diagnosis:
+    """Why a merge lost each task, block by block, from the weights alone (``docs/diagnosis.md``).
+
+    Parameters
+    ----------
+    tv : TaskVectors
+        The task vectors that were merged (full fine-tunes, PEFT adapters, or a mix).
+    merged : MergeResult, Mapping[str, Tensor] or None
+        The merge (``wl.merge(tv, ...)``; its update SVDs and the per-task SVDs a spectral merge computed
+        are reused from ``tv.cache``), full merged weights of these task vectors, or None for the
+        pre-merge checks alone (``.blocks`` is then empty).
+    evaluate : None
+        Reserved for the restoration tests that measure ``measured_gain`` (not available yet: must be None).
+    blocks : {"auto", "key"} or callable, default="auto"
+        How keys group into blocks: ``"auto"`` by layer (``weightlens.io.keys.block_of``: ``encoder.layer.3``,
+        ``embeddings.word_embeddings``, ...), ``"key"`` one block per key, or a function ``key -> block``.
+    criterion : {"paper", "iso_script"}, default="paper"
+        Rank rule of every top-k subspace (the merged update's and each task's), at tolerance ``eps``
+        (``docs/methods.md#sar``). ``"paper"`` keeps the least k whose tail holds at most ``eps^2`` of the
+        energy, so a merge equal to a task's own update keeps at least ``sqrt(1 - eps^2)`` of it.
+    eps : float, default=0.05
+        Tolerance of the rank rule, in (0, 1).
+    device : str or torch.device, default="auto"
+        Where decompositions run for plain merged weights; a merge result's own device otherwise.
+    progress : bool or None, default=None
+        Bars over keys; None follows ``weightlens.config.progress``.
+
+    Returns
+    -------
+    Diagnosis
+        ``.blocks`` (task x block), ``.tasks``, ``.checks`` (pre-merge checks), ``.whatif`` (empty for now),
+        ``.summary()``, ``.to_html()``.
+
+    Raises
+    ------
+    InvalidParameterError
+        An option outside its range, ``evaluate`` given, or a merge of other tasks.
+    KeyMismatchError, ShapeMismatchError
+        ``merged`` lacks a task-vector key or has another shape there (``merge.compare``'s checks).
+
+    Examples
+    --------
+    >>> import torch, weightlens as wl
+    >>> base = {"layer.0.w": torch.zeros(4, 4)}
+    >>> tv = wl.TaskVectors(base, {"a": {"layer.0.w": torch.diag(torch.tensor([1.0, 1, 0, 0]))},
+    ...                            "b": {"layer.0.w": torch.diag(torch.tensor([0.0, 0, 1, 1]))}})
+    >>> d = wl.diagnose(tv, wl.merge(tv, method="task_arithmetic", alpha=1.0), progress=False)
+    >>> d.blocks[["task", "block", "kept", "crowding"]].round(3).values.tolist()
+    [['a', 'layer.0', 1.0, 0.0], ['b', 'layer.0', 1.0, 0.0]]
+    """
+    _check_inputs(tv, merged, evaluate, eps)
+    criterion, block = check_criterion(criterion), _blocks(blocks)
+    comparison, merged_svd = None, None
+    dev = linalg.resolve_device(merged.device if isinstance(merged, MergeResult) else device)
+    if merged is not None:
+        comparison = compare(tv, merged, criterion=criterion, eps=eps, device=dev, progress=progress)
+        if isinstance(merged, MergeResult):
+            def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
+                return merged.update_svd(key)
+        else:
+            def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
+                return linalg.svd(update, device=dev, name=key)
+    run = KeyPass(tv, merged, criterion, float(eps), dev, merged_svd, block)
+    rows = Rows()
+    for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
+        walk_key(run, key, rows)
+    keys = _key_table(rows, comparison)
+    pairs = pd.DataFrame(rows.per_pair, columns=["task", "other", "key", "block", "crowd", "won"])
+    checks = checks_table(tv, keys, _conflicts(rows, comparison, block))
+    table = _blocks_table(keys, pairs) if comparison is not None else pd.DataFrame(columns=BLOCK_COLUMNS)
+    tasks = _tasks_table(keys, pairs, table, checks, comparison)
+    return Diagnosis(
+        method=merged.method if isinstance(merged, MergeResult) else ("weights" if merged is not None else None),
+        params=dict(merged.params) if isinstance(merged, MergeResult) else {},
+        blocks=table, tasks=tasks, checks=checks, whatif=pd.DataFrame(columns=WHATIF_COLUMNS),
+        comparison=comparison, criterion=criterion, eps=float(eps),
+    )

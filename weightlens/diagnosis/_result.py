@@ -1,0 +1,120 @@
+"""``Diagnosis``: the tables :func:`weightlens.diagnosis.diagnose` returns, in sentences and as one HTML page."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from weightlens.errors import InvalidParameterError
+from weightlens.io._atomic import atomic_write_text
+
+__all__ = ["BLOCK_COLUMNS", "TASK_COLUMNS", "WHATIF_COLUMNS", "Diagnosis"]
+
+BLOCK_COLUMNS = ["task", "block", "energy_share", "kept", "lost_energy", "coef", "crowded_by", "crowding",
+                 "merged_share", "sign_lost", "sign_won_by", "sign_won", "predicted_cost", "rank", "measured_gain"]
+TASK_COLUMNS = ["task", "norm", "rel_distance", "kept", "lost_energy", "coef", "crowded_by", "crowding",
+                "merged_share", "sign_lost", "sign_won_by", "sign_won", "predicted_cost", "worst_block", "checks"]
+#: What-if rows (one per method and task) are still to come; the table keeps their shape.
+WHATIF_COLUMNS = ["method", "params", "task", "predicted_cost", "measured_gain"]
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What a merge lost of each task, per block, and why (``docs/diagnosis.md`` defines every column).
+
+    Attributes
+    ----------
+    blocks : DataFrame
+        One row per task and block: ``task, block, energy_share, kept, lost_energy, coef, crowded_by,
+        crowding, merged_share, sign_lost, sign_won_by, sign_won, predicted_cost, rank, measured_gain``
+        (``rank`` 1: the block where the task is predicted to lose most; ``measured_gain`` NaN until
+        ``evaluate=`` lands). Empty without a merge.
+    tasks : DataFrame
+        One row per task, the same figures over the whole model, plus ``norm``, ``rel_distance`` (distance
+        from the base over the base's norm), ``worst_block`` and the pre-merge ``checks`` that fired for it.
+    checks : DataFrame
+        Pre-merge checks: ``check, severity, task, block, value, threshold, fired, message``, fired first.
+    whatif : DataFrame
+        Other methods' predicted costs (empty for now): ``method, params, task, predicted_cost, measured_gain``.
+    comparison : Comparison or None
+        The ``merge.compare`` behind ``kept`` and the sign counts (per key; task arithmetic as "before").
+    """
+
+    method: str | None
+    params: dict[str, Any]
+    blocks: pd.DataFrame = field(repr=False)
+    tasks: pd.DataFrame = field(repr=False)
+    checks: pd.DataFrame = field(repr=False)
+    whatif: pd.DataFrame = field(repr=False)
+    comparison: Any = field(repr=False, default=None)
+    criterion: str = "paper"
+    eps: float = 0.05
+
+    def ranking(self, task: str) -> pd.DataFrame:
+        """The blocks of ``task``, highest predicted cost first."""
+        if task not in set(self.tasks["task"]):
+            raise InvalidParameterError(f"Diagnosis.ranking: no task {task!r}; tasks are {list(self.tasks['task'])}.")
+        return self.blocks[self.blocks["task"] == task].sort_values("rank").reset_index(drop=True)
+
+    def _task_sentence(self, row: pd.Series) -> str:
+        task = row["task"]
+        if self.blocks.empty:
+            return ""
+        worst = self.ranking(task).iloc[0]
+        text = (f"{task} loses most in {worst['block']} (kept {_pct(worst['kept'])} of its update there, which holds "
+                f"{_pct(worst['energy_share'])} of its update energy; predicted cost {worst['predicted_cost']:.3f})")
+        if isinstance(worst["crowded_by"], str):
+            text += f", crowded by {worst['crowded_by']} (overlap {worst['crowding']:.2f})"
+        if worst["sign_lost"] > 0:
+            text += f"; the merge opposes the sign of {_pct(worst['sign_lost'])} of its mass there"
+            if isinstance(worst["sign_won_by"], str):
+                text += f", mostly on coordinates {worst['sign_won_by']} won ({_pct(worst['sign_won'])})"
+        return (text + f". Over the whole model it keeps {_pct(row['kept'])} of its update "
+                f"(predicted cost {row['predicted_cost']:.3f}).")
+
+    def summary(self) -> str:
+        """Plain sentences: each task's worst block and why, then the pre-merge checks that fired."""
+        what = f"{self.method} merge" if self.method else "task vectors (no merge given)"
+        lines = [f"Diagnosis of the {what}, from the weights alone (rank rule {self.criterion!r}, eps={self.eps})."]
+        order = self.tasks.sort_values("predicted_cost", ascending=False, na_position="last")
+        lines += [s for s in (self._task_sentence(r) for _, r in order.iterrows()) if s]
+        fired = self.checks[self.checks["fired"]]
+        if fired.empty:
+            lines.append("No pre-merge check fired.")
+        lines += [f"Check {r['check']}: {r['message']}" for _, r in fired.iterrows()]
+        return "\n".join(lines)
+
+    def to_html(self, path: str | Path | None = None, *, title: str = "weightlens diagnosis") -> str:
+        """One self-contained HTML page: the summary, then the checks, tasks and blocks tables.
+
+        Returns the page; with ``path`` (a file) it is also written there atomically.
+        """
+        tables = [("Pre-merge checks", self.checks), ("Tasks", self.tasks),
+                  ("Blocks (task x block)", self.blocks.sort_values(["task", "rank"]))]
+        body = "".join(f"<p>{html.escape(line)}</p>" for line in self.summary().splitlines())
+        for heading, table in tables:
+            shown = table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", escape=True)
+            body += f"<h2>{html.escape(heading)}</h2>{shown}"
+        style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+                 "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}")
+        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+        if path is not None:
+            target = Path(path).expanduser()
+            if target.is_dir():
+                raise InvalidParameterError(
+                    f"to_html({str(path)!r}): that is a folder; pass a file path such as "
+                    f"{str(target / 'diagnosis.html')!r}."
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, page)
+        return page

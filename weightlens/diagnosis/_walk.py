@@ -1,0 +1,147 @@
+"""The per-key pass of :func:`weightlens.diagnosis.diagnose`: additive sums that blocks and tasks aggregate.
+
+Each key gives, per task ``t`` (rows of ``per_task``) and per ordered pair ``(t, s)`` of tasks (rows of
+``per_pair``), sums that add up over the keys of a block (or of the whole model), so every block-level
+number is an exact energy- or mass-weighted ratio of sums (``docs/diagnosis.md``):
+
+* ``energy`` ``||tau_t||_F^2`` and ``mass`` ``sum |tau_t|`` (every key); ``base_dot`` ``<tau_t, base>``
+  and ``base_sq`` ``||base||_F^2`` (the pre-merge checks);
+* matrix keys only: ``matrix_energy`` (``energy`` again), ``lost`` ``||(I - U U^T) tau_t||_F^2`` with ``U``
+  the merged update's top-k left singular vectors (the SAR subspace of ``merge.compare``, same rank rule),
+  ``rank`` and ``min_dim`` (the task's numerical rank and the matrix's smaller side);
+* signs (every key): ``sign_lost_mass``, the mass of ``tau_t`` on coordinates where the merged update ``M``
+  has the opposite sign, ``sgn(M) = -sgn(tau_t)``;
+* pairs: ``crowd`` ``||U_s^T L_t||_F^2`` with ``L_t`` the lost part above and ``U_s`` task ``s``'s own
+  top-k left singular vectors (its rank rule); ``won`` the mass of ``tau_t`` on its opposed coordinates
+  where ``sgn(tau_s) = sgn(M)``.
+
+Elementwise passes run in float32 (signs are exact there), sums in float64 (as ``merge.compare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightlens import decompositions, linalg
+from weightlens.analysis.alignment import left_span, reference_ranks
+from weightlens.analysis.signs import conflict_stats
+from weightlens.merged import merged_update
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["KeyPass", "Rows", "walk_key"]
+
+_F64 = torch.float64
+
+
+@dataclass
+class Rows:
+    """Rows collected over keys: ``per_task`` (task, key), ``per_pair`` (task, other, key) and, without a
+    merge, ``conflicts`` (key: the sign-conflict counts ``merge.compare`` gives otherwise)."""
+
+    per_task: list[dict[str, Any]] = field(default_factory=list)
+    per_pair: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KeyPass:
+    """What one key's pass needs besides the key: inputs, rank rule, devices, the merged update's SVD."""
+
+    tv: TaskVectors
+    merged: Mapping[str, torch.Tensor] | None
+    criterion: str
+    eps: float
+    device: torch.device
+    merged_svd: Callable[[str, torch.Tensor], linalg.SVD] | None
+    block: Callable[[str], str]
+
+
+def _top_span(dec: linalg.SVD, shape: tuple[int, int], eps: float, criterion: str) -> torch.Tensor:
+    """Top-k left singular vectors of ``dec`` by the rank rule, capped at the numerical rank (as SAR)."""
+    U = left_span(dec, shape)
+    return U[:, : min(reference_ranks(dec.S, eps)[criterion], U.shape[1])]
+
+
+def _signs(x: torch.Tensor, update: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor]:
+    """Mass, opposed mass per task and the ``(T, T)`` matrix of opposed mass that task ``s`` won."""
+    su = torch.sign(update.reshape(-1).to(torch.float32))
+    sd = torch.sign(x)
+    mag = x.abs()
+    opposed = mag * ((sd * su) < 0)  # |tau_t| where the merged sign is the opposite of tau_t's
+    agrees = ((sd * su) > 0).to(torch.float32)  # tau_s has the merged sign (non-zero)
+    won = (opposed @ agrees.mT).to(_F64)  # won[t, s]: t's opposed mass on coordinates s won
+    return mag.sum(1, dtype=_F64).tolist(), opposed.sum(1, dtype=_F64).tolist(), won
+
+
+def _subspaces(run: KeyPass, key: str, deltas: torch.Tensor, update: torch.Tensor) -> dict[str, Any]:
+    """Matrix keys: lost energy per task, inner products with the update, ranks, and the crowding matrix."""
+    tv, T = run.tv, deltas.shape[0]
+    shape = tuple(deltas.shape[-2:])
+    U = _top_span(run.merged_svd(key, update), shape, run.eps, run.criterion)
+    x = deltas.to(device=U.device)
+    lost_part = x - U @ (U.mT @ x)  # (T, m, n): what the merged top subspace does not hold
+    lost = lost_part.square().sum((-2, -1), dtype=_F64)
+    own = [decompositions.svd(tv, key, t, device=run.device) for t in tv.names]
+    spans = [_top_span(d, shape, run.eps, run.criterion).to(U.device) for d in own]
+    crowd = torch.zeros(T, T, dtype=_F64)
+    widths = [s.shape[1] for s in spans]
+    if sum(widths):
+        proj = torch.cat(spans, dim=1).mT @ lost_part  # (T, sum k_s, n)
+        rows = proj.square().sum(-1, dtype=_F64)  # (T, sum k_s)
+        crowd = torch.stack([part.sum(-1) for part in torch.split(rows, widths, dim=-1)], dim=-1).cpu()
+    return {
+        "lost": lost.cpu().tolist(),
+        "rank": [linalg.numerical_rank(d.S, shape) for d in own],
+        "crowd": crowd,
+    }
+
+
+def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
+    """Append the rows of one key (see the module docstring)."""
+    tv, names = run.tv, run.tv.names
+    T, block, matrix = len(names), run.block(key), tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
+    deltas = tv.deltas(key)
+    x = deltas.reshape(T, -1)
+    base = tv.base_tensor(key).reshape(-1).to(_F64)
+    live = bool(x.any())
+    energy = x.to(_F64).square().sum(1).tolist()
+    base_dot = (x.to(_F64) @ base).tolist() if live else [0.0] * T
+    common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
+    part: dict[str, Any] = {}
+    if run.merged is not None:
+        update = merged_update(tv, run.merged, key, caller="diagnose()")
+        if live:
+            mass, opposed, won = _signs(x, update)
+        else:
+            mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
+        part = {"mass": mass, "sign_lost_mass": opposed}
+        if matrix and live:
+            part.update(_subspaces(run, key, deltas, update))
+    else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
+        stats = conflict_stats(deltas)
+        rows.conflicts.append({"key": key, "block": block, "contested": stats["n_eligible"],
+                               "conflicting": stats["n_conflict"], "chance": stats["chance_T"]})
+        if matrix and live:
+            shape = tuple(deltas.shape[-2:])
+            part["rank"] = [linalg.numerical_rank(decompositions.svdvals(tv, key, t, device=run.device), shape)
+                            for t in names]
+    for t, task in enumerate(names):
+        row = {"task": task, **common, "energy": energy[t], "base_dot": base_dot[t], "matrix": matrix,
+               "matrix_energy": energy[t] if matrix else 0.0, "min_dim": min(tv.shape(key)) if matrix else 0}
+        for name in ("mass", "sign_lost_mass", "lost", "rank"):
+            if name in part:
+                row[name] = part[name][t]
+        rows.per_task.append(row)
+    if run.merged is None:
+        return
+    crowd = part.get("crowd")
+    for t, task in enumerate(names):
+        for s, other in enumerate(names):
+            if s != t:
+                rows.per_pair.append({"task": task, "other": other, "key": key, "block": block,
+                                      "crowd": float(crowd[t, s]) if crowd is not None else 0.0,
+                                      "won": float(won[t, s])})
