@@ -627,12 +627,15 @@ def _architectures(folder: str) -> list[str]:
 @dataclass(frozen=True)
 class Mergekit:
     """A method's mergekit equivalent for some parameters: mergekit's method name, the parameters of
-    each fine-tune (``per_model``) and of the merge (``parameters``), and caveats (``notes``)."""
+    each fine-tune (``per_model``) and of the merge (``parameters``), and caveats (``notes``).
+    ``per_task``, when given, holds one more dict per fine-tune (in the recipe's order) that updates
+    ``per_model`` for that fine-tune (e.g. ``linear``'s weights)."""
 
     method: str
     per_model: dict[str, Any]
     parameters: dict[str, Any]
     notes: tuple[str, ...] = ()
+    per_task: tuple[dict[str, Any], ...] = ()
 
 
 def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | None = None) -> tuple[str, str] | None:
@@ -656,7 +659,8 @@ def mergekit_config(recipe: Recipe, mk: Mergekit | None, *, base_dtype: str | No
     config = {
         "merge_method": mk.method,
         "base_model": paths[0][0],
-        "models": [{"model": path, "parameters": dict(mk.per_model)} for path, _ in paths[1:]],
+        "models": [{"model": path, "parameters": {**mk.per_model, **(mk.per_task[i] if mk.per_task else {})}}
+                   for i, (path, _) in enumerate(paths[1:])],
         "parameters": dict(mk.parameters),
         "dtype": recipe.dtype or base_dtype or "float32",
     }
