@@ -30,7 +30,7 @@ from weightlens.merge.sweep import SweepOptions, SweepResult, alpha_grid, refere
 
 #: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
 #: method file is one more name here.
-METHOD_MODULES = ("arithmetic", "spectral", "knots", "peft_modes", "linear", "slerp", "model_stock", "breadcrumbs")
+METHOD_MODULES = ("arithmetic", "spectral", "knots", "peft_modes", "linear", "slerp", "model_stock", "breadcrumbs", "della")
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")  # each registers its methods on import
 
