@@ -25,7 +25,9 @@ EPS = 0.05
 
 @pytest.fixture(scope="module")
 def tv(digits_zoo):
-    return digits_zoo.task_vectors(["rot90", "hflip", "invert"])
+    """Three digits tasks without ``fc2.weight`` (512 x 512 SVDs are the slow part on a shared CPU): blocks
+    ``fc1`` (a 512 x 64 matrix and its bias) and ``fc2`` (its bias alone: no subspace figures)."""
+    return digits_zoo.task_vectors(["rot90", "hflip", "invert"], exclude="fc2.weight")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,11 @@ def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ identities
 def test_a_merge_equal_to_one_tasks_update_keeps_all_of_it(tv):
     d = diagnose(tv, _weights(tv, lambda k: tv.delta("rot90", k)), progress=False)
-    mine = d.blocks[d.blocks["task"] == "rot90"]
-    assert (mine["kept"] >= math.sqrt(1 - EPS**2) - 1e-6).all()  # the "paper" rule's guarantee
-    assert (mine["lost_energy"] <= EPS**2 + 1e-6).all()
-    assert np.allclose(mine["coef"], 1.0, atol=1e-5) and (mine["sign_lost"] == 0).all()
+    mine = d.blocks[d.blocks["task"] == "rot90"].set_index("block")
+    assert mine.loc["fc1", "kept"] >= math.sqrt(1 - EPS**2) - 1e-6  # the "paper" rule's guarantee
+    assert mine.loc["fc1", "lost_energy"] <= EPS**2 + 1e-6 and mine.loc["fc1", "coef"] == pytest.approx(1, abs=1e-5)
+    assert math.isnan(mine.loc["fc2", "kept"])  # a bias alone: no subspace figures, signs only
+    assert (mine["sign_lost"] == 0).all() and (mine["predicted_cost"] <= EPS**2 * mine["energy_share"] + 1e-9).all()
     assert d.method == "weights" and d.tasks.set_index("task").loc["rot90", "sign_lost"] == 0
 
 
@@ -92,7 +95,7 @@ def test_a_merge_that_negates_a_task_loses_all_its_signs_to_its_negation(tv):
     base = {k: tv.base_tensor(k) for k in tv.keys}
     rot = {k: tv.delta("rot90", k) for k in tv.keys}
     plant = wl.TaskVectors(base, {"rot90": _weights(tv, rot.get), "neg": _weights(tv, lambda k: -rot[k]),
-                                  "hflip": _weights(tv, lambda k: tv.delta("hflip", k))}, exclude="fc2.weight")
+                                  "hflip": _weights(tv, lambda k: tv.delta("hflip", k))})
     d = diagnose(plant, _weights(tv, lambda k: -rot[k]), progress=False)
     blocks = d.blocks.set_index(["task", "block"])
     assert np.allclose(blocks.loc["rot90", "sign_lost"], 1.0)
@@ -123,7 +126,7 @@ def test_block_figures_are_ratios_of_float64_sums_over_keys(tv, ta):
     assert ((blocks["predicted_cost"] >= 0) & (blocks["predicted_cost"] <= blocks["energy_share"] + 1e-12)).all()
     cost = blocks.groupby("task")["predicted_cost"].sum()
     assert np.allclose(d.tasks.set_index("task")["predicted_cost"].loc[cost.index], cost)
-    assert np.allclose(blocks["lost_energy"], 1 - blocks["kept"] ** 2)
+    assert np.allclose(blocks["lost_energy"], 1 - blocks["kept"] ** 2, equal_nan=True)
     assert blocks["measured_gain"].isna().all() and list(d.whatif.columns)[:3] == ["method", "params", "task"]
 
 
@@ -135,7 +138,7 @@ def test_kept_is_compares_sar_and_the_crowding_denominator_agrees_with_it(tv, ta
     for (task, key), row in rows.iterrows():
         assert by_key.loc[(task, key), "kept"] == pytest.approx(row["sar"], rel=1e-9)
     crowd = by_key["crowding"]
-    assert ((crowd >= 0) & (crowd <= 1 + 1e-9)).all() and len(crowd) == 4 * len(tv.names)
+    assert ((crowd >= 0) & (crowd <= 1 + 1e-9)).all() and len(crowd) == 3 * len(tv.names)
     vectors = by_key.loc[(slice(None), ["fc1.bias", "fc2.bias"]), :]
     assert (vectors["crowding"] == 0).all() and vectors["kept"].isna().all()  # subspaces: matrices only
     assert set(by_key["crowded_by"].dropna()) <= set(tv.names)
@@ -157,7 +160,8 @@ def test_summary_and_html_say_where_each_task_loses_most(ta, tmp_path):
     text = d.summary()
     for task in d.tasks["task"]:
         worst = d.ranking(task).iloc[0]
-        assert f"{task} loses most in {worst['block']} (kept {worst['kept']:.0%}" in text
+        kept = "" if math.isnan(worst["kept"]) else f"kept {worst['kept']:.0%} of its update there, "
+        assert f"{task} loses most in {worst['block']} ({kept}which holds {worst['energy_share']:.0%}" in text
     page = d.to_html(tmp_path / "d.html")
     assert (tmp_path / "d.html").read_text() == page and page.startswith("<!DOCTYPE html>")
     assert "Pre-merge checks" in page and "predicted_cost" in page and "<script" not in page
@@ -188,7 +192,8 @@ def test_without_a_merge_only_the_checks_are_computed(tv):
     assert d.blocks.empty and list(d.blocks.columns)[:3] == ["task", "block", "energy_share"]
     assert set(d.checks["check"]) == {"dominant_task", "foreign_base", "low_rank", "sign_conflict"}
     assert not d.checks["fired"].any() and "No pre-merge check fired." in d.summary()
-    assert isinstance(d.tasks, pd.DataFrame) and d.tasks["worst_block"].isna().all()
+    assert d.tasks["worst_block"].isna().all() and d.tasks["predicted_cost"].isna().all()
+    assert d.tasks["crowded_by"].isna().all() and (d.tasks["norm"] > 0).all()
 
 
 def test_lora_adapters_are_diagnosed_as_their_dense_deltas(tmp_path):

@@ -156,7 +156,11 @@ def _tasks_table(keys: pd.DataFrame, pairs: pd.DataFrame, blocks: pd.DataFrame, 
         out["predicted_cost"] = blocks.groupby("task", sort=False)["predicted_cost"].sum()
         worst = blocks[blocks["rank"] == 1].set_index("task")["block"]
         out["worst_block"] = worst.reindex(out.index)
-    else:
+    else:  # no merge: only the task's own figures
+        merged_only = ["kept", "lost_energy", "coef", "crowded_by", "crowding", "merged_share", "sign_lost",
+                       "sign_won_by", "sign_won", "predicted_cost"]
+        out[merged_only] = None
+        out[[c for c in merged_only if not c.endswith("_by")]] = math.nan
         out["worst_block"] = None
     fired = checks[checks["fired"] & (checks["severity"] == "warning") & checks["task"].notna()]
     out["checks"] = [", ".join(fired.loc[fired["task"] == t, "check"]) for t in out.index]

@@ -70,8 +70,9 @@ class Diagnosis:
         if self.blocks.empty:
             return ""
         worst = self.ranking(task).iloc[0]
-        text = (f"{task} loses most in {worst['block']} (kept {_pct(worst['kept'])} of its update there, which holds "
-                f"{_pct(worst['energy_share'])} of its update energy; predicted cost {worst['predicted_cost']:.3f})")
+        kept = "" if math.isnan(worst["kept"]) else f"kept {_pct(worst['kept'])} of its update there, "
+        text = (f"{task} loses most in {worst['block']} ({kept}which holds {_pct(worst['energy_share'])} of its "
+                f"update energy; predicted cost {worst['predicted_cost']:.3f})")
         if isinstance(worst["crowded_by"], str):
             text += f", crowded by {worst['crowded_by']} (overlap {worst['crowding']:.2f})"
         if worst["sign_lost"] > 0:
