@@ -12,7 +12,7 @@ import weightlens as wl
 from weightlens.merge import get_method, merge
 from weightlens.merge.breadcrumbs import breadcrumbs_mask
 
-from _mergekit_peers import export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
 
 CPU = {"device": "cpu"}
 
@@ -64,6 +64,13 @@ def test_rescale_keeps_the_l1_norm_and_defaults_follow_normalize():
     assert (mk.method, mk.per_model, mk.parameters) == (
         "breadcrumbs_ties", {"weight": 1.0, "density": 0.5, "gamma": 0.02},
         {"lambda": 0.7, "normalize": True, "rescale": False})
+
+
+@pytest.mark.parametrize("method, params", [("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"rescale": True})])
+def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    tv = wl.TaskVectors(base, {n: finetuned[n] for n in ("plus1", "plus3")})
+    assert_recipe_reruns_bitwise(merge(tv, method=method, **params, **CPU), tmp_path, base)
 
 
 @pytest.mark.peers

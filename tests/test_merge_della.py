@@ -16,7 +16,7 @@ from weightlens.merge import get_method, merge
 from weightlens.merge.breadcrumbs import l1_rescaled
 from weightlens.merge.della import keep_probabilities
 
-from _mergekit_peers import export_and_run, llama_models, mergekit  # noqa: F401
+from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, mergekit  # noqa: F401
 
 CPU = {"device": "cpu"}
 BANDS = 4
@@ -82,6 +82,13 @@ def test_probabilities_outside_0_1_are_refused_and_the_yaml_names_della():
     assert (mk.method, mk.per_model, mk.parameters) == (
         "della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"lambda": 1.0, "normalize": True, "rescale": True})
     assert any("approximate" in n for n in mk.notes)
+
+
+@pytest.mark.parametrize("method, params", [("della", {"seed": 3}), ("della_linear", {"rescale": "probability"})])
+def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    tv = wl.TaskVectors(base, {n: finetuned[n] for n in ("plus1", "plus3")})
+    assert_recipe_reruns_bitwise(merge(tv, method=method, **params, **CPU), tmp_path, base)
 
 
 @pytest.mark.peers

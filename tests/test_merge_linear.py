@@ -10,7 +10,7 @@ import weightlens as wl
 from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
 
-from _mergekit_peers import export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
 
 CPU = {"device": "cpu"}
 
@@ -63,6 +63,13 @@ def test_the_mergekit_translation_names_linear_and_its_parameters():
     assert got.per_task == ({"weight": 1.0}, {"weight": 3.0}) and got.parameters == {"weight": 0.0, "normalize": True}
     got = mk({"alpha": 0.5, "normalize": True, "weights": "1,3"})
     assert got.per_task == ({"weight": 0.125}, {"weight": 0.375}) and got.parameters == {"weight": 0.5, "normalize": False}
+
+
+@pytest.mark.parametrize("method, params", [("linear", {"weights": "0.3,1.2", "alpha": 0.8})])
+def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    tv = wl.TaskVectors(base, {n: finetuned[n] for n in ("plus1", "plus3")})
+    assert_recipe_reruns_bitwise(merge(tv, method=method, **params, **CPU), tmp_path, base)
 
 
 @pytest.mark.peers

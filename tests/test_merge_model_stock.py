@@ -10,7 +10,7 @@ import weightlens as wl
 from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
 
-from _mergekit_peers import export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
 
 CPU = {"device": "cpu"}
 
@@ -56,6 +56,13 @@ def test_opposing_updates_keep_the_base_with_a_note_and_one_task_is_refused():
     with pytest.raises(InvalidParameterError, match=r"model_stock needs the base and at least two fine-tunes .*got 1 \('a'\)"):
         merge(wl.TaskVectors(base, {"a": up}), method="model_stock")
     assert get_method("model_stock").mergekit({"alpha": 0.5, "filter_wise": False}) is None
+
+
+@pytest.mark.parametrize("method, params", [("model_stock", {"filter_wise": True})])
+def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    tv = wl.TaskVectors(base, {n: finetuned[n] for n in ("plus1", "plus3", "far")})
+    assert_recipe_reruns_bitwise(merge(tv, method=method, **params, **CPU), tmp_path, base)
 
 
 @pytest.mark.peers

@@ -14,7 +14,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
 from weightlens.merge.slerp import gradient_t, slerp_tensors
 
-from _mergekit_peers import export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
 
 CPU = {"device": "cpu"}
 
@@ -70,6 +70,13 @@ def test_slerp_with_several_finetunes_uses_the_named_or_the_first_with_a_note():
         merge(tv, method="slerp", t_gradient="0,2")
     assert get_method("slerp").mergekit({"alpha": 1.0, "t": 0.3, "task": "t1"}) is None  # several fine-tunes
     assert get_method("slerp").mergekit({"alpha": 0.5, "t": 0.3}) is None
+
+
+@pytest.mark.parametrize("method, params", [("slerp", {"t_gradient": "0,0.5,1"})])
+def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
+    base, finetuned = llama_models
+    tv = wl.TaskVectors(base, {n: finetuned[n] for n in ("far",)})
+    assert_recipe_reruns_bitwise(merge(tv, method=method, **params, **CPU), tmp_path, base)
 
 
 @pytest.mark.peers

@@ -40,14 +40,14 @@ _LINEAR_GRID = tuple(round(0.1 * i, 10) for i in range(1, 11))
 
 
 def parse_weights(weights: str | None, tasks: tuple[str, ...] | list[str], method: str = "linear") -> list[float]:
-    """``weights`` (``"0.7,0.3"``: one real number per fine-tune, in task order; None: all 1) as floats.
+    """``weights`` (``"0.7,0.3"``: one real number per fine-tune, in task order; None or blank: all 1) as floats.
 
     Raises
     ------
     InvalidParameterError
         If the count is not the number of fine-tunes or a value is not a finite number.
     """
-    if weights is None:
+    if weights is None or not weights.strip():  # a blank text box (the studio) is None
         return [1.0] * len(tasks)
     parts = [p.strip() for p in weights.split(",")]
     try:
@@ -79,6 +79,7 @@ def _linear_mergekit(p: Mapping[str, Any], merged: Any = None) -> Mergekit | Non
     ``base_model``) weighs ``1 - alpha`` through the global ``weight`` (0 at ``alpha=1``). With no
     ``weights`` and ``alpha != 1`` the fine-tunes' weights need their count, known from ``merged``."""
     alpha, weights, normalize = float(p.get("alpha", 1.0)), p.get("weights"), bool(p.get("normalize", True))
+    weights = None if isinstance(weights, str) and not weights.strip() else weights
     if alpha == 1.0 and weights is None:
         return Mergekit("linear", {"weight": 1.0}, {"weight": 0.0, "normalize": normalize})
     if not isinstance(weights, (str, type(None))) or (weights is None and merged is None):

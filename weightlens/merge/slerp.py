@@ -92,6 +92,11 @@ def _anchors(t_gradient: str) -> list[float]:
     return values
 
 
+def _blank_none(value: Any) -> Any:
+    """A blank string (an empty text box in the studio) reads as None."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _key_ts(keys: list[str], anchors: list[float]) -> dict[str, float]:
     """``t`` of every key: layer ``i`` of ``L`` at ``i / (L - 1)``, other keys at 0 (mergekit's planning)."""
     found = {k: _LAYER.match(k) for k in keys}
@@ -110,7 +115,8 @@ def _key_ts(keys: list[str], anchors: list[float]) -> dict[str, float]:
 
 
 def _slerp_prepare(ctx: MergeContext, *, t: float, t_gradient: str | None, task: str | None) -> dict:
-    """The fine-tune to interpolate with, and ``t`` per key when ``t_gradient`` is given."""
+    """The fine-tune to interpolate with, and ``t`` per key when ``t_gradient`` is given (blank text: None)."""
+    task, t_gradient = _blank_none(task), _blank_none(t_gradient)
     note = None
     if task is None:
         task = ctx.tasks[0]
@@ -131,9 +137,9 @@ def _slerp_mergekit(p: Mapping[str, Any], merged: Any = None) -> Mergekit | None
     for a recipe of one fine-tune (mergekit's slerp takes the base and exactly one more model)."""
     if float(p.get("alpha", 1.0)) != 1.0 or (merged is not None and len(merged.task_vectors) != 1):
         return None
-    if merged is None and p.get("task") is not None:
+    if merged is None and _blank_none(p.get("task")) is not None:
         return None
-    gradient = p.get("t_gradient")
+    gradient = _blank_none(p.get("t_gradient"))
     try:
         t: Any = _anchors(gradient) if gradient is not None else float(p.get("t", 0.5))
     except InvalidParameterError:
@@ -166,7 +172,7 @@ def slerp(
     alpha : float, default=1.0
         ``theta = theta_0 + alpha * (slerp - theta_0)``: 1 is mergekit's slerp.
     """
-    state = ctx.state
+    state = ctx.state  # t_gradient and task were resolved by the prepare hook
     tk = state["ts"][key] if state["ts"] is not None else t
     base = ctx.tv.base_tensor(key)
     wide = torch.float64 if base.dtype == torch.float64 else torch.float32
