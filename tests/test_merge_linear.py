@@ -8,7 +8,7 @@ import yaml
 
 import weightlens as wl
 from weightlens.errors import InvalidParameterError
-from weightlens.merge import get_method, merge
+from weightlens.merge import get_method, merge, sweep
 
 from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
 
@@ -83,3 +83,17 @@ def test_mergekit_linear_reproduces_the_export(mergekit, llama_models, tmp_path)
         assert config["merge_method"] == "linear" and "normalize" in config["parameters"], params
         assert all("weight" in m["parameters"] for m in config["models"]), params
         assert max_relative_error(ours, theirs) <= 1e-5, params
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+                                    "della_linear"])
+def test_the_mergekit_methods_sweep_their_default_grid(method):
+    tv = _tv(2)
+
+    def evaluate(weights, task, split):  # closer to the fine-tune is better
+        dist = sum(float(((weights[k] - tv.finetuned[task][k]) ** 2).sum()) for k in tv.keys)
+        return {"accuracy": 1.0 / (1.0 + dist)}
+
+    sw = sweep(tv, method, None, evaluate, progress=False)
+    grid = get_method(method).alpha_grid({}, len(tv))
+    assert sorted(set(sw.table["alpha"])) == sorted(grid) and sw.best_alpha in grid
