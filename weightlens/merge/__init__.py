@@ -1,4 +1,4 @@
-"""Merging fine-tunes of one base model: one registry, one engine, eleven methods.
+"""Merging fine-tunes of one base model: one registry, one engine, eighteen methods.
 
 ``merge(tv, method=..., **params)`` returns the full merged weights; ``compare(tv, merged)`` shows
 what the merge kept of each task and which sign conflicts it settled; ``sweep`` scores a grid of
@@ -8,7 +8,9 @@ and its export.
 Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.arithmetic`);
 ``tsv``, ``iso_c``, ``iso_cts``, ``star`` (:mod:`.spectral`); ``knots_ties``, ``knots_ta``
 (:mod:`.knots`); ``peft_cat``, ``peft_svd`` (:mod:`.peft_modes`: PEFT's ``add_weighted_adapter``
-modes). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
+modes); mergekit's ``linear`` (:mod:`.linear`), ``slerp`` (:mod:`.slerp`), ``model_stock``
+(:mod:`.model_stock`), ``breadcrumbs``, ``breadcrumbs_ties`` (:mod:`.breadcrumbs`), ``della``,
+``della_linear`` (:mod:`.della`). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
 display name, mergekit equivalent); the modules are listed once, in :data:`METHOD_MODULES`, and
 everything else (CLI, studio, ``sweep``, recipes) reads the registry. A method defined outside the package only needs its module imported.
 """

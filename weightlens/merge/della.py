@@ -13,7 +13,7 @@ Per tensor and task, as mergekit's ``della_magprune``:
   ``density - epsilon``, the largest at ``density + epsilon``; both must lie in (0, 1), as mergekit
   requires); ``density = 1`` keeps everything;
 * the kept entries are rescaled: ``rescale="l1"`` (mergekit, its ``rescale: true``): the sparsified task
-  vector times ``|tau|_1 / |kept|_1`` over the tensor; ``rescale="probability"`` (the paper, Eq. 2): each kept
+  vector times ``|tau|_1 / |kept|_1`` over the tensor; ``rescale="probability"`` (the paper): each kept
   entry divided by its own ``p_i``, which keeps the expectation of every entry; ``"none"``: not at all.
 
 Then mergekit's generalized task arithmetic with every fine-tune's ``weight`` 1 (:func:`.breadcrumbs.combine`):
