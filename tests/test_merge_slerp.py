@@ -82,7 +82,7 @@ def test_the_recipe_reruns_bitwise(llama_models, tmp_path, method, params):
 @pytest.mark.peers
 def test_mergekit_slerp_reproduces_the_export(mergekit, llama_models, tmp_path):
     base, finetuned = llama_models
-    cases = [("plus1", {"t": 0.3}), ("far", {"t": 0.7}), ("far", {"t_gradient": "0,0.5,1"})]
+    cases = [("plus1", {"t": 0.3}), ("far", {"t": 0.7}), ("far", {"t_gradient": "0.2,0.8"})]
     merges = [merge(wl.TaskVectors(base, {n: finetuned[n]}), method="slerp", **p, **CPU) for n, p in cases]
     runs = export_and_run(mergekit, merges, tmp_path, base)
     for (name, params), m, (ours, theirs, text) in zip(cases, merges, runs):
