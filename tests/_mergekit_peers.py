@@ -9,6 +9,7 @@ far from the base (``far``: noise of the weights' own scale added, so SLERP take
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -85,22 +86,55 @@ def llama_models(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     return _BUILT["llama"]
 
 
-_RUNNER = """
-import json, os, sys
+_SERVER = """
+import json, os, sys, traceback
 from mergekit.scripts.run_yaml import main
-for folder, out, extra in json.loads(sys.argv[1]):
-    os.chdir(folder)
-    main.main(args=["mergekit_config.yml", out, *extra], standalone_mode=False)
+for line in sys.stdin:
+    try:
+        for folder, out, extra in json.loads(line):
+            os.chdir(folder)
+            main.main(args=["mergekit_config.yml", out, *extra], standalone_mode=False)
+        reply = {"ok": True}
+    except BaseException:
+        reply = {"ok": False, "error": traceback.format_exc()[-3000:]}
+    print("@@mergekit@@" + json.dumps(reply), flush=True)
 """
+_PROCESS: list[subprocess.Popen] = []  # one mergekit process for the whole test session
+
+
+def _server(python: Path) -> subprocess.Popen:
+    if _PROCESS and _PROCESS[0].poll() is None:
+        return _PROCESS[0]
+    proc = subprocess.Popen([str(python), "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    _PROCESS[:] = [proc]
+    atexit.register(_stop, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_mergekit(mergekit: Path, jobs: list[tuple[Path, Path, tuple[str, ...]]]) -> list[wl.io.Checkpoint]:
-    """Run ``mergekit-yaml mergekit_config.yml OUT [options]`` in each export folder, all in one process of
-    the peers' Python (mergekit's start-up, 7 s, is paid once); the merged checkpoints, in order."""
-    python = mergekit.parent / "python"
-    args = json.dumps([[str(f), str(o), list(x)] for f, o, x in jobs])
-    done = subprocess.run([str(python), "-c", _RUNNER, args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"mergekit failed on {[str(f) for f, _, _ in jobs]}:\n{done.stderr[-3000:]}"
+    """Run ``mergekit-yaml mergekit_config.yml OUT [options]`` in each export folder, in one process of the
+    peers' Python kept for the session (mergekit's start-up, 4-5 s of imports, is paid once); the merged
+    checkpoints, in order."""
+    proc = _server(mergekit.parent / "python")
+    proc.stdin.write(json.dumps([[str(f), str(o), list(x)] for f, o, x in jobs]) + "\n")
+    proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith("@@mergekit@@"):
+            reply = json.loads(line[len("@@mergekit@@"):])
+            break
+    else:
+        raise AssertionError(f"mergekit's process ended (exit code {proc.wait()}) on {[str(f) for f, _, _ in jobs]}")
+    assert reply["ok"], f"mergekit failed on {[str(f) for f, _, _ in jobs]}:\n{reply['error']}"
     return [wl.load(o) for _, o, _ in jobs]
 
 
