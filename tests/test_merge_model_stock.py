@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -45,6 +46,28 @@ def test_the_ratio_is_the_papers_per_tensor_and_per_row():
         c = sum(float(torch.nn.functional.cosine_similarity(d[i, r], d[j, r], dim=0))
                 for i, j in ((0, 1), (0, 2), (1, 2))) / 3
         torch.testing.assert_close(rows[r].double(), 3 * c / (1 + 2 * c) * d[:, r].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_average_angle_is_fusionbenchs_ratio():
+    """FusionBench's ``compute_angle`` (degrees, ``+ 1e-8``), mean angle over pairs, ``compute_ratio`` (``+ 1e-8``)."""
+    tv = _tv(3)
+    d = tv.deltas("w").double().numpy()
+    pairs = ((0, 1), (0, 2), (1, 2))
+    angles = []
+    for i, j in pairs:
+        c = float(np.sum(d[i] * d[j]) / (np.sqrt(np.sum(d[i] ** 2) * np.sum(d[j] ** 2)) + 1e-8))
+        angles.append(np.rad2deg(np.arccos(np.clip(c, -1, 1))))
+    cos = np.cos(np.deg2rad(np.mean(angles)))
+    t = 3 * cos / (2 * cos + 1 + 1e-8)
+    got = merge(tv, method="model_stock", average="angle", **CPU).update("w")
+    np.testing.assert_allclose(got.double().numpy(), t * d.mean(0), rtol=1e-5, atol=1e-7)
+    mergekits = merge(tv, method="model_stock", **CPU).update("w")
+    assert not torch.allclose(got, mergekits, rtol=1e-4)  # three fine-tunes: the two references differ
+    two = tv.subset(["t0", "t1"])
+    torch.testing.assert_close(merge(two, method="model_stock", average="angle", **CPU).update("w"),
+                               merge(two, method="model_stock", **CPU).update("w"), rtol=1e-5, atol=1e-6)
+    mk = get_method("model_stock").mergekit({"alpha": 1.0, "filter_wise": False, "average": "angle"})
+    assert mk.method == "model_stock" and "approximate" in mk.notes[0]
 
 
 def test_opposing_updates_keep_the_base_with_a_note_and_one_task_is_refused():
