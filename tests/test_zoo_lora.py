@@ -132,6 +132,9 @@ def test_task_vector_is_merge_and_unload_minus_base(minilm_lora):
 
 @pytest.mark.slow
 def test_lora_beats_the_base_on_val(minilm_lora):
+    # Measured on the CI build (rank 8, lr 2e-3), val accuracy base -> LoRA: wn_noun 0.89 -> 0.92, wn_noun_b
+    # 0.95 -> 0.96, wn_verb 0.74 -> 0.77, fortunes 0.82 -> 0.83 (100 examples each: one example is 0.01, so
+    # one task may tie on a build with another thread count).
     m = minilm_lora.manifest["metrics"]
     better = [t for t in minilm_lora.tasks
               if m["finetuned"][t]["val"]["accuracy"] > m["base"][t]["val"]["accuracy"]]
