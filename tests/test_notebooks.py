@@ -27,7 +27,7 @@ def test_committed_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_executes_headless(path, digits_zoo, digits_pairs, minilm_zoo, monkeypatch):
+def test_executes_headless(path, digits_zoo, digits_pairs, minilm_zoo, minilm_lora, monkeypatch):
     monkeypatch.setenv("WEIGHTLENS_ZOO_SIZE", "ci")
     monkeypatch.setenv("WEIGHTLENS_HEADLESS", "1")
     nb = execute_notebook(path, timeout=900)
