@@ -6,9 +6,10 @@ number is an exact energy- or mass-weighted ratio of sums (``docs/diagnosis.md``
 
 * ``energy`` ``||tau_t||_F^2`` and ``mass`` ``sum |tau_t|`` (every key); ``base_dot`` ``<tau_t, base>``
   and ``base_sq`` ``||base||_F^2`` (the pre-merge checks);
-* matrix keys only: ``matrix_energy`` (``energy`` again), ``lost`` ``||(I - U U^T) tau_t||_F^2`` with ``U``
-  the merged update's top-k left singular vectors (the SAR subspace of ``merge.compare``, same rank rule),
-  ``rank`` and ``min_dim`` (the task's numerical rank and the matrix's smaller side);
+* matrix keys only: ``matrix_energy`` (``energy`` again), ``lost`` ``||L_t||_F^2`` with
+  ``L_t = (I - U U^T) tau_t`` and ``U`` the merged update's top-k left singular vectors (the SAR subspace of
+  ``merge.compare``, same rank rule), taken from the task's cached SVD (:func:`_subspaces`); ``rank`` and
+  ``min_dim`` (the task's numerical rank and the matrix's smaller side);
 * signs (every key): ``sign_lost_mass``, the mass of ``tau_t`` on coordinates where the merged update ``M``
   has the opposite sign, ``sgn(M) = -sgn(tau_t)``;
 * pairs: ``crowd`` ``||U_s^T L_t||_F^2`` with ``L_t`` the lost part above and ``U_s`` task ``s``'s own
@@ -77,22 +78,30 @@ def _signs(x: torch.Tensor, update: torch.Tensor) -> tuple[list[float], list[flo
     return mag.sum(1, dtype=_F64).tolist(), opposed.sum(1, dtype=_F64).tolist(), won
 
 
-def _subspaces(run: KeyPass, key: str, deltas: torch.Tensor, update: torch.Tensor) -> dict[str, Any]:
-    """Matrix keys: lost energy per task, inner products with the update, ranks, and the crowding matrix."""
-    tv, T = run.tv, deltas.shape[0]
-    shape = tuple(deltas.shape[-2:])
+def _block_sums(x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """``(len(rows), len(cols))`` float64 sums of ``x`` over its row and column blocks."""
+    r = torch.stack([part.sum(0) for part in torch.split(x.to(_F64), rows, dim=0)])
+    return torch.stack([part.sum(1) for part in torch.split(r, cols, dim=1)], dim=1)
+
+
+def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], update: torch.Tensor) -> dict[str, Any]:
+    """Matrix keys: lost energy per task, the tasks' numerical ranks, and the crowding matrix.
+
+    From each task's cached thin SVD ``tau_t = U_t S_t V_t^T``: ``L_t V_t = (I - U U^T) U_t S_t`` has the
+    norms of ``L_t`` (``V_t`` has orthonormal columns), so ``||U_s^T L_t||`` is taken on ``m x r`` blocks
+    instead of the ``m x n`` deltas: exact, cheaper for wide matrices, and from the factors for adapters.
+    """
+    tv = run.tv
     U = _top_span(run.merged_svd(key, update), shape, run.eps, run.criterion)
-    x = deltas.to(device=U.device)
-    lost_part = x - U @ (U.mT @ x)  # (T, m, n): what the merged top subspace does not hold
-    lost = lost_part.square().sum((-2, -1), dtype=_F64)
     own = [decompositions.svd(tv, key, t, device=run.device) for t in tv.names]
     spans = [_top_span(d, shape, run.eps, run.criterion).to(U.device) for d in own]
-    crowd = torch.zeros(T, T, dtype=_F64)
-    widths = [s.shape[1] for s in spans]
-    if sum(widths):
-        proj = torch.cat(spans, dim=1).mT @ lost_part  # (T, sum k_s, n)
-        rows = proj.square().sum(-1, dtype=_F64)  # (T, sum k_s)
-        crowd = torch.stack([part.sum(-1) for part in torch.split(rows, widths, dim=-1)], dim=-1).cpu()
+    scaled = torch.cat([d.U * d.S for d in own], dim=1).to(U.device)  # (m, sum r): U_t S_t side by side
+    lost_part = scaled - U @ (U.mT @ scaled)
+    ranks, widths = [d.S.numel() for d in own], [s.shape[1] for s in spans]
+    lost = _block_sums(lost_part.square(), [shape[0]], ranks)[0]
+    crowd = torch.zeros(len(own), len(own), dtype=_F64)
+    if sum(widths):  # crowd[t, s] = ||U_s^T L_t||^2
+        crowd = _block_sums((torch.cat(spans, dim=1).mT @ lost_part).square(), widths, ranks).mT.cpu()
     return {
         "lost": lost.cpu().tolist(),
         "rank": [linalg.numerical_rank(d.S, shape) for d in own],
@@ -108,8 +117,10 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
     x = deltas.reshape(T, -1)
     base = tv.base_tensor(key).reshape(-1).to(_F64)
     live = bool(x.any())
-    energy = x.to(_F64).square().sum(1).tolist()
-    base_dot = (x.to(_F64) @ base).tolist() if live else [0.0] * T
+    x64 = x.to(_F64) if live else None
+    energy = x64.square().sum(1).tolist() if live else [0.0] * T
+    base_dot = (x64 @ base).tolist() if live else [0.0] * T
+    del x64
     common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
     part: dict[str, Any] = {}
     if run.merged is not None:
@@ -120,7 +131,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
             mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
         part = {"mass": mass, "sign_lost_mass": opposed}
         if matrix and live:
-            part.update(_subspaces(run, key, deltas, update))
+            part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), update))
     else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
         stats = conflict_stats(deltas)
         rows.conflicts.append({"key": key, "block": block, "contested": stats["n_eligible"],
