@@ -38,7 +38,7 @@ __all__ = ["SETTINGS", "TARGETS", "build_tasks", "load_tasks", "train_adapter"]
 
 NAME = "minilm-lora"
 #: Bumped when a change to the recipe changes the files or the scorer (see weightlens.zoo.build).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PEFT_COMMAND = "pip install 'weightlens[zoo]'  (or: pip install 'peft>=0.13')"
 #: Every attention projection and both FFN matrices of the 6 layers; the pooler is not a target.
 TARGETS = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -51,7 +51,7 @@ SETTINGS: dict[str, Any] = {
     # (full fine-tunes 0.880 val; on test the 2e-3 adapters and the full fine-tunes both average 0.846)
     "lr": 2e-3, "lr_grid_on_val": [1e-3, 2e-3],
     "rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,
-    "head": "the minilm-tasks heads, fitted by weightlens.zoo.minilm.task_head (bitwise equal)",
+    "head": "the minilm-tasks zero-shot heads, built by weightlens.zoo.minilm.task_head (bitwise equal)",
     "frozen": ["all base weights", "heads"], "pooling": minilm.SETTINGS["pooling"],
 }
 
