@@ -227,3 +227,30 @@ def test_lora_adapters_are_diagnosed_as_their_dense_deltas(tmp_path):
     assert list(got.blocks["crowded_by"].fillna("")) == list(want.blocks["crowded_by"].fillna(""))
     fired = got.checks[(got.checks["check"] == "low_rank") & got.checks["fired"]]
     assert sorted(fired["task"]) == ["t0", "t1"]
+
+
+# ------------------------------------------------------------------------------------ planted conflict
+@pytest.mark.slow
+def test_the_planted_conflict_is_found_in_its_block_and_named(digits_zoo):
+    # digits-tasks' planted fine-tune rot90_swap is trained against rot90's labels in fc2 alone: a merge of all
+    # five loses rot90 there (the zoo measures it, restoring fc2 gives rot90 back). From the weights alone the
+    # diagnosis must rank fc2 first for rot90 and name rot90_swap: it opposes rot90 there and wins its signs.
+    # (Sign-blind subspace crowding cannot: rot90_swap spans rot90's directions with the opposite sign.)
+    from weightlens import zoo
+
+    planted = zoo.load("digits-tasks", size="ci", planted=True)
+    tv5 = planted.task_vectors()
+    d = diagnose(tv5, wl.merge(tv5, method="task_arithmetic", alpha=0.5), progress=False)
+    rot90 = d.blocks[d.blocks["task"] == "rot90"].set_index("block")
+    assert rot90.loc["fc2", "rank"] == 1 and rot90.loc["fc2", "predicted_cost"] > 5 * rot90.loc["fc1", "predicted_cost"]
+    assert rot90.loc["fc2", "opposed_by"] == "rot90_swap" and rot90.loc["fc2", "opposition"] > 0.5
+    assert rot90.loc["fc2", "sign_won_by"] == "rot90_swap"
+    assert rot90.loc["fc1", "opposed_by"] != "rot90_swap"  # its update leaves fc1 alone
+    # the opposition is -<tau_rot90, tau_swap> / ||tau_rot90||^2 over fc2's keys, recomputed in float64
+    dot = sum(float(tv5.delta("rot90", k).double().flatten() @ tv5.delta("rot90_swap", k).double().flatten())
+              for k in tv5.keys if k.startswith("fc2."))
+    energy = sum(float(tv5.delta("rot90", k).double().square().sum()) for k in tv5.keys if k.startswith("fc2."))
+    assert rot90.loc["fc2", "opposition"] == pytest.approx(-dot / energy, rel=1e-6)
+    assert "opposed by rot90_swap" in d.summary().splitlines()[1]
+    worst = d.tasks.set_index("task").loc["rot90"]
+    assert worst["worst_block"] == "fc2" and worst["opposed_by"] == "rot90_swap"

@@ -112,6 +112,21 @@ def _leader(pairs: pd.DataFrame, by: list[str], value: str, den: pd.Series, whol
     return out
 
 
+def _opposer(pairs: pd.DataFrame, by: list[str], energy: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Per group: the other task whose update points most against this one (the most negative
+    ``<tau_t, tau_s>`` summed over the group's keys), and ``-<tau_t, tau_s> / ||tau_t||^2``: the share of
+    ``t``'s own update that ``s``, added at the same weight, cancels. No task and 0 where none points
+    against it by more than :data:`NEGLIGIBLE` of its energy."""
+    who = pd.Series(None, index=energy.index, dtype=object)
+    if pairs.empty:
+        return who, pd.Series(0.0, index=energy.index)
+    g = pairs.groupby([*by, "other"], sort=False)["dot"].sum().reset_index()
+    worst = g.loc[g.groupby(by, sort=False)["dot"].idxmin()].set_index(by).reindex(energy.index)
+    share = (-worst["dot"] / energy.where(energy > 0)).fillna(0.0)
+    against = share > NEGLIGIBLE
+    return worst["other"].where(against, None), share.where(against, 0.0)
+
+
 def _aggregate(keys: pd.DataFrame, pairs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """The figures of ``docs/diagnosis.md`` per group ``by`` (``["task", "block"]`` or ``["task"]``)."""
     s = keys.groupby(by, sort=False)[_SUMS].sum()
@@ -132,6 +147,7 @@ def _aggregate(keys: pd.DataFrame, pairs: pd.DataFrame, by: list[str]) -> pd.Dat
     out["sign_lost"] = _ratio(s["sign_lost_mass"], s["mass"])
     won = _leader(pairs, by, "won", s["sign_lost_mass"], s["mass"], "sign_won")
     out["sign_won_by"], out["sign_won"] = won["sign_won_by"], won["sign_won"]
+    out["opposed_by"], out["opposition"] = _opposer(pairs, by, s["energy"])
     lost = out["lost_energy"].fillna(0.0).clip(0.0, 1.0)
     out["predicted_cost"] = out["energy_share"].fillna(0.0) * (1 - (1 - lost) * (1 - out["sign_lost"].fillna(0.0)))
     out["energy"] = s["energy"]
@@ -158,7 +174,7 @@ def _tasks_table(keys: pd.DataFrame, pairs: pd.DataFrame, blocks: pd.DataFrame, 
         out["worst_block"] = worst.reindex(out.index)
     else:  # no merge: only the task's own figures
         merged_only = ["kept", "lost_energy", "coef", "crowded_by", "crowding", "merged_share", "sign_lost",
-                       "sign_won_by", "sign_won", "predicted_cost"]
+                       "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost"]
         out[merged_only] = None
         out[[c for c in merged_only if not c.endswith("_by")]] = math.nan
         out["worst_block"] = None
@@ -252,7 +268,7 @@ def diagnose(
     for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
         walk_key(run, key, rows)
     keys = _key_table(rows, comparison)
-    pairs = pd.DataFrame(rows.per_pair, columns=["task", "other", "key", "block", "crowd", "won"])
+    pairs = pd.DataFrame(rows.per_pair, columns=["task", "other", "key", "block", "crowd", "won", "dot"])
     checks = checks_table(tv, keys, _conflicts(rows, comparison, block))
     table = _blocks_table(keys, pairs) if comparison is not None else pd.DataFrame(columns=BLOCK_COLUMNS)
     tasks = _tasks_table(keys, pairs, table, checks, comparison)

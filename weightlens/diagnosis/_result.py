@@ -16,9 +16,13 @@ from weightlens.io._atomic import atomic_write_text
 __all__ = ["BLOCK_COLUMNS", "TASK_COLUMNS", "WHATIF_COLUMNS", "Diagnosis"]
 
 BLOCK_COLUMNS = ["task", "block", "energy_share", "kept", "lost_energy", "coef", "crowded_by", "crowding",
-                 "merged_share", "sign_lost", "sign_won_by", "sign_won", "predicted_cost", "rank", "measured_gain"]
+                 "merged_share", "sign_lost", "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost",
+                 "rank", "measured_gain"]
 TASK_COLUMNS = ["task", "norm", "rel_distance", "kept", "lost_energy", "coef", "crowded_by", "crowding",
-                "merged_share", "sign_lost", "sign_won_by", "sign_won", "predicted_cost", "worst_block", "checks"]
+                "merged_share", "sign_lost", "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost",
+                "worst_block", "checks"]
+#: The summary names a task that opposes another when it cancels at least this share of its update.
+OPPOSED = 0.05
 #: What-if rows (one per method and task) are still to come; the table keeps their shape.
 WHATIF_COLUMNS = ["method", "params", "task", "predicted_cost", "measured_gain"]
 
@@ -75,6 +79,9 @@ class Diagnosis:
                 f"update energy; predicted cost {worst['predicted_cost']:.3f})")
         if isinstance(worst["crowded_by"], str):
             text += f", crowded by {worst['crowded_by']} (overlap {worst['crowding']:.2f})"
+        if isinstance(worst["opposed_by"], str) and worst["opposition"] >= OPPOSED:
+            text += (f", opposed by {worst['opposed_by']} (whose update there cancels "
+                     f"{_pct(worst['opposition'])} of this one at equal weight)")
         if worst["sign_lost"] > 0:
             text += f"; the merge opposes the sign of {_pct(worst['sign_lost'])} of its mass there"
             if isinstance(worst["sign_won_by"], str):

@@ -14,7 +14,9 @@ number is an exact energy- or mass-weighted ratio of sums (``docs/diagnosis.md``
   has the opposite sign, ``sgn(M) = -sgn(tau_t)``;
 * pairs: ``crowd`` ``||U_s^T L_t||_F^2`` with ``L_t`` the lost part above and ``U_s`` task ``s``'s own
   top-k left singular vectors (its rank rule); ``won`` the mass of ``tau_t`` on its opposed coordinates
-  where ``sgn(tau_s) = sgn(M)``.
+  where ``sgn(tau_s) = sgn(M)``; ``dot`` ``<tau_t, tau_s>`` (every key): negative where ``s`` pulls against
+  ``t``, as a fine-tune trained against ``t``'s labels does (sign-blind subspace figures miss such a task:
+  it spans the same directions with the opposite sign).
 
 Elementwise passes run in float32 (signs are exact there), sums in float64 (as ``merge.compare``).
 """
@@ -120,6 +122,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
     x64 = x.to(_F64) if live else None
     energy = x64.square().sum(1).tolist() if live else [0.0] * T
     base_dot = (x64 @ base).tolist() if live else [0.0] * T
+    gram = (x64 @ x64.mT).cpu() if live else torch.zeros(T, T, dtype=_F64)
     del x64
     common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
     part: dict[str, Any] = {}
@@ -155,4 +158,4 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
             if s != t:
                 rows.per_pair.append({"task": task, "other": other, "key": key, "block": block,
                                       "crowd": float(crowd[t, s]) if crowd is not None else 0.0,
-                                      "won": float(won[t, s])})
+                                      "won": float(won[t, s]), "dot": float(gram[t, s])})
