@@ -172,8 +172,8 @@ def test_summary_and_html_say_where_each_task_loses_most(ta, tmp_path):
 def test_the_public_api_and_its_errors(tv, ta):
     merged, _ = ta
     assert wl.diagnose is diagnose and wl.Diagnosis is Diagnosis
-    with pytest.raises(InvalidParameterError, match="evaluate=.* is not available yet"):
-        diagnose(tv, merged, evaluate=lambda model: 1.0)
+    with pytest.raises(InvalidParameterError, match="'evaluate' parameter of diagnose must be None or a callable"):
+        diagnose(tv, merged, evaluate=1.0)
     with pytest.raises(InvalidParameterError, match="'blocks' parameter"):
         diagnose(tv, merged, blocks="layers")
     with pytest.raises(InvalidParameterError, match="'eps' parameter"):

@@ -18,9 +18,12 @@ import pandas as pd
 import torch
 
 from weightlens import linalg
+from weightlens._options import resolve_options
 from weightlens._progress import bar
 from weightlens.analysis.spectra import check_criterion
 from weightlens.diagnosis._checks import checks_table
+from weightlens.diagnosis._options import DiagnoseOptions
+from weightlens.diagnosis._restore import Measured, check_evaluate, measure, spearman
 from weightlens.diagnosis._result import BLOCK_COLUMNS, TASK_COLUMNS, WHATIF_COLUMNS, Diagnosis
 from weightlens.diagnosis._walk import KeyPass, Rows, walk_key
 from weightlens.errors import InvalidParameterError
@@ -47,24 +50,17 @@ def _blocks(blocks: str | Callable[[str], str]) -> Callable[[str], str]:
     )
 
 
-def _check_inputs(tv: TaskVectors, merged: Any, evaluate: Any, eps: float) -> None:
+def _check_inputs(tv: TaskVectors, merged: Any, evaluate: Any) -> None:
     if not isinstance(tv, TaskVectors):
         raise InvalidParameterError(
             f"diagnose needs TaskVectors (wl.TaskVectors(base, finetuned)) as its first argument. Got {tv!r}."
-        )
-    if evaluate is not None:
-        raise InvalidParameterError(
-            "diagnose(evaluate=...) is not available yet: the restoration tests that measure each block's gain "
-            "are still to come (issue 16). Pass evaluate=None for the weights-only diagnosis; measured_gain "
-            "stays NaN."
         )
     if merged is not None and not isinstance(merged, Mapping):
         raise InvalidParameterError(
             "The 'merged' parameter of diagnose must be a merge result (wl.merge(tv, ...)), a mapping of full "
             f"merged weights, or None (pre-merge checks only). Got {type(merged).__name__} instead."
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
-        raise InvalidParameterError(f"The 'eps' parameter of diagnose must be a float in (0, 1). Got {eps!r} instead.")
+    check_evaluate(evaluate, merged)
 
 
 def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
@@ -158,7 +154,7 @@ def _blocks_table(keys: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     out = _aggregate(keys, pairs, ["task", "block"])
     out["rank"] = out.groupby("task", sort=False)["predicted_cost"].rank(ascending=False, method="first")
     out["rank"] = out["rank"].astype(int)
-    out["measured_gain"] = math.nan
+    out["measured_gain"] = out["cost_to_others"] = math.nan
     return out[BLOCK_COLUMNS]
 
 
@@ -180,6 +176,7 @@ def _tasks_table(keys: pd.DataFrame, pairs: pd.DataFrame, blocks: pd.DataFrame, 
         out["worst_block"] = None
     fired = checks[checks["fired"] & (checks["severity"] == "warning") & checks["task"].notna()]
     out["checks"] = [", ".join(fired.loc[fired["task"] == t, "check"]) for t in out.index]
+    out["spearman"] = math.nan
     return out.reset_index()[TASK_COLUMNS]
 
 
@@ -191,18 +188,28 @@ def _conflicts(rows: Rows, comparison: Comparison | None, block: Callable[[str],
                          "conflicting": s["conflicting"], "chance": s["chance_rate"]})
 
 
+def _fill(table: pd.DataFrame, tasks: pd.DataFrame, measured: Measured) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The restoration tests' columns: ``measured_gain``, ``cost_to_others`` per block, ``spearman`` per task."""
+    index = list(zip(table["task"], table["block"]))
+    table = table.assign(measured_gain=[measured.gain.get(i, math.nan) for i in index],
+                         cost_to_others=[measured.cost.get(i, math.nan) for i in index])
+    rho = spearman(table)
+    tasks = tasks.assign(spearman=tasks["task"].map(rho).astype(float))
+    return table, tasks
+
+
 def diagnose(
     tv: TaskVectors,
     merged: Mapping[str, torch.Tensor] | None,
     *,
-    evaluate: Any = None,
+    evaluate: Callable[[Mapping[str, torch.Tensor], str, str], Mapping[str, Any]] | None = None,
     blocks: str | Callable[[str], str] = "auto",
-    criterion: str = "paper",
-    eps: float = 0.05,
-    device: str | torch.device = "auto",
     progress: bool | None = None,
+    options: DiagnoseOptions | None = None,
+    **overrides: Any,
 ) -> Diagnosis:
-    """Why a merge lost each task, block by block, from the weights alone (``docs/diagnosis.md``).
+    """Why a merge lost each task, block by block, from the weights (``docs/diagnosis.md``), and with
+    ``evaluate`` what restoring a block measurably gives back.
 
     Parameters
     ----------
@@ -212,32 +219,35 @@ def diagnose(
         The merge (``wl.merge(tv, ...)``; its update SVDs and the per-task SVDs a spectral merge computed
         are reused from ``tv.cache``), full merged weights of these task vectors, or None for the
         pre-merge checks alone (``.blocks`` is then empty).
-    evaluate : None
-        Reserved for the restoration tests that measure ``measured_gain`` (not available yet: must be None).
+    evaluate : callable or None, default=None
+        ``evaluate(state_dict, task, split) -> {"accuracy": ..., ...}`` (a zoo's ``TaskZoo.evaluate``; the
+        state dict holds full weights, adapters applied). Given, each task's top ``restore`` blocks and
+        ``controls`` lowest-ranked blocks are restored to its own fine-tuned weights in turn and every
+        task is scored: ``measured_gain``, ``cost_to_others`` and ``spearman`` (restoration tests,
+        ``docs/diagnosis.md``). None: the weights alone, those columns NaN.
     blocks : {"auto", "key"} or callable, default="auto"
         How keys group into blocks: ``"auto"`` by layer (``weightlens.io.keys.block_of``: ``encoder.layer.3``,
         ``embeddings.word_embeddings``, ...), ``"key"`` one block per key, or a function ``key -> block``.
-    criterion : {"paper", "iso_script"}, default="paper"
-        Rank rule of every top-k subspace (the merged update's and each task's), at tolerance ``eps``
-        (``docs/methods.md#sar``). ``"paper"`` keeps the least k whose tail holds at most ``eps^2`` of the
-        energy, so a merge equal to a task's own update keeps at least ``sqrt(1 - eps^2)`` of it.
-    eps : float, default=0.05
-        Tolerance of the rank rule, in (0, 1).
-    device : str or torch.device, default="auto"
-        Where decompositions run for plain merged weights; a merge result's own device otherwise.
     progress : bool or None, default=None
-        Bars over keys; None follows ``weightlens.config.progress``.
+        Bars over keys and evaluations; None follows ``weightlens.config.progress``.
+    options : DiagnoseOptions, optional
+        ``criterion`` (rank rule, default ``"paper"``), ``eps`` (0.05), ``device`` (``"auto"``) and, with
+        ``evaluate``, ``restore`` (3), ``controls`` (1), ``split`` (``"val"``), ``metric``
+        (``"accuracy"``), ``max_evals`` (None); any of them may also be passed as a keyword.
 
     Returns
     -------
     Diagnosis
         ``.blocks`` (task x block), ``.tasks``, ``.checks`` (pre-merge checks), ``.whatif`` (empty for now),
-        ``.summary()``, ``.to_html()``.
+        ``.spearman``, ``.summary()``, ``.to_html()``.
 
     Raises
     ------
     InvalidParameterError
-        An option outside its range, ``evaluate`` given, or a merge of other tasks.
+        An option outside its range, an unknown option, ``evaluate`` not callable or without a merge, or a
+        merge of other tasks.
+    RestorationError
+        ``evaluate`` raised or returned no ``metric`` (the message names the task and block).
     KeyMismatchError, ShapeMismatchError
         ``merged`` lacks a task-vector key or has another shape there (``merge.compare``'s checks).
 
@@ -251,10 +261,11 @@ def diagnose(
     >>> d.blocks[["task", "block", "kept", "crowding"]].round(3).values.tolist()
     [['a', 'layer.0', 1.0, 0.0], ['b', 'layer.0', 1.0, 0.0]]
     """
-    _check_inputs(tv, merged, evaluate, eps)
-    criterion, block = check_criterion(criterion), _blocks(blocks)
+    opts = resolve_options(DiagnoseOptions, options, overrides, caller="diagnose")
+    _check_inputs(tv, merged, evaluate)
+    criterion, block, eps = check_criterion(opts.criterion), _blocks(blocks), float(opts.eps)
     comparison, merged_svd = None, None
-    dev = linalg.resolve_device(merged.device if isinstance(merged, MergeResult) else device)
+    dev = linalg.resolve_device(merged.device if isinstance(merged, MergeResult) else opts.device)
     if merged is not None:
         comparison = compare(tv, merged, criterion=criterion, eps=eps, device=dev, progress=progress)
         if isinstance(merged, MergeResult):
@@ -263,7 +274,7 @@ def diagnose(
         else:
             def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
                 return linalg.svd(update, device=dev, name=key)
-    run = KeyPass(tv, merged, criterion, float(eps), dev, merged_svd, block)
+    run = KeyPass(tv, merged, criterion, eps, dev, merged_svd, block)
     rows = Rows()
     for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
         walk_key(run, key, rows)
@@ -272,9 +283,14 @@ def diagnose(
     checks = checks_table(tv, keys, _conflicts(rows, comparison, block))
     table = _blocks_table(keys, pairs) if comparison is not None else pd.DataFrame(columns=BLOCK_COLUMNS)
     tasks = _tasks_table(keys, pairs, table, checks, comparison)
+    measured = None
+    if evaluate is not None:
+        measured = measure(tv, merged, table, block, evaluate, opts, progress)
+        table, tasks = _fill(table, tasks, measured)
     return Diagnosis(
         method=merged.method if isinstance(merged, MergeResult) else ("weights" if merged is not None else None),
         params=dict(merged.params) if isinstance(merged, MergeResult) else {},
         blocks=table, tasks=tasks, checks=checks, whatif=pd.DataFrame(columns=WHATIF_COLUMNS),
-        comparison=comparison, criterion=criterion, eps=float(eps),
+        comparison=comparison, criterion=criterion, eps=eps,
+        measured=None if measured is None else measured.record(opts),
     )

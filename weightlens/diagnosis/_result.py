@@ -17,10 +17,10 @@ __all__ = ["BLOCK_COLUMNS", "TASK_COLUMNS", "WHATIF_COLUMNS", "Diagnosis"]
 
 BLOCK_COLUMNS = ["task", "block", "energy_share", "kept", "lost_energy", "coef", "crowded_by", "crowding",
                  "merged_share", "sign_lost", "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost",
-                 "rank", "measured_gain"]
+                 "rank", "measured_gain", "cost_to_others"]
 TASK_COLUMNS = ["task", "norm", "rel_distance", "kept", "lost_energy", "coef", "crowded_by", "crowding",
                 "merged_share", "sign_lost", "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost",
-                "worst_block", "checks"]
+                "worst_block", "checks", "spearman"]
 #: The summary names a task that opposes another when it cancels at least this share of its update.
 OPPOSED = 0.05
 #: What-if rows (one per method and task) are still to come; the table keeps their shape.
@@ -31,6 +31,10 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
 
 
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """What a merge lost of each task, per block, and why (``docs/diagnosis.md`` defines every column).
@@ -39,18 +43,23 @@ class Diagnosis:
     ----------
     blocks : DataFrame
         One row per task and block: ``task, block, energy_share, kept, lost_energy, coef, crowded_by,
-        crowding, merged_share, sign_lost, sign_won_by, sign_won, predicted_cost, rank, measured_gain``
-        (``rank`` 1: the block where the task is predicted to lose most; ``measured_gain`` NaN until
-        ``evaluate=`` lands). Empty without a merge.
+        crowding, merged_share, sign_lost, sign_won_by, sign_won,
+        opposed_by, opposition, predicted_cost, rank, measured_gain, cost_to_others`` (``rank`` 1: the block
+        where the task is predicted to lose most; the last two are measured by the restoration tests of
+        ``evaluate=``, NaN for blocks not tested). Empty without a merge.
     tasks : DataFrame
         One row per task, the same figures over the whole model, plus ``norm``, ``rel_distance`` (distance
-        from the base over the base's norm), ``worst_block`` and the pre-merge ``checks`` that fired for it.
+        from the base over the base's norm), ``worst_block``, the pre-merge ``checks`` that fired for it and
+        ``spearman`` (rank correlation of its blocks' ``predicted_cost`` and ``measured_gain``).
     checks : DataFrame
         Pre-merge checks: ``check, severity, task, block, value, threshold, fired, message``, fired first.
     whatif : DataFrame
         Other methods' predicted costs (empty for now): ``method, params, task, predicted_cost, measured_gain``.
     comparison : Comparison or None
         The ``merge.compare`` behind ``kept`` and the sign counts (per key; task arithmetic as "before").
+    measured : dict or None
+        With ``evaluate=``: ``split``, ``metric``, ``evaluations`` (calls made), ``merged_scores`` (the merge's
+        own metric per task) and ``notes`` (e.g. tests skipped for ``max_evals``); None otherwise.
     """
 
     method: str | None
@@ -62,6 +71,41 @@ class Diagnosis:
     comparison: Any = field(repr=False, default=None)
     criterion: str = "paper"
     eps: float = 0.05
+    measured: dict[str, Any] | None = field(repr=False, default=None)
+
+    @property
+    def spearman(self) -> float:
+        """Mean over tasks of the per-task Spearman correlation of ``predicted_cost`` and ``measured_gain``
+        (tasks with NaN left out; NaN without restoration tests)."""
+        values = self.tasks["spearman"].dropna() if "spearman" in self.tasks else []
+        return float(values.mean()) if len(values) else math.nan
+
+    def _amount(self, x: float) -> str:
+        """A measured difference: points for an accuracy-like metric, the metric's units otherwise."""
+        metric = self.measured["metric"]
+        scores = self.measured["merged_scores"].values()
+        if "acc" in metric.lower() and all(0 <= v <= 1 for v in scores):
+            return f"{100 * x:+.1f} points"
+        return f"{x:+.3g}"
+
+    def _measured_sentence(self, task: str) -> str:
+        mine = self.ranking(task)
+        tested = mine[mine["measured_gain"].notna()]
+        if tested.empty:
+            return ""
+        top = tested.iloc[0]
+        metric, split = self.measured["metric"], self.measured["split"]
+        text = (f"Measured ({metric} on {split}): restoring {top['block']} (rank {top['rank']}) recovers "
+                f"{self._amount(top['measured_gain'])} of {task}'s {metric}")
+        if not _nan(top["cost_to_others"]):
+            text += f" for {self._amount(-top['cost_to_others'])} on the others (mean)"
+        best = tested.loc[tested["measured_gain"].idxmax()]
+        if best["block"] != top["block"] and best["measured_gain"] > top["measured_gain"]:
+            text += (f"; the largest gain is in {best['block']} (rank {best['rank']}, "
+                     f"{self._amount(best['measured_gain'])})")
+        rho = self.tasks.set_index("task").loc[task, "spearman"]
+        rho_text = "n/a" if _nan(rho) else f"{rho:.2f}"
+        return text + f"; Spearman of predicted cost and measured gain over {len(tested)} blocks: {rho_text}."
 
     def ranking(self, task: str) -> pd.DataFrame:
         """The blocks of ``task``, highest predicted cost first."""
@@ -90,11 +134,20 @@ class Diagnosis:
                 f"(predicted cost {row['predicted_cost']:.3f}).")
 
     def summary(self) -> str:
-        """Plain sentences: each task's worst block and why, then the pre-merge checks that fired."""
+        """Plain sentences: each task's worst block and why (with ``evaluate=``: what restoring it measured),
+        then the pre-merge checks that fired."""
         what = f"{self.method} merge" if self.method else "task vectors (no merge given)"
-        lines = [f"Diagnosis of the {what}, from the weights alone (rank rule {self.criterion!r}, eps={self.eps})."]
+        source = "from the weights alone" if self.measured is None else "from the weights, with restoration tests"
+        lines = [f"Diagnosis of the {what}, {source} (rank rule {self.criterion!r}, eps={self.eps})."]
         order = self.tasks.sort_values("predicted_cost", ascending=False, na_position="last")
-        lines += [s for s in (self._task_sentence(r) for _, r in order.iterrows()) if s]
+        for _, r in order.iterrows():
+            lines += [s for s in (self._task_sentence(r),
+                                  self._measured_sentence(r["task"]) if self.measured else "") if s]
+        if self.measured:
+            rho = "n/a" if math.isnan(self.spearman) else f"{self.spearman:.2f}"
+            lines.append(f"Restoration tests: {self.measured['evaluations']} evaluations; mean Spearman of predicted "
+                         f"cost and measured gain over the tasks: {rho}.")
+            lines += list(self.measured["notes"])
         fired = self.checks[self.checks["fired"]]
         if fired.empty:
             lines.append("No pre-merge check fired.")

@@ -1,0 +1,81 @@
+"""``DiagnoseOptions``: the settings of :func:`weightlens.diagnosis.diagnose` beyond its inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from weightlens.analysis.spectra import check_criterion
+from weightlens.errors import InvalidParameterError
+
+__all__ = ["DiagnoseOptions", "lower_is_better"]
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller ``metric`` is better: its name holds ``loss``, ``error`` or ``perplexity``."""
+    name = metric.lower()
+    return any(word in name for word in ("loss", "error", "perplexity"))
+
+
+def _count(name: str, value: object, *, none: bool = False) -> None:
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        allowed = "a non-negative int or None" if none else "a non-negative int"
+        raise InvalidParameterError(f"The '{name}' parameter of diagnose must be {allowed}. Got {value!r} instead.")
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """How :func:`~weightlens.diagnosis.diagnose` reads the weights and, with ``evaluate=``, what it measures.
+
+    Attributes
+    ----------
+    criterion : {"paper", "iso_script"}, default="paper"
+        Rank rule of every top-k subspace (the merged update's and each task's), at tolerance ``eps``
+        (``docs/methods.md#sar``).
+    eps : float, default=0.05
+        Tolerance of the rank rule, in (0, 1).
+    device : str or torch.device, default="auto"
+        Where decompositions run for plain merged weights; a merge result's own device otherwise.
+    restore : int, default=3
+        With ``evaluate``: restoration tests per task on its blocks ranked 1..``restore``.
+    controls : int, default=1
+        With ``evaluate``: restoration tests per task on its ``controls`` lowest-ranked blocks that hold
+        some of its update (energy > 0), the control set.
+    split : str, default="val"
+        The split ``evaluate`` scores on.
+    metric : str, default="accuracy"
+        The entry of ``evaluate``'s result that is compared; a name holding ``loss``, ``error`` or
+        ``perplexity`` counts as lower-is-better (gains are then decreases).
+    max_evals : int or None, default=None
+        At most this many ``evaluate`` calls; restorations that would exceed it are skipped (NaN).
+    """
+
+    criterion: str = "paper"
+    eps: float = 0.05
+    device: str | torch.device = "auto"
+    restore: int = 3
+    controls: int = 1
+    split: str = "val"
+    metric: str = "accuracy"
+    max_evals: int | None = None
+
+    def __post_init__(self) -> None:
+        check_criterion(self.criterion)
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+            raise InvalidParameterError(
+                f"The 'eps' parameter of diagnose must be a float in (0, 1). Got {eps!r} instead.")
+        if not isinstance(self.device, (str, torch.device)):
+            raise InvalidParameterError(
+                f"The 'device' parameter of diagnose must be a str or torch.device. Got {self.device!r} instead.")
+        _count("restore", self.restore)
+        _count("controls", self.controls)
+        _count("max_evals", self.max_evals, none=True)
+        for name in ("split", "metric"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidParameterError(
+                    f"The '{name}' parameter of diagnose must be a non-empty str. Got {value!r} instead.")
