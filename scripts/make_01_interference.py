@@ -63,7 +63,7 @@ what independent random task vectors would give."""),
     ("md", """## Cosine similarity
 
 The cosine of two flattened task vectors. Fine-tunes of one model on different tasks are nearly
-orthogonal (0.002-0.022 here; the two WordNet-noun tasks are the closest pair), so cosines alone
+orthogonal (0.00-0.04 here; the two WordNet-noun tasks are the closest pair), so cosines alone
 do not explain interference: the structure is inside each layer. Per key (the *plain* row of the summary)
 cosines are higher, mostly in biases, LayerNorm parameters and the last blocks."""),
     ("code", """figure_cosines(report.cosines)"""),
