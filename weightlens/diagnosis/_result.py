@@ -82,6 +82,7 @@ class Diagnosis:
 
     def _amount(self, x: float) -> str:
         """A measured difference: points for an accuracy-like metric, the metric's units otherwise."""
+        x = float(x) + 0.0  # no "-0.0"
         metric = self.measured["metric"]
         scores = self.measured["merged_scores"].values()
         if "acc" in metric.lower() and all(0 <= v <= 1 for v in scores):
