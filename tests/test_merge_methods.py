@@ -96,7 +96,7 @@ def ref_ties_tensor(d, density, merge_func, alpha):
     for k, v in d.items():
         flat = v.reshape(v.shape[0], -1)
         n = flat.shape[1]
-        keep = int(n * density)
+        keep = max(1, int(n * density))  # mergekit 0.1.5's magnitude(): at least one entry
         trimmed = np.zeros_like(flat)
         for t in range(flat.shape[0]):
             idx = np.argsort(-np.abs(flat[t]), kind="stable")[:keep]
@@ -329,7 +329,7 @@ def test_tensor_trim_keeps_what_a_stable_sort_keeps_among_many_ties(density):
     deltas = (torch.randn(3, 37, 29, generator=g) * 2).round() / 4  # about a dozen distinct magnitudes
     got = trim_tensor(deltas, density)
     flat = deltas.reshape(3, -1).numpy()
-    keep = int(flat.shape[1] * density)
+    keep = max(1, int(flat.shape[1] * density)) if density > 0 else 0  # mergekit keeps at least one
     want = np.zeros_like(flat)
     for t in range(3):
         idx = np.argsort(-np.abs(flat[t]), kind="stable")[:keep]

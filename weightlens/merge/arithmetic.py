@@ -13,10 +13,10 @@ A coordinate whose trimmed votes sum to exactly zero gets the whole-model majori
 and the coordinate stays 0 (the reference code would then keep the negative entries, an artefact of
 ``where(sign > 0, tau > 0, tau < 0)`` that we do not copy).
 
-``scope="tensor"`` (mergekit's ``ties``): exactly ``floor(density * numel)`` entries per tensor and
-task, the largest ``|tau_t|``, ties broken by the lower flat index (a stable sort; mergekit's
-``argsort`` leaves the order of ties unspecified); a zero vote sum counts as positive (mergekit's
-``sign_weight >= 0``). Where the count is 0, mergekit asserts; we give a zero update and a note.
+``scope="tensor"`` (mergekit's ``ties``): exactly ``max(1, floor(density * numel))`` entries per tensor
+and task (mergekit 0.1.5 keeps at least one entry of a non-empty tensor), the largest ``|tau_t|``, ties
+broken by the lower flat index (a stable sort; mergekit's ``argsort`` leaves the order of ties
+unspecified); a zero vote sum counts as positive (mergekit's ``sign_weight >= 0``).
 The STAR repository's ``local`` trimming (a per-tensor threshold keeping ties) is neither of these.
 
 Global statistics are computed by the method's ``prepare`` hook before any key is merged, in
@@ -91,7 +91,8 @@ def task_arithmetic(ctx: MergeContext, key: str) -> KeyUpdate:
 
 # ------------------------------------------------------------------------------ TIES pieces
 def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly ``floor(density * numel)`` largest ``|tau_t|`` per task (stable: lower index wins).
+    """Keep exactly ``max(1, floor(density * numel))`` largest ``|tau_t|`` per task (none at density 0; stable:
+    lower index wins), as mergekit 0.1.5's ``magnitude`` does.
 
     The kept set is what a stable descending sort's first ``k`` are: every entry above the ``k``-th largest
     value ``v``, then the entries equal to ``v`` in index order until ``k`` are kept. Found with one
@@ -99,7 +100,7 @@ def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
     """
     flat = deltas.reshape(deltas.shape[0], -1)
     n = flat.shape[1]
-    k = int(n * density)
+    k = max(1, int(n * density)) if density > 0 else 0
     if k >= n:
         return deltas.clone()
     if k == 0:
@@ -201,8 +202,8 @@ def ties(
     scope : {"global", "tensor"}, default="global"
         ``"global"``: the TIES reference code (one threshold per task over the whole model, every
         entry at or above the k-th value kept; a zero vote sum takes the whole-model majority sign).
-        ``"tensor"``: mergekit (exactly ``floor(density * numel)`` entries per tensor and task; a
-        zero vote sum counts as positive, mergekit's ``sign_weight >= 0``).
+        ``"tensor"``: mergekit (exactly ``max(1, floor(density * numel))`` entries per tensor and task;
+        a zero vote sum counts as positive, mergekit's ``sign_weight >= 0``).
     merge_func : {"mean", "sum", "max"}, default="mean"
         Disjoint mean, sum or signed max of the agreeing entries.
     alpha : float, default=1.0
@@ -216,8 +217,8 @@ def ties(
     else:
         trimmed, zero = trim_tensor(deltas, density), 1
         if int(ctx.tv.numel(key) * density) == 0:
-            notes = (f"TIES: density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries "
-                     "per task of this tensor: zero update (scope='tensor').",)
+            notes = (f"TIES: density {density} keeps floor({density} * {ctx.tv.numel(key)}) = 0 entries per "
+                     "task of this tensor: its largest one is kept (scope='tensor', as mergekit).",)
     return KeyUpdate(disjoint_merge(trimmed, elected_sign(trimmed.sum(0), zero), merge_func), notes)
 
 
@@ -254,7 +255,9 @@ def _dare_mergekit(p: Mapping[str, Any]) -> Mergekit:
     ties = p.get("combine", "task_arithmetic") == "ties"
     return Mergekit("dare_ties" if ties else "dare_linear", {"weight": 1.0, "density": float(p.get("density", 0.5))},
                     {"lambda": _alpha(p), "rescale": True, "normalize": ties},
-                    ("mergekit draws its own random masks: the same distribution, other draws",))
+                    ("mergekit draws its own random masks (other draws) and, with rescale, scales each kept tensor "
+                     "back to its L1 norm, where DARE (and weightlens) divides by density: equal in expectation, "
+                     "not per tensor",))
 
 
 def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str) -> dict:
