@@ -10,7 +10,6 @@ mergekit equivalent and the YAML says in how many entries the nearest one may di
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -20,61 +19,15 @@ import torch
 
 import weightlens as wl
 
-PEERS = Path(os.environ.get("WEIGHTLENS_PEERS", Path(__file__).resolve().parents[1] / ".venv-peers"))
-MERGEKIT = PEERS / "bin" / "mergekit-yaml"
+from _mergekit_peers import export_and_run, mergekit  # noqa: F401  (fixtures)
+from _mergekit_peers import llama_models as _llama_models  # noqa: F401  (fixture: base and three fine-tunes)
 
 
 @pytest.fixture(scope="module")
-def mergekit() -> Path:  # only the tests marked peers ask for it
-    if not MERGEKIT.is_file():
-        reason = f"mergekit not found at {MERGEKIT} (./dev.sh test installs it into .venv-peers)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the mergekit parity tests must run in CI: {reason}")
-        pytest.skip(reason)
-    return MERGEKIT
-
-
-def _train(model: torch.nn.Module, shift: int, steps: int = 12) -> None:
-    """A few Adam steps on "next token = token + shift (mod vocab)": a real, if tiny, fine-tune."""
-    g = torch.Generator().manual_seed(shift)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    vocab = model.config.vocab_size
-    model.train()
-    for _ in range(steps):
-        start = torch.randint(0, vocab, (8, 1), generator=g)
-        ids = (start + shift * torch.arange(16)) % vocab
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-@pytest.fixture(scope="module")
-def llama_models(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("llama")
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(root / "base")
-    finetuned = {}
-    for name, shift in (("plus1", 1), ("plus3", 3)):
-        model = LlamaForCausalLM(cfg)
-        model.load_state_dict(base.state_dict())
-        _train(model, shift)
-        model.save_pretrained(root / name)
-        finetuned[name] = root / name
-    return root / "base", finetuned
-
-
-def _run_mergekit(mergekit: Path, export: Path, out: Path) -> wl.io.Checkpoint:
-    done = subprocess.run([str(mergekit), "mergekit_config.yml", str(out)], cwd=export,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"mergekit failed on {export}/mergekit_config.yml:\n{done.stderr[-3000:]}"
-    return wl.load(out)
+def llama_models(_llama_models) -> tuple[Path, dict[str, Path]]:
+    """The shared tiny Llama and its two fine-tunes trained on token tasks (``plus1``, ``plus3``)."""
+    base, finetuned = _llama_models
+    return base, {k: finetuned[k] for k in ("plus1", "plus3")}
 
 
 def _max_abs_diff(a, b) -> float:
@@ -89,24 +42,22 @@ def _max_abs_diff(a, b) -> float:
 ])
 def test_mergekit_reproduces_the_export_exactly(mergekit, llama_models, tmp_path, method, params):
     base, finetuned = llama_models
-    ours = wl.export(wl.merge(base, finetuned, method=method, **params), tmp_path / "ours", like=base, progress=False)
-    yaml_text = (ours / "mergekit_config.yml").read_text()
+    [(ours, theirs, yaml_text)] = export_and_run(mergekit, [wl.merge(base, finetuned, method=method, **params)],
+                                                 tmp_path, like=base)
     assert "approximate" not in yaml_text
-    theirs = _run_mergekit(mergekit, ours, tmp_path / "theirs")
-    assert _max_abs_diff(wl.load(ours), theirs) == 0.0
+    assert _max_abs_diff(ours, theirs) == 0.0
 
 
 @pytest.mark.peers
 def test_ties_global_says_how_far_mergekit_is_and_mergekit_stays_within_it(mergekit, llama_models, tmp_path):
     base, finetuned = llama_models
-    ours = wl.export(wl.merge(base, finetuned, method="ties", alpha=1.0, density=0.3), tmp_path / "ours",
-                     like=base, progress=False)
-    head = (ours / "mergekit_config.yml").read_text().split("merge_method:")[0]
+    [(mine, theirs, yaml_text)] = export_and_run(
+        mergekit, [wl.merge(base, finetuned, method="ties", alpha=1.0, density=0.3)], tmp_path, like=base)
+    head = yaml_text.split("merge_method:")[0]
     found = re.search(r"keep different entries at (\d+) of (\d+) coordinates \(([\d.]+)%\)", head)
     assert "approximate" in head and found, head
     bound, entries = int(found[1]), int(found[2])
     assert 0 < bound < entries
-    theirs, mine = _run_mergekit(mergekit, ours, tmp_path / "theirs"), wl.load(ours)
     tv = wl.TaskVectors(base, finetuned)
     assert entries == sum(tv.numel(k) for k in tv.keys)
     differing = sum(int((mine[k] != theirs[k]).sum()) for k in tv.keys)
