@@ -13,15 +13,13 @@ from weightlens.merge import get_method, merge
 from weightlens.merge.breadcrumbs import breadcrumbs_mask
 
 from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _merge_inputs import noise_task_vectors
 
 CPU = {"device": "cpu"}
 
 
 def _tv(T: int = 3) -> wl.TaskVectors:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(20, 10, generator=g), "b": torch.randn(10, generator=g)}
-    fts = {f"t{i}": {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(T)}
-    return wl.TaskVectors(base, fts)
+    return noise_task_vectors(T, shape=(20, 10))
 
 
 @pytest.mark.parametrize("density, gamma", [(0.9, 0.01), (0.5, 0.1), (0.3, 0.8), (1.0, 0.1), (0.01, 0.0)])

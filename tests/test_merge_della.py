@@ -17,16 +17,14 @@ from weightlens.merge.breadcrumbs import l1_rescaled
 from weightlens.merge.della import keep_probabilities
 
 from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, mergekit  # noqa: F401
+from _merge_inputs import noise_task_vectors
 
 CPU = {"device": "cpu"}
 BANDS = 4
 
 
 def _tv(T: int = 2, shape=(64, 200)) -> wl.TaskVectors:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(*shape, generator=g), "b": torch.randn(shape[1], generator=g)}
-    fts = {f"t{i}": {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(T)}
-    return wl.TaskVectors(base, fts)
+    return noise_task_vectors(T, shape=shape)
 
 
 def _band_rates(kept: torch.Tensor, probs: torch.Tensor) -> list[tuple[float, float, float]]:

@@ -15,15 +15,13 @@ from weightlens.merge import get_method, merge
 from weightlens.merge.slerp import gradient_t, slerp_tensors
 
 from _mergekit_peers import assert_recipe_reruns_bitwise, export_and_run, llama_models, max_relative_error, mergekit  # noqa: F401
+from _merge_inputs import noise_task_vectors
 
 CPU = {"device": "cpu"}
 
 
 def _tv(T: int = 1, scale: float = 1.0) -> wl.TaskVectors:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
-    fts = {f"t{i}": {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(T)}
-    return wl.TaskVectors(base, fts)
+    return noise_task_vectors(T, scale=scale)
 
 
 def test_slerp_at_t0_and_t1_returns_the_endpoints():
