@@ -353,8 +353,9 @@ def merge(
     finetuned : list or dict of sources, optional
         Fine-tuned checkpoints when ``base_or_tv`` is the base.
     method : str
-        A registered method: ``task_arithmetic``, ``ties``, ``dare``, ``tsv``, ``iso_c``,
-        ``iso_cts``, ``star`` (see ``weightlens.merge.list_methods()``).
+        A registered method (``weightlens.merge.list_methods()``, README's table): e.g. ``task_arithmetic``,
+        ``ties``, ``dare``, ``tsv``, ``iso_c``, ``iso_cts``, ``star``, ``knots_ties``, ``peft_svd``, ``linear``,
+        ``slerp``, ``model_stock``, ``breadcrumbs``, ``della``.
     device : str or torch.device, default="auto"
         Where decompositions run (``"auto"``: CUDA when present).
     progress : bool or None, default=None
