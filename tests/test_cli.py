@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -77,7 +78,7 @@ def test_help_shows_every_command_with_examples(capsys):
     out = capsys.readouterr().out
     for word in ("report", "sweep", "merge", "rebasin", "lmc", "zoo", "weightlens merge --base", "Exit codes"):
         assert word in out
-    for command in ("merge", "report", "sweep", "rebasin", "lmc"):
+    for command in ("merge", "report", "sweep", "diagnose", "rebasin", "lmc"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0 and "examples:" in capsys.readouterr().out
@@ -383,3 +384,24 @@ def test_sweep_usage_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err, argv
+
+
+def test_diagnose_from_the_command_line_is_the_python_diagnosis(digits_zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTLENS_ZOO_SIZE", "ci")
+    tv = digits_zoo.task_vectors()
+    expected = wl.diagnose(tv, wl.merge(tv, method="task_arithmetic", alpha=0.5), progress=False)
+    args = ["diagnose", "--zoo", "digits-tasks", "--method", "task_arithmetic", "--param", "alpha=0.5", "-q"]
+    assert main([*args, "--csv", str(tmp_path / "tables"), "--html", str(tmp_path / "why.html")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(expected.summary()) and str(tmp_path / "why.html") in out
+    blocks = pd.read_csv(tmp_path / "tables" / "blocks.csv")
+    assert list(blocks.columns) == list(expected.blocks.columns) and len(blocks) == len(expected.blocks)
+    assert (tmp_path / "tables" / "checks.csv").is_file() and "<html" in (tmp_path / "why.html").read_text().lower()
+    # with the zoo's scorer: restoration tests, one block per task
+    assert main([*args, "--evaluate", "--restore", "1", "--split", "val"]) == 0
+    assert "restoring" in capsys.readouterr().out
+    # from files, a bare --evaluate needs the user's scorer
+    assert_usage = pytest.raises(SystemExit)
+    with assert_usage as exit_:
+        main(["diagnose", str(digits_zoo.base), *map(str, digits_zoo.finetuned.values()), "--evaluate", "-q"])
+    assert exit_.value.code == 2 and "needs MODULE:FUNCTION" in capsys.readouterr().err

@@ -233,6 +233,54 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from weightlens.diagnosis import diagnose
+    from weightlens.io._atomic import atomic_write_text
+    from weightlens.merge import merge
+
+    if args.evaluate == "" and args.zoo is None:
+        raise UsageError("diagnose --evaluate without --zoo needs MODULE:FUNCTION (your scorer).")
+    tv, scorer = _task_inputs(args, "diagnose", need_evaluate=False)
+    merged = merge(tv, method=args.method, device=args.device, **_params(args.param))
+    options = {"restore": args.restore} if args.restore is not None else {}
+    d = diagnose(tv, merged, evaluate=scorer if args.evaluate is not None else None, progress=not args.quiet,
+                 device=args.device, split=args.split, **options)
+    written: list[Path] = []
+    if args.html:
+        d.to_html(args.html)
+        written.append(Path(args.html))
+    if args.csv:
+        folder = Path(args.csv).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"--csv {args.csv}: that is a file; --csv takes a folder (one CSV per table).")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("blocks", "tasks", "checks"):
+            atomic_write_text(folder / f"{name}.csv", getattr(d, name).to_csv(index=False))
+        written.append(folder)
+    sys.stdout.write(d.summary() + "\n" + "".join(f"{w}\n" for w in written))
+    return 0
+
+
+def _task_inputs(args: argparse.Namespace, command: str, *, need_evaluate: bool) -> tuple[Any, Any]:
+    """The task vectors and the scorer of ``sweep``/``diagnose``: ``--zoo NAME`` (its files and scorer; ``--evaluate``
+    replaces the scorer) or ``BASE FT...`` with ``--evaluate MODULE:FUNCTION`` (required when ``need_evaluate``)."""
+    from weightlens.taskvectors import TaskVectors
+
+    if args.zoo is not None:
+        if args.base is not None:
+            raise UsageError(f"{command} takes --zoo NAME or BASE FT..., not both.")
+        from weightlens import zoo
+
+        z = zoo.load(args.zoo, size=args.size)
+        return z.task_vectors(), (load_function(args.evaluate) if args.evaluate else z.evaluate)
+    if args.base is None or not args.finetuned or (need_evaluate and not args.evaluate):
+        needs = " with --evaluate MODULE:FUNCTION (your scorer)" if need_evaluate else ""
+        raise UsageError(f"{command} needs --zoo NAME ({', '.join(_TASK_ZOOS)}), or BASE FT [FT ...]{needs}; see "
+                         f"weightlens {command} --help.")
+    tv = TaskVectors(args.base, _named(args.finetuned, command))
+    return tv, (load_function(args.evaluate) if args.evaluate else None)
+
+
 # ---------------------------------------------------------------------------------------- sweep
 def load_function(spec: str, what: str = "--evaluate") -> Callable[..., Any]:
     """The function ``MODULE:NAME`` names: an importable module (``pkg.scoring:evaluate``, the current
@@ -285,23 +333,8 @@ def _alphas(text: str | None) -> list[float] | None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from weightlens.merge import sweep
-    from weightlens.taskvectors import TaskVectors
 
-    if args.zoo is not None:
-        if args.base is not None:
-            raise UsageError("sweep takes --zoo NAME or BASE FT... --evaluate MODULE:FUNCTION, not both.")
-        from weightlens import zoo
-
-        z = zoo.load(args.zoo, size=args.size)
-        tv, evaluate = z.task_vectors(), z.evaluate
-        if args.evaluate:
-            evaluate = load_function(args.evaluate)
-    else:
-        if args.base is None or not args.finetuned or not args.evaluate:
-            raise UsageError("sweep needs --zoo NAME (digits-tasks or minilm-tasks), or BASE FT [FT ...] with "
-                             "--evaluate MODULE:FUNCTION (your scorer; see weightlens sweep --help).")
-        tv = TaskVectors(args.base, _named(args.finetuned, "sweep"))
-        evaluate = load_function(args.evaluate)
+    tv, evaluate = _task_inputs(args, "sweep", need_evaluate=True)
     sw = sweep(tv, args.method, _alphas(args.alphas), evaluate, select_on=args.select_on,
                report_on=args.report_on, progress=not args.quiet, device=args.device, **_params(args.param))
     sys.stdout.write(sw.summary().to_string(index=False, formatters={"alpha": "{:g}".format},
@@ -652,6 +685,35 @@ def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_sweep)
 
 
+def _add_diagnose(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _sub(sub, "diagnose", "why a merge loses a task: per task and block what the merge kept, who crowds or "
+             "opposes it, whose signs won; with a scorer, restoration tests that measure it",
+             "  weightlens diagnose --zoo digits-tasks --method task_arithmetic --param alpha=0.5\n"
+             "  weightlens diagnose --zoo minilm-tasks --method ties --evaluate --html why.html   # + restoration\n"
+             "  weightlens diagnose base/ math=ft/math code=ft/code --method tsv --csv tables/\n"
+             "  weightlens diagnose base/ math=ft/math code=ft/code --method tsv --evaluate scoring.py:evaluate\n\n"
+             "Without --evaluate it reads the weights alone. With it (the zoo's scorer, or your\n"
+             "evaluate(weights, task, split) -> {'accuracy': ...}, which it imports and runs), each task's top\n"
+             "blocks and a control block are restored to the task's own weights in the merge and scored.\n", common)
+    p.formatter_class = _MethodsHelp
+    p.add_argument("base", nargs="?", help="base checkpoint (file or HF folder); or use --zoo")
+    p.add_argument("finetuned", nargs="*", metavar="FT", help="fine-tunes: PATH or NAME=PATH")
+    p.add_argument("--zoo", choices=_TASK_ZOOS, help="a task zoo: its base, fine-tunes and scorer")
+    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+    p.add_argument("--method", default="task_arithmetic", help="the merge to diagnose: {methods}")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the method, alpha included (repeat)")
+    p.add_argument("--evaluate", nargs="?", const="", metavar="MODULE:FUNCTION",
+                   help="run restoration tests with this scorer (alone, with --zoo: the zoo's); imports and runs "
+                        "that code")
+    p.add_argument("--restore", type=int, help="blocks restored per task (default 3)")
+    p.add_argument("--split", default="val", help="split the restoration tests score (default val)")
+    p.add_argument("--html", metavar="FILE", help="write the diagnosis page here")
+    p.add_argument("--csv", metavar="DIR", help="write blocks.csv, tasks.csv and checks.csv into DIR")
+    p.add_argument("--device", default="auto", help="where the merge runs: auto (CUDA when present), cpu or cuda")
+    p.set_defaults(func=_diagnose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -665,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     _add_analysis(sub, common)
     _add_sweep(sub, common)
+    _add_diagnose(sub, common)
     _add_merge(sub, common)
     _add_zoo_and_tour(sub)
     return parser
