@@ -176,6 +176,9 @@ def test_an_adapter_export_writes_a_recipe_that_remakes_it_bitwise(zoo, tmp_path
     recipe = yaml.safe_load((out / RECIPE).read_text())
     assert recipe["adapter"] == {"rank": rank} and recipe["method"] == method and recipe["like"] is False
     sha = recipe["expect"]["adapter_model.safetensors"]
+    from weightlens.io._fingerprint import sha256_file
+
+    assert sha == sha256_file(out / "adapter_model.safetensors")  # hashed while written: the file's own sha256
     assert not (out / "mergekit_config.yml").exists()  # mergekit writes full weights, not adapters
     assert "weightlens merge weightlens_recipe.yaml" in (out / "README.md").read_text()
 

@@ -47,7 +47,6 @@ from weightlens._version import __version__
 from weightlens.errors import CheckpointError, InvalidParameterError, WeightlensError
 from weightlens.io import _paths
 from weightlens.io._atomic import atomic_folder, write_text
-from weightlens.io._fingerprint import sha256_file
 from weightlens.io.recipe import RECIPE, ExportRecipe, portable
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "export_adapter"]
@@ -254,7 +253,7 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     InvalidParameterError
         ``merged`` is not a merge result, or ``rank`` is not a positive int or None.
     """
-    from weightlens.io.export import ExportOptions
+    from weightlens.io.export import ExportOptions, _os_failure
 
     opts = resolve_options(ExportOptions, options, overrides, caller="export_adapter")
     if opts.card is not None:
@@ -292,8 +291,7 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     report = _report(modules, rank)
     try:
         with atomic_folder(out, overwrite=overwrite or opts.overwrite_any, check=check) as tmp:
-            _write_weights(tmp / ADAPTER_WEIGHTS, tensors)
-            written = {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}
+            written = {ADAPTER_WEIGHTS: _write_weights(tmp / ADAPTER_WEIGHTS, tensors)}
             if opts.verify is not None:
                 opts.verify(written)
             write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
@@ -304,7 +302,7 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     except OSError as err:
         if isinstance(err, WeightlensError):
             raise
-        raise OSError(err.errno, f"export of the adapter to {out} failed: {err}; nothing was left behind.") from None
+        raise _os_failure(out, err) from None
     return out
 
 
@@ -317,8 +315,9 @@ def _recipe_plan(merged: Any, recipe: Any, out: Path, rank: int | None, fingerpr
     return replace(plan, recipe=replace(plan.recipe, adapter={"rank": rank}, like=False), mergekit=None)
 
 
-def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """One safetensors file, stamped as a weightlens export (so that ``overwrite=True`` may replace it)."""
+def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+    """One safetensors file, stamped as a weightlens export (so that ``overwrite=True`` may replace it); returns
+    its sha256, hashed while it was written."""
     from weightlens.io.export import _Item, _Shard
 
     items = [_Item(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
@@ -329,4 +328,4 @@ def _write_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     except BaseException:
         shard.abort()
         raise
-    shard.close()
+    return shard.close()
