@@ -1,9 +1,11 @@
-"""What every benchmark prints in its header: the machine the figures were taken on, and its load."""
+"""What every benchmark shares: the machine and load its header prints, and one timed call (CUDA synchronised)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,3 +30,16 @@ def load_average() -> str:
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """Best wall time in seconds of ``repeat`` calls of ``fn`` (CUDA synchronised around each) and the last result."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best, out

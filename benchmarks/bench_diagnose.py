@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -33,29 +31,18 @@ from weightlens.diagnosis import diagnose
 from weightlens.merge import merge
 from weightlens.taskvectors import TaskVectors
 
-from _machine import load_average, machine  # noqa: E402  (benchmarks run as scripts)
+from _machine import load_average, machine, timed  # noqa: E402  (benchmarks run as scripts)
 
 METHODS = ("tsv", "iso_cts", "task_arithmetic")
-
-
-def seconds(fn: Callable[[], object]) -> tuple[float, object]:
-    """Wall time of one call, and its result."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def once(tv: TaskVectors, method: str, device: str) -> tuple[float, float, int, int]:
     """A merge on an empty cache, then diagnose on the cache it left: both wall times, and the cache misses
     (values diagnose computed: SVDs, compare's rows) and evictions during diagnose."""
     tv.cache.clear()
-    t_merge, merged = seconds(lambda: merge(tv, method=method, device=device).materialize(progress=False))
+    t_merge, merged = timed(lambda: merge(tv, method=method, device=device).materialize(progress=False))
     misses, evictions = tv.cache.misses, tv.cache.evictions
-    t_diag, _ = seconds(lambda: diagnose(tv, merged, progress=False))
+    t_diag, _ = timed(lambda: diagnose(tv, merged, progress=False))
     return t_merge, t_diag, tv.cache.misses - misses, tv.cache.evictions - evictions
 
 

@@ -14,14 +14,13 @@ GPU machine ``python benchmarks/bench_lap.py --widths 512 2048 4096 8192``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from weightlens.rebasin.lap import solve
 
-from _machine import machine  # noqa: E402  (benchmarks run as scripts)
+from _machine import machine, timed  # noqa: E402  (benchmarks run as scripts)
 
 
 def cost_matrix(n: int, signal: float, seed: int = 0) -> np.ndarray:
@@ -31,20 +30,6 @@ def cost_matrix(n: int, signal: float, seed: int = 0) -> np.ndarray:
     a = shared + rng.standard_normal((n, 4 * n))
     b = shared[rng.permutation(n)] + rng.standard_normal((n, 4 * n))
     return a @ b.T
-
-
-def timed(fn, repeat: int) -> tuple[float, object]:
-    """Best wall time of ``repeat`` calls (CUDA synchronised) and the last result."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:

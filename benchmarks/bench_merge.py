@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -27,23 +25,12 @@ from weightlens import zoo
 from weightlens.merge import merge
 from weightlens.taskvectors import TaskVectors
 
-from _machine import machine  # noqa: E402  (benchmarks run as scripts)
+from _machine import machine, timed  # noqa: E402  (benchmarks run as scripts)
 
 METHODS = ("tsv", "iso_cts", "iso_c", "star", "ties", "task_arithmetic")
 SWITCH = {"tsv": "star", "iso_c": "iso_cts"}
 
 
-
-
-def seconds(fn: Callable[[], object]) -> float:
-    """Wall time of one call."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def fresh(tv: TaskVectors) -> TaskVectors:
@@ -56,13 +43,13 @@ def bench_method(tv: TaskVectors, method: str, repeats: int, device: str) -> dic
     """First call, alpha-only calls and (for tsv / iso_c) the switch to the sibling method."""
     fresh(tv)
     # merge() computes keys when they are read: materialize() times the whole merge
-    first = seconds(lambda: merge(tv, method=method, alpha=1.0, device=device).materialize())
+    first = timed(lambda: merge(tv, method=method, alpha=1.0, device=device).materialize())[0]
     again = statistics.median(
-        seconds(lambda: merge(tv, method=method, alpha=0.5, device=device).materialize()) for _ in range(repeats)
+        timed(lambda: merge(tv, method=method, alpha=0.5, device=device).materialize())[0] for _ in range(repeats)
     )
     row = {"first": first, "alpha_only": again, "ratio": first / again}
     if method in SWITCH:
-        row["switch"] = seconds(lambda: merge(tv, method=SWITCH[method], device=device).materialize())
+        row["switch"] = timed(lambda: merge(tv, method=SWITCH[method], device=device).materialize())[0]
     return row
 
 
