@@ -650,6 +650,15 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_lmc)
 
 
+def _add_task_inputs(p: argparse.ArgumentParser) -> None:
+    """The inputs :func:`_task_inputs` reads: ``BASE FT...`` or ``--zoo NAME`` (and its ``--size``)."""
+    p.add_argument("base", nargs="?", help="base checkpoint (file or HF folder); or use --zoo")
+    p.add_argument("finetuned", nargs="*", metavar="FT",
+                   help="fine-tunes: PATH or NAME=PATH (the task names evaluate receives)")
+    p.add_argument("--zoo", choices=_TASK_ZOOS, help="a task zoo: its base, fine-tunes and scorer")
+    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+
+
 def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _sub(sub, "sweep", "merge at each coefficient alpha and score every task: alpha chosen on validation, "
              "reported on test",
@@ -663,11 +672,7 @@ def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
              "It prints the mean over tasks per alpha and split (SweepResult.summary()) and the chosen alpha.\n",
              common)
     p.formatter_class = _MethodsHelp
-    p.add_argument("base", nargs="?", help="base checkpoint (file or HF folder); or use --zoo")
-    p.add_argument("finetuned", nargs="*", metavar="FT",
-                   help="fine-tunes: PATH or NAME=PATH (the task names evaluate receives)")
-    p.add_argument("--zoo", choices=_TASK_ZOOS, help="a task zoo: its base, fine-tunes and scorer")
-    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+    _add_task_inputs(p)
     p.add_argument("--evaluate", metavar="MODULE:FUNCTION",
                    help="your scorer: an importable module (pkg.scoring:evaluate; the current folder is searched) "
                         "or a file (path/to/scoring.py:evaluate); FUNCTION defaults to evaluate. Imports and runs "
@@ -696,10 +701,7 @@ def _add_diagnose(sub: Any, common: argparse.ArgumentParser) -> None:
              "evaluate(weights, task, split) -> {'accuracy': ...}, which it imports and runs), each task's top\n"
              "blocks and a control block are restored to the task's own weights in the merge and scored.\n", common)
     p.formatter_class = _MethodsHelp
-    p.add_argument("base", nargs="?", help="base checkpoint (file or HF folder); or use --zoo")
-    p.add_argument("finetuned", nargs="*", metavar="FT", help="fine-tunes: PATH or NAME=PATH")
-    p.add_argument("--zoo", choices=_TASK_ZOOS, help="a task zoo: its base, fine-tunes and scorer")
-    p.add_argument("--size", choices=("ci", "demo"), help="zoo size (default: demo when built, else ci)")
+    _add_task_inputs(p)
     p.add_argument("--method", default="task_arithmetic", help="the merge to diagnose: {methods}")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the method, alpha included (repeat)")
