@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from _notebook import write  # scripts/_notebook.py (run as a script: its folder is on the path)
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "00_tour.ipynb"
 
@@ -137,15 +136,5 @@ accuracy.assign(merged=pd.Series(test)).round(3)"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    """The notebook, outputs stripped."""
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    return nb
-
-
 if __name__ == "__main__":
-    nbformat.write(build(), OUT)
-    print(OUT)
+    write(CELLS, OUT, "tour")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from _notebook import write  # scripts/_notebook.py (run as a script: its folder is on the path)
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "01_interference.ipynb"
 
@@ -123,16 +122,5 @@ print(page, f"{page.stat().st_size / 1e6:.1f} MB")"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    """The notebook, outputs stripped."""
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what was edited
-        cell.id = f"interference-{i:02d}"
-    return nb
-
-
 if __name__ == "__main__":
-    nbformat.write(build(), OUT)
-    print(OUT)
+    write(CELLS, OUT, "interference")

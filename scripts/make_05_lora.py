@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from _notebook import write  # scripts/_notebook.py (run as a script: its folder is on the path)
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "05_lora.ipynb"
 
@@ -169,19 +168,5 @@ print(f"mean over methods: LoRA {lora_n.mean():.3f}, full {full_n.mean():.3f}; m
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    """The notebook, outputs empty."""
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def main() -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(build(), OUT)
-
-
 if __name__ == "__main__":
-    main()
+    write(CELLS, OUT, "lora")
