@@ -26,7 +26,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ __all__ = [
     "conflict_stats",
     "elected_sign",
     "global_thresholds",
+    "majority_sign",
+    "radix_thresholds",
     "streaming_thresholds",
     "pairwise_conflicts",
     "sign_votes",
@@ -263,16 +265,18 @@ def global_thresholds(
 
 
 def _abs_bits(deltas: torch.Tensor) -> torch.Tensor:
-    """fp32 ``|x|`` reinterpreted as int32, flattened per task: monotone in ``|x|``."""
-    return deltas.reshape(deltas.shape[0], -1).abs().to(torch.float32).contiguous().view(torch.int32)
+    """fp32 ``|x|`` reinterpreted as int32, flattened per task, on the CPU: monotone in ``|x|``."""
+    return deltas.reshape(deltas.shape[0], -1).abs().to("cpu", torch.float32).contiguous().view(torch.int32)
 
 
-def _histograms(tv: TaskVectors, keys: list[str], select: torch.Tensor | None) -> torch.Tensor:
-    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``."""
-    T = len(tv)
+def _histograms(blocks: Iterable[torch.Tensor], T: int, select: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``. Also the
+    number of entries per task seen."""
     counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
-    for key in keys:
-        bits = _abs_bits(tv.deltas(key))
+    total = 0
+    for block in blocks:
+        bits = _abs_bits(block)
+        total += bits.shape[1]
         hi = bits >> 16
         for t in range(T):
             if select is None:
@@ -280,34 +284,52 @@ def _histograms(tv: TaskVectors, keys: list[str], select: torch.Tensor | None) -
             else:
                 lo = bits[t][hi[t] == select[t]] & 0xFFFF
                 counts[t] += torch.bincount(lo, minlength=_LO)
-    return counts
+    return counts, total
+
+
+def radix_thresholds(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int, density: float) -> torch.Tensor:
+    """Per-task ``(P - int(P * density))``-th smallest ``|x|`` over every ``(T, ...)`` stack ``blocks()``
+    yields (``P`` entries per task in all), exact (``torch.kthvalue`` on the concatenation), holding one
+    stack at a time: a two-pass radix select over the fp32 bits (``blocks`` is called once per pass).
+    ``density >= 1`` (nothing trimmed) gives zeros without reading anything. ``(T,)`` float32."""
+    if density >= 1:
+        return torch.zeros(n_tasks)
+    hi_counts, total = _histograms(blocks(), n_tasks, None)
+    rank = total - int(total * density)  # 1-based rank among ascending |x|
+    if rank <= 0:
+        return torch.zeros(n_tasks)
+    hi_cum = hi_counts.cumsum(1)
+    target = torch.full((n_tasks, 1), rank, dtype=torch.int64)
+    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
+    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+    lo_cum = _histograms(blocks(), n_tasks, bucket)[0].cumsum(1)
+    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
+    bits = ((bucket << 16) | low).to(torch.int32)
+    return bits.view(torch.float32).clone()
 
 
 def streaming_thresholds(tv: TaskVectors, density: float, keys: Iterable[str] | None = None) -> torch.Tensor:
     """Per-task TIES threshold over the whole model: the ``(P - int(P * density))``-th smallest ``|tau_t|``.
 
-    Exact (equal to ``torch.kthvalue`` on the flattened model) by a two-pass radix select over
-    the fp32 bits of ``|tau|``, holding one key of every task and two histograms per task at a
-    time, never the flattened model. ``density = 1`` (nothing trimmed) gives 0.
+    Exact (equal to ``torch.kthvalue`` on the flattened model) by :func:`radix_thresholds` over the task
+    vectors key by key, holding one key of every task and two histograms per task at a time, never the
+    flattened model. ``density = 1`` (nothing trimmed) gives 0.
 
     Returns
     -------
     Tensor of shape (T,), float32.
     """
     keys = list(tv.keys if keys is None else keys)
-    total = sum(tv.numel(k) for k in keys)
-    rank = total - int(total * density)  # 1-based rank among ascending |tau|
-    if rank <= 0:
-        return torch.zeros(len(tv))
-    hi_counts = _histograms(tv, keys, None)
-    hi_cum = hi_counts.cumsum(1)
-    target = torch.full((len(tv), 1), rank, dtype=torch.int64)
-    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
-    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
-    lo_cum = _histograms(tv, keys, bucket).cumsum(1)
-    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
-    bits = ((bucket << 16) | low).to(torch.int32)
-    return bits.view(torch.float32).clone()
+    return radix_thresholds(lambda: (tv.deltas(k) for k in keys), len(tv), density)
+
+
+def majority_sign(trimmed: Iterable[torch.Tensor]) -> int:
+    """Whole-model majority ``sgn(sum_p gamma_p)`` of the elected signs (TIES ``resolve_zero_signs``), from
+    the stacked trimmed task vectors of every key (or block), one at a time."""
+    votes = 0
+    for stack in trimmed:
+        votes += int(elected_sign(stack.sum(0), 0).sum(dtype=torch.float64))
+    return (votes > 0) - (votes < 0)
 
 
 def pair_rows(key: str, tasks: Sequence[str], opposite: torch.Tensor, both: torch.Tensor) -> list[dict[str, Any]]:

@@ -34,12 +34,12 @@ majority sign.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import torch
 
-from weightlens.analysis.signs import elected_sign, streaming_thresholds, trim
+from weightlens.analysis.signs import elected_sign, majority_sign, streaming_thresholds, trim
 from weightlens.io.recipe import Mergekit
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
@@ -124,17 +124,6 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -
     return selected.abs().amax(0) * sign
 
 
-def majority_sign(tv: TaskVectors, trimmed_of: Callable[[str], torch.Tensor]) -> int:
-    """Whole-model majority ``sgn(sum_p gamma_p)`` of the elected signs (TIES ``resolve_zero_signs``).
-
-    ``trimmed_of(key)`` gives the stacked trimmed task vectors of one key; one streaming pass.
-    """
-    votes = 0
-    for key in tv.keys:
-        votes += int(elected_sign(trimmed_of(key).sum(0), 0).sum(dtype=torch.float64))
-    return (votes > 0) - (votes < 0)
-
-
 # ------------------------------------------------------------------------------ TIES
 def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: str) -> dict:
     """Global scope: per-task thresholds (two radix passes), then the majority sign (one pass)."""
@@ -143,7 +132,7 @@ def _ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: 
     thresholds = ctx.once(("ties_thresholds", density), lambda: streaming_thresholds(ctx.tv, density))
     majority = ctx.once(
         ("ties_majority", density),
-        lambda: majority_sign(ctx.tv, lambda key: trim(ctx.deltas(key), thresholds=thresholds)),
+        lambda: majority_sign(trim(ctx.deltas(key), thresholds=thresholds) for key in ctx.tv.keys),
     )
     return {"thresholds": thresholds, "majority": majority}
 
@@ -229,9 +218,15 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int, task: str, key:
     The generator seed is a hash of the three, so the mask does not depend on the order in which
     keys are visited or on which other tasks are merged.
     """
-    digest = hashlib.blake2b(f"{seed}\0{task}\0{key}".encode(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    return torch.rand(shape, generator=gen) < density
+    return torch.rand(shape, generator=seeded_generator(seed, task, key)) < density
+
+
+def seeded_generator(seed: int, task: str, key: str, salt: str = "") -> torch.Generator:
+    """A CPU generator seeded from a hash of ``(salt, seed, task, key)``: a random mask that does not depend on
+    the order keys are visited in or on the other tasks merged (DARE's; DELLA's with ``salt="della"``)."""
+    text = (f"{salt}\0" if salt else "") + f"{seed}\0{task}\0{key}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def dare_deltas(ctx: MergeContext, key: str, density: float, seed: int) -> torch.Tensor:
@@ -265,7 +260,7 @@ def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str)
     if combine != "ties":
         return {}
     majority = ctx.once(
-        ("dare_majority", density, seed), lambda: majority_sign(ctx.tv, lambda k: dare_deltas(ctx, k, density, seed))
+        ("dare_majority", density, seed), lambda: majority_sign(dare_deltas(ctx, k, density, seed) for k in ctx.tv.keys)
     )
     return {"majority": majority}
 

@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import torch
 
+from weightlens.analysis.signs import elected_sign
 from weightlens.io.recipe import Mergekit
 from weightlens.merge.arithmetic import _TA_GRID, _TIES_GRID, disjoint_merge
 from weightlens.merge.engine import MergeContext
@@ -66,9 +67,8 @@ def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> t
 
 def combine(sparse: torch.Tensor, *, consensus: bool, normalize: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic of sparsified task vectors ``(T, *shape)`` (weights 1, lambda 1)."""
-    if consensus:
-        sign = torch.where(sparse.sum(0) >= 0, 1.0, -1.0)
-        return disjoint_merge(sparse, sign, "mean" if normalize else "sum")
+    if consensus:  # a zero vote sum counts as positive (mergekit's sign_weight >= 0)
+        return disjoint_merge(sparse, elected_sign(sparse.sum(0), 1), "mean" if normalize else "sum")
     total = sparse.sum(0)
     return total / sparse.shape[0] if normalize else total
 

@@ -29,7 +29,6 @@ distribution; the tests compare its keep rates per magnitude rank with these pro
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -37,6 +36,7 @@ import torch
 
 from weightlens.errors import InvalidParameterError
 from weightlens.io.recipe import Mergekit
+from weightlens.merge.arithmetic import seeded_generator
 from weightlens.merge.breadcrumbs import _alpha, _grid, combine, l1_rescaled
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
@@ -60,9 +60,7 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
 
 def della_mask(probs: torch.Tensor, seed: int, task: str, key: str) -> torch.Tensor:
     """Bernoulli(``probs``) keep-mask of one task and key, reproducible from ``(seed, task, key)``."""
-    digest = hashlib.blake2b(f"della\0{seed}\0{task}\0{key}".encode(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    return torch.rand(probs.shape, generator=gen) < probs
+    return torch.rand(probs.shape, generator=seeded_generator(seed, task, key, salt="della")) < probs
 
 
 def _sparse(ctx: MergeContext, key: str, density: float, epsilon: float, rescale: str, seed: int) -> torch.Tensor:

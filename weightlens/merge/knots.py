@@ -60,9 +60,9 @@ from typing import Annotated, Any, Literal
 import torch
 
 from weightlens import linalg
-from weightlens.analysis.signs import elected_sign, trim
+from weightlens.analysis.signs import elected_sign, majority_sign, radix_thresholds, trim
 from weightlens.io.recipe import Mergekit
-from weightlens.merge.arithmetic import disjoint_merge
+from weightlens.merge.arithmetic import _TA_GRID, disjoint_merge  # knots_ta at density 1 is task arithmetic
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge
 from weightlens.merge.spectral import _all_zero, _lora
@@ -70,9 +70,6 @@ from weightlens.merge.spectral import _all_zero, _lora
 __all__ = ["knots_blocks", "knots_ta", "knots_ties"]
 
 Unit = Annotated[float, Interval(0, 1, "right")]
-_HI, _LO = 1 << 15, 1 << 16  # high 16 bits of a non-negative fp32 (sign bit 0), low 16 bits
-#: task arithmetic's validation grid {1/30, ..., 1} (knots_ta at density 1 is task arithmetic)
-_TA_GRID = tuple(i / 30 for i in range(1, 31))
 
 
 def _decomposed(ctx: MergeContext, key: str) -> bool:
@@ -123,40 +120,11 @@ def _all_blocks(ctx: MergeContext) -> Iterator[torch.Tensor]:
         yield knots_blocks(ctx, key)[1]
 
 
-def _histograms(ctx: MergeContext, select: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Pass 1 (``select`` None): per-task counts of the high 16 bits of ``|x|`` over every block; pass 2: of
-    the low 16 bits within bucket ``select[t]``. Also the number of entries per task."""
-    T, total = ctx.n_tasks, 0
-    counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
-    for blocks in _all_blocks(ctx):
-        bits = blocks.reshape(T, -1).abs().cpu().contiguous().view(torch.int32)
-        total += bits.shape[1]
-        hi = bits >> 16
-        for t in range(T):
-            if select is None:
-                counts[t] += torch.bincount(hi[t], minlength=_HI)
-            else:
-                counts[t] += torch.bincount(bits[t][hi[t] == select[t]] & 0xFFFF, minlength=_LO)
-    return counts, total
-
-
 def global_thresholds(ctx: MergeContext, density: float) -> torch.Tensor:
     """Per-task ``(P - int(P * density))``-th smallest ``|x|`` over the blocks of every decomposed key (the
-    reference's ``topk_values_mask`` on the flattened blocks), exact, by a two-pass radix select on the fp32
-    bits; ``(T,)`` float32, zeros when nothing is trimmed."""
-    T = ctx.n_tasks
-    if density >= 1:
-        return torch.zeros(T)
-    hi_counts, total = _histograms(ctx, None)
-    rank = total - int(total * density)  # 1-based, among ascending |x|
-    if rank <= 0:
-        return torch.zeros(T)
-    hi_cum = hi_counts.cumsum(1)
-    bucket = torch.searchsorted(hi_cum, torch.full((T, 1), rank, dtype=torch.int64)).squeeze(1)
-    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
-    lo_cum = _histograms(ctx, bucket)[0].cumsum(1)
-    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
-    return ((bucket << 16) | low).to(torch.int32).view(torch.float32).clone()
+    reference's ``topk_values_mask`` on the flattened blocks), exact (:func:`radix_thresholds`, two passes over
+    the cached blocks); ``(T,)`` float32, zeros when nothing is trimmed."""
+    return radix_thresholds(lambda: _all_blocks(ctx), ctx.n_tasks, density)
 
 
 def _prepare(ctx: MergeContext, *, density: float, scope: str, ties: bool) -> dict[str, Any]:
@@ -167,13 +135,9 @@ def _prepare(ctx: MergeContext, *, density: float, scope: str, ties: bool) -> di
     if not ties:
         return {"thresholds": thresholds}
 
-    def majority() -> int:
-        votes = 0
-        for blocks in _all_blocks(ctx):
-            votes += int(elected_sign(trim(blocks, thresholds=thresholds).sum(0), 0).sum(dtype=torch.float64))
-        return (votes > 0) - (votes < 0)
-
-    return {"thresholds": thresholds, "majority": ctx.once(("knots_majority", density), majority)}
+    majority = ctx.once(("knots_majority", density),
+                        lambda: majority_sign(trim(blocks, thresholds=thresholds) for blocks in _all_blocks(ctx)))
+    return {"thresholds": thresholds, "majority": majority}
 
 
 def _knots_ties_prepare(ctx: MergeContext, *, density: float, scope: str, merge_func: str) -> dict[str, Any]:
