@@ -29,10 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from weightlens.errors import InvalidParameterError
 from weightlens.taskvectors import TaskVectors
 from weightlens.zoo import minilm
-from weightlens.zoo._common import TaskZoo, read_manifest
+from weightlens.zoo._common import TaskZoo
 
 __all__ = ["SETTINGS", "TARGETS", "build_tasks", "load_tasks", "train_adapter"]
 
@@ -120,21 +119,9 @@ def _arithmetic(folder: Path, scorer: minilm._Scorer, alpha: float) -> dict:
     return scorer.all(merged, list(minilm.TASKS), ("val", "test"))
 
 
-def _summary(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Mean accuracy over tasks per model kind and split (``finetuned_*``: the adapters)."""
-    out = {f"{k}_{s}": minilm._mean(metrics[k], s) for k in ("base", "finetuned") for s in ("val", "test")}
-    for a in minilm.TA_ALPHAS:
-        per_task = metrics["task_arithmetic"][str(a)]
-        out.update({f"task_arithmetic_{a}_{s}": minilm._mean(per_task, s) for s in ("val", "test")})
-    return out
-
-
 def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
     """Fit the heads, train a LoRA adapter per task into ``folder``; returns the manifest."""
-    if size not in minilm.N_EXAMPLES:
-        raise InvalidParameterError(
-            f"The 'size' parameter must be one of {tuple(minilm.N_EXAMPLES)}. Got {size!r} instead."
-        )
+    minilm.check_size(size)
     peft = _peft()
     start = time.perf_counter()
     hf_dir, n = minilm.minilm_dir(), minilm.N_EXAMPLES[size]
@@ -156,7 +143,7 @@ def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
         "n_examples": n,
         "finetuned": {t: t for t in minilm.TASKS},
         "metrics": metrics,
-        "summary_accuracy": _summary(metrics),
+        "summary_accuracy": minilm._summary(metrics),
         "task_arithmetic_alphas": list(minilm.TA_ALPHAS),
         "settings": {**SETTINGS, "steps_per_task": steps, "head_fit": head_fit, "torch_threads": threads},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -166,15 +153,4 @@ def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
 
 def load_tasks(folder: Path) -> TaskZoo:
     """Open a built ``"minilm-lora"`` zoo: base = the package folder, fine-tunes = adapter folders."""
-    manifest = read_manifest(folder)
-    hf_dir = minilm.minilm_dir()
-    size = (hf_dir / "model.safetensors").stat().st_size
-    if size != manifest["base"]["bytes"]:
-        raise FileNotFoundError(
-            f"{hf_dir / 'model.safetensors'} has {size} bytes, the zoo in {folder} was built on "
-            f"{manifest['base']['bytes']}: reinstall with `{minilm.PIP_COMMAND}` or rebuild the zoo."
-        )
-    scorer = minilm._Scorer(load_file(folder / "heads.safetensors"), manifest["n_examples"], hf_dir)
-    finetuned = {t: folder / manifest["finetuned"][t] for t in manifest["tasks"]}
-    return TaskZoo(name=NAME, folder=Path(folder), base=hf_dir, finetuned=finetuned, manifest=manifest,
-                   evaluate=scorer)
+    return minilm.open_zoo(folder, NAME)

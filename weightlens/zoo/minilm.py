@@ -399,12 +399,17 @@ def _provenance(hf_dir: Path) -> dict[str, Any]:
     }
 
 
-def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
-    """Fit heads, fine-tune all-MiniLM-L6-v2 on the four tasks into ``folder``; returns the manifest."""
+def check_size(size: str) -> None:
+    """Refuse a zoo size other than those of ``N_EXAMPLES``."""
     if size not in N_EXAMPLES:
         raise InvalidParameterError(
             f"The 'size' parameter must be one of {tuple(N_EXAMPLES)}. Got {size!r} instead."
         )
+
+
+def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
+    """Fit heads, fine-tune all-MiniLM-L6-v2 on the four tasks into ``folder``; returns the manifest."""
+    check_size(size)
     start = time.perf_counter()
     hf_dir, n = minilm_dir(), N_EXAMPLES[size]
     timings: dict[str, float] = {}
@@ -436,6 +441,12 @@ def build_tasks(folder: Path, *, size: str, progress: bool) -> dict[str, Any]:
 
 def load_tasks(folder: Path) -> TaskZoo:
     """Open a built ``"minilm-tasks"`` zoo: base = the package folder, fine-tunes = ``<task>/``."""
+    return open_zoo(folder, NAME)
+
+
+def open_zoo(folder: Path, name: str) -> TaskZoo:
+    """A built zoo of MiniLM fine-tunes (``name``: this one, or the LoRA zoo of adapter folders): base = the
+    package folder, checked against the one it was built on; scorer = the frozen heads in ``heads.safetensors``."""
     manifest = read_manifest(folder)
     hf_dir = minilm_dir()
     size = (hf_dir / "model.safetensors").stat().st_size
@@ -447,5 +458,5 @@ def load_tasks(folder: Path) -> TaskZoo:
     heads = load_file(folder / "heads.safetensors")
     scorer = _Scorer(heads, manifest["n_examples"], hf_dir)
     finetuned = {t: folder / manifest["finetuned"][t] for t in manifest["tasks"]}  # manifest keys are sorted
-    return TaskZoo(name=NAME, folder=Path(folder), base=hf_dir, finetuned=finetuned, manifest=manifest,
+    return TaskZoo(name=name, folder=Path(folder), base=hf_dir, finetuned=finetuned, manifest=manifest,
                    evaluate=scorer)
