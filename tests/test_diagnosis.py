@@ -127,7 +127,8 @@ def test_block_figures_are_ratios_of_float64_sums_over_keys(tv, ta):
     cost = blocks.groupby("task")["predicted_cost"].sum()
     assert np.allclose(d.tasks.set_index("task")["predicted_cost"].loc[cost.index], cost)
     assert np.allclose(blocks["lost_energy"], 1 - blocks["kept"] ** 2, equal_nan=True)
-    assert blocks["measured_gain"].isna().all() and list(d.whatif.columns)[:3] == ["method", "params", "task"]
+    assert blocks["measured_gain"].isna().all() and d.suggestion is None
+    assert list(d.whatif.columns) == wl.diagnosis._result.WHATIF_COLUMNS
 
 
 def test_kept_is_compares_sar_and_the_crowding_denominator_agrees_with_it(tv, ta):

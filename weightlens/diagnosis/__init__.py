@@ -13,7 +13,7 @@ from weightlens.diagnosis._checks import DOMINANT_RATIO, FOREIGN_RATIO, FOREIGN_
 from weightlens.diagnosis._core import diagnose
 from weightlens.diagnosis._options import DiagnoseOptions
 from weightlens.diagnosis._restore import RestorationError
-from weightlens.diagnosis._result import Diagnosis
+from weightlens.diagnosis._result import Diagnosis, Suggestion
 
 __all__ = ["DOMINANT_RATIO", "FOREIGN_RATIO", "FOREIGN_UNDO", "LOW_RANK", "SIGN_EXCESS", "DiagnoseOptions", "Diagnosis",
-           "RestorationError", "diagnose"]
+           "RestorationError", "Suggestion", "diagnose"]

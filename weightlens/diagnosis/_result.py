@@ -13,7 +13,7 @@ import pandas as pd
 from weightlens.errors import InvalidParameterError
 from weightlens.io._atomic import atomic_write_text
 
-__all__ = ["BLOCK_COLUMNS", "TASK_COLUMNS", "WHATIF_COLUMNS", "Diagnosis"]
+__all__ = ["BLOCK_COLUMNS", "TASK_COLUMNS", "WHATIF_COLUMNS", "Diagnosis", "Suggestion"]
 
 BLOCK_COLUMNS = ["task", "block", "energy_share", "kept", "lost_energy", "coef", "crowded_by", "crowding",
                  "merged_share", "sign_lost", "sign_won_by", "sign_won", "opposed_by", "opposition", "predicted_cost",
@@ -23,8 +23,56 @@ TASK_COLUMNS = ["task", "norm", "rel_distance", "kept", "lost_energy", "coef", "
                 "worst_block", "checks", "spearman"]
 #: The summary names a task that opposes another when it cancels at least this share of its update.
 OPPOSED = 0.05
-#: What-if rows (one per method and task) are still to come; the table keeps their shape.
-WHATIF_COLUMNS = ["method", "params", "task", "predicted_cost", "measured_gain"]
+#: What-if rows: one per method, coefficient and task. ``kept`` is from the weights (SAR of the task against
+#: that merge, energy-weighted over keys); ``accuracy``/``normalized_accuracy`` are scored on the selection
+#: split, ``report_accuracy``/``report_normalized_accuracy`` on the report split at each method's chosen
+#: coefficient only (``chosen``); all four NaN without ``evaluate``.
+WHATIF_COLUMNS = ["method", "params", "alpha", "task", "kept", "accuracy", "normalized_accuracy", "chosen",
+                  "report_accuracy", "report_normalized_accuracy"]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """The merge the what-if suggests: the method and coefficient whose worst task keeps most of its
+    fine-tuned accuracy (normalized accuracy on ``select_on``; ties broken by the mean), with the same
+    figures for task arithmetic at its validated coefficient as the baseline.
+
+    ``worst``/``mean`` are on ``select_on``, ``report_worst``/``report_mean`` on ``report_on`` (NaN when not
+    scored there). ``baseline`` holds the same keys for task arithmetic (None when it was not in the what-if).
+    ``merge(tv)`` re-runs the suggested merge.
+    """
+
+    method: str
+    alpha: float
+    params: dict[str, Any]
+    worst_task: str
+    worst: float
+    mean: float
+    report_worst: float
+    report_mean: float
+    select_on: str
+    report_on: str
+    baseline: dict[str, Any] | None = None
+
+    def sentence(self) -> str:
+        """One sentence: what to merge with, and the evidence against task arithmetic."""
+        text = (f"Suggested: {self.method} at alpha={self.alpha:g}: its worst task ({self.worst_task}) keeps "
+                f"{_pct(self.worst)} of its fine-tuned accuracy on {self.select_on} (mean {_pct(self.mean)})")
+        if not _nan(self.report_worst):
+            text += f", {_pct(self.report_worst)} on {self.report_on} (mean {_pct(self.report_mean)})"
+        b = self.baseline
+        if b is not None:
+            text += (f"; task arithmetic at its validated alpha={b['alpha']:g}: worst {_pct(b['worst'])} on "
+                     f"{self.select_on}")
+            if not _nan(b["report_worst"]):
+                text += f", {_pct(b['report_worst'])} on {self.report_on}"
+        return text + "."
+
+    def merge(self, tv: Any, **kwargs: Any) -> Any:
+        """``wl.merge(tv, method=..., alpha=..., **params)``: the suggested merge (``kwargs`` e.g. ``device``)."""
+        from weightlens.merge import merge
+
+        return merge(tv, method=self.method, alpha=self.alpha, **self.params, **kwargs)
 
 
 def _pct(x: float) -> str:
@@ -54,7 +102,12 @@ class Diagnosis:
     checks : DataFrame
         Pre-merge checks: ``check, severity, task, block, value, threshold, fired, message``, fired first.
     whatif : DataFrame
-        Other methods' predicted costs (empty for now): ``method, params, task, predicted_cost, measured_gain``.
+        Every method of the what-if (``whatif=``) per coefficient and task: ``method, params, alpha, task,
+        kept, accuracy, normalized_accuracy, chosen, report_accuracy, report_normalized_accuracy`` (empty
+        without ``whatif=``).
+    suggestion : Suggestion or None
+        With ``whatif=`` and ``evaluate=``: the method and coefficient that maximise the worst task's
+        normalized accuracy, with task arithmetic's figures as the baseline.
     comparison : Comparison or None
         The ``merge.compare`` behind ``kept`` and the sign counts (per key; task arithmetic as "before").
     measured : dict or None
@@ -72,6 +125,7 @@ class Diagnosis:
     criterion: str = "paper"
     eps: float = 0.05
     measured: dict[str, Any] | None = field(repr=False, default=None)
+    suggestion: Suggestion | None = None
 
     @property
     def spearman(self) -> float:
