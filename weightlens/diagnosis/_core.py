@@ -26,6 +26,7 @@ from weightlens.diagnosis._options import DiagnoseOptions
 from weightlens.diagnosis._restore import Measured, check_evaluate, measure, spearman
 from weightlens.diagnosis._result import BLOCK_COLUMNS, TASK_COLUMNS, WHATIF_COLUMNS, Diagnosis
 from weightlens.diagnosis._walk import KeyPass, Rows, walk_key
+from weightlens.diagnosis._whatif import whatif
 from weightlens.errors import InvalidParameterError
 from weightlens.io.keys import block_of
 from weightlens.merge.compare import Comparison, compare
@@ -238,7 +239,8 @@ def diagnose(
     Returns
     -------
     Diagnosis
-        ``.blocks`` (task x block), ``.tasks``, ``.checks`` (pre-merge checks), ``.whatif`` (empty for now),
+        ``.blocks`` (task x block), ``.tasks``, ``.checks`` (pre-merge checks), ``.whatif`` (with ``whatif=``),
+        ``.suggestion`` (with ``whatif=`` and ``evaluate=``),
         ``.spearman``, ``.summary()``, ``.to_html()``.
 
     Raises
@@ -287,10 +289,14 @@ def diagnose(
     if evaluate is not None:
         measured = measure(tv, merged, table, block, evaluate, opts, progress)
         table, tasks = _fill(table, tasks, measured)
+    whatif_table, suggestion, notes = pd.DataFrame(columns=WHATIF_COLUMNS), None, []
+    if opts.whatif is not None and merged is not None:
+        energies = keys[["task", "key", "matrix_energy"]]
+        whatif_table, suggestion, notes = whatif(tv, merged, energies, evaluate, opts, progress)
     return Diagnosis(
         method=merged.method if isinstance(merged, MergeResult) else ("weights" if merged is not None else None),
         params=dict(merged.params) if isinstance(merged, MergeResult) else {},
-        blocks=table, tasks=tasks, checks=checks, whatif=pd.DataFrame(columns=WHATIF_COLUMNS),
+        blocks=table, tasks=tasks, checks=checks, whatif=whatif_table, suggestion=suggestion, notes=tuple(notes),
         comparison=comparison, criterion=criterion, eps=eps,
         measured=None if measured is None else measured.record(opts),
     )

@@ -50,7 +50,19 @@ class DiagnoseOptions:
         The entry of ``evaluate``'s result that is compared; a name holding ``loss``, ``error`` or
         ``perplexity`` counts as lower-is-better (gains are then decreases).
     max_evals : int or None, default=None
-        At most this many ``evaluate`` calls; restorations that would exceed it are skipped (NaN).
+        At most this many ``evaluate`` calls of the restoration tests; tests that would exceed it are
+        skipped (NaN). The what-if's evaluations are not counted (``whatif_points`` bounds them).
+    whatif : None, "all" or sequence of str, default=None
+        Merge methods to compare with the diagnosed one (``.whatif``): None for none, ``"all"`` for every
+        registered method, or their names. Task arithmetic (the baseline) and the diagnosed method are
+        always among them. With ``evaluate`` each is scored at ``whatif_points`` coefficients and the
+        best is suggested (``.suggestion``).
+    whatif_points : int, default=3
+        With ``evaluate``: coefficients scored per method besides its default (and given) one: that many
+        quantiles of its ``alpha`` grid (3: 1/6, 1/2, 5/6 of it).
+    report_split : str, default="test"
+        With ``whatif`` and ``evaluate``: the split each method's chosen coefficient and the suggestion
+        are reported on (chosen on ``split``).
     """
 
     criterion: str = "paper"
@@ -61,6 +73,9 @@ class DiagnoseOptions:
     split: str = "val"
     metric: str = "accuracy"
     max_evals: int | None = None
+    whatif: str | tuple[str, ...] | None = None
+    whatif_points: int = 3
+    report_split: str = "test"
 
     def __post_init__(self) -> None:
         check_criterion(self.criterion)
@@ -74,7 +89,22 @@ class DiagnoseOptions:
         _count("restore", self.restore)
         _count("controls", self.controls)
         _count("max_evals", self.max_evals, none=True)
-        for name in ("split", "metric"):
+        _count("whatif_points", self.whatif_points)
+        if self.whatif_points < 1:
+            raise InvalidParameterError(
+                f"The 'whatif_points' parameter of diagnose must be a positive int. Got {self.whatif_points!r} instead.")
+        if self.whatif is not None and self.whatif != "all":
+            names = (self.whatif,) if isinstance(self.whatif, str) else self.whatif
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise InvalidParameterError(
+                    "The 'whatif' parameter of diagnose must be None, 'all' or a sequence of merge method names. "
+                    f"Got {self.whatif!r} instead.")
+            from weightlens.merge.registry import get_method
+
+            for name in names:
+                get_method(name)  # an unknown name: its own error, listing the registered methods
+            object.__setattr__(self, "whatif", tuple(names))
+        for name in ("split", "metric", "report_split"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise InvalidParameterError(

@@ -108,6 +108,8 @@ class Diagnosis:
     suggestion : Suggestion or None
         With ``whatif=`` and ``evaluate=``: the method and coefficient that maximise the worst task's
         normalized accuracy, with task arithmetic's figures as the baseline.
+    notes : tuple of str
+        What the diagnosis could not do, in sentences (e.g. a what-if method these task vectors do not fit).
     comparison : Comparison or None
         The ``merge.compare`` behind ``kept`` and the sign counts (per key; task arithmetic as "before").
     measured : dict or None
@@ -126,6 +128,7 @@ class Diagnosis:
     eps: float = 0.05
     measured: dict[str, Any] | None = field(repr=False, default=None)
     suggestion: Suggestion | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def spearman(self) -> float:
@@ -188,6 +191,12 @@ class Diagnosis:
         return (text + f". Over the whole model it keeps {_pct(row['kept'])} of its update "
                 f"(predicted cost {row['predicted_cost']:.3f}).")
 
+    def _whatif_sentence(self) -> str:
+        """The what-if from the weights: per method the share its worst task keeps (``kept``)."""
+        kept = self.whatif.groupby("method", sort=False)["kept"].min().sort_values(ascending=False)
+        parts = ", ".join(f"{m} {_pct(v)}" for m, v in kept.items())
+        return f"What-if from the weights (the worst task's kept share per method): {parts}."
+
     def summary(self) -> str:
         """Plain sentences: each task's worst block and why (with ``evaluate=``: what restoring it measured),
         then the pre-merge checks that fired."""
@@ -203,6 +212,11 @@ class Diagnosis:
             lines.append(f"Restoration tests: {self.measured['evaluations']} evaluations; mean Spearman of predicted "
                          f"cost and measured gain over the tasks: {rho}.")
             lines += list(self.measured["notes"])
+        if not self.whatif.empty:
+            lines.append(self._whatif_sentence())
+        if self.suggestion is not None:
+            lines.append(self.suggestion.sentence())
+        lines += list(self.notes)
         fired = self.checks[self.checks["fired"]]
         if fired.empty:
             lines.append("No pre-merge check fired.")
@@ -216,6 +230,8 @@ class Diagnosis:
         """
         tables = [("Pre-merge checks", self.checks), ("Tasks", self.tasks),
                   ("Blocks (task x block)", self.blocks.sort_values(["task", "rank"]))]
+        if not self.whatif.empty:
+            tables.append(("What-if across methods", self.whatif))
         body = "".join(f"<p>{html.escape(line)}</p>" for line in self.summary().splitlines())
         for heading, table in tables:
             shown = table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", escape=True)

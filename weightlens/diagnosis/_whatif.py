@@ -1,0 +1,181 @@
+"""What-if across methods: what every other merge would keep of each task, and which one to use.
+
+For each method of the what-if, one merge at its default (or, for the diagnosed method, its given)
+parameters and ``merge.compare`` against it give each task's ``kept`` share from the weights (SAR,
+energy-weighted over keys as in the blocks table; ``alpha`` scales the update, so ``kept`` does not depend
+on it). With ``evaluate``, ``merge.sweep`` scores a few coefficients of each method on the selection split
+(the base and fine-tuned references scored once for all), and the suggestion is the method and coefficient
+whose *worst* task keeps most of its fine-tuned accuracy (normalized accuracy; ties broken by the mean),
+scored on the report split too, beside task arithmetic at its validated coefficient
+(``docs/diagnosis.md#what-if``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from weightlens._progress import bar
+from weightlens.diagnosis._options import DiagnoseOptions
+from weightlens.diagnosis._result import WHATIF_COLUMNS, Suggestion
+from weightlens.errors import WeightlensError
+from weightlens.merge.compare import compare
+from weightlens.merge.engine import MergeResult, merge
+from weightlens.merge.registry import get_method, list_methods
+from weightlens.merge.sweep import SweepResult, alpha_grid, reference_scores, sweep
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["BASELINE", "candidate_alphas", "kept_by_task", "whatif"]
+
+#: The method every suggestion is measured against (at its validated coefficient).
+BASELINE = "task_arithmetic"
+
+
+def candidate_alphas(method: str, n_tasks: int, points: int, params: Mapping[str, Any],
+                     given: float | None = None) -> list[float]:
+    """The coefficients the what-if scores: ``points`` evenly spread quantiles of the method's grid
+    (``(2i + 1) / (2 points)``; 3 points: 1/6, 1/2, 5/6, as the notebooks' CI runs), its default ``alpha``
+    and ``given`` (the diagnosed merge's own), sorted and without duplicates."""
+    grid = alpha_grid(method, n_tasks, **params)
+    picks = {grid[min(len(grid) - 1, int((2 * i + 1) / (2 * points) * len(grid)))] for i in range(points)}
+    picks.add(float(get_method(method).resolve(dict(params), n_tasks)["alpha"]))
+    if given is not None:
+        picks.add(float(given))
+    return sorted(picks)
+
+
+def kept_by_task(alignment: pd.DataFrame, energies: pd.DataFrame) -> pd.Series:
+    """Per task: ``sqrt(sum_k SAR_k^2 E_k / sum_k E_k)`` over matrix keys, ``E_k`` the task's energy there
+    (``energies``: ``task, key, matrix_energy``; ``alignment``: compare's rows with ``which == "merged"``)."""
+    df = energies.merge(alignment[["task", "key", "sar"]], on=["task", "key"], how="left")
+    df["kept_energy"] = df["sar"].fillna(0.0) ** 2 * df["matrix_energy"]
+    g = df.groupby("task", sort=False)[["kept_energy", "matrix_energy"]].sum()
+    return np.sqrt(g["kept_energy"] / g["matrix_energy"].where(g["matrix_energy"] > 0))
+
+
+def _methods(tv: TaskVectors, chosen: str | Sequence[str], diagnosed: str | None) -> list[str]:
+    names = list_methods() if chosen == "all" else list(dict.fromkeys(chosen))
+    for extra in (diagnosed, BASELINE):  # the diagnosed merge and the baseline are always compared
+        if extra is not None and extra not in names:
+            names.insert(0, extra)
+    return names
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items() if k != "alpha")
+
+
+def _worst_mean(rows: pd.DataFrame, column: str) -> tuple[float, float, str | None]:
+    values = rows.set_index("task")[column].astype(float)
+    if values.isna().all():
+        return math.nan, math.nan, None
+    return float(values.min()), float(values.mean()), str(values.idxmin())
+
+
+def whatif(
+    tv: TaskVectors,
+    merged: Mapping[str, Any],
+    energies: pd.DataFrame,
+    evaluate: Callable[..., Mapping[str, Any]] | None,
+    opts: DiagnoseOptions,
+    progress: bool | None,
+) -> tuple[pd.DataFrame, Suggestion | None, list[str]]:
+    """The what-if table, the suggestion (None without ``evaluate``) and notes (methods skipped and why)."""
+    diagnosed = merged.method if isinstance(merged, MergeResult) else None
+    given = dict(merged.params) if isinstance(merged, MergeResult) else {}
+    names = _methods(tv, opts.whatif, diagnosed)
+    reference = reference_scores(tv, evaluate, (opts.split, opts.report_split)) if evaluate is not None else None
+    rows: list[pd.DataFrame] = []
+    sweeps: dict[str, SweepResult] = {}
+    notes: list[str] = []
+    for name in bar(names, progress=progress, desc="what-if", unit="method"):
+        params = {k: v for k, v in given.items() if k != "alpha"} if name == diagnosed else {}
+        try:
+            result = merged if name == diagnosed else merge(tv, method=name, device=opts.device, **params)
+            comparison = compare(tv, result, criterion=opts.criterion, eps=opts.eps, device=opts.device,
+                                 progress=False)
+            kept = kept_by_task(comparison.alignment[comparison.alignment["which"] == "merged"], energies)
+            params = {k: v for k, v in result.params.items() if k != "alpha"}
+            if evaluate is None:
+                alphas = [float(result.params["alpha"])]
+                scores = pd.DataFrame({"alpha": alphas[0], "task": tv.names})
+            else:
+                alphas = candidate_alphas(name, len(tv), opts.whatif_points, params,
+                                          given.get("alpha") if name == diagnosed else None)
+                sweeps[name] = sweep(tv, name, alphas, evaluate, select_on=opts.split, report_on=opts.report_split,
+                                     reference=reference, device=opts.device, progress=False, **params)
+                scores = sweeps[name].table
+        except WeightlensError as err:  # a method these task vectors do not fit (e.g. SLERP of 3 tasks)
+            notes.append(f"What-if: {name} skipped: {str(err).splitlines()[0]}")
+            continue
+        rows.append(_method_rows(name, params, kept, scores, sweeps.get(name), opts))
+    table = pd.concat(rows, ignore_index=True)[WHATIF_COLUMNS] if rows else pd.DataFrame(columns=WHATIF_COLUMNS)
+    if evaluate is None or table.empty:
+        return table, None, notes
+    table, suggestion = _suggest(tv, table, sweeps, evaluate, reference, opts)
+    return table, suggestion, notes
+
+
+def _method_rows(name: str, params: Mapping[str, Any], kept: pd.Series, scores: pd.DataFrame,
+                 swept: SweepResult | None, opts: DiagnoseOptions) -> pd.DataFrame:
+    """One row per coefficient and task: ``kept`` (weights), then the selection and report scores."""
+    if swept is None:
+        out = scores[["alpha", "task"]].assign(accuracy=math.nan, normalized_accuracy=math.nan, chosen=True,
+                                               report_accuracy=math.nan, report_normalized_accuracy=math.nan)
+    else:
+        t = swept.table
+        select = t[t["split"] == opts.split][["alpha", "task", "accuracy", "normalized_accuracy"]]
+        report = t[(t["split"] == opts.report_split) & (t["alpha"] == swept.best_alpha)]
+        report = report[["alpha", "task", "accuracy", "normalized_accuracy"]].rename(
+            columns={"accuracy": "report_accuracy", "normalized_accuracy": "report_normalized_accuracy"})
+        out = select.merge(report, on=["alpha", "task"], how="left")
+        out["chosen"] = out["alpha"] == swept.best_alpha
+    out["method"], out["params"] = name, _params_text(params)
+    out["kept"] = out["task"].map(kept).astype(float)
+    return out
+
+
+def _suggest(tv: TaskVectors, table: pd.DataFrame, sweeps: dict[str, SweepResult],
+             evaluate: Callable[..., Mapping[str, Any]], reference: pd.DataFrame,
+             opts: DiagnoseOptions) -> tuple[pd.DataFrame, Suggestion | None]:
+    """The (method, alpha) with the best worst-task normalized accuracy on the selection split (then the
+    best mean; then the first listed), scored on the report split if it was not already."""
+    best: tuple[float, float, int] | None = None
+    pick = None
+    for i, ((method, alpha), rows) in enumerate(table.groupby(["method", "alpha"], sort=False)):
+        worst, mean, _ = _worst_mean(rows, "normalized_accuracy")
+        if math.isnan(worst):
+            continue
+        score = (worst, mean, -i)
+        if best is None or score > best:
+            best, pick = score, (method, alpha)
+    if pick is None:
+        return table, None
+    method, alpha = pick
+    at = (table["method"] == method) & (table["alpha"] == alpha)
+    if table.loc[at, "report_normalized_accuracy"].isna().all() and opts.report_split != opts.split:
+        extra = sweep(tv, method, [alpha], evaluate, select_on=opts.report_split, report_on=opts.report_split,
+                      reference=reference, device=opts.device, progress=False, **sweeps[method].params).table
+        extra = extra.set_index("task")
+        table.loc[at, "report_accuracy"] = table.loc[at, "task"].map(extra["accuracy"]).to_numpy()
+        table.loc[at, "report_normalized_accuracy"] = table.loc[at, "task"].map(
+            extra["normalized_accuracy"]).to_numpy()
+    rows = table[at]
+    worst, mean, worst_task = _worst_mean(rows, "normalized_accuracy")
+    report_worst, report_mean, _ = _worst_mean(rows, "report_normalized_accuracy")
+    baseline = None
+    if BASELINE in sweeps:
+        b = table[(table["method"] == BASELINE) & table["chosen"]]
+        b_worst, b_mean, b_task = _worst_mean(b, "normalized_accuracy")
+        b_report_worst, b_report_mean, _ = _worst_mean(b, "report_normalized_accuracy")
+        baseline = {"method": BASELINE, "alpha": sweeps[BASELINE].best_alpha, "worst_task": b_task,
+                    "worst": b_worst, "mean": b_mean, "report_worst": b_report_worst, "report_mean": b_report_mean}
+    suggestion = Suggestion(method=method, alpha=float(alpha), params=dict(sweeps[method].params),
+                            worst_task=str(worst_task), worst=worst, mean=mean, report_worst=report_worst,
+                            report_mean=report_mean, select_on=opts.split, report_on=opts.report_split,
+                            baseline=baseline)
+    return table, suggestion
