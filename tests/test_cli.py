@@ -400,6 +400,10 @@ def test_diagnose_from_the_command_line_is_the_python_diagnosis(digits_zoo, tmp_
     # with the zoo's scorer: restoration tests, one block per task
     assert main([*args, "--evaluate", "--restore", "1", "--split", "val"]) == 0
     assert "restoring" in capsys.readouterr().out
+    # --whatif from the weights: the other method's kept shares, in the summary and whatif.csv
+    assert main([*args, "--whatif", "ties", "--csv", str(tmp_path / "w")]) == 0
+    assert "What-if from the weights" in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "w" / "whatif.csv")["method"]) == {"task_arithmetic", "ties"}
     # from files, a bare --evaluate needs the user's scorer
     assert_usage = pytest.raises(SystemExit)
     with assert_usage as exit_:

@@ -243,6 +243,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     tv, scorer = _task_inputs(args, "diagnose", need_evaluate=False)
     merged = merge(tv, method=args.method, device=args.device, **_params(args.param))
     options = {"restore": args.restore} if args.restore is not None else {}
+    if args.whatif is not None:
+        options["whatif"] = "all" if args.whatif == "all" else tuple(m for m in args.whatif.split(",") if m)
     d = diagnose(tv, merged, evaluate=scorer if args.evaluate is not None else None, progress=not args.quiet,
                  device=args.device, split=args.split, **options)
     written: list[Path] = []
@@ -254,7 +256,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"--csv {args.csv}: that is a file; --csv takes a folder (one CSV per table).")
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("blocks", "tasks", "checks"):
+        for name in ("blocks", "tasks", "checks") + (("whatif",) if args.whatif is not None else ()):
             atomic_write_text(folder / f"{name}.csv", getattr(d, name).to_csv(index=False))
         written.append(folder)
     sys.stdout.write(d.summary() + "\n" + "".join(f"{w}\n" for w in written))
@@ -696,6 +698,7 @@ def _add_diagnose(sub: Any, common: argparse.ArgumentParser) -> None:
              "  weightlens diagnose --zoo digits-tasks --method task_arithmetic --param alpha=0.5\n"
              "  weightlens diagnose --zoo minilm-tasks --method ties --evaluate --html why.html   # + restoration\n"
              "  weightlens diagnose base/ math=ft/math code=ft/code --method tsv --csv tables/\n"
+             "  weightlens diagnose --zoo digits-tasks --evaluate --whatif all   # + which method to use instead\n"
              "  weightlens diagnose base/ math=ft/math code=ft/code --method tsv --evaluate scoring.py:evaluate\n\n"
              "Without --evaluate it reads the weights alone. With it (the zoo's scorer, or your\n"
              "evaluate(weights, task, split) -> {'accuracy': ...}, which it imports and runs), each task's top\n"
@@ -709,9 +712,11 @@ def _add_diagnose(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="run restoration tests with this scorer (alone, with --zoo: the zoo's); imports and runs "
                         "that code")
     p.add_argument("--restore", type=int, help="blocks restored per task (default 3)")
-    p.add_argument("--split", default="val", help="split the restoration tests score (default val)")
+    p.add_argument("--split", default="val", help="split the restoration tests (and the what-if) score (default val)")
+    p.add_argument("--whatif", metavar="all|M1,M2", help="compare other merge methods (all, or names); with "
+                                                           "--evaluate, suggest the one whose worst task keeps most")
     p.add_argument("--html", metavar="FILE", help="write the diagnosis page here")
-    p.add_argument("--csv", metavar="DIR", help="write blocks.csv, tasks.csv and checks.csv into DIR")
+    p.add_argument("--csv", metavar="DIR", help="write blocks.csv, tasks.csv and checks.csv (and whatif.csv) into DIR")
     p.add_argument("--device", default="auto", help="where the merge runs: auto (CUDA when present), cpu or cuda")
     p.set_defaults(func=_diagnose)
 
