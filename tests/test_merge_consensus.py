@@ -149,7 +149,8 @@ def test_k_zero_and_lambda_zero_are_task_arithmetic_and_ties():
     for key in tv.keys:
         ta = merge(tv, method="task_arithmetic", alpha=0.4, **CPU).update(key)
         assert torch.equal(merge(tv, method="consensus_ta", k=0, alpha=0.4, **CPU).update(key), ta)
-        assert torch.equal(merge(tv, method="consensus_ta", k=1, tall_mask_lambda=0.0, alpha=0.4, **CPU).update(key), ta)
+        lam0 = merge(tv, method="consensus_ta", k=1, tall_mask_lambda=0.0, alpha=0.4, **CPU)
+        assert torch.equal(lam0.update(key), ta)
         assert torch.equal(merge(tv, method="consensus_ties", k=0, alpha=1.0, **CPU).update(key),
                            merge(tv, method="ties", merge_func="sum", **CPU).update(key))
         assert torch.equal(merge(tv, method="consensus_ties", k=0, merge_func="mean", scope="tensor", density=0.5,

@@ -200,7 +200,8 @@ class TallMasks:
         return pd.DataFrame(rows)
 
 
-def _lambdas(value: float | Sequence[float] | Mapping[str, float], tasks: tuple[str, ...], method: str) -> tuple[float, ...]:
+def _lambdas(value: float | Sequence[float] | Mapping[str, float], tasks: tuple[str, ...],
+             method: str) -> tuple[float, ...]:
     """One non-negative ``lambda`` per task from a number, a sequence in task order or ``{task: lambda}``."""
     if isinstance(value, Mapping):
         missing = [t for t in tasks if t not in value]
