@@ -53,6 +53,7 @@ __all__ = [
     "majority_sign",
     "task_arithmetic",
     "ties",
+    "ties_update",
     "trim_tensor",
 ]
 
@@ -198,7 +199,13 @@ def ties(
     alpha : float, default=1.0
         lambda of the paper.
     """
-    deltas = ctx.deltas(key)
+    return ties_update(ctx, key, ctx.deltas(key), density, scope, merge_func)
+
+
+def ties_update(ctx: MergeContext, key: str, deltas: torch.Tensor, density: float, scope: str,
+                merge_func: str) -> KeyUpdate:
+    """TIES' unscaled update of ``key`` from its stacked task vectors ``deltas`` (global scope: ``ctx.state``
+    holds :func:`_ties_prepare`'s thresholds and majority sign)."""
     notes: tuple[str, ...] = ()
     if scope == "global":
         trimmed = trim(deltas, thresholds=ctx.state["thresholds"])

@@ -355,7 +355,7 @@ def merge(
     method : str
         A registered method (``weightlens.merge.list_methods()``, README's table): e.g. ``task_arithmetic``,
         ``ties``, ``dare``, ``tsv``, ``iso_c``, ``iso_cts``, ``star``, ``knots_ties``, ``peft_svd``, ``linear``,
-        ``slerp``, ``model_stock``, ``breadcrumbs``, ``della``.
+        ``slerp``, ``model_stock``, ``breadcrumbs``, ``della``, ``consensus_ta``.
     device : str or torch.device, default="auto"
         Where decompositions run (``"auto"``: CUDA when present).
     progress : bool or None, default=None
