@@ -73,6 +73,10 @@ def test_worst_blocks_and_culprit(planted):
     row = {"opposed_by": "b", "opposition": 0.01, "crowded_by": "c"}
     assert culprit(row) == "crowded by c"  # an opposition under OPPOSED (5%) is not named
     assert culprit({**row, "opposition": 0.5}) == "opposed by b"
+    from weightlens.diagnosis._result import OPPOSED
+    from weightlens.figures.diagnosis import OPPOSED as FIGURE_OPPOSED
+
+    assert FIGURE_OPPOSED == OPPOSED  # the figure names who opposes by the summary's rule
     assert culprit({"opposed_by": None, "opposition": 0.0, "crowded_by": math.nan}) == ""
 
 

@@ -3,7 +3,8 @@
 :func:`figure_block_costs` draws one task's blocks ranked by predicted cost, with the measured restoration
 gain where the restoration tests measured one; :func:`worst_blocks` is the table of each task's rank-1 block
 and :func:`diagnosis_section` the HTML section (sentences, that table, a figure per task) that the reports
-embed. Nothing is computed here beyond selecting and ordering the diagnosis' own rows
+embed. Like every builder here it takes the diagnosis' tables and imports nothing of weightlens but
+``errors`` (``docs/ARCHITECTURE.md``). Nothing is computed here beyond selecting and ordering the diagnosis' own rows
 (``docs/diagnosis.md`` defines every column).
 
 Examples
@@ -26,12 +27,15 @@ import plotly.io as pio
 
 from weightlens.errors import InvalidParameterError
 
-__all__ = ["WORST_COLUMNS", "culprit", "diagnosis_section", "figure_block_costs", "worst_blocks"]
+__all__ = ["OPPOSED", "WORST_COLUMNS", "culprit", "diagnosis_section", "figure_block_costs", "worst_blocks"]
 
 #: Columns of :func:`worst_blocks` (``measured_gain`` is NaN where the restoration tests did not run).
 WORST_COLUMNS = ["task", "block", "predicted_cost", "energy_share", "kept", "sign_lost", "crowded_by", "crowding",
                  "opposed_by", "opposition", "measured_gain"]
 _BAR, _MEASURED = "#4c78a8", "#e45756"
+#: ``weightlens.diagnosis._result.OPPOSED``, the share of a task's update another must cancel for the summary to
+#: name it (figures import nothing of weightlens but ``errors``; ``tests/test_figures_diagnosis.py`` checks they agree).
+OPPOSED = 0.05
 
 
 def _name(value: Any) -> str | None:
@@ -50,8 +54,6 @@ def culprit(row: pd.Series | dict[str, Any]) -> str:
     ``OPPOSED`` (5%) of its update there, else ``"crowded by X"`` when one holds its lost directions,
     else ``""``. The sign story comes first: a task trained against another spans its directions with
     the opposite sign, so the subspace crowding names a bystander there (``docs/diagnosis.md``)."""
-    from weightlens.diagnosis._result import OPPOSED
-
     if _name(row["opposed_by"]) and _num(row["opposition"]) >= OPPOSED:
         return f"opposed by {row['opposed_by']}"
     if _name(row["crowded_by"]):
