@@ -104,7 +104,8 @@ def test_apply_suggestion_merges_what_the_suggestion_does(planted, reference):
     s = _suggestion(alpha=2.5, params={"density": 0.3})  # beyond the alpha slider's range: it widens
     studio.why(dataclasses.replace(reference, whatif=whatif, suggestion=s))
     assert not studio.apply_button.disabled and "Suggested: ties at alpha=2.5" in studio.why_text.value
-    assert "What if (rot90)" in studio.whatif_table.value and studio.whatif_table.value.count("<tr>") == 2  # the chosen rows
+    table = studio.whatif_table.value
+    assert "What if (rot90)" in table and table.count("<tr>") == 2  # each method at its chosen alpha
     assert "(an earlier merge" not in studio.why_text.value
     assert studio.apply_suggestion() and studio.last_error is None
     assert studio.method.value == "ties" and studio.param_box.children == tuple(studio.params["ties"].values())
@@ -114,9 +115,8 @@ def test_apply_suggestion_merges_what_the_suggestion_does(planted, reference):
     assert list(studio.merged) == list(expected)
     for key in expected:
         torch.testing.assert_close(studio.merged[key], expected[key], rtol=0, atol=0)
+    assert "(an earlier merge: press Why? again" in studio.why_text.value  # said as soon as it merged
     assert studio.wait(300) and studio.last_error is None
-    studio._draw_why()
-    assert "(an earlier merge: press Why? again" in studio.why_text.value
 
 
 def test_measure_restoration_scores_with_the_studios_evaluate(planted):

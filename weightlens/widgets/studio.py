@@ -388,6 +388,7 @@ class MergeStudio(Panel):
             self._describe()
             if recompute:
                 self._schedule()
+                self._why_said()
 
     def _on_param(self, change: dict[str, Any], what: str = "parameters") -> None:
         """A method parameter (``what`` names it in the status line) or a task box changed: merge again.
@@ -513,9 +514,15 @@ class MergeStudio(Panel):
         else:
             self.figures["why"] = figure_widget(fig)
             self.why_figure.children = [self.figures["why"]]
-        stale = self._diagnosed is not self.merged
-        self.why_text.value = _why_html(d, task, _label(self._diagnosed), stale=stale)
+        self._why_said()
         self.whatif_table.value = _whatif_html(d.whatif, task)
+
+    def _why_said(self) -> None:
+        """The Why view's text, which says when the diagnosis is of an earlier merge than the one on screen."""
+        d, task = self.diagnosis, self.why_task.value
+        if d is not None and task in set(d.tasks["task"]):
+            stale = self._diagnosed is not self.merged
+            self.why_text.value = _why_html(d, task, _label(self._diagnosed), stale=stale)
 
     def _wire_clicks(self) -> None:
         """A click on a task's bar (or mark) in the accuracy panel picks that task for "Why?"."""
