@@ -65,7 +65,8 @@ def test_the_merge_studio_has_controls_that_drive_it(digits_zoo):
     tv = digits_zoo.task_vectors()
     studio = MergeStudio(tv, debounce=0.0)
     params = [f"{m}.{name}" for m in list_methods() for name in studio.params[m]]
-    names = ["method", *(f"task:{t}" for t in tv.names), *params, "key", "metric", "out_path", "overwrite"]
+    names = ["method", *(f"task:{t}" for t in tv.names), *params, "key", "metric", "out_path", "overwrite",
+             "why_task", "measure"]
     c = _check_controls(studio, names)
     assert c["method"] is studio.method and c["task_arithmetic.alpha"] is studio.params["task_arithmetic"]["alpha"]
     c["method"].value = "ties"

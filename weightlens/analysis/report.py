@@ -269,8 +269,13 @@ class Report:
 
         return fa.report_figures(self)
 
-    def to_html(self, path: str | Path, *, title: str = "weightlens interference report") -> Path:
+    def to_html(self, path: str | Path, *, title: str = "weightlens interference report",
+                diagnosis: Any = None) -> Path:
         """Write a standalone HTML page (summary, figures, per-block table; plotly.js inlined once).
+
+        With ``diagnosis`` (a :class:`weightlens.diagnosis.Diagnosis` of a merge of these task vectors) the
+        page has a "Diagnosis" section: its summary sentences, suggestion, each task's worst block and the
+        blocks-by-predicted-cost figure of every task (:mod:`weightlens.figures.diagnosis`).
 
         The page goes to a hidden temporary file beside ``path``, renamed onto it at the end: a
         failure leaves the earlier page (or nothing) and no temporary file. ``path`` is a file, not
@@ -286,7 +291,7 @@ class Report:
             )
         settings = dataclasses.asdict(self.options) | {"tasks": list(self.tasks)}
         html = fa.report_page(title, self.summary(), self.by_block(), self.figures(), settings=settings,
-                              notes=self.notes)
+                              notes=self.notes, diagnosis=diagnosis)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, html)
 

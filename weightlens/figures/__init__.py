@@ -3,9 +3,9 @@
 plotly is imported only here and in :mod:`weightlens.widgets`, so ``import weightlens`` stays light.
 One module per subject: :mod:`~weightlens.figures.analysis` (the interference report),
 :mod:`~weightlens.figures.merge` (merges against task arithmetic, sweeps),
-:mod:`~weightlens.figures.task_accuracy` (per-task accuracy), :mod:`~weightlens.figures.lmc`
-(interpolation curves) and :mod:`~weightlens.figures.rebasin` (what a permutation did); every
-builder is also importable from here.
+:mod:`~weightlens.figures.task_accuracy` (per-task accuracy), :mod:`~weightlens.figures.diagnosis`
+(why a merge lost a task), :mod:`~weightlens.figures.lmc` (interpolation curves) and
+:mod:`~weightlens.figures.rebasin` (what a permutation did); every builder is also importable from here.
 """
 
 from weightlens.figures.analysis import (
@@ -18,6 +18,7 @@ from weightlens.figures.analysis import (
     figure_subspace_overlap,
     task_colors,
 )
+from weightlens.figures.diagnosis import figure_block_costs
 from weightlens.figures.lmc import figure_lmc
 from weightlens.figures.merge import (
     figure_merge_conflicts,
@@ -35,6 +36,7 @@ from weightlens.figures.task_accuracy import figure_task_accuracy
 
 __all__ = [
     "figure_barriers",
+    "figure_block_costs",
     "figure_conflict_matrix",
     "figure_cosines",
     "figure_layer_distances",

@@ -243,8 +243,10 @@ def report_page(
     *,
     settings: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    diagnosis: Any = None,
 ) -> str:
-    """A standalone HTML page: settings, notes, summary table, figures and per-block table.
+    """A standalone HTML page: settings, notes, summary table, figures, the diagnosis of a merge (when
+    ``diagnosis`` is given: :func:`weightlens.figures.diagnosis.diagnosis_section`) and per-block table.
 
     plotly.js is inlined once (in the first figure); the page loads nothing from the network.
     """
@@ -261,5 +263,9 @@ def report_page(
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
         first = False
+    if diagnosis is not None:
+        from weightlens.figures.diagnosis import diagnosis_section
+
+        parts.append(diagnosis_section(diagnosis, include_plotlyjs=first))
     parts += ["<h2>Per block</h2>", blocks.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""), "</body></html>"]
     return "\n".join(parts)

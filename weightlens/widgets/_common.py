@@ -260,11 +260,16 @@ class Panel(widgets.VBox):
             return
         self._before_snapshot()
         display(HTML(f"<p><i>{html.escape(type(self).__name__)}: static snapshot (headless run); open the "
-                     "notebook in JupyterLab for the interactive widget.</i></p>" + self.status.value))
+                     "notebook in JupyterLab for the interactive widget.</i></p>" + self.status.value
+                     + self._snapshot_html()))
         for name, fig in self.snapshot().items():
             spec = json.loads(pio.to_json(fig, validate=False))
             display({"application/vnd.plotly.v1+json": spec, "text/plain": f"<{name} figure>"}, raw=True)
 
     def _before_snapshot(self) -> None:
         """Hook: finish pending background work before a headless snapshot."""
+
+    def _snapshot_html(self) -> str:
+        """Hook: HTML shown after the status line in a headless snapshot (before the figures)."""
+        return ""
 

@@ -18,6 +18,11 @@ drawn from a one-key comparison; the whole-model comparison behind the other pan
 accuracy (when ``evaluate`` is given), run on a background thread once the controls have been
 still for ``debounce`` seconds, with a progress bar. A newer change supersedes that work: a
 finished comparison is kept in the cache, scoring stops early.
+
+"Why?" diagnoses the current merge (:func:`weightlens.diagnosis.diagnose`, from the weights alone unless
+"measure restoration" is ticked) on a second :class:`~weightlens.widgets._common.Background` with its own
+progress bar; the chosen task's blocks are drawn by :func:`weightlens.figures.diagnosis.figure_block_costs`,
+and "Apply suggestion" sets the method and parameters to the diagnosis' suggestion and merges again.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import html
+
 import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
@@ -38,6 +45,7 @@ import torch
 
 from weightlens._options import resolve_options
 from weightlens.errors import InvalidParameterError
+from weightlens.figures.diagnosis import culprit, diagnosis_section, figure_block_costs
 from weightlens.figures.merge import figure_merge_conflicts, figure_merge_spectrum, figure_retained_alignment
 from weightlens.figures.task_accuracy import figure_task_accuracy
 from weightlens.merge import Comparison, MergeResult, alpha_grid, get_method, list_methods, merge
@@ -185,6 +193,8 @@ class MergeStudio(Panel):
         The current merge (lazy: keys are computed when read; updates cached).
     comparison : Comparison
         Its comparison with task arithmetic (None while the whole model is compared in the background).
+    diagnosis : Diagnosis or None
+        The latest "Why?" (:meth:`why`): a diagnosis of the merge named in the Why status line.
     scores : DataFrame
         Latest accuracy table (``task, model, accuracy``), empty without ``evaluate``.
     options : StudioOptions
@@ -216,6 +226,8 @@ class MergeStudio(Panel):
         self.scores = pd.DataFrame(columns=["task", "model", "accuracy"])
         self._background = Background(self, self._settle, self.options.debounce)
         self.progress, self.eval_status = self._background.progress, self._background.status
+        self.diagnosis, self._diagnosed, self._quiet = None, None, False
+        self._why = Background(self, self._diagnose, 0.0)
         self._build_controls(*_choices(self.tv, method, tasks, key, metric, self._keys), method, key, metric)
         self._panels = _Panels()
         start = time.perf_counter()
@@ -226,6 +238,7 @@ class MergeStudio(Panel):
         if evaluate is not None:
             figs["accuracy"] = figure_task_accuracy(self.scores, split=self.split)
         self.figures.update({name: figure_widget(fig) for name, fig in figs.items()})
+        self._wire_clicks()
         self.last_update_s = time.perf_counter() - start
         self._layout()
         self._describe()
@@ -261,6 +274,17 @@ class MergeStudio(Panel):
         self.key.observe(partial(self._on_view, what="spectrum key", names=("spectrum",)), names="value")
         self.metric.observe(partial(self._on_view, what="metric", names=("retained",)), names="value")
         self.export_button.on_click(lambda _: self.export())
+        self.why_button = widgets.Button(description="Why?", icon="question", tooltip="diagnose the current merge")
+        self.measure = widgets.Checkbox(value=False, description="measure restoration", indent=False,
+                                        disabled=self._evaluate is None, layout=widgets.Layout(width="auto"))
+        self.why_task = widgets.Dropdown(options=list(self.tv.names), value=chosen[0], description="why task",
+                                         style=style)
+        self.apply_button = widgets.Button(description="Apply suggestion", icon="check", disabled=True)
+        self.why_text, self.whatif_table = widgets.HTML(), widgets.HTML()
+        self.why_figure = widgets.Box()
+        self.why_button.on_click(lambda _: self.why())
+        self.apply_button.on_click(lambda _: self.apply_suggestion())
+        self.why_task.observe(self._on_why_task, names="value")
 
     def _layout(self) -> None:
         figs = self.figures
@@ -271,9 +295,18 @@ class MergeStudio(Panel):
                                  layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
         export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
                                   layout=widgets.Layout(gap="12px", align_items="center"))
+        why_row = [self.why_button, *([self.measure] if self._evaluate is not None else []), self.why_task,
+                   self.apply_button]
+        self.why_box = widgets.VBox([
+            widgets.HBox(why_row, layout=widgets.Layout(gap="12px", align_items="center")),
+            widgets.HBox([self._why.progress, self._why.status], layout=widgets.Layout(gap="12px")),
+            self.why_text,
+            widgets.HBox([self.why_figure, self.whatif_table], layout=widgets.Layout(gap="12px")),
+        ])
         named = {"method": self.method, **{f"task:{t}": box for t, box in self.task_boxes.items()},
                  **{f"{m}.{name}": c for m, controls in self.params.items() for name, c in controls.items()},
-                 "key": self.key, "metric": self.metric, "out_path": self.out_path, "overwrite": self.overwrite}
+                 "key": self.key, "metric": self.metric, "out_path": self.out_path, "overwrite": self.overwrite,
+                 "why_task": self.why_task, "measure": self.measure}
         self.controls = Controls(named, [
             widgets.HBox([self.method, tasks_row], layout=widgets.Layout(gap="24px")),
             self.param_box,
@@ -286,6 +319,7 @@ class MergeStudio(Panel):
             widgets.GridBox(grid, layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
                                                         grid_gap="8px")),
             widgets.HBox([self.progress, self.eval_status], layout=widgets.Layout(gap="12px")),
+            self.why_box,
             export_row,
             self.export_status,
             self.errors,
@@ -354,15 +388,18 @@ class MergeStudio(Panel):
             self._describe()
             if recompute:
                 self._schedule()
+                self._why_said()
 
     def _on_param(self, change: dict[str, Any], what: str = "parameters") -> None:
         """A method parameter (``what`` names it in the status line) or a task box changed: merge again.
         A move of ``alpha`` alone finds the cached comparison and rescales it (:meth:`_recompute`): no SVD."""
-        self._update(what, PANELS, recompute=True)
+        if not self._quiet:
+            self._update(what, PANELS, recompute=True)
 
     def _on_method(self, change: dict[str, Any]) -> None:
         self.param_box.children = list(self.params[self.method.value].values())
-        self._update("method", PANELS, recompute=True)
+        if not self._quiet:
+            self._update("method", PANELS, recompute=True)
 
     def _on_view(self, change: dict[str, Any], what: str, names: Sequence[str]) -> None:
         """The spectrum's key or the per-task metric changed: redraw that panel (nothing is merged)."""
@@ -405,16 +442,137 @@ class MergeStudio(Panel):
                 return
             self.scores, label = scores, _label(merged)
             refresh(self.figures["accuracy"], _panel_style(figure_task_accuracy(scores, split=self.split, label=label)))
+            self._wire_clicks()
             mean = scores[scores["model"] == "merged"]["accuracy"].mean()
             job.say(f"accuracy ({self.split}) of {label}: mean {mean:.4f}")
 
     def wait(self, timeout: float | None = 600.0) -> bool:
-        """Block until the latest background work (whole-model comparison, accuracy) has finished;
-        False if ``timeout`` seconds passed first."""
-        return self._background.wait(timeout)
+        """Block until the latest background work (whole-model comparison, accuracy, the "Why?" diagnosis)
+        has finished; False if ``timeout`` seconds passed first."""
+        return self._background.wait(timeout) and self._why.wait(timeout)
 
     def _before_snapshot(self) -> None:
         self.wait()
+
+    def _snapshot_html(self) -> str:
+        """The headless snapshot's text: the latest diagnosis (sentences, worst blocks), when there is one."""
+        d = self.diagnosis
+        return "" if d is None else diagnosis_section(d, figures=False, heading=f"Why? ({_label(self._diagnosed)})")
+
+    # ------------------------------------------------------------------ why
+    def why(self, diagnosis: Any = None) -> None:
+        """The "Why?" button: diagnose the merge on screen (:func:`weightlens.diagnosis.diagnose`) on a
+        background thread and show it; :meth:`wait` blocks until it is shown. From the weights alone, unless
+        the studio has ``evaluate`` and "measure restoration" is ticked (then the restoration tests score on
+        ``split``). With ``diagnosis`` (a diagnosis of the merge on screen, e.g. with a what-if), show that
+        one instead, at once."""
+        if diagnosis is not None:
+            with self.guarded("why"), self._lock:
+                self._show_diagnosis(diagnosis, self.merged)
+            return
+        evaluate = self._evaluate if self.measure.value else None
+        self._why.schedule(f"why: diagnosing {_label(self.merged)} ...", self.merged, evaluate)
+
+    def _diagnose(self, job: Job, merged: MergeResult, evaluate: Evaluate | None) -> None:
+        """Background thread: diagnose ``merged``; show it unless a newer "Why?" superseded this one. Not on
+        half the threads (:func:`background_threads`): the per-task SVDs it caches are reused by merges."""
+        from weightlens.diagnosis import diagnose
+
+        how = "with restoration tests" if evaluate is not None else "from the weights"
+        job.say(f"why: diagnosing {_label(merged)} {how} ...", busy=True)
+        job.start(1)
+        d = diagnose(merged.task_vectors, merged, evaluate=evaluate, split=self.split, progress=False)
+        job.advance()
+        with self._lock:
+            if not job.current:
+                return
+            self._show_diagnosis(d, merged)
+            job.say(f"why: {_label(merged)} diagnosed {how}")
+
+    def _show_diagnosis(self, d: Any, merged: MergeResult) -> None:
+        """Keep ``d`` and show the chosen task (kept when ``d`` has it, else its costliest task)."""
+        self.diagnosis, self._diagnosed = d, merged
+        tasks = d.tasks.sort_values("predicted_cost", ascending=False, na_position="last")["task"].tolist()
+        task = self.why_task.value
+        self.why_task.options = list(d.tasks["task"])
+        self.why_task.value = task if task in tasks else tasks[0]
+        self.apply_button.disabled = d.suggestion is None
+        self._draw_why()
+
+    def _on_why_task(self, change: dict[str, Any]) -> None:
+        with self.guarded("why"), self._lock:
+            self._draw_why()
+
+    def _draw_why(self) -> None:
+        """The chosen task's blocks (figure and table), who crowds and opposes it, the what-if and suggestion."""
+        d, task = self.diagnosis, self.why_task.value
+        if d is None or task not in set(d.tasks["task"]):
+            return
+        fig = _panel_style(figure_block_costs(d, task, top=_WHY_TOP))
+        if "why" in self.figures:
+            refresh(self.figures["why"], fig)
+        else:
+            self.figures["why"] = figure_widget(fig)
+            self.why_figure.children = [self.figures["why"]]
+        self._why_said()
+        self.whatif_table.value = _whatif_html(d.whatif, task)
+
+    def _why_said(self) -> None:
+        """The Why view's text, which says when the diagnosis is of an earlier merge than the one on screen."""
+        d, task = self.diagnosis, self.why_task.value
+        if d is not None and task in set(d.tasks["task"]):
+            stale = self._diagnosed is not self.merged
+            self.why_text.value = _why_html(d, task, _label(self._diagnosed), stale=stale)
+
+    def _wire_clicks(self) -> None:
+        """A click on a task's bar (or mark) in the accuracy panel picks that task for "Why?"."""
+        fw = self.figures.get("accuracy")
+        for trace in fw.data if fw is not None else ():
+            trace.on_click(self._on_accuracy_click)
+
+    def _on_accuracy_click(self, trace: Any, points: Any, state: Any) -> None:
+        if not points.xs:
+            return
+        task = points.xs[0]
+        if task in self.why_task.options:
+            self.why_task.value = task
+            if self.diagnosis is None:
+                self._why.say(f"why: {task} chosen; press Why? to diagnose the merge on screen")
+        else:
+            self._why.say(f"why: {task} is not in the diagnosed merge; press Why? to diagnose the merge on screen")
+
+    def apply_suggestion(self) -> bool:
+        """The "Apply suggestion" button: set the method, its parameters (``alpha`` included) and the tasks to
+        the diagnosis' :class:`~weightlens.diagnosis.Suggestion`, then merge again (once). False (the reason in
+        the status line) when there is none to apply."""
+        applied = False
+        with self.guarded("apply suggestion"):
+            d = self.diagnosis
+            s = None if d is None else d.suggestion
+            if s is None:
+                raise InvalidParameterError("No suggestion to apply: diagnose a merge with a what-if first (Why?).")
+            if s.method not in self.params:
+                raise InvalidParameterError(f"The suggested method {s.method!r} is not one of the studio's "
+                                            f"{list(self.params)}.")
+            controls, values = self.params[s.method], {**s.params, "alpha": s.alpha}
+            unknown = sorted(set(values) - set(controls))
+            if unknown:
+                raise InvalidParameterError(f"The suggestion sets {unknown}, which {s.method} does not have; its "
+                                            f"parameters are {list(controls)}.")
+            self._quiet = True  # one merge at the end, not one per control
+            try:
+                self.method.value = s.method
+                for name, value in values.items():
+                    _set_control(controls[name], value)
+                tasks = set(d.tasks["task"])
+                for task, box in self.task_boxes.items():
+                    box.value = task in tasks
+            finally:
+                self._quiet = False
+            applied = True
+        if applied:
+            self._update("suggestion", PANELS, recompute=True)
+        return applied
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: str | Path | None = None, *, overwrite: bool | None = None) -> Path | None:
@@ -437,6 +595,54 @@ class MergeStudio(Panel):
 
 def _label(merged: MergeResult) -> str:
     return f"{merged.method} alpha={merged.alpha:.2f}"
+
+
+_WHY_TOP = 12  # blocks drawn and listed for one task (highest predicted cost first)
+_WHY_COLUMNS = ["rank", "block", "predicted_cost", "energy_share", "kept", "sign_lost", "crowded_by", "crowding",
+                "opposed_by", "opposition", "measured_gain", "cost_to_others"]
+_WHATIF_SHOWN = ["method", "alpha", "kept", "normalized_accuracy", "chosen", "report_normalized_accuracy"]
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="", escape=True, border=0,
+                      classes="wl-table")
+
+
+def _why_html(d: Any, task: str, label: str, *, stale: bool) -> str:
+    """The Why view's text for ``task``: what was diagnosed, the task's sentence, its worst blocks and who
+    crowds or opposes it there, and the suggestion."""
+    source = "with restoration tests" if d.measured else "from the weights alone"
+    head = f"Why? {label}, {source}" + (" (an earlier merge: press Why? again for the one on screen)" if stale else "")
+    sentences = [line for line in d.summary().splitlines() if line.startswith(f"{task} loses")]
+    rows = d.ranking(task).head(_WHY_TOP)
+    who = sorted({c for c in (culprit(r) for _, r in rows.iterrows()) if c})
+    parts = [f"<b>{html.escape(head)}</b>", *(f"<p>{html.escape(line)}</p>" for line in sentences)]
+    if who:
+        parts.append(f"<p>In its blocks: {html.escape('; '.join(who))}.</p>")
+    parts.append(_table(rows[_WHY_COLUMNS]))
+    if d.suggestion is not None:
+        parts.append(f"<p><b>{html.escape(d.suggestion.sentence())}</b></p>")
+    return "".join(parts)
+
+
+def _whatif_html(whatif: pd.DataFrame, task: str) -> str:
+    """The what-if rows of ``task`` (each method at its chosen coefficient when it has one); empty without."""
+    rows = whatif[whatif["task"] == task] if not whatif.empty else whatif
+    if rows.empty:
+        return ""
+    chosen = rows[rows["chosen"].fillna(False).astype(bool)]
+    rows = (chosen if not chosen.empty else rows).sort_values(["method", "alpha"])
+    return f"<b>What if ({html.escape(task)})</b>" + _table(rows[[c for c in _WHATIF_SHOWN if c in rows]])
+
+
+def _set_control(control: widgets.ValueWidget, value: Any) -> None:
+    """Set a parameter control to ``value``: a slider widened to hold it, a None text box emptied."""
+    if isinstance(control, widgets.Text):
+        control.value = "" if value is None else str(value)
+        return
+    if isinstance(control, (widgets.FloatSlider, widgets.IntSlider)):
+        control.max, control.min = max(control.max, value), min(control.min, value)
+    control.value = value
 
 
 def _state(merged: MergeResult, comparison: Comparison | None, key_comparison: Comparison, *, key: str,
