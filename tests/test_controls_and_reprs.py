@@ -66,7 +66,7 @@ def test_the_merge_studio_has_controls_that_drive_it(digits_zoo):
     studio = MergeStudio(tv, debounce=0.0)
     params = [f"{m}.{name}" for m in list_methods() for name in studio.params[m]]
     names = ["method", *(f"task:{t}" for t in tv.names), *params, "key", "metric", "out_path", "overwrite",
-             "why_task", "measure"]
+             "why_task", "measure", "whatif"]
     c = _check_controls(studio, names)
     assert c["method"] is studio.method and c["task_arithmetic.alpha"] is studio.params["task_arithmetic"]["alpha"]
     c["method"].value = "ties"

@@ -156,3 +156,26 @@ def test_the_headless_snapshot_shows_the_diagnosis(studio, reference, monkeypatc
     specs = [o["application/vnd.plotly.v1+json"] for o in shown if isinstance(o, dict)]
     assert len(specs) == len(studio.figures) and list(specs[-1]["data"][0]["x"]) == list(
         studio.figures["why"].data[0].x)
+
+
+@pytest.mark.slow
+def test_what_if_ticked_suggests_a_merge_and_apply_makes_it(planted):
+    # a real what-if (every method, scored by the zoo's own evaluate on val) behind "Why?", then "Apply"
+    tv = planted.task_vectors(["rot90", "hflip"], exclude="fc2.weight")
+    studio = MergeStudio(tv, evaluate=planted.evaluate, debounce=0.0, split="val")
+    assert studio.wait(300)
+    studio.whatif.value = True
+    studio.why()
+    assert studio.wait(600) and studio.last_error is None
+    d = studio.diagnosis
+    assert d.measured is not None and d.blocks["measured_gain"].isna().all()  # no restoration tests: not ticked
+    from weightlens.merge import list_methods
+
+    skipped = {note.split(" ")[1] for note in d.notes if note.startswith("What-if: ")}
+    assert set(d.whatif["method"]) | skipped == set(list_methods()) and len(skipped) < 3
+    s = d.suggestion
+    assert s is not None and not studio.apply_button.disabled and s.worst >= s.baseline["worst"]
+    assert studio.apply_suggestion() and studio.wait(300) and studio.last_error is None
+    expected = s.merge(tv)
+    for key in expected:
+        torch.testing.assert_close(studio.merged[key], expected[key], rtol=0, atol=0)

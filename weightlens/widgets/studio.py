@@ -277,6 +277,8 @@ class MergeStudio(Panel):
         self.why_button = widgets.Button(description="Why?", icon="question", tooltip="diagnose the current merge")
         self.measure = widgets.Checkbox(value=False, description="measure restoration", indent=False,
                                         disabled=self._evaluate is None, layout=widgets.Layout(width="auto"))
+        self.whatif = widgets.Checkbox(value=False, description="what-if: every method", indent=False,
+                                       layout=widgets.Layout(width="auto"))
         self.why_task = widgets.Dropdown(options=list(self.tv.names), value=chosen[0], description="why task",
                                          style=style)
         self.apply_button = widgets.Button(description="Apply suggestion", icon="check", disabled=True)
@@ -295,7 +297,7 @@ class MergeStudio(Panel):
                                  layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
         export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
                                   layout=widgets.Layout(gap="12px", align_items="center"))
-        why_row = [self.why_button, *([self.measure] if self._evaluate is not None else []), self.why_task,
+        why_row = [self.why_button, *([self.measure] if self._evaluate is not None else []), self.whatif, self.why_task,
                    self.apply_button]
         self.why_box = widgets.VBox([
             widgets.HBox(why_row, layout=widgets.Layout(gap="12px", align_items="center")),
@@ -306,7 +308,7 @@ class MergeStudio(Panel):
         named = {"method": self.method, **{f"task:{t}": box for t, box in self.task_boxes.items()},
                  **{f"{m}.{name}": c for m, controls in self.params.items() for name, c in controls.items()},
                  "key": self.key, "metric": self.metric, "out_path": self.out_path, "overwrite": self.overwrite,
-                 "why_task": self.why_task, "measure": self.measure}
+                 "why_task": self.why_task, "measure": self.measure, "whatif": self.whatif}
         self.controls = Controls(named, [
             widgets.HBox([self.method, tasks_row], layout=widgets.Layout(gap="24px")),
             self.param_box,
@@ -464,24 +466,30 @@ class MergeStudio(Panel):
         """The "Why?" button: diagnose the merge on screen (:func:`weightlens.diagnosis.diagnose`) on a
         background thread and show it; :meth:`wait` blocks until it is shown. From the weights alone, unless
         the studio has ``evaluate`` and "measure restoration" is ticked (then the restoration tests score on
-        ``split``). With ``diagnosis`` (a diagnosis of the merge on screen, e.g. with a what-if), show that
+        ``split``). "what-if: every method" adds the what-if of every registered method (``whatif="all"``),
+        scored with ``evaluate`` when the studio has one, and so a suggestion to apply. With ``diagnosis`` (a diagnosis of the merge on screen, e.g. with a what-if), show that
         one instead, at once."""
         if diagnosis is not None:
             with self.guarded("why"), self._lock:
                 self._show_diagnosis(diagnosis, self.merged)
             return
-        evaluate = self._evaluate if self.measure.value else None
-        self._why.schedule(f"why: diagnosing {_label(self.merged)} ...", self.merged, evaluate)
+        measure, whatif = self.measure.value, self.whatif.value
+        evaluate = self._evaluate if measure or whatif else None
+        self._why.schedule(f"why: diagnosing {_label(self.merged)} ...", self.merged, evaluate, measure, whatif)
 
-    def _diagnose(self, job: Job, merged: MergeResult, evaluate: Evaluate | None) -> None:
+    def _diagnose(self, job: Job, merged: MergeResult, evaluate: Evaluate | None, measure: bool = True,
+                  whatif: bool = False) -> None:
         """Background thread: diagnose ``merged``; show it unless a newer "Why?" superseded this one. Not on
         half the threads (:func:`background_threads`): the per-task SVDs it caches are reused by merges."""
         from weightlens.diagnosis import diagnose
 
-        how = "with restoration tests" if evaluate is not None else "from the weights"
+        how = "with restoration tests" if evaluate is not None and measure else "from the weights"
+        how += ", every method's what-if" if whatif else ""
         job.say(f"why: diagnosing {_label(merged)} {how} ...", busy=True)
         job.start(1)
-        d = diagnose(merged.task_vectors, merged, evaluate=evaluate, split=self.split, progress=False)
+        tests = {} if measure else {"restore": 0, "controls": 0}  # evaluate for the what-if alone
+        d = diagnose(merged.task_vectors, merged, evaluate=evaluate, split=self.split, progress=False,
+                     whatif="all" if whatif else None, **tests)
         job.advance()
         with self._lock:
             if not job.current:
