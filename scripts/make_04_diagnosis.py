@@ -65,9 +65,9 @@ d = wl.diagnose(tv, merged)
 print(d.summary())"""),
     ("code", """d.ranking("rot90")[["block", "energy_share", "kept", "opposed_by", "opposition", "sign_lost", "sign_won_by",
                     "predicted_cost", "rank"]]"""),
-    ("code", """from weightlens.figures import figure_diagnosis_blocks
+    ("code", """from weightlens.figures import figure_block_costs
 
-figure_diagnosis_blocks(d, "rot90")"""),
+figure_block_costs(d, "rot90")"""),
     ("md", """## Measured: restoring the blocks, and what other merges would do
 
 `evaluate=` runs the restoration tests (each task's top blocks and one control block restored to its own
