@@ -22,7 +22,8 @@ CPU = {"device": "cpu"}
 
 def test_the_three_rescales_on_the_same_seeded_mask():
     tv = noise_task_vectors(2, shape=(40, 30))
-    out = {r: merge(tv, method="dare", density=0.3, seed=2, rescale=r, alpha=1.0, **CPU) for r in ("density", "l1", "none")}
+    out = {r: merge(tv, method="dare", density=0.3, seed=2, rescale=r, alpha=1.0, **CPU)
+           for r in ("density", "l1", "none")}
     assert out["density"].params["rescale"] == "density" and get_method("dare").defaults()["rescale"] == "density"
     for key in tv.keys:
         parts = {r: torch.zeros(tv.shape(key)) for r in out}

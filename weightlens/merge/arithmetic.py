@@ -248,7 +248,8 @@ def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> t
 
 def dare_deltas(ctx: MergeContext, key: str, density: float, seed: int, rescale: str = "density") -> torch.Tensor:
     """Stacked task vectors of ``key`` after drop-and-rescale, ``m ~ Bernoulli(density)``: ``m * tau / density``
-    (``rescale="density"``), ``m * tau`` scaled to ``tau``'s L1 norm per tensor (``"l1"``) or ``m * tau`` (``"none"``)."""
+    (``rescale="density"``), ``m * tau`` scaled to ``tau``'s L1 norm per tensor (``"l1"``) or ``m * tau``
+    (``"none"``)."""
     deltas = ctx.deltas(key)
     for i, task in enumerate(ctx.tasks):
         mask = dare_mask(tuple(deltas.shape[1:]), density, seed, task, key)
