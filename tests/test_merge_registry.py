@@ -16,7 +16,7 @@ from weightlens.merge.registry import Interval, unregister
 DESIGN_DEFAULTS = {
     "task_arithmetic": {"alpha": 0.3},
     "ties": {"density": 0.2, "scope": "global", "merge_func": "mean", "alpha": 1.0},
-    "dare": {"density": 0.5, "seed": 0, "combine": "task_arithmetic", "alpha": None},
+    "dare": {"density": 0.5, "seed": 0, "combine": "task_arithmetic", "rescale": "density", "alpha": None},
     "tsv": {"fallback": "zero", "alpha": 1.0},
     "iso_c": {"restrict_to_numerical_rank": False, "alpha": 1.0},
     "iso_cts": {"common_fraction": 0.8, "restrict_to_numerical_rank": False, "alpha": 1.0},
@@ -55,7 +55,7 @@ def test_unknown_method_lists_the_valid_ones(tv):
     with pytest.raises(InvalidParameterError) as err:
         merge(tv, method="tie")
     assert str(err.value) == ("Unknown merge method 'tie'. Available: task_arithmetic, ties, dare, tsv, "
-                              "iso_c, iso_cts, star, knots_ties, knots_ta, peft_cat, peft_svd, linear, slerp, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, consensus_ta, consensus_ties.")
+                              "iso_c, iso_cts, star, knots_ties, knots_ta, peft_cat, peft_svd, linear, slerp, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, consensus_ta, consensus_ties, pcb.")
 
 
 def test_unknown_parameter_lists_valid_parameters_and_defaults(tv):

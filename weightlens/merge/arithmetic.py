@@ -50,6 +50,7 @@ __all__ = [
     "dare_deltas",
     "dare_mask",
     "disjoint_merge",
+    "l1_rescaled",
     "majority_sign",
     "task_arithmetic",
     "ties",
@@ -236,11 +237,28 @@ def seeded_generator(seed: int, task: str, key: str, salt: str = "") -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def dare_deltas(ctx: MergeContext, key: str, density: float, seed: int) -> torch.Tensor:
-    """Stacked task vectors of ``key`` after drop-and-rescale: ``m * tau / density``, ``m ~ Bernoulli``."""
+def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``delta * mask`` scaled to ``delta``'s L1 norm (mergekit's ``rescale``; unscaled when a norm < ``eps``)."""
+    masked = delta * mask
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def dare_deltas(ctx: MergeContext, key: str, density: float, seed: int, rescale: str = "density") -> torch.Tensor:
+    """Stacked task vectors of ``key`` after drop-and-rescale, ``m ~ Bernoulli(density)``: ``m * tau / density``
+    (``rescale="density"``), ``m * tau`` scaled to ``tau``'s L1 norm per tensor (``"l1"``) or ``m * tau``
+    (``"none"``)."""
     deltas = ctx.deltas(key)
     for i, task in enumerate(ctx.tasks):
-        deltas[i] = deltas[i] * dare_mask(tuple(deltas.shape[1:]), density, seed, task, key) / density
+        mask = dare_mask(tuple(deltas.shape[1:]), density, seed, task, key)
+        if rescale == "density":
+            deltas[i] = deltas[i] * mask / density
+        elif rescale == "l1":
+            deltas[i] = l1_rescaled(deltas[i], mask)
+        else:
+            deltas[i] = deltas[i] * mask
     return deltas
 
 
@@ -255,19 +273,23 @@ def _dare_grid(params: Mapping[str, Any], n_tasks: int) -> tuple[float, ...]:
 def _dare_mergekit(p: Mapping[str, Any]) -> Mergekit:
     """mergekit's ``dare_linear`` or (``combine="ties"``) ``dare_ties``: its own random masks."""
     ties = p.get("combine", "task_arithmetic") == "ties"
+    rescale = p.get("rescale", "density")
+    notes = ("mergekit draws its own random masks: the same distribution, other draws",)
+    if rescale == "density":
+        notes += ("approximate: weightlens divided the kept entries by density (DARE, rescale='density'); mergekit's "
+                  "rescale scales each kept tensor back to its L1 norm (weightlens rescale='l1'): equal in "
+                  "expectation, not per tensor",)
     return Mergekit("dare_ties" if ties else "dare_linear", {"weight": 1.0, "density": float(p.get("density", 0.5))},
-                    {"lambda": _alpha(p), "rescale": True, "normalize": ties},
-                    ("mergekit draws its own random masks (other draws) and, with rescale, scales each kept tensor "
-                     "back to its L1 norm, where DARE (and weightlens) divides by density: equal in expectation, "
-                     "not per tensor",))
+                    {"lambda": _alpha(p), "rescale": rescale != "none", "normalize": ties}, notes)
 
 
-def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str) -> dict:
+def _dare_prepare(ctx: MergeContext, *, density: float, seed: int, combine: str, rescale: str) -> dict:
     """DARE-TIES: the whole-model majority sign of the rescaled vectors (one pass)."""
     if combine != "ties":
         return {}
     majority = ctx.once(
-        ("dare_majority", density, seed), lambda: majority_sign(dare_deltas(ctx, k, density, seed) for k in ctx.tv.keys)
+        ("dare_majority", density, seed, rescale),
+        lambda: majority_sign(dare_deltas(ctx, k, density, seed, rescale) for k in ctx.tv.keys),
     )
     return {"majority": majority}
 
@@ -284,8 +306,9 @@ def dare(
     density: Unit = 0.5,
     seed: int = 0,
     combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+    rescale: Literal["density", "l1", "none"] = "density",
 ) -> KeyUpdate:
-    """DARE: drop each entry with probability ``1 - density``, rescale the rest by ``1/density``, combine.
+    """DARE: drop each entry with probability ``1 - density``, rescale the rest (by ``1/density``), combine.
 
     Parameters
     ----------
@@ -297,9 +320,13 @@ def dare(
         Sum of the rescaled vectors (DARE-TA) or TIES sign election and disjoint mean without
         further trimming (DARE-TIES, as mergekit's ``dare_ties``; a zero vote sum takes the
         whole-model majority sign, as TIES' reference code).
+    rescale : {"density", "l1", "none"}, default="density"
+        ``"density"``: the paper (the kept entries divided by density, unbiased per entry); ``"l1"``: mergekit's
+        ``rescale: true`` (each task's kept tensor scaled back to its L1 norm, skipped when either norm is
+        below 1e-7); ``"none"``: mergekit's ``rescale: false`` (the kept entries as they are).
     alpha : float, default=0.3 with task_arithmetic, 1.0 with ties
     """
-    deltas = dare_deltas(ctx, key, density, seed)
+    deltas = dare_deltas(ctx, key, density, seed, rescale)
     if combine == "task_arithmetic":
         return KeyUpdate(deltas.sum(0))
     return KeyUpdate(disjoint_merge(deltas, elected_sign(deltas.sum(0), ctx.state["majority"]), "mean"))

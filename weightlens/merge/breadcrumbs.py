@@ -33,7 +33,7 @@ import torch
 
 from weightlens.analysis.signs import elected_sign
 from weightlens.io.recipe import Mergekit
-from weightlens.merge.arithmetic import _TA_GRID, _TIES_GRID, disjoint_merge
+from weightlens.merge.arithmetic import _TA_GRID, _TIES_GRID, disjoint_merge, l1_rescaled
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 
@@ -54,15 +54,6 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[bottom:bottom + keep]] = True
     return mask.reshape(delta.shape)
-
-
-def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """``delta * mask`` scaled to ``delta``'s L1 norm (mergekit's ``rescale``; unscaled when a norm < ``eps``)."""
-    masked = delta * mask
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
 
 
 def combine(sparse: torch.Tensor, *, consensus: bool, normalize: bool) -> torch.Tensor:
