@@ -93,7 +93,7 @@ def not_reproducible(merged: MergeResult) -> str | None:
     """Why no recipe can be derived from ``merged`` (``None`` when one can: every input is a file)."""
     tv = merged.task_vectors
     if getattr(merged, "task", None) is not None:
-        return (f"these are task {merged.task!r}'s own model (for_task); a recipe re-runs the merge, whose "
+        return (f"these weights are the model of task {merged.task!r} (for_task); a recipe re-runs the merge, whose "
                 "weights are the shared model: export the merge itself for a re-runnable recipe")
     for role, ckpt in (("base", tv.base), *((f"fine-tune {n!r}", c) for n, c in tv.finetuned.items())):
         if not Path(str(ckpt.source)).exists():
