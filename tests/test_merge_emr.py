@@ -183,6 +183,23 @@ def test_sweep_scores_each_task_on_its_own_model():
     assert all(w.task is None for _, _, w in seen)  # one model for every task
 
 
+def test_the_studio_scores_each_task_on_its_own_model():
+    from weightlens.widgets.studio import score_merge
+
+    class Job:  # the studio's job, always current
+        current = True
+        start = say = advance = lambda self, *args, **kwargs: None
+
+    tv = noise_task_vectors(3, shape=(8, 4), seed=4)
+    merged = merge(tv, method="emr", **CPU)
+
+    def evaluate(weights, task, split):
+        return {"accuracy": float(weights["w"].sum())}
+
+    got = score_merge(evaluate, merged, "val", {}, Job()).query("model == 'merged'").set_index("task")["accuracy"]
+    assert got.to_dict() == pytest.approx({t: float(merged.for_task(t)["w"].sum()) for t in tv.names})
+
+
 def test_export_of_a_task_model_writes_its_weights_without_a_recipe(tmp_path):
     tv = noise_task_vectors(2, shape=(6, 4), seed=8)
     got = merge(tv, method="emr", **CPU)
