@@ -224,6 +224,18 @@ def test_every_merge_method_on_adapters_equals_the_dense_merge(tvs, method):
         torch.testing.assert_close((svd.U * svd.S) @ svd.Vh, upd, rtol=0, atol=1e-5 * float(upd.abs().max()))
 
 
+def test_per_task_models_on_adapters_equal_the_dense_ones(tvs):
+    """EMR's per-task models (``for_task``) read adapters one key at a time, as the shared update."""
+    tv, dense = tvs
+    got, want = wl.merge(tv, method="emr", **CPU), wl.merge(dense, method="emr", **CPU)
+    assert got.state["rescalers"] == pytest.approx(want.state["rescalers"], rel=1e-5)
+    for task in tv.names:
+        for key in tv.keys:
+            ref = want.for_task(task).update(key)
+            err = float((got.for_task(task).update(key).double() - ref.double()).abs().max())
+            assert err <= 2e-5 * max(float(ref.abs().max()), 1e-12), (task, key, err)
+
+
 def _check_isotropic(tv, key, upd, ref, method) -> None:
     """Iso's update where it is determined: one flat value sigma-bar on all min(m, n) directions, and for
     Iso-C the sum's own directions mapped to each other (``U_R^T u = sigma V_R^T``)."""

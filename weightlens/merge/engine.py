@@ -16,6 +16,12 @@ buffers, excluded keys) are copied from the base. Hence:
   key at a time (plus one key of every input while the merge computes it, and ``tv.cache``);
 * ``merge(..., lazy=True)`` keeps nothing on indexing either (for streaming readers other than
   ``export``); :meth:`MergeResult.materialize` computes and keeps every key at once.
+
+A method registered with ``per_task=`` (EMR-Merging) gives one model per task besides the shared one:
+:meth:`MergeResult.for_task` returns task ``t``'s model as another ``MergeResult`` whose key updates are
+the hook's (computed from the shared update of the key when read, cached per task), scaled by the same
+``alpha``; everything that reads a merge result (indexing, ``peek``, ``update``, ``compare``, export)
+reads it unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from weightlens import decompositions, linalg
 from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.linalg.factored import complete_basis
-from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method
+from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method, list_methods
 from weightlens.merged import MergedWeights
 from weightlens.taskvectors import TaskVectors
 
@@ -134,6 +140,9 @@ class MergeResult(MergedWeights):
     head : str or None
         The fine-tune whose head (keys only it has) ``wl.export`` carries; None by default (the base's
         layout). Set with :meth:`with_head`.
+    task : str or None
+        The task whose own model these weights are (:meth:`for_task`); None for the merged model itself
+        (for a per-task method: the shared model).
     """
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool,
@@ -151,6 +160,7 @@ class MergeResult(MergedWeights):
         self._weights: dict[str, torch.Tensor] = {}
         self._notes: dict[str, tuple[str, ...]] = {}  # per key whose update was computed: a few strings
         self.head: str | None = None  # the fine-tune whose head an export carries (with_head)
+        self.task: str | None = None  # the task whose own model this is (for_task)
 
     # ---------------------------------------------------------------- Mapping
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -200,8 +210,11 @@ class MergeResult(MergedWeights):
                 f"{'copied from the base' if key in self else 'not in the model'}); "
                 f"updated keys are the task vectors' keys ({len(self._selected)})."
             )
-        ctx, spec = self._ctx, self.spec
-        ku = ctx.cached(("update", spec.name, self._frozen, key), lambda: _checked(spec, ctx, key), store=store)
+        ctx, spec, task = self._ctx, self.spec, self.task
+        frozen = self._frozen[:-1] if task is not None else self._frozen  # the shared model's
+        shared = ctx.cached(("update", spec.name, frozen, key), lambda: _checked(spec, ctx, key), store=store)
+        ku = shared if task is None else ctx.cached(
+            ("update", spec.name, self._frozen, key), lambda: _checked_task(spec, ctx, key, task, shared), store=store)
         self._notes[key] = ku.notes
         return ku
 
@@ -302,6 +315,41 @@ class MergeResult(MergedWeights):
         new.head = task
         return new
 
+    @property
+    def has_task_models(self) -> bool:
+        """True when the method gives each task its own model (``for_task``), e.g. EMR-Merging."""
+        return self.spec.per_task is not None
+
+    def for_task(self, task: str) -> MergeResult:
+        """Task ``task``'s own model, for a method that gives one per task (:attr:`has_task_models`).
+
+        A ``MergeResult`` of full weights ``base + alpha * u_t`` with ``u_t`` the method's per-task update
+        (EMR: ``lambda_t * M_t * tau_uni``), each key computed when read (its update cached in ``tv.cache``
+        per task). It shares the method's whole-model statistics and the shared updates with ``self``
+        (which stays the shared model); ``wl.export`` of it writes that task's model (without a recipe:
+        a recipe re-runs the shared model).
+
+        Raises
+        ------
+        InvalidParameterError
+            If the method gives one model for all tasks, or ``task`` is not one of the merged tasks.
+        """
+        if self.spec.per_task is None:
+            raise InvalidParameterError(
+                f"for_task: merge method {self.method!r} gives one model for all tasks; per-task models come "
+                f"from methods registered with per_task= ({', '.join(_per_task_methods()) or 'none'})."
+            )
+        if task not in self.task_vectors.names:
+            raise InvalidParameterError(
+                f"The 'task' parameter of for_task must be one of the merged tasks "
+                f"({', '.join(self.task_vectors.names)}). Got {task!r} instead."
+            )
+        new = copy.copy(self)
+        shared = self._frozen[:-1] if self.task is not None else self._frozen
+        new.task, new._frozen = task, (*shared, ("task", task))
+        new._weights, new._notes = {}, {}
+        return new
+
     def export_layout(self) -> Any:
         """What an export writes beside the merged keys: head and vocabulary (an ``io._layout.ExportLayout``,
         built by :func:`weightlens.merge.recipes.export_layout`)."""
@@ -312,7 +360,8 @@ class MergeResult(MergedWeights):
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         state = "lazy" if self.lazy else f"{len(self._weights)} of {len(self)} held"
-        return (f"MergeResult({self.method}: {shown}; {len(self)} keys, {len(self._selected)} updated, "
+        task = "" if self.task is None else f", task {self.task!r}"
+        return (f"MergeResult({self.method}{task}: {shown}; {len(self)} keys, {len(self._selected)} updated, "
                 f"{state})")
 
 
@@ -412,6 +461,22 @@ def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
                                  f"key {key!r}; expected {shape} (the key's shape).")
     update = ku.update.detach().to(device="cpu", dtype=torch.float32)
     return KeyUpdate(update, tuple(ku.notes), _checked_factors(spec, key, ku.factors, shape))
+
+
+def _checked_task(spec: MergeMethod, ctx: MergeContext, key: str, task: str, shared: KeyUpdate) -> KeyUpdate:
+    """The method's per-task update of one key (its ``per_task`` hook), checked like :func:`_checked`."""
+    try:
+        ku = spec.per_task(ctx, key, task, shared)
+    except WeightlensError as err:
+        raise type(err)(f"merge(method={spec.name!r}) on key {key!r}, task {task!r}: {err}") from None
+    if tuple(ku.update.shape) != ctx.shape(key):
+        raise ShapeMismatchError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for key "
+                                 f"{key!r} of task {task!r}; expected {ctx.shape(key)} (the key's shape).")
+    return KeyUpdate(ku.update.detach().to(device="cpu", dtype=torch.float32), tuple(ku.notes))
+
+
+def _per_task_methods() -> list[str]:
+    return [name for name in list_methods() if get_method(name).per_task is not None]
 
 
 def _checked_factors(spec: MergeMethod, key: str, factors: Any, shape: tuple[int, ...]) -> linalg.SVD | None:

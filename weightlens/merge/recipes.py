@@ -92,6 +92,9 @@ def input_fingerprints(tv: TaskVectors, base: str, finetuned: Mapping[str, str],
 def not_reproducible(merged: MergeResult) -> str | None:
     """Why no recipe can be derived from ``merged`` (``None`` when one can: every input is a file)."""
     tv = merged.task_vectors
+    if getattr(merged, "task", None) is not None:
+        return (f"these weights are the model of task {merged.task!r} (for_task); a recipe re-runs the merge, whose "
+                "weights are the shared model: export the merge itself for a re-runnable recipe")
     for role, ckpt in (("base", tv.base), *((f"fine-tune {n!r}", c) for n, c in tv.finetuned.items())):
         if not Path(str(ckpt.source)).exists():
             return (f"the {role} was given in memory ({ckpt.source}), not as a file; save it (e.g. "

@@ -70,6 +70,9 @@ MAGNITUDE = (1e-6, 1e6)
 DEFAULT_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
 #: ``alpha_grid=`` of :func:`register_merge`: a fixed grid, or ``grid(params, n_tasks)``.
 Grid = Sequence[float] | Callable[[Mapping[str, Any], int], Sequence[float]]
+#: ``per_task=`` of :func:`register_merge`: ``per_task(ctx, key, task, shared) -> KeyUpdate``, the unscaled
+#: update of ``key`` in task ``task``'s own model, from the key's shared update ``shared`` (EMR's mask and rescaler).
+PerTask = Callable[..., "KeyUpdate"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class MergeMethod:
     uses_svd: bool = False  # its updates come from SVDs: their last bits vary across devices, LAPACK, threads
     grid: Grid = field(default=DEFAULT_GRID, repr=False)
     mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = field(default=None, repr=False)
+    per_task: PerTask | None = field(default=None, repr=False)
 
     def alpha_grid(self, params: Mapping[str, Any], n_tasks: int) -> list[float]:
         """The default ``alpha`` grid for ``params`` (unknown names ignored, the rest defaulted)."""
@@ -297,6 +301,7 @@ def register_merge(
     uses_svd: bool = False,
     alpha_grid: Grid = DEFAULT_GRID,
     mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = None,
+    per_task: PerTask | None = None,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -325,6 +330,12 @@ def register_merge(
         ``mergekit(recipe_params) -> weightlens.io.recipe.Mergekit | None``: mergekit's method name
         and parameters equivalent to a recipe of this method (``None``: no equivalent for these
         parameters). Export then writes ``mergekit_config.yml`` beside the recipe.
+    per_task : callable, optional
+        ``per_task(ctx, key, task, shared) -> KeyUpdate``: the method gives one model per task besides the
+        shared one (EMR-Merging). ``shared`` is the key's update from the method function (cached); the
+        hook returns the unscaled update of ``key`` in task ``task``'s model, which the engine scales by
+        ``alpha`` like the shared one. ``MergeResult.for_task(task)`` reads it; ``sweep`` scores each
+        task on its own model.
 
     Raises
     ------
@@ -342,7 +353,7 @@ def register_merge(
             )
         params = _schema(fn, name, alpha, alpha_doc)
         _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
-                                      uses_svd, alpha_grid, mergekit)
+                                      uses_svd, alpha_grid, mergekit, per_task)
         return fn
 
     return decorator

@@ -7,6 +7,8 @@ scale-and-add) and evaluates the merged weights on every task and split. Normali
 * normalized accuracy ``n_t = Acc_t(merged) / Acc_t(finetuned_t)`` (mean of ratios, not clipped);
 * NAI ``(Acc_t(merged) - Acc_t(base)) / (Acc_t(finetuned_t) - Acc_t(base))``, NaN when the fine-tune
   does not beat the base on that task and split;
+* a method with one model per task (``emr``: ``MergeResult.has_task_models``) is scored on each task with
+  that task's model (``merged.for_task(task)``), every other with the one merged model;
 * ``alpha`` is chosen by the mean normalized accuracy on ``select_on`` (ties: the smaller alpha), and
   reported on ``report_on``, which is scored only at the chosen alpha unless ``report_all=True``.
 """
@@ -235,8 +237,9 @@ def sweep(
         resolved = {k: v for k, v in merged.params.items() if k != "alpha"}
         for task in tv.names:
             for split in chosen:
+                weights = merged.for_task(task) if merged.has_task_models else merged
                 rows.append({"alpha": alpha, "task": task, "split": split,
-                             **_metrics(evaluate(merged, task, split))})
+                             **_metrics(evaluate(weights, task, split))})
 
     for alpha in bar(grid, progress=progress, desc=f"sweep {method}", unit="alpha"):
         score(alpha, splits if report_all else (select_on,))

@@ -760,7 +760,7 @@ def score_merge(evaluate: Evaluate, merged: MergeResult, split: str, references:
     """Accuracy of ``merged`` on each of its tasks next to the task's fine-tune (``task, model, accuracy``).
 
     Fine-tunes are scored once per ``(task, split)`` and kept in ``references``; the merge is
-    materialised once for every task. Reports on ``job``; returns None as soon as ``job`` is
+    materialised once for every task (a merge with per-task models, EMR: each task's own model, for it). Reports on ``job``; returns None as soon as ``job`` is
     superseded.
     """
     tv, tasks = merged.task_vectors, merged.task_vectors.names
@@ -772,12 +772,13 @@ def score_merge(evaluate: Evaluate, merged: MergeResult, split: str, references:
             return None
         references[task, split] = float(evaluate(tv.finetuned_weights(task), task, split)["accuracy"])
         job.advance()
-    state = {k: merged[k] for k in merged}
+    per_task = getattr(merged, "has_task_models", False)  # EMR: each task scored on its own model
+    state = None if per_task else {k: merged[k] for k in merged}
     rows = []
     for task in tasks:
         if not job.current:
             return None
-        score = evaluate(state, task, split)
+        score = evaluate({k: v for k, v in merged.for_task(task).items()} if per_task else state, task, split)
         rows += [{"task": task, "model": "merged", "accuracy": float(score["accuracy"])},
                  {"task": task, "model": "fine-tuned", "accuracy": references[task, split]}]
         job.advance()
