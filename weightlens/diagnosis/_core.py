@@ -35,7 +35,7 @@ from weightlens.taskvectors import TaskVectors
 
 __all__ = ["diagnose"]
 
-_SUMS = ["energy", "matrix_energy", "kept_energy", "coef_num", "mass", "sign_lost_mass", "lost"]
+_SUMS = ["energy", "matrix_energy", "kept_energy", "coef_num", "mass", "sign_lost_mass", "lost", "miss", "own_sq"]
 
 
 def _blocks(blocks: str | Callable[[str], str]) -> Callable[[str], str]:
@@ -67,9 +67,10 @@ def _check_inputs(tv: TaskVectors, merged: Any, evaluate: Any) -> None:
 def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
     """Per (task, key) sums, with compare's SAR and coefficient folded in as energy-weighted numerators."""
     df = pd.DataFrame(rows.per_task)
-    for name in ("mass", "sign_lost_mass", "lost", "rank"):
+    for name in ("mass", "sign_lost_mass", "lost", "rank", "miss"):
         if name not in df:
             df[name] = np.nan
+    df["own_sq"] = df["base_sq"] + 2.0 * df["base_dot"] + df["energy"]  # ||base + tau_t||^2: the task's own weights
     if comparison is not None:
         align = comparison.alignment[comparison.alignment["which"] == "merged"][["task", "key", "sar", "kept"]]
         df = df.merge(align.rename(columns={"kept": "coef"}), on=["task", "key"], how="left")
@@ -78,7 +79,7 @@ def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
         df["coef_num"] = np.where(live, df["coef"].fillna(0.0) * df["matrix_energy"], 0.0)
     else:
         df["kept_energy"] = df["coef_num"] = np.nan
-    df[["mass", "sign_lost_mass", "lost"]] = df[["mass", "sign_lost_mass", "lost"]].fillna(0.0)
+    df[["mass", "sign_lost_mass", "lost", "miss"]] = df[["mass", "sign_lost_mass", "lost", "miss"]].fillna(0.0)
     return df
 
 
@@ -145,8 +146,8 @@ def _aggregate(keys: pd.DataFrame, pairs: pd.DataFrame, by: list[str]) -> pd.Dat
     won = _leader(pairs, by, "won", s["sign_lost_mass"], s["mass"], "sign_won")
     out["sign_won_by"], out["sign_won"] = won["sign_won_by"], won["sign_won"]
     out["opposed_by"], out["opposition"] = _opposer(pairs, by, s["energy"])
-    lost = out["lost_energy"].fillna(0.0).clip(0.0, 1.0)
-    out["predicted_cost"] = out["energy_share"].fillna(0.0) * (1 - (1 - lost) * (1 - out["sign_lost"].fillna(0.0)))
+    # what restoring the group to the task's own weights changes, relative to those weights' size
+    out["predicted_cost"] = np.sqrt(_ratio(s["miss"], s["own_sq"])).fillna(0.0)
     out["energy"] = s["energy"]
     return out.reset_index()
 
@@ -166,7 +167,6 @@ def _tasks_table(keys: pd.DataFrame, pairs: pd.DataFrame, blocks: pd.DataFrame, 
     out["norm"] = np.sqrt(out["energy"])
     out["rel_distance"] = out["norm"] / base_norm if base_norm > 0 else math.nan
     if comparison is not None:
-        out["predicted_cost"] = blocks.groupby("task", sort=False)["predicted_cost"].sum()
         worst = blocks[blocks["rank"] == 1].set_index("task")["block"]
         out["worst_block"] = worst.reindex(out.index)
     else:  # no merge: only the task's own figures

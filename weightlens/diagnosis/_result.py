@@ -177,8 +177,9 @@ class Diagnosis:
             return ""
         worst = self.ranking(task).iloc[0]
         kept = "" if math.isnan(worst["kept"]) else f"kept {_pct(worst['kept'])} of its update there, "
-        text = (f"{task} loses most in {worst['block']} ({kept}which holds {_pct(worst['energy_share'])} of its "
-                f"update energy; predicted cost {worst['predicted_cost']:.3f})")
+        text = (f"{task} loses most in {worst['block']} (the merged block is {worst['predicted_cost']:.1%} of the "
+                f"task's own weights away from them: predicted cost {worst['predicted_cost']:.3f}; {kept}which holds "
+                f"{_pct(worst['energy_share'])} of its update energy)")
         if isinstance(worst["crowded_by"], str):
             text += f", crowded by {worst['crowded_by']} (overlap {worst['crowding']:.2f})"
         if isinstance(worst["opposed_by"], str) and worst["opposition"] >= OPPOSED:
@@ -189,7 +190,7 @@ class Diagnosis:
             if isinstance(worst["sign_won_by"], str):
                 text += f", mostly on coordinates {worst['sign_won_by']} won ({_pct(worst['sign_won'])})"
         return (text + f". Over the whole model it keeps {_pct(row['kept'])} of its update "
-                f"(predicted cost {row['predicted_cost']:.3f}).")
+                f"(predicted cost {row['predicted_cost']:.3f}: the merge is that far from its fine-tune, relatively).")
 
     def _whatif_sentence(self) -> str:
         """The what-if from the weights: per method the share its worst task keeps (``kept``)."""

@@ -10,6 +10,8 @@ number is an exact energy- or mass-weighted ratio of sums (``docs/diagnosis.md``
   ``L_t = (I - U U^T) tau_t`` and ``U`` the merged update's top-k left singular vectors (the SAR subspace of
   ``merge.compare``, same rank rule), taken from the task's cached SVD (:func:`_subspaces`); ``rank`` and
   ``min_dim`` (the task's numerical rank and the matrix's smaller side);
+* ``miss`` ``||tau_t - M||_F^2`` (every key, with a merge): how far the merged update ``M`` is from the
+  task's own, i.e. what restoring the key to the task's fine-tuned weights changes;
 * signs (every key): ``sign_lost_mass``, the mass of ``tau_t`` on coordinates where the merged update ``M``
   has the opposite sign, ``sgn(M) = -sgn(tau_t)``;
 * pairs: ``crowd`` ``||U_s^T L_t||_F^2`` with ``L_t`` the lost part above and ``U_s`` task ``s``'s own
@@ -132,7 +134,11 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
             mass, opposed, won = _signs(x, update)
         else:
             mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
-        part = {"mass": mass, "sign_lost_mass": opposed}
+        u = update.reshape(-1).to(device=x.device, dtype=_F64)
+        uu = float(u @ u)
+        tu = (x.to(_F64) @ u).tolist() if live else [0.0] * T
+        part = {"mass": mass, "sign_lost_mass": opposed,
+                "miss": [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]}
         if matrix and live:
             part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), update))
     else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
@@ -146,7 +152,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
     for t, task in enumerate(names):
         row = {"task": task, **common, "energy": energy[t], "base_dot": base_dot[t], "matrix": matrix,
                "matrix_energy": energy[t] if matrix else 0.0, "min_dim": min(tv.shape(key)) if matrix else 0}
-        for name in ("mass", "sign_lost_mass", "lost", "rank"):
+        for name in ("mass", "sign_lost_mass", "lost", "rank", "miss"):
             if name in part:
                 row[name] = part[name][t]
         rows.per_task.append(row)
