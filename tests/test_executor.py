@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -51,6 +52,27 @@ def serial_tsv(digits_zoo):
     """The serial TSV-M merge of the digits task zoo, every key computed, and its task vectors."""
     tv = _tv(digits_zoo)
     return tv, merge(tv, method="tsv").materialize()
+
+
+HANG_S = 150  # a guard, not a timing: a task Ray cannot schedule would otherwise hang CI
+
+
+@pytest.fixture(autouse=True)
+def _no_hang(request):
+    if request.node.get_closest_marker("ray") is None or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TimeoutError(f"{request.node.name} ran past {HANG_S} s: a Ray task never finished")
+
+    before = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(HANG_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def _tv(zoo):

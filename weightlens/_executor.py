@@ -78,8 +78,8 @@ def _ray() -> Any:
     except ImportError as exc:
         raise ImportError(f"executor='ray' needs Ray, which is not installed. Install it with: {_INSTALL}") from exc
     if not ray.is_initialized():
-        # RAY_ADDRESS (e.g. "auto" or "ray://head:10001") joins a running cluster; unset: a local one
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        # RAY_ADDRESS ("HEAD_IP:6379", "auto") joins a running cluster; unset: a new local one
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     return ray
 
 

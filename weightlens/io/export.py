@@ -451,10 +451,10 @@ def export(
         ``fingerprint`` (``"header"`` or ``"full"``), ``card`` (model-card extras), ``verify`` (a
         check of the written weights' sha256), ``overwrite_any`` (replace any existing
         ``out_dir``) and ``executor`` (``"local"`` or ``"ray"``: where a merge result's keys are
-        computed; default: the merge's own), e.g. ``export(merged, out, recipe=False)``. ``as_adapter=True`` (with
-        ``rank=None`` or an int) writes the merged update as a PEFT LoRA adapter folder instead
-        (:func:`weightlens.io.export_adapter`, which says what it writes and refuses); full weights
-        stay the default.
+        computed; default: the merge's own), e.g. ``export(merged, out, recipe=False)``.
+        ``as_adapter=True`` (with ``rank=None`` or an int) writes the merged update as a PEFT LoRA
+        adapter folder instead (:func:`weightlens.io.export_adapter`, which says what it writes and
+        refuses); full weights stay the default.
 
     Returns
     -------

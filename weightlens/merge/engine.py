@@ -231,7 +231,8 @@ class MergeResult(MergedWeights):
             self._weights[key] = tensor
         return self
 
-    def stream(self, keys: list[str] | None = None, *, executor: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def stream(self, keys: list[str] | None = None, *,
+               executor: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, self.peek(key))`` for ``keys`` (default: every key) in order, keeping nothing.
 
         What ``wl.export`` reads. ``executor`` (default: the ``executor`` given to ``merge``) runs the
@@ -452,7 +453,8 @@ def merge(
     return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress, executor=executor)
 
 
-def _remote_update(payload: tuple[MergeContext, MergeMethod, tuple[Any, ...], bool], key: str) -> tuple[KeyUpdate, list]:
+def _remote_update(payload: tuple[MergeContext, MergeMethod, tuple[Any, ...], bool],
+                   key: str) -> tuple[KeyUpdate, list]:
     """One key's update in a Ray worker, and what computing it stored in the (worker's) ``tv.cache``."""
     ctx, spec, frozen, store = payload
     ctx.tv.cache = linalg.DecompositionCache(ctx.tv.cache.max_bytes)  # this key's entries only
