@@ -41,7 +41,7 @@ def ray_cluster():
         pytest.skip(reason)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a new one, always
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this file
     yield ray
     ray.shutdown()
