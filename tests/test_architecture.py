@@ -1,10 +1,10 @@
 """The import rules of ``docs/ARCHITECTURE.md``, read from its tables and held against the code.
 
 The doc is the rule: its *Package map* says which rows a module may import, *Narrow imports* which
-file may import what of a narrow or private module, and *Where plotly and ipywidgets are imported*
+file may import what of a narrow or private module, and *Where plotly, ipywidgets and ray are imported*
 which rows may import those two. Every ``.py`` file under ``weightlens/`` is read with ``ast``
 (imports at module level and inside functions, ``import x``, ``from x import y``, relative imports),
-and every import of weightlens or of plotly/ipywidgets must be allowed there. The tables must also
+and every import of weightlens or of plotly/ipywidgets/ray must be allowed there. The tables must also
 be current: every package and top-level module has a row, every row names one that exists, and
 every permission is used. (``import weightlens`` loading neither plotly nor ipywidgets is
 ``tests/test_api.py::test_import_is_light``.)
@@ -99,7 +99,7 @@ def narrow_imports() -> tuple[tuple[str, str], ...]:
 @functools.lru_cache(maxsize=None)
 def third_party() -> dict[str, tuple[str, ...]]:
     return {_ticked(pkg)[0]: tuple(_full(u) for u in _ticked(where))
-            for pkg, where in _table("### Where plotly and ipywidgets are imported")}
+            for pkg, where in _table("### Where plotly, ipywidgets and ray are imported")}
 
 
 def row_of(unit: str) -> Row:
@@ -223,9 +223,9 @@ def test_every_permission_in_the_doc_is_used():
     assert not stale, f"{FIX} allows imports that no module makes any more (drop them):\n" + "\n".join(stale)
 
 
-def test_plotly_and_ipywidgets_are_imported_only_where_the_doc_says():
+def test_plotly_ipywidgets_and_ray_are_imported_only_where_the_doc_says():
     rule = third_party()
-    assert set(rule) == {"plotly", "ipywidgets"}, rule
+    assert set(rule) == {"plotly", "ipywidgets", "ray"}, rule
     wrong, seen = [], set()
     for imp in imports():
         top = imp.target.split(".")[0]
@@ -233,9 +233,9 @@ def test_plotly_and_ipywidgets_are_imported_only_where_the_doc_says():
             seen.add((top, unit(imp.importer)))
             if unit(imp.importer) not in rule[top]:
                 wrong.append(f"{imp.where}: {imp.importer} imports {imp.target}")
-    assert not wrong, f"{FIX} keeps plotly and ipywidgets to {rule}:\n" + "\n".join(wrong)
+    assert not wrong, f"{FIX} keeps plotly, ipywidgets and ray to {rule}:\n" + "\n".join(wrong)
     stale = [(pkg, u) for pkg, units in rule.items() for u in units if (pkg, u) not in seen]
-    assert not stale, f"{FIX} says these import plotly/ipywidgets, and they do not: {stale}"
+    assert not stale, f"{FIX} says these import plotly/ipywidgets/ray, and they do not: {stale}"
 
 
 def test_the_reader_sees_every_kind_of_import():

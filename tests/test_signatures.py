@@ -122,7 +122,8 @@ OLD_DEFAULTS = {
     "sweep": {"select_on": "val", "report_on": "test", "report_all": False, "reference": None, "device": "auto",
               "progress": None},
     "export": {"like": None, "recipe": None, "shard_size": "5GB", "dtype": None, "overwrite": False,
-               "overwrite_any": False, "progress": None, "card": None, "verify": None, "fingerprint": "header"},
+               "overwrite_any": False, "progress": None, "card": None, "verify": None, "fingerprint": "header",
+               "executor": None},  # executor: added as an option field (issue 18, item 3)
     "run_recipe": {"out": None, "overwrite": False, "overwrite_any": False, "progress": None, "device": None,
                    "verify": True, "check_inputs": True, "fingerprint": None},
     "LMCExplorer": {"permutations": None, "points": 25, "seed": 0, "bn_loader": None, "repair": None, "k": 16,

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from weightlens import decompositions, linalg
+from weightlens._executor import check_executor, map_keys
 from weightlens._progress import bar
 from weightlens.analysis.alignment import (
     cosine_matrix,
@@ -326,6 +327,7 @@ def analyze(
     keys: Iterable[str] | None = None,
     merged: Mapping[str, torch.Tensor] | None = None,
     progress: bool | None = None,
+    executor: str = "local",
     options: AnalysisOptions | None = None,
     **overrides: Any,
 ) -> Report:
@@ -341,6 +343,10 @@ def analyze(
         keys it updates (its update ``merged - base`` comes from ``weightlens.merged.merged_update``).
     progress : a bar over keys: None (default) follows ``weightlens.config.progress`` (auto: shown in
         notebooks and terminals when the work takes a while), True or False.
+    executor : ``"local"`` (default: this process) or ``"ray"``: one Ray task per key, reading the task
+        vectors from their files, decomposing on this process's torch thread count; the tables are
+        equal to the local ones and the decompositions land in ``tv.cache`` as locally
+        (``docs/scale.md``).
     options : an :class:`AnalysisOptions`; ``**overrides`` set its fields directly, e.g.
         ``analyze(tv, sar_criterion="paper", top_n=256, sign_density=0.2)``.
 
@@ -356,6 +362,7 @@ def analyze(
             "wl.TaskVectors(base, finetuned)."
         )
     opts = resolve_options(options, overrides)
+    check_executor(executor, caller="analyze")
     if tasks is not None:
         tv = tv.subset(tasks)
     notes = (tv.vocab.summary(),) if tv.vocab is not None else ()
@@ -366,9 +373,30 @@ def analyze(
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
     run = _Run(tv, opts, device, merged, with_merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
-    for key in bar(chosen, progress=progress, desc="analyze", unit="key"):
-        _analyze_key(run, key, tv.deltas(key))  # the only read of this key
+    fn = _analyze_here if executor == "local" else _analyze_there
+    gpus = 1 if executor != "local" and linalg.resolve_device(device).type == "cuda" else 0
+    walk = map_keys(fn, chosen, executor=executor, shared=run, gpus=gpus)
+    for _, found in bar(walk, progress=progress, desc="analyze", unit="key", total=len(chosen)):
+        if found is not None:  # a Ray task's rows, gram and cache entries, added in key order
+            rows, g, entries = found
+            for table, added in rows.items():
+                run.add(table, added)
+            run.gram += g
+            for tag, value in entries:
+                tv.cache.get_or_compute(tag, lambda value=value: value)
     return _build_report(run, chosen, notes)
+
+
+def _analyze_here(run: _Run, key: str) -> None:
+    _analyze_key(run, key, run.tv.deltas(key))  # the only read of this key
+
+
+def _analyze_there(run: _Run, key: str) -> tuple[dict[str, list[dict[str, Any]]], torch.Tensor, list]:
+    """One key in a Ray worker: its rows, its Gram matrix and what it stored in the (worker's) ``tv.cache``."""
+    run.tv.cache = linalg.DecompositionCache(run.tv.cache.max_bytes)  # this key's entries only
+    mine = dataclasses.replace(run, rows={}, gram=torch.zeros_like(run.gram))
+    _analyze_key(mine, key, mine.tv.deltas(key))
+    return mine.rows, mine.gram, run.tv.cache.items()
 
 
 def _select_keys(tv: TaskVectors, keys: Iterable[str] | None) -> list[str]:

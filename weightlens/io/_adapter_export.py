@@ -259,6 +259,9 @@ def export_adapter(merged: Any, out_dir: str | os.PathLike[str], *, rank: int | 
     if opts.card is not None:
         raise InvalidParameterError("export as an adapter writes its own card (rank and truncation error); it takes "
                                     "no card extras. Drop card=, or export the full weights.")
+    if opts.executor not in (None, "local"):
+        raise InvalidParameterError(f"export as an adapter runs in this process; executor={opts.executor!r} is a "
+                                    "setting of the full-weight export. Drop executor=, or export the full weights.")
     rank = _check_rank(rank)
     if not (hasattr(merged, "update_svd") and hasattr(merged, "task_vectors")):
         raise InvalidParameterError(

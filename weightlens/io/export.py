@@ -21,7 +21,9 @@ one step. An exception leaves nothing; a kill leaves only that hidden folder, wh
 beside it removes. Streaming: when shapes and dtypes are known from headers (a lazy merge, a
 ``Checkpoint``, a dict of tensors) each shard's header is written first and every tensor goes to
 disk as soon as it is computed, so memory holds one merged key (plus one key of every input while
-the merge computes it); other mappings are buffered one output shard at a time.
+the merge computes it); other mappings are buffered one output shard at a time. With
+``executor="ray"`` a merge result computes its keys as Ray tasks a few keys ahead of the writer
+(``MergeResult.stream``), which writes them in the same order: the same bytes as the serial path.
 
 Safe targets (``weightlens.io._paths``): an export never replaces the current or home folder, a
 folder above either, a filesystem root or a folder holding one of its inputs; ``overwrite=True``
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from weightlens._executor import check_executor
 from weightlens._finite import count_nonfinite, finite
 from weightlens._options import resolve_options
 from weightlens._progress import bar
@@ -218,6 +221,7 @@ class _WeightWriter:
                  metadata: Mapping[str, str], where: str, layout: ExportLayout) -> None:
         self.merged, self.folder, self.target, self.metadata, self.where = merged, folder, target, metadata, where
         self.layout = layout
+        self.stream: Any = None  # (key, tensor) in the order written, from an executor (MergeResult.stream)
         self.out = WrittenWeights()
         tv = getattr(merged, "task_vectors", None)
         updated = getattr(merged, "updated_keys", None)
@@ -231,7 +235,7 @@ class _WeightWriter:
         if extra:
             key, t = name, self.layout.read_extra(name)
         else:
-            t = getattr(self.merged, "peek", self.merged.__getitem__)(key)  # a MergeResult keeps nothing
+            t = self._read(key)
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{self.where}: merged[{key!r}] is a {type(t).__name__}, not a tensor.")
         orig = t
@@ -247,6 +251,14 @@ class _WeightWriter:
             )
         if not extra and self._base is not None and key in self._updated:
             self.out.moved[key] = _moved(t, self._base[key])
+        return t
+
+    def _read(self, key: str) -> Any:
+        if self.stream is None:
+            return getattr(self.merged, "peek", self.merged.__getitem__)(key)  # a MergeResult keeps nothing
+        got, t = next(self.stream)
+        if got != key:  # the stream follows the entries' order; anything else is a bug here
+            raise RuntimeError(f"{self.where}: the executor returned key {got!r} where {key!r} was due.")
         return t
 
     def write_planned(self, shards: list[list[_Item]], bar: tqdm) -> None:
@@ -359,6 +371,11 @@ class ExportOptions:
     card : mapping, optional
         Extras for the model card: ``"title"``, ``"metrics"`` (``{task: {metric: value}}`` or a
         DataFrame), ``"report"`` (an analysis ``Report`` or its ``summary()``), ``"notes"`` (text).
+    executor : {"local", "ray"} or None
+        Where a merge result's per-key work runs while it is written (None, the default: the
+        ``executor`` given to ``merge``); ``"ray"``: Ray tasks a few keys ahead of the shard writer,
+        written in the same order (the same bytes). Other mappings hold finished tensors: ``"ray"``
+        is refused for them.
     verify : callable, optional
         Called with ``{weight file: sha256}`` once the weights are written, before anything else is
         and before the folder is moved into place; an exception it raises leaves no output behind
@@ -373,6 +390,7 @@ class ExportOptions:
     card: Mapping[str, Any] | None = None
     verify: Callable[[Mapping[str, str]], None] | None = None
     overwrite_any: bool = False
+    executor: str | None = None
 
     def __post_init__(self) -> None:
         from weightlens.io import _card, recipe as _recipe
@@ -380,6 +398,8 @@ class ExportOptions:
         _card.check_extras(self.card)
         if self.recipe is not False:  # no recipe: no fingerprints
             _recipe.check_fingerprint_mode(self.fingerprint)
+        if self.executor is not None:
+            check_executor(self.executor, caller="export")
         if self.verify is not None and not callable(self.verify):
             raise InvalidParameterError(
                 f"The 'verify' parameter must be a callable or None. Got {self.verify!r} instead."
@@ -429,11 +449,12 @@ def export(
         What is written beside the weights and the expert safety knobs; ``**overrides`` set its
         fields directly: ``recipe`` (None: derived from a merge result; False: none),
         ``fingerprint`` (``"header"`` or ``"full"``), ``card`` (model-card extras), ``verify`` (a
-        check of the written weights' sha256) and ``overwrite_any`` (replace any existing
-        ``out_dir``), e.g. ``export(merged, out, recipe=False)``. ``as_adapter=True`` (with
-        ``rank=None`` or an int) writes the merged update as a PEFT LoRA adapter folder instead
-        (:func:`weightlens.io.export_adapter`, which says what it writes and refuses); full weights
-        stay the default.
+        check of the written weights' sha256), ``overwrite_any`` (replace any existing
+        ``out_dir``) and ``executor`` (``"local"`` or ``"ray"``: where a merge result's keys are
+        computed; default: the merge's own), e.g. ``export(merged, out, recipe=False)``.
+        ``as_adapter=True`` (with ``rank=None`` or an int) writes the merged update as a PEFT LoRA
+        adapter folder instead (:func:`weightlens.io.export_adapter`, which says what it writes and
+        refuses); full weights stay the default.
 
     Returns
     -------
@@ -480,6 +501,7 @@ def export(
         merged = load(merged)
     extras = opts.card if opts.card is not None else {}
     max_bytes, target = parse_size(shard_size), parse_dtype(dtype)
+    executor = _executor_for(merged, opts.executor)
     _paths.check_output_path(out_dir)
     out = Path(out_dir).expanduser()
     layout = _layout_of(merged)
@@ -492,7 +514,7 @@ def export(
     rec = _recipe.recipe_for(merged, opts.recipe, out=out, like=recorded, dtype=target, shard_size=shard_size,
                              fingerprint=opts.fingerprint)
     job = _Job(merged, out, target, max_bytes, _recipe.file_metadata(rec), rec, like_plan, extras,
-               opts.verify, progress, layout)
+               opts.verify, progress, layout, executor)
     try:
         with atomic_folder(out, overwrite=overwrite or overwrite_any, check=check) as tmp:
             _write_folder(job, tmp)
@@ -533,6 +555,19 @@ class _Job:
     verify: Callable[[Mapping[str, str]], None] | None
     progress: bool | None
     layout: ExportLayout
+    executor: str = "local"
+
+
+def _executor_for(merged: Mapping[str, Any], executor: str | None) -> str:
+    """The executor of an export: the one asked for, else the merge result's own, else ``"local"``."""
+    if executor is None:
+        return getattr(merged, "executor", "local")
+    if executor != "local" and not callable(getattr(merged, "stream", None)):
+        raise InvalidParameterError(
+            f"export(executor={executor!r}) computes a merge result's keys; this {type(merged).__name__} holds "
+            "finished tensors, so there is nothing to run. Drop executor=, or export wl.merge(...)'s result."
+        )
+    return executor
 
 
 def _layout_of(merged: Mapping[str, Any]) -> ExportLayout:
@@ -575,8 +610,12 @@ def _write_folder(job: _Job, tmp: Path) -> None:
     entries = _entries(job.merged, job.layout)
     plan = _plan(job.merged, entries, job.layout, job.target, job.max_bytes)
     total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
-    with bar(total=total, progress=job.progress, desc=f"export {job.out.name}", unit="B", unit_scale=True,
-             file=sys.stderr) as shown:
+    if job.executor != "local":  # computed a few keys ahead, in the order written
+        writer.stream = job.merged.stream([e.key for e in entries if e.key is not None],  # type: ignore[attr-defined]
+                                          executor=job.executor)
+    closing = contextlib.closing(writer.stream) if writer.stream is not None else contextlib.nullcontext()
+    with closing, bar(total=total, progress=job.progress, desc=f"export {job.out.name}", unit="B",
+                      unit_scale=True, file=sys.stderr) as shown:
         if plan is not None:
             writer.write_planned(plan, shown)
         else:

@@ -151,6 +151,21 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         file = self._infos[key].file
         return f"{file or self.source} key {key!r}"
 
+    # Pickling (a Ray task's inputs) --------------------------------------------------------------
+    _origin: Path | None = None  # the path ``load`` opened, when it opened one
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Opened from a path: pickled as that path and its headers, reopened (headers only) where it is
+        unpickled, and refused there if the file changed; in memory: pickled with its tensors."""
+        if self._origin is None:
+            return super().__reduce_ex__(protocol)
+        return (_reopen, (str(self._origin), self.name, self.hf_dir, self._infos))
+
+    def __copy__(self) -> Checkpoint:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 class AdapterCheckpoint(Checkpoint):
     """A PEFT LoRA adapter: the tensors of its weights file (the Mapping, under the file's names) and
@@ -251,13 +266,27 @@ def load(source: Any, *, name: str | None = None) -> Checkpoint:
     elif isinstance(source, Mapping):
         ckpt = _from_state_dict(source, "state_dict", "<state dict>")
     elif isinstance(source, (str, os.PathLike)):
-        ckpt = _from_path(_non_empty(source).expanduser())
+        path = _non_empty(source).expanduser()
+        ckpt = _from_path(path)
+        ckpt._origin = path
     else:
         raise CheckpointError(
             f"Cannot load a checkpoint from {type(source).__name__}: pass a path (file or HF folder), "
             "a state dict (Mapping[str, Tensor]), an nn.Module or a weightlens Checkpoint."
         )
     return ckpt if name is None or name == ckpt.name else ckpt.renamed(name)
+
+
+def _reopen(path: str, name: str, hf_dir: Path | None, infos: dict[str, TensorInfo]) -> Checkpoint:
+    """A pickled checkpoint opened again from ``path``; its headers must be the ones pickled."""
+    ckpt = load(path, name=name)
+    if ckpt._infos != infos:
+        raise CheckpointError(
+            f"{path}: its tensors' names, shapes or dtypes changed since it was opened (in another process); "
+            "open it again (wl.load, TaskVectors) and rerun."
+        )
+    ckpt.hf_dir = hf_dir
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------ in memory

@@ -139,6 +139,15 @@ class DecompositionCache:
             self._entries.clear()
             self.nbytes = self.hits = self.misses = self.evictions = 0
 
+    def items(self) -> list[tuple[Hashable, Any]]:
+        """``(key, value)`` of every entry, least recently used first (reads count no hit)."""
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._entries.items()]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A pickled cache (a Ray task's task vectors) arrives empty, with the same bound."""
+        return (type(self), (self.max_bytes,))
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -22,6 +22,11 @@ A method registered with ``per_task=`` (EMR-Merging) gives one model per task be
 the hook's (computed from the shared update of the key when read, cached per task), scaled by the same
 ``alpha``; everything that reads a merge result (indexing, ``peek``, ``update``, ``compare``, export)
 reads it unchanged.
+
+``merge(..., executor="ray")`` runs the per-key work of :meth:`MergeResult.materialize` and of
+``wl.export`` (:meth:`MergeResult.stream`) as Ray tasks (``weightlens._executor``), bitwise the serial
+result; what a task caches comes back to ``tv.cache`` as the serial path would have cached it. One
+key read by indexing is computed here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from weightlens import decompositions, linalg
+from weightlens._executor import check_executor, map_keys
 from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError, KeyMismatchError, ShapeMismatchError, WeightlensError
 from weightlens.linalg.factored import complete_basis
@@ -102,13 +108,16 @@ class MergeContext:
 
         return self.tv.cache.get_or_compute(("zero_tasks", self.tasks, key), compute)
 
+    def cache_key(self, tag: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Where :meth:`cached` keeps the value of ``tag`` in ``tv.cache``."""
+        return ("merge", *tag, self.tasks, str(self.device))
+
     def cached(self, tag: tuple[Any, ...], compute: Callable[[], Any], *, store: bool = True) -> Any:
         """``compute()`` cached in ``tv.cache`` under ``("merge", *tag, tasks, device)``.
 
         ``store=False`` takes a cached value but does not store a computed one.
         """
-        key = ("merge", *tag, self.tasks, str(self.device))
-        return self.tv.cache.get_or_compute(key, compute, store=store)
+        return self.tv.cache.get_or_compute(self.cache_key(tag), compute, store=store)
 
     def once(self, tag: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
         """A whole-model statistic: cached per ``tag``, task set and selected keys."""
@@ -137,6 +146,8 @@ class MergeResult(MergedWeights):
         The task vectors that were merged (``compare`` uses them).
     lazy : bool
         True while indexing keeps nothing (``merge(..., lazy=True)``, until :meth:`materialize`).
+    executor : {"local", "ray"}
+        Where :meth:`materialize` and ``wl.export`` run the per-key work (``merge(..., executor=)``).
     head : str or None
         The fine-tune whose head (keys only it has) ``wl.export`` carries; None by default (the base's
         layout). Set with :meth:`with_head`.
@@ -146,8 +157,9 @@ class MergeResult(MergedWeights):
     """
 
     def __init__(self, ctx: MergeContext, spec: MergeMethod, params: dict[str, Any], *, lazy: bool,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, executor: str = "local") -> None:
         self._ctx, self.spec = ctx, spec
+        self.executor = executor
         self.method = spec.name
         self.params = dict(params)
         self.task_vectors = ctx.tv
@@ -218,16 +230,49 @@ class MergeResult(MergedWeights):
         self._notes[key] = ku.notes
         return ku
 
-    def materialize(self, *, progress: bool | None = None) -> MergeResult:
+    def materialize(self, *, progress: bool | None = None, executor: str | None = None) -> MergeResult:
         """Compute and keep every key now (one walk over the base keys); returns ``self``.
 
-        ``progress`` shows a bar over the keys (default: the ``progress`` given to ``merge``).
+        ``progress`` shows a bar over the keys (default: the ``progress`` given to ``merge``);
+        ``executor`` runs the per-key work (default: the ``executor`` given to ``merge``).
         """
         self.lazy = False
         show = self._progress if progress is None else progress
-        for key in bar(self._keys, progress=show, desc=f"merge {self.method}", unit="key"):
-            self[key]
+        keys = [k for k in self._keys if k not in self._weights]
+        walk = self._stream(keys, store=True, executor=executor)
+        for key, tensor in bar(walk, progress=show, desc=f"merge {self.method}", unit="key", total=len(keys)):
+            self._weights[key] = tensor
         return self
+
+    def stream(self, keys: list[str] | None = None, *,
+               executor: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, self.peek(key))`` for ``keys`` (default: every key) in order, keeping nothing.
+
+        What ``wl.export`` reads. ``executor`` (default: the ``executor`` given to ``merge``) runs the
+        keys whose update is not cached yet; with ``"ray"`` a few keys are computed ahead of the reader.
+        """
+        return self._stream(list(self._keys) if keys is None else list(keys), store=False, executor=executor)
+
+    def _stream(self, keys: list[str], *, store: bool, executor: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+        executor = check_executor(self.executor if executor is None else executor, caller="MergeResult")
+        ctx, read = self._ctx, (self.__getitem__ if store else self.peek)
+        remote = set()
+        if executor != "local":
+            remote = {k for k in keys if k in self._selected and k not in self._weights
+                      and ctx.cache_key(("update", self.spec.name, self._frozen, k)) not in ctx.tv.cache}
+        ordered = [k for k in keys if k in remote]
+        payload = (ctx, self.spec, self._frozen, store)
+        done = map_keys(_remote_update, ordered, executor=executor, shared=payload,
+                        gpus=1 if ctx.device.type == "cuda" else 0)
+        for key in keys:
+            if key not in remote:
+                yield key, read(key)
+                continue
+            _, (ku, entries) = next(done)
+            for tag, value in entries:  # what the task cached, where the serial path caches it
+                ctx.tv.cache.get_or_compute(tag, lambda value=value: value)
+            self._notes[key] = ku.notes
+            yield key, _full(self.task_vectors.base[key], ku.update, self.alpha)
 
     @property
     def state(self) -> Mapping[str, Any]:
@@ -390,6 +435,7 @@ def merge(
     device: str | torch.device = "auto",
     progress: bool | None = None,
     lazy: bool = False,
+    executor: str = "local",
     **params: Any,
 ) -> MergeResult:
     """Merge fine-tunes of one base model; returns the full merged weights.
@@ -417,6 +463,12 @@ def merge(
         update). By default a key read by indexing is kept. Either way ``merge`` returns at once:
         keys are computed when read (whole-model statistics such as the TIES global thresholds are
         computed here, in a first pass), and ``wl.export`` streams the result one key at a time.
+    executor : {"local", "ray"}, default="local"
+        Where :meth:`MergeResult.materialize` and ``wl.export`` run the per-key work: this process, or
+        Ray tasks (``pip install 'weightlens[ray]'``; joins ``RAY_ADDRESS`` or an earlier
+        ``ray.init(address=...)``, else starts a local cluster) that read their inputs from the
+        checkpoint files and decompose on this process's torch thread count: bitwise the local
+        result (``docs/scale.md``).
     **params
         The method's parameters (unknown names and out-of-range values raise
         ``InvalidParameterError`` listing the valid ones and their defaults; real values, ``alpha``
@@ -439,6 +491,7 @@ def merge(
     >>> merge(tv, method="task_arithmetic", alpha=0.5)["w"].tolist()
     [[0.0, 0.0], [0.0, 0.0]]
     """
+    check_executor(executor, caller="merge")
     tv = task_vectors_of(base_or_tv, finetuned)
     spec = get_method(method)
     resolved = spec.resolve(params, len(tv))
@@ -446,7 +499,16 @@ def merge(
     ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner)
     if spec.prepare is not None:
         ctx.state = dict(spec.prepare(ctx, **inner))
-    return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress)
+    return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress, executor=executor)
+
+
+def _remote_update(payload: tuple[MergeContext, MergeMethod, tuple[Any, ...], bool],
+                   key: str) -> tuple[KeyUpdate, list]:
+    """One key's update in a Ray worker, and what computing it stored in the (worker's) ``tv.cache``."""
+    ctx, spec, frozen, store = payload
+    ctx.tv.cache = linalg.DecompositionCache(ctx.tv.cache.max_bytes)  # this key's entries only
+    ku = ctx.cached(("update", spec.name, frozen, key), lambda: _checked(spec, ctx, key), store=store)
+    return ku, ctx.tv.cache.items()
 
 
 def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
