@@ -6,14 +6,16 @@ cache, keeping the medians:
 
 * ``merge``: ``wl.merge(tv, method=...).materialize()`` on an empty cache (every decomposition computed);
 * ``diagnose``: ``wl.diagnose(tv, merged)`` right after it, on the cache the merge left (the merged
-  update's SVDs, the per-task SVDs a spectral merge computed): ``merge.compare`` (SAR against the merge
-  and against the task-arithmetic sum, whose SVD it adds), the crowding projections (each task's SVD:
-  computed here when the merge did not), the sign story, the pre-merge checks and the tables.
+  update's SVDs, the per-task SVDs a spectral merge computed), in one pass over the keys:
+  ``merge.compare`` (SAR against the merge and against the task-arithmetic sum, whose SVD it adds unless
+  the merge has it: task arithmetic's update SVD is that sum's), then on what it read the crowding
+  projections (each task's SVD: computed here when the merge did not), the sign story, the pre-merge
+  checks and the tables.
 
-``ratio = diagnose / merge``: the acceptance figure is <= 2 after a spectral merge (TSV, Iso-CTS), whose
-decompositions diagnose reuses. Task arithmetic and TIES decompose nothing, so there diagnose pays for every
-SVD itself and the ratio says what a diagnosis costs on top of a cheap merge. Each row is printed when its
-method is done.
+``ratio = diagnose / merge``: the acceptance figure is <= 2 after a merge that decomposes the tasks or their
+sum (TSV, Iso-CTS, STAR), whose decompositions diagnose reuses, and TIES. Task arithmetic decomposes nothing
+and costs a sum, so there diagnose pays for every SVD itself and the ratio says what a diagnosis costs on
+top of a cheap merge. Each row is printed when its method is done.
 Run ``python benchmarks/bench_diagnose.py`` (``--help`` for options) after
 ``weightlens zoo build --size ci --names minilm-tasks``. The load average is printed before and after:
 other processes on the machine skew every case.
@@ -33,7 +35,7 @@ from weightlens.taskvectors import TaskVectors
 
 from _machine import load_average, machine, timed  # noqa: E402  (benchmarks run as scripts)
 
-METHODS = ("tsv", "iso_cts", "task_arithmetic")
+METHODS = ("tsv", "iso_cts", "ties", "star", "task_arithmetic")
 
 
 def once(tv: TaskVectors, method: str, device: str) -> tuple[float, float, int, int]:

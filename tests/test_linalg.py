@@ -764,3 +764,15 @@ def test_more_torch_threads_than_cores_warns_once_per_count(monkeypatch):
     with linalg.torch_threads(1), warnings.catch_warnings():
         warnings.simplefilter("error")
         linalg.svd(x, device="cpu")  # within the cores: silent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (4, 4), (2, 6, 3), (2, 3, 6)])
+def test_zero_matrix_decomposed_as_lapack_without_it(shape, dtype):
+    """An all-zero matrix (a frozen layer) skips LAPACK: the same factors gesdd returns, exactly."""
+    z = torch.zeros(shape, dtype=dtype)
+    U, S, Vh = torch.linalg.svd(z, full_matrices=False)
+    got = linalg.svd(z, dtype=dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, (U, S, Vh)))
+    assert torch.equal(linalg.svdvals(z, dtype=dtype), S)
+    assert torch.equal(linalg.polar(z, dtype=dtype), U @ Vh)

@@ -1,9 +1,11 @@
 """``diagnose(tv, merged)``: what a merge lost of each task, where, why, and at what predicted cost.
 
-One pass of :func:`weightlens.merge.compare` (SAR of every task against the merged update, sign
-outcomes, the key checks) and one pass of ``_walk`` (the lost part's crowding, the per-task sign story,
-the pre-merge sums); both read the decompositions cached in ``tv.cache`` (a merge result's update SVDs,
-the per-task SVDs a spectral merge computed). Every block and task figure is a ratio of sums over keys
+One pass over the keys: :func:`weightlens.merge.compare` (SAR of every task against the merged update,
+sign outcomes, the key checks) hands each key, once done with it, to ``_walk`` (the lost part's crowding,
+the per-task sign story, the pre-merge sums), which takes the task vectors, the merged update, its SVD and
+the sign pass from it (``compare``'s ``visit``) instead of reading or computing them again; both read the
+decompositions cached in ``tv.cache`` (a merge result's update SVDs, the per-task SVDs a spectral merge
+computed). Every block and task figure is a ratio of sums over keys
 (energy- or mass-weighted), defined in ``docs/diagnosis.md``.
 """
 
@@ -266,20 +268,15 @@ def diagnose(
     opts = resolve_options(DiagnoseOptions, options, overrides, caller="diagnose")
     _check_inputs(tv, merged, evaluate)
     criterion, block, eps = check_criterion(opts.criterion), _blocks(blocks), float(opts.eps)
-    comparison, merged_svd = None, None
+    comparison = None
     dev = linalg.resolve_device(merged.device if isinstance(merged, MergeResult) else opts.device)
-    if merged is not None:
-        comparison = compare(tv, merged, criterion=criterion, eps=eps, device=dev, progress=progress)
-        if isinstance(merged, MergeResult):
-            def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
-                return merged.update_svd(key)
-        else:
-            def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
-                return linalg.svd(update, device=dev, name=key)
-    run = KeyPass(tv, merged, criterion, eps, dev, merged_svd, block)
-    rows = Rows()
-    for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
-        walk_key(run, key, rows)
+    run, rows = KeyPass(tv, merged, criterion, eps, dev, block), Rows()
+    if merged is not None:  # one pass over the keys: compare's rows, then the walk's on what compare read
+        comparison = compare(tv, merged, criterion=criterion, eps=eps, device=dev, progress=progress,
+                             visit=lambda view: walk_key(run, view.key, rows, view))
+    else:
+        for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
+            walk_key(run, key, rows)
     keys = _key_table(rows, comparison)
     pairs = pd.DataFrame(rows.per_pair, columns=["task", "other", "key", "block", "crowd", "won", "dot"])
     checks = checks_table(tv, keys, _conflicts(rows, comparison, block))

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightlens import decompositions, linalg
 from weightlens.analysis.alignment import left_span, reference_ranks
 from weightlens.analysis.signs import conflict_stats
-from weightlens.merged import merged_update
 from weightlens.taskvectors import TaskVectors
+
+if TYPE_CHECKING:
+    from weightlens.merge.compare import KeyView
 
 __all__ = ["KeyPass", "Rows", "walk_key"]
 
@@ -54,14 +56,13 @@ class Rows:
 
 @dataclass(frozen=True)
 class KeyPass:
-    """What one key's pass needs besides the key: inputs, rank rule, devices, the merged update's SVD."""
+    """What one key's pass needs besides the key: inputs, rank rule, devices, blocks."""
 
     tv: TaskVectors
     merged: Mapping[str, torch.Tensor] | None
     criterion: str
     eps: float
     device: torch.device
-    merged_svd: Callable[[str, torch.Tensor], linalg.SVD] | None
     block: Callable[[str], str]
 
 
@@ -71,13 +72,12 @@ def _top_span(dec: linalg.SVD, shape: tuple[int, int], eps: float, criterion: st
     return U[:, : min(reference_ranks(dec.S, eps)[criterion], U.shape[1])]
 
 
-def _signs(x: torch.Tensor, update: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor]:
-    """Mass, opposed mass per task and the ``(T, T)`` matrix of opposed mass that task ``s`` won."""
-    su = torch.sign(update.reshape(-1).to(torch.float32))
-    sd = torch.sign(x)
-    mag = x.abs()
-    opposed = mag * ((sd * su) < 0)  # |tau_t| where the merged sign is the opposite of tau_t's
-    agrees = ((sd * su) > 0).to(torch.float32)  # tau_s has the merged sign (non-zero)
+def _signs(signs: dict[str, torch.Tensor]) -> tuple[list[float], list[float], torch.Tensor]:
+    """Mass, opposed mass per task and the ``(T, T)`` matrix of opposed mass that task ``s`` won, from
+    ``merge.compare``'s sign pass of the key (``KeyView.signs``: ``|tau_t|``, ``sgn(tau_t) sgn(M)``)."""
+    mag, agree = signs["mag"], signs["agree"]
+    opposed = mag * (agree < 0)  # |tau_t| where the merged sign is the opposite of tau_t's
+    agrees = (agree > 0).to(torch.float32)  # tau_s has the merged sign (non-zero)
     won = (opposed @ agrees.mT).to(_F64)  # won[t, s]: t's opposed mass on coordinates s won
     return mag.sum(1, dtype=_F64).tolist(), opposed.sum(1, dtype=_F64).tolist(), won
 
@@ -88,16 +88,19 @@ def _block_sums(x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tens
     return torch.stack([part.sum(1) for part in torch.split(r, cols, dim=1)], dim=1)
 
 
-def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], update: torch.Tensor) -> dict[str, Any]:
+def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SVD,
+               deltas: torch.Tensor) -> dict[str, Any]:
     """Matrix keys: lost energy per task, the tasks' numerical ranks, and the crowding matrix.
 
     From each task's cached thin SVD ``tau_t = U_t S_t V_t^T``: ``L_t V_t = (I - U U^T) U_t S_t`` has the
     norms of ``L_t`` (``V_t`` has orthonormal columns), so ``||U_s^T L_t||`` is taken on ``m x r`` blocks
     instead of the ``m x n`` deltas: exact, cheaper for wide matrices, and from the factors for adapters.
+    ``merged``: the merged update's SVD; ``deltas``: the key's task vectors (a task SVD not cached yet is
+    taken of them, not of a second read).
     """
     tv = run.tv
-    U = _top_span(run.merged_svd(key, update), shape, run.eps, run.criterion)
-    own = [decompositions.svd(tv, key, t, device=run.device) for t in tv.names]
+    U = _top_span(merged, shape, run.eps, run.criterion)
+    own = [decompositions.svd(tv, key, t, device=run.device, delta=deltas[i]) for i, t in enumerate(tv.names)]
     spans = [_top_span(d, shape, run.eps, run.criterion).to(U.device) for d in own]
     scaled = torch.cat([d.U * d.S for d in own], dim=1).to(U.device)  # (m, sum r): U_t S_t side by side
     lost_part = scaled - U @ (U.mT @ scaled)
@@ -113,25 +116,27 @@ def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], update: torch.Ten
     }
 
 
-def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
-    """Append the rows of one key (see the module docstring)."""
+def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) -> None:
+    """Append the rows of one key (see the module docstring). After a merge, ``view`` is what
+    ``merge.compare``'s pass read and computed at the key (its ``visit``): nothing is read twice."""
     tv, names = run.tv, run.tv.names
     T, block, matrix = len(names), run.block(key), tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
-    deltas = tv.deltas(key)
+    if run.merged is not None and view is None:
+        raise ValueError("walk_key: a merge's keys are walked through merge.compare's visit (a KeyView).")
+    deltas = tv.deltas(key) if view is None else view.deltas
     x = deltas.reshape(T, -1)
     base = tv.base_tensor(key).reshape(-1).to(_F64)
     live = bool(x.any())
-    x64 = x.to(_F64) if live else None
+    x64 = (x.to(_F64) if view is None else view.signs["x64"]) if live else None
     energy = x64.square().sum(1).tolist() if live else [0.0] * T
     base_dot = (x64 @ base).tolist() if live else [0.0] * T
     gram = (x64 @ x64.mT).cpu() if live else torch.zeros(T, T, dtype=_F64)
     del x64
     common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
     part: dict[str, Any] = {}
-    if run.merged is not None:
-        update = merged_update(tv, run.merged, key, caller="diagnose()")
+    if view is not None:
         if live:
-            mass, opposed, won = _signs(x, update)
+            mass, opposed, won = _signs(view.signs)
         else:
             mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
         u = update.reshape(-1).to(device=x.device, dtype=_F64)
@@ -140,7 +145,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows) -> None:
         part = {"mass": mass, "sign_lost_mass": opposed,
                 "miss": [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]}
         if matrix and live:
-            part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), update))
+            part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), view.svd, deltas))
     else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
         stats = conflict_stats(deltas)
         rows.conflicts.append({"key": key, "block": block, "contested": stats["n_eligible"],

@@ -88,7 +88,7 @@ def task_arithmetic(ctx: MergeContext, key: str) -> KeyUpdate:
     alpha : float, default=0.3
         Coefficient of the sum (fusion_bench's default without validation).
     """
-    return KeyUpdate(ctx.deltas(key).sum(0))
+    return KeyUpdate(ctx.deltas(key).sum(0), task_sum=True)
 
 
 # ------------------------------------------------------------------------------ TIES pieces

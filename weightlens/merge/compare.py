@@ -23,7 +23,7 @@ Per-task summaries (``per_task``): ``sar`` is the plain mean over matrices (as t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,7 +40,7 @@ from weightlens.merge.engine import MergeResult
 from weightlens.merged import check_merged, merged_update
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["Comparison", "compare", "sign_outcomes"]
+__all__ = ["Comparison", "KeyView", "compare", "sign_outcomes"]
 
 WHICH = ("merged", "task_arithmetic")
 
@@ -148,47 +148,99 @@ class Comparison:
         )
 
 
+@dataclass(frozen=True)
+class KeyView:
+    """What :func:`compare`'s pass holds for one key when it is done with it, handed to ``visit`` so that a
+    caller walking the same keys (``diagnose``) reads and decomposes nothing a second time.
+
+    Attributes
+    ----------
+    key : str
+    deltas : Tensor
+        The stacked task vectors ``(T, *shape)``, fp32, CPU (read once).
+    update : Tensor
+        The merged update ``merged - base`` of the key, fp32.
+    svd : SVD or None
+        The merged update's SVD (matrix keys with a non-empty shape), else None.
+    signs : dict of Tensor
+        The merged side's elementwise sign pass, flattened ``(T, P)`` (empty when every task vector is zero
+        there): ``"sd"`` ``sgn(tau_t)``, ``"su"`` ``sgn(update)`` ``(P,)``, ``"mag"`` ``|tau_t|``,
+        ``"agree"`` ``sgn(tau_t) * sgn(update)`` (float32), and ``"x64"`` the task vectors in float64.
+    """
+
+    key: str
+    deltas: torch.Tensor
+    update: torch.Tensor
+    svd: linalg.SVD | None
+    signs: dict[str, torch.Tensor]
+
+
 # ------------------------------------------------------------------------------- small pieces
 def sign_outcomes(deltas: torch.Tensor, update: torch.Tensor) -> dict[str, float]:
     """Sign-conflict statistics of one key for one update (see module docstring)."""
     return _outcomes(deltas, update)[0]
 
 
-def _outcomes(deltas: torch.Tensor, update: torch.Tensor) -> tuple[dict[str, float], dict[str, list]]:
+def _task_side(deltas: torch.Tensor) -> dict[str, Any]:
+    """The half of :func:`_outcomes` that depends on the task vectors alone, computed once per key for both
+    updates (the merge's and the task-arithmetic sum): signs, votes, magnitudes, conflict counts and mass,
+    the float64 copy and its per-task sums."""
+    x = deltas.reshape(deltas.shape[0], -1).to(torch.float32)
+    if not bool(x.any()):  # frozen in every task (e.g. embeddings): nothing is contested
+        return {"x": x, "live": False}
+    sd, _, count, conflict = sign_votes(x)  # conflict: both signs present
+    mag = x.abs()
+    x64 = x.to(torch.float64)
+    return {
+        "x": x, "live": True, "sd": sd, "conflict": conflict, "mag": mag, "x64": x64,
+        "sum_sign": torch.sign(x.sum(0)),  # the sum's sign: as task arithmetic computes it
+        "n_conf": int(torch.count_nonzero(conflict)),
+        "total_mass": float((mag * conflict).sum()),
+        "contested": int(torch.count_nonzero(count >= 2)),
+        "nonzero": torch.count_nonzero(sd, dim=1).tolist(),
+        "tt": torch.linalg.vector_norm(x64, dim=1).square().tolist(),
+    }
+
+
+def _outcomes(deltas: torch.Tensor, update: torch.Tensor, keep: dict[str, torch.Tensor] | None = None,
+              side: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, list]]:
     """Sign statistics of one key, and per task: non-zero and agreeing entries, inner products.
 
     Elementwise work stays in float32 (signs are exact there, and it is several times faster than
     float64 on the CPU) without boolean indexing; counts are exact integers (``count_nonzero``),
-    inner products are float64. Vectorised over tasks.
+    inner products are float64. Vectorised over tasks. ``side``: :func:`_task_side` of ``deltas`` when
+    the caller has it (computed here otherwise); ``keep``: receives the elementwise tensors
+    (:class:`KeyView`'s ``signs``).
     """
-    x = deltas.reshape(deltas.shape[0], -1).to(torch.float32)
-    u = update.reshape(-1).to(torch.float32)
-    if not bool(x.any()):  # frozen in every task (e.g. embeddings): nothing is contested
+    side = _task_side(deltas) if side is None else side
+    x, u = side["x"], update.reshape(-1).to(torch.float32)
+    if not side["live"]:
         return _frozen_outcomes(x, u)
-    sd, _, count, conflict = sign_votes(x)  # conflict: both signs present
+    sd, conflict, mag, n_conf, total_mass = side["sd"], side["conflict"], side["mag"], side["n_conf"], side[
+        "total_mass"]
     su = torch.sign(u)
-    n_conf = int(torch.count_nonzero(conflict))
-    mag = x.abs()
-    total_mass = float((mag * conflict).sum())
     against = (sd == -su) & (su != 0) & conflict
-    won = (su == torch.sign(x.sum(0))) & conflict  # the sum's sign: as task arithmetic computes it
+    won = (su == side["sum_sign"]) & conflict
+    agree = sd * su  # > 0: the update keeps the task's (non-zero) sign
     stats = {
         "coords": x.shape[1],
-        "contested": int(torch.count_nonzero(count >= 2)),
+        "contested": side["contested"],
         "conflicting": n_conf,
         "zeroed": int(torch.count_nonzero((su == 0) & conflict)) / n_conf if n_conf else math.nan,
         "mass_side_won": int(torch.count_nonzero(won)) / n_conf if n_conf else math.nan,
         "opposing_mass": float((mag * against).sum()) / total_mass if total_mass > 0 else math.nan,
         "conflict_mass": total_mass,
     }
-    x64, u64 = x.to(torch.float64), u.to(torch.float64)
+    x64, u64 = side["x64"], u.to(torch.float64)
     per_task = {
-        "nonzero": torch.count_nonzero(sd, dim=1).tolist(),
-        "agree": torch.count_nonzero(sd * su > 0, dim=1).tolist(),  # same non-zero sign
+        "nonzero": side["nonzero"],
+        "agree": torch.count_nonzero(agree > 0, dim=1).tolist(),  # same non-zero sign
         "tu": (x64 @ u64).tolist(),
-        "tt": torch.linalg.vector_norm(x64, dim=1).square().tolist(),
+        "tt": side["tt"],
         "uu": float(u64 @ u64),
     }
+    if keep is not None:
+        keep.update(sd=sd, su=su, mag=mag, agree=agree, x64=x64)
     return stats, per_task
 
 
@@ -202,11 +254,23 @@ def _frozen_outcomes(x: torch.Tensor, u: torch.Tensor) -> tuple[dict[str, float]
 
 
 # ------------------------------------------------------------------------------- the walk
+class _Rows:
+    """Rows kept in ``tv.cache`` (plain values, no tensor): opaque to the cache's byte count, which would
+    otherwise walk every row dict to find 0 bytes (0.3 s per compare on the MiniLM zoo)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: dict[str, list]) -> None:
+        self.rows = rows
+
+
 def _side_rows(
     tv: TaskVectors, key: str, which: str, upd: torch.Tensor, deltas: torch.Tensor,
-    svd: linalg.SVD | None, opts: dict[str, Any],
+    svd: linalg.SVD | None, opts: dict[str, Any], keep: dict[str, torch.Tensor] | None = None,
+    side: dict[str, Any] | None = None,
 ) -> dict[str, list]:
-    """Every row of one key for one update: alignment and spectrum (matrices), signs, per-task sums."""
+    """Every row of one key for one update: alignment and spectrum (matrices), signs, per-task sums
+    (``keep``, ``side``: see :func:`_outcomes`)."""
     out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     if svd is not None:
         rows = sar_to_reference(key, deltas, tv.names, which, svd, opts["eps"], opts["criterion"])
@@ -214,7 +278,7 @@ def _side_rows(
                            for i, s in enumerate(svd.S.cpu())]
         out["alignment"] = [{"task": r["task"], "key": key, "which": which, "sar": r["sar"], "k": r["k"]}
                             for r in rows]
-    stats, per_task = _outcomes(deltas, upd)
+    stats, per_task = _outcomes(deltas, upd, keep, side)
     rate = stats["conflicting"] / stats["contested"] if stats["contested"] else math.nan
     out["signs"].append({"key": key, "which": which, **stats, "conflict_rate": rate,
                          "chance_rate": chance_conflict(len(tv))})
@@ -232,20 +296,25 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
 
     The task-arithmetic rows depend only on the task vectors and the rank rule, so they are cached
     in ``tv.cache``: comparing another merge of the same tasks (a method switch in the studio)
-    computes only the merge's half.
+    computes only the merge's half. ``opts["visit"]``, when set, then receives the key's :class:`KeyView`.
     """
     spectral = tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
     deltas = tv.deltas(key)
-    merged_rows = _side_rows(tv, key, "merged", merged_update(tv, merged, key, caller="compare()"), deltas,
-                             opts["merged_svd"](key) if spectral else None, opts)
+    update = merged_update(tv, merged, key, caller="compare()")
+    svd = opts["merged_svd"](key, update) if spectral else None
+    signs: dict[str, torch.Tensor] = {}
+    side = _task_side(deltas)  # the task vectors' half of the sign pass, for both updates
+    merged_rows = _side_rows(tv, key, "merged", update, deltas, svd, opts, signs, side)
 
     def task_arithmetic() -> dict[str, list]:
         total = deltas.sum(0)
         svd = decompositions.svd(tv, key, tv.names, device=opts["device"], delta=total) if spectral else None
-        return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts)
+        return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts, side=side)
 
     tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))
-    ta_rows = tv.cache.get_or_compute(tag, task_arithmetic)
+    ta_rows = tv.cache.get_or_compute(tag, lambda: _Rows(task_arithmetic())).rows
+    if opts.get("visit") is not None:
+        opts["visit"](KeyView(key, deltas, update, svd, signs))
     return {name: rows + ta_rows[name] for name, rows in merged_rows.items()}
 
 
@@ -283,6 +352,7 @@ def compare(
     keys: list[str] | None = None,
     device: str | torch.device = "auto",
     progress: bool | None = None,
+    visit: Callable[[KeyView], None] | None = None,
 ) -> Comparison:
     """Compare a merge with task arithmetic: alignment per task, spectra, sign conflicts.
 
@@ -305,6 +375,10 @@ def compare(
         them).
     progress : bool or None, default=None
         A bar over keys; None follows ``weightlens.config.progress``.
+    visit : callable, optional
+        ``visit(view)`` once per compared key, in order, with the :class:`KeyView` of what the pass read
+        and computed there (the task vectors, the merged update, its SVD, the sign pass): how
+        ``diagnose`` walks the keys once for both.
 
     Returns
     -------
@@ -328,11 +402,12 @@ def compare(
     check_merged(tv, merged, chosen, caller="compare()")
     dev = linalg.resolve_device(device)
     if isinstance(merged, MergeResult):
-        merged_svd = merged.update_svd
+        def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
+            return merged.update_svd(key)
     else:
-        def merged_svd(key: str) -> linalg.SVD:
-            return linalg.svd(merged_update(tv, merged, key, caller="compare()"), device=dev, name=key)
-    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd}
+        def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
+            return linalg.svd(update, device=dev, name=key)
+    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd, "visit": visit}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     for key in bar(chosen, progress=progress, desc="compare", unit="key"):
         for name, part in _key_rows(tv, merged, key, opts).items():

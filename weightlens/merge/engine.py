@@ -306,6 +306,10 @@ class MergeResult(MergedWeights):
         if ku.factors is not None:  # the method built its update from these (TSV-M, Iso)
             U, S, Vh = ctx.cached(("update_svd_completed", self.method, self._frozen, key),
                                   lambda: _completed(ku.factors, min(ctx.shape(key))))
+        elif ku.task_sum and any(ctx.tv.factors(t, key) is None for t in ctx.tasks):
+            # the task sum, dense (adapters alone: decompositions would take it from their factors): the
+            # same decomposition as compare's task-arithmetic side and analyze's, computed once for all
+            U, S, Vh = decompositions.svd(ctx.tv, key, ctx.tasks, device=ctx.device, delta=ku.update)
         else:
             U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
                                   lambda: linalg.svd(ku.update, device=ctx.device, name=key))
@@ -522,7 +526,7 @@ def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
         raise ShapeMismatchError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for "
                                  f"key {key!r}; expected {shape} (the key's shape).")
     update = ku.update.detach().to(device="cpu", dtype=torch.float32)
-    return KeyUpdate(update, tuple(ku.notes), _checked_factors(spec, key, ku.factors, shape))
+    return KeyUpdate(update, tuple(ku.notes), _checked_factors(spec, key, ku.factors, shape), ku.task_sum)
 
 
 def _checked_task(spec: MergeMethod, ctx: MergeContext, key: str, task: str, shared: KeyUpdate) -> KeyUpdate:

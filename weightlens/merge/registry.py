@@ -107,11 +107,15 @@ class KeyUpdate:
         the update has rank at most ``p``) for a method that builds its update from orthonormal factors
         anyway (TSV-M, Iso): ``MergeResult.update_svd`` then needs no decomposition (it completes fewer
         than ``min(m, n)`` triplets with zero values and orthogonal directions only when asked).
+    task_sum : True when ``update`` is the plain task-arithmetic sum ``ctx.deltas(key).sum(0)`` (task
+        arithmetic): ``MergeResult.update_svd`` is then the sum's SVD of ``weightlens.decompositions``, the
+        one ``compare`` and ``analyze`` take, decomposed once for all of them.
     """
 
     update: torch.Tensor
     notes: tuple[str, ...] = ()
     factors: Any = None
+    task_sum: bool = False
 
 
 @dataclass(frozen=True)
