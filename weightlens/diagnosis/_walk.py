@@ -131,6 +131,11 @@ def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) ->
     energy = x64.square().sum(1).tolist() if live else [0.0] * T
     base_dot = (x64 @ base).tolist() if live else [0.0] * T
     gram = (x64 @ x64.mT).cpu() if live else torch.zeros(T, T, dtype=_F64)
+    if view is not None:  # ||tau_t - M||^2 = ||tau_t||^2 - 2 <tau_t, M> + ||M||^2
+        u = view.update.reshape(-1).to(device=x.device, dtype=_F64)
+        uu = float(u @ u)
+        tu = (x64 @ u).tolist() if live else [0.0] * T
+        miss = [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]
     del x64
     common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
     part: dict[str, Any] = {}
@@ -139,11 +144,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) ->
             mass, opposed, won = _signs(view.signs)
         else:
             mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
-        u = update.reshape(-1).to(device=x.device, dtype=_F64)
-        uu = float(u @ u)
-        tu = (x.to(_F64) @ u).tolist() if live else [0.0] * T
-        part = {"mass": mass, "sign_lost_mass": opposed,
-                "miss": [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]}
+        part = {"mass": mass, "sign_lost_mass": opposed, "miss": miss}
         if matrix and live:
             part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), view.svd, deltas))
     else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
