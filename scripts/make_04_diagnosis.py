@@ -51,16 +51,20 @@ conflicts far above chance."""),
 checks[checks.fired][["check", "task", "block", "value", "threshold", "message"]]"""),
     ("md", """## The merge that fails
 
-Task arithmetic at its validated coefficient (chosen on val among its grid, as `sweep` does), scored on test:
-accuracy per task, and normalized accuracy (merged / the task's own fine-tune)."""),
-    ("code", """ta = wl.sweep(tv, "task_arithmetic", None, z.evaluate, progress=False)
+Task arithmetic of all five at `alpha=0.5`, a usual untuned choice, scored on test: accuracy per task and
+normalized accuracy (merged / the task's own fine-tune). `sweep` also validates task arithmetic's coefficient
+on val over its grid: the baseline every suggestion below is measured against."""),
+    ("code", """ta = wl.sweep(tv, "task_arithmetic", None, z.evaluate, progress=False, report_all=True)
 alpha_ta = ta.best_alpha
-print(f"task arithmetic: alpha chosen on val = {alpha_ta:g}")
-ta.best.set_index("task")[["accuracy", "normalized_accuracy"]]"""),
+at_half = ta.table[(ta.table.alpha.round(6) == 0.5) & (ta.table.split == "test")].set_index("task")
+at_best = ta.best.set_index("task")
+pd.DataFrame({"alpha=0.5": at_half["normalized_accuracy"], f"validated alpha={alpha_ta:g}": at_best["normalized_accuracy"]})"""),
     ("md", """## Diagnosis from the weights
 
 One sentence per task, worst first; then `rot90`'s blocks ranked by predicted cost."""),
-    ("code", """merged = wl.merge(tv, method="task_arithmetic", alpha=alpha_ta)
+    ("md", """At `alpha=0.5` the merge loses `rot90`; validation picks a small coefficient that keeps `rot90` by giving
+up `rot90_swap`. Either way one task is lost. Diagnosing the `alpha=0.5` merge:"""),
+    ("code", """merged = wl.merge(tv, method="task_arithmetic", alpha=0.5)
 d = wl.diagnose(tv, merged)
 print(d.summary())"""),
     ("code", """d.ranking("rot90")[["block", "energy_share", "kept", "opposed_by", "opposition", "sign_lost", "sign_won_by",
@@ -92,7 +96,8 @@ fixed = s.merge(tv)  # the suggested merge, made afresh; scored on test against 
 ref = ta.reference
 own = ref[(ref.model == "finetuned") & (ref.split == "test")].set_index("task")["accuracy"]
 side = pd.DataFrame({
-    f"task arithmetic (alpha={alpha_ta:g})": ta.best.set_index("task")["normalized_accuracy"],
+    "task arithmetic (alpha=0.5)": at_half["normalized_accuracy"],
+    f"task arithmetic (validated alpha={alpha_ta:g})": at_best["normalized_accuracy"],
     f"suggested ({s.method}, alpha={s.alpha:g})": {t: z.evaluate(fixed, t, "test")["accuracy"] / own[t]
                                                     for t in tv.names},
 })
@@ -108,7 +113,8 @@ diagnosis points at is to leave `rot90_swap` out or give it a smaller weight; th
     ("code", """assert d.ranking("rot90").iloc[0]["block"] == "fc2"
 assert d.ranking("rot90").iloc[0]["opposed_by"] == "rot90_swap"
 assert s.worst >= s.baseline["worst"]  # on val, where both were chosen
-print(f"worst task on test: suggested {side.loc['worst'].iloc[1]:.3f}, task arithmetic {side.loc['worst'].iloc[0]:.3f}")"""),
+print(f"worst task on test: suggested {side.loc['worst'].iloc[2]:.3f}, task arithmetic validated "
+      f"{side.loc['worst'].iloc[1]:.3f}, at alpha=0.5 {side.loc['worst'].iloc[0]:.3f}")"""),
     ("md", """## The MiniLM zoo: nothing planted
 
 all-MiniLM-L6-v2 and its four fine-tunes (frozen zero-shot heads). Task arithmetic at its validated coefficient,
@@ -116,12 +122,12 @@ diagnosed with restoration tests; the Spearman correlation per task says whether
 blocks the way restoring them measures (1: the same order)."""),
     ("code", """zm = zoo.load("minilm-tasks", size=SIZE)
 tvm = zm.task_vectors()
-METHODS = "all" if FULL else ["ties", "tsv", "iso_c"]
+METHODS = "all" if FULL else ["ties"]  # CI: task arithmetic (always there) and TIES
 t0 = time.perf_counter()
 ref = wl.merge(tvm, method="task_arithmetic")  # its default alpha; the what-if scores its grid
-# FULL: every block restored (the Spearman over all of them); CI: the top 2 and the 2 lowest-ranked
-dm = wl.diagnose(tvm, ref, evaluate=zm.evaluate, restore=99 if FULL else 2, controls=0 if FULL else 2,
-                 whatif=METHODS, whatif_points=3 if FULL else 2)
+# FULL: every block restored (the Spearman over all of them); CI: the top 2 and the lowest-ranked one
+dm = wl.diagnose(tvm, ref, evaluate=zm.evaluate, restore=99 if FULL else 2, controls=0 if FULL else 1,
+                 whatif=METHODS, whatif_points=3 if FULL else 1)
 print(f"diagnosis with {dm.measured['evaluations']} restoration evaluations and the what-if of "
       f"{dm.whatif.method.nunique()} methods: {time.perf_counter() - t0:.0f} s")
 print(dm.summary())"""),
@@ -132,7 +138,12 @@ wm[wm.chosen].groupby("method", sort=False).agg(
     test_worst=("report_normalized_accuracy", "min"), test_mean=("report_normalized_accuracy", "mean"))"""),
     ("code", """sm = dm.suggestion
 print(sm.sentence())
-print(f"mean Spearman of predicted cost and measured gain: {dm.spearman:.2f}")"""),
+print(f"mean Spearman of predicted cost and measured gain: {dm.spearman:.2f} "
+      f"(over {dm.blocks.measured_gain.notna().sum() // len(tvm.names)} blocks per task)")
+assert sm.worst >= sm.baseline["worst"]"""),
+    ("md", """With three restored blocks per task (CI) the correlation is coarse; `WEIGHTLENS_NOTEBOOK_FULL=1` restores
+every block and scores every method. Measured that way on this zoo (`docs/diagnosis.md`): task arithmetic at
+alpha 0.3, mean Spearman +0.88 over all 11 blocks (+0.60 over the top 3 and 2 controls); TIES +0.47 (+0.33)."""),
 ]
 
 

@@ -133,7 +133,8 @@ def figure_block_costs(diagnosis: Any, task: str, *, top: int | None = None, tit
         title = f"Why {task} loses ({merge}): blocks by predicted cost"
     fig.update_layout(title=title, template="plotly_white", showlegend=not tested.empty,
                       xaxis={"title": "block (rank order)", "categoryorder": "array", "categoryarray": blocks},
-                      yaxis={"title": "predicted cost (share of the task's update)", "rangemode": "tozero"},
+                      yaxis={"title": "predicted cost (distance from its own weights, relative)",
+                             "rangemode": "tozero"},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0}, **layout)
     return fig
 
