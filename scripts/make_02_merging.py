@@ -38,11 +38,12 @@ from weightlens.figures.merge import (
     figure_retained_alignment,
     figure_sweep,
 )
-from weightlens.merge import alpha_grid, compare, get_method, merge, sweep
+from weightlens.merge import alpha_grid, compare, get_method, list_methods, merge, sweep
 
 SIZE = os.environ.get("WEIGHTLENS_ZOO_SIZE", "ci")
+FULL = os.environ.get("WEIGHTLENS_NOTEBOOK_FULL", "") == "1"  # every registered method (tens of minutes)
 zoo.build(size=SIZE, names=["digits-tasks", "minilm-tasks"], progress=False)  # skipped when built
-METHODS = ["task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "star"]
+METHODS = list_methods() if FULL else ["task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "star"]
 pd.set_option("display.precision", 3)"""),
     ("md", """## The registry
 One decorator registers a method; its parameters, defaults and ranges come from its signature. Unknown
