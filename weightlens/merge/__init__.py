@@ -1,4 +1,4 @@
-"""Merging fine-tunes of one base model: one registry, one engine, twenty-one methods.
+"""Merging fine-tunes of one base model: one registry, one engine, twenty-two methods.
 
 ``merge(tv, method=..., **params)`` returns the full merged weights; ``compare(tv, merged)`` shows
 what the merge kept of each task and which sign conflicts it settled; ``sweep`` scores a grid of
@@ -10,7 +10,7 @@ Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.ar
 (:mod:`.knots`); ``peft_cat``, ``peft_svd`` (:mod:`.peft_modes`: PEFT's ``add_weighted_adapter``
 modes); mergekit's ``linear`` (:mod:`.linear`), ``slerp`` (:mod:`.slerp`), ``model_stock``
 (:mod:`.model_stock`), ``breadcrumbs``, ``breadcrumbs_ties`` (:mod:`.breadcrumbs`), ``della``,
-``della_linear`` (:mod:`.della`), ``consensus_ta``, ``consensus_ties`` (:mod:`.consensus`: TALL masks); ``pcb`` (:mod:`.pcb`: PCB-Merging). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
+``della_linear`` (:mod:`.della`), ``consensus_ta``, ``consensus_ties`` (:mod:`.consensus`: TALL masks); ``pcb`` (:mod:`.pcb`: PCB-Merging); ``wudi`` (:mod:`.wudi`: WUDI-Merging). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
 display name, mergekit equivalent); the modules are listed once, in :data:`METHOD_MODULES`, and
 everything else (CLI, studio, ``sweep``, recipes) reads the registry. A method defined outside the package only needs its module imported.
 """
@@ -33,7 +33,7 @@ from weightlens.merge.sweep import SweepOptions, SweepResult, alpha_grid, refere
 #: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
 #: method file is one more name here.
 METHOD_MODULES = ("arithmetic", "spectral", "knots", "peft_modes", "linear", "slerp", "model_stock", "breadcrumbs", "della",
-                  "consensus", "pcb")
+                  "consensus", "pcb", "wudi")
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")  # each registers its methods on import
 
