@@ -140,6 +140,7 @@ def test_merge_solves_matrices_and_averages_the_rest():
     assert torch.equal(merge(tv, method="wudi", others="sum", **CPU).update("b"), tv.deltas("b").sum(0))
     adam = merge(tv, method="wudi", solver="adam", steps=20, **CPU)
     assert torch.equal(adam.update("w"), wudi_adam(tv.deltas("w"), steps=20, lr=1e-5))
+    assert merge(tv, method="wudi", solver="adam", steps=0, **CPU).update("w").equal(tv.deltas("w").sum(0))
     assert get_method("wudi").alpha_grid({}, 3) == pytest.approx([0.05 * i for i in range(1, 31)])
 
 
@@ -156,9 +157,18 @@ def test_a_zero_task_is_left_out_and_noted():
 
 
 @pytest.mark.parametrize("params, name", [({"solver": "lbfgs"}, "solver"), ({"steps": -1}, "steps"),
-                                          ({"lr": 0.0}, "lr"), ({"lr": 2.0}, "lr"), ({"others": "max"}, "others"),
+                                          ({"lr": 0.0}, "lr"), ({"lr": -1e-5}, "lr"), ({"others": "max"}, "others"),
                                           ({"steps": 1.5}, "steps")])
 def test_errors_name_the_parameter(params, name):
     tv = noise_task_vectors(2)
     with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter of wudi"):
         merge(tv, method="wudi", **params, **CPU)
+
+
+def test_the_studio_keeps_the_learning_rate():
+    pytest.importorskip("ipywidgets")
+    from weightlens.widgets import MergeStudio
+
+    studio = MergeStudio(noise_task_vectors(2, shape=(6, 4), scale=0.01), method="wudi")
+    assert studio.wait(60) and studio.last_error is None
+    assert studio.params["wudi"]["lr"].value == 1e-5 and studio.params["wudi"]["steps"].value == 300

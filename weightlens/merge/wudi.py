@@ -57,7 +57,7 @@ __all__ = ["wudi", "wudi_adam", "wudi_exact", "wudi_exact_factored", "wudi_objec
 Solver = Literal["exact", "adam"]
 Others = Literal["mean", "sum"]
 Steps = Annotated[int, Interval(0, 100_000)]
-Rate = Annotated[float, Interval(0, 1, "right")]
+Rate = Annotated[float, Interval(0, None, "neither")]  # open: the studio shows a text box, not a 0.01 slider
 _F64 = torch.float64
 #: Precision of the task vectors (fp32): the rank cut of the solves is ``max(shape) eps(fp32) sigma_1``.
 _INPUT = torch.float32
@@ -169,7 +169,7 @@ def wudi(ctx: MergeContext, key: str, *, solver: Solver = "exact", steps: Steps 
         iterations from the task-arithmetic sum, float32.
     steps : int in [0, 100000], default=300
         ``solver="adam"``: iterations (the reference's ``iter_num``); unused by ``"exact"``.
-    lr : float in (0, 1], default=1e-5
+    lr : float > 0, default=1e-5
         ``solver="adam"``: learning rate (FusionBench's and the ViT code's 1e-5; the RoBERTa code uses 2e-5).
     others : {"mean", "sum"}, default="mean"
         Keys that are not 2-D matrices (biases, norms, convolutions): the mean of the task vectors (FusionBench)
