@@ -12,9 +12,9 @@ inputs the task feeds that layer; WUDI takes, per 2-D key, the update ``X`` that
 ``solver="exact"`` (default): ``L`` is a convex quadratic with ``grad L = 2 (X S - B)``,
 ``S = sum_t tau_t^T tau_t / ||tau_t||^2`` (``n x n``) and ``B = sum_t tau_t tau_t^T tau_t / ||tau_t||^2``, so the
 minimisers solve ``X S = B``. With ``M = [tau_1 / ||tau_1||; ...; tau_T / ||tau_T||] = U Sigma V^T`` (thin SVD,
-float64, ``U_t`` the rows of ``U`` of task ``t``) and ``r`` its numerical rank at the task vectors' precision
-(``sigma > max(T m, n) eps_fp32 sigma_1``: below it a direction is rounding noise of the fp32 task vectors,
-and inverting it would amplify that noise):
+float64, ``U_t`` the rows of ``U`` of task ``t``) and ``r`` the number of singular values above the fp32 rounding
+of the task vectors (``sigma > eps_fp32 ||M||_F = eps_fp32 sqrt(T)``: below it a direction cannot be told from
+noise, and ``1 / sigma`` would amplify that noise):
 
     X = (sum_t tau_t (tau_t / ||tau_t||)^T U_t,r) Sigma_r^-1 V_r^T,
 
@@ -59,8 +59,14 @@ Others = Literal["mean", "sum"]
 Steps = Annotated[int, Interval(0, 100_000)]
 Rate = Annotated[float, Interval(0, None, "neither")]  # open: the studio shows a text box, not a 0.01 slider
 _F64 = torch.float64
-#: Precision of the task vectors (fp32): the rank cut of the solves is ``max(shape) eps(fp32) sigma_1``.
-_INPUT = torch.float32
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _noise(n_tasks: int) -> float:
+    """Rank cut of the exact solve: ``eps_fp32 ||M||_F = eps_fp32 sqrt(T)`` (each normalised task has unit norm).
+    The task vectors are fp32: their rounding ``E`` has ``||E||_2 <= ||E||_F <= (eps_fp32 / 2) ||M||_F``, so a
+    singular value below the cut cannot be told from a zero one, and ``1 / sigma`` would amplify the noise."""
+    return _EPS32 * n_tasks**0.5
 #: Validation grid: {0.05, 0.1, ..., 1.5} (the reference's ViT script scores 0.1, ..., 1.5; FusionBench uses 1).
 _WUDI_GRID = tuple(round(0.05 * i, 10) for i in range(1, 31))
 
@@ -93,7 +99,7 @@ def wudi_exact(taus: torch.Tensor, *, device: str | torch.device = "cpu") -> tor
     norms = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1)
     N = d / norms[:, None, None]
     U, S, Vh = linalg.svd(N.reshape(-1, n), device=device, dtype=_F64)
-    r = linalg.numerical_rank(S, (N.shape[0] * m, n), _INPUT)
+    r = int((S > _noise(N.shape[0])).sum())
     U, S, Vh = U[:, :r].reshape(d.shape[0], m, r), S[:r], Vh[:r]
     W = sum(d[i] @ (N[i].mT @ U[i]) for i in range(d.shape[0]))  # (m, r): sum_t tau_t N_t^T U_t
     return (W / S) @ Vh
@@ -108,7 +114,7 @@ def wudi_exact_factored(factors: list[tuple[torch.Tensor, torch.Tensor, float]],
     if A.shape[0] == 0:
         return torch.zeros(m, n, dtype=_F64, device=device)
     _, S, Vh = linalg.svd(A, device=device, dtype=_F64)
-    Q = Vh[:linalg.numerical_rank(S, tuple(A.shape), _INPUT)].mT  # (n, k) orthonormal
+    Q = Vh[:linalg.numerical_rank(S, tuple(A.shape), _F64)].mT  # (n, k) orthonormal: the factors are exact
     reduced = torch.stack([float(s) * b.to(device=device, dtype=_F64) @ (a.to(device=device, dtype=_F64) @ Q)
                            for a, b, s in factors])
     return wudi_exact(reduced, device=device) @ Q.mT
