@@ -96,6 +96,22 @@ def test_identities_one_task_and_orthogonal_row_spaces():
     torch.testing.assert_close(wudi_exact(same), tau[0], rtol=1e-10, atol=1e-14)
 
 
+def test_rcond_cuts_the_small_directions():
+    taus = _taus(3, 10, 8, seed=8)
+    torch.testing.assert_close(wudi_exact(taus, rcond=0.0), wudi_exact(taus), rtol=1e-10, atol=1e-14)
+    N = (taus / taus.reshape(3, -1).norm(dim=1)[:, None, None]).reshape(-1, 8)
+    S = torch.linalg.svdvals(N)
+    rcond = float(S[3] / S[0]) * 1.0001  # keeps the top 3 directions
+    V = torch.linalg.svd(N, full_matrices=False).Vh[:3].mT
+    X = wudi_exact(taus, rcond=rcond)
+    torch.testing.assert_close(X @ V @ V.mT, X, rtol=0, atol=1e-14)  # rows in the kept directions
+    B = sum(t @ (t.mT @ t) / t.square().sum() for t in taus)
+    torch.testing.assert_close(X, B @ V @ torch.diag(S[:3] ** -2) @ V.mT, rtol=1e-8, atol=1e-12)  # B S_3^+
+    tv = noise_task_vectors(3, shape=(10, 8), scale=0.01, seed=8)
+    got = merge(tv, method="wudi", rcond=0.5, **CPU).update("w").double()
+    torch.testing.assert_close(got, wudi_exact(tv.deltas("w"), rcond=0.5), rtol=1e-5, atol=1e-9)
+
+
 def test_factored_solver_equals_the_dense_one():
     g = torch.Generator().manual_seed(4)
     factors = [(torch.randn(r, 40, generator=g, dtype=F64), torch.randn(30, r, generator=g, dtype=F64), s)
@@ -158,7 +174,8 @@ def test_a_zero_task_is_left_out_and_noted():
 
 @pytest.mark.parametrize("params, name", [({"solver": "lbfgs"}, "solver"), ({"steps": -1}, "steps"),
                                           ({"lr": 0.0}, "lr"), ({"lr": -1e-5}, "lr"), ({"others": "max"}, "others"),
-                                          ({"steps": 1.5}, "steps")])
+                                          ({"steps": 1.5}, "steps"), ({"rcond": 1.0}, "rcond"),
+                                          ({"rcond": -0.1}, "rcond")])
 def test_errors_name_the_parameter(params, name):
     tv = noise_task_vectors(2)
     with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter of wudi"):

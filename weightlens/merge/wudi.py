@@ -12,9 +12,10 @@ inputs the task feeds that layer; WUDI takes, per 2-D key, the update ``X`` that
 ``solver="exact"`` (default): ``L`` is a convex quadratic with ``grad L = 2 (X S - B)``,
 ``S = sum_t tau_t^T tau_t / ||tau_t||^2`` (``n x n``) and ``B = sum_t tau_t tau_t^T tau_t / ||tau_t||^2``, so the
 minimisers solve ``X S = B``. With ``M = [tau_1 / ||tau_1||; ...; tau_T / ||tau_T||] = U Sigma V^T`` (thin SVD,
-float64, ``U_t`` the rows of ``U`` of task ``t``) and ``r`` the number of singular values above the fp32 rounding
-of the task vectors (``sigma > eps_fp32 ||M||_F = eps_fp32 sqrt(T)``: below it a direction cannot be told from
-noise, and ``1 / sigma`` would amplify that noise):
+float64, ``U_t`` the rows of ``U`` of task ``t``) and ``r`` the number of singular values above
+``rcond sigma_1`` (default ``rcond = max(T m, n) eps_fp32``, the numerical rank at the task vectors' fp32
+precision; a cut at their rounding bound alone, ``eps_fp32 ||M||_F``, lets the directions of tiny ``sigma``
+dominate the update, see ``docs/methods.md#wudi``):
 
     X = (sum_t tau_t (tau_t / ||tau_t||)^T U_t,r) Sigma_r^-1 V_r^T,
 
@@ -56,17 +57,20 @@ __all__ = ["wudi", "wudi_adam", "wudi_exact", "wudi_exact_factored", "wudi_objec
 
 Solver = Literal["exact", "adam"]
 Others = Literal["mean", "sum"]
+Cut = Annotated[float | None, Interval(0, 1, "left")]
 Steps = Annotated[int, Interval(0, 100_000)]
 Rate = Annotated[float, Interval(0, None, "neither")]  # open: the studio shows a text box, not a 0.01 slider
 _F64 = torch.float64
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-def _noise(n_tasks: int) -> float:
-    """Rank cut of the exact solve: ``eps_fp32 ||M||_F = eps_fp32 sqrt(T)`` (each normalised task has unit norm).
-    The task vectors are fp32: their rounding ``E`` has ``||E||_2 <= ||E||_F <= (eps_fp32 / 2) ||M||_F``, so a
-    singular value below the cut cannot be told from a zero one, and ``1 / sigma`` would amplify the noise."""
-    return _EPS32 * n_tasks**0.5
+def _cut(S: torch.Tensor, rows: int, width: int, rcond: float | None) -> int:
+    """How many singular values ``S`` (descending) the exact solve keeps: ``sigma > rcond sigma_1``, by default
+    ``rcond = max(T m, n) eps_fp32`` (:func:`weightlens.linalg.numerical_rank` at the task vectors' fp32)."""
+    if S.numel() == 0:
+        return 0
+    rel = max(rows, width) * _EPS32 if rcond is None else rcond
+    return int((S > rel * float(S[0])).sum())
 #: Validation grid: {0.05, 0.1, ..., 1.5} (the reference's ViT script scores 0.1, ..., 1.5; FusionBench uses 1).
 _WUDI_GRID = tuple(round(0.05 * i, 10) for i in range(1, 31))
 
@@ -87,10 +91,12 @@ def wudi_objective(X: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def wudi_exact(taus: torch.Tensor, *, device: str | torch.device = "cpu") -> torch.Tensor:
+def wudi_exact(taus: torch.Tensor, *, rcond: float | None = None, device: str | torch.device = "cpu",
+               width: int | None = None) -> torch.Tensor:
     """Minimum-norm minimiser of :func:`wudi_objective` for ``taus (T, m, n)``: float64, on ``device``.
 
-    All-zero tasks are left out; all tasks zero gives zero."""
+    Singular values of the stacked normalised tasks at or below ``rcond sigma_1`` count as zero (default
+    ``max(T m, width) eps_fp32``, ``width`` defaulting to ``n``). All-zero tasks are left out; all zero gives zero."""
     T, m, n = taus.shape
     keep = _nonzero(taus)
     if keep.numel() == 0:
@@ -99,13 +105,13 @@ def wudi_exact(taus: torch.Tensor, *, device: str | torch.device = "cpu") -> tor
     norms = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1)
     N = d / norms[:, None, None]
     U, S, Vh = linalg.svd(N.reshape(-1, n), device=device, dtype=_F64)
-    r = int((S > _noise(N.shape[0])).sum())
+    r = _cut(S, N.shape[0] * m, n if width is None else width, rcond)
     U, S, Vh = U[:, :r].reshape(d.shape[0], m, r), S[:r], Vh[:r]
     W = sum(d[i] @ (N[i].mT @ U[i]) for i in range(d.shape[0]))  # (m, r): sum_t tau_t N_t^T U_t
     return (W / S) @ Vh
 
 
-def wudi_exact_factored(factors: list[tuple[torch.Tensor, torch.Tensor, float]], *,
+def wudi_exact_factored(factors: list[tuple[torch.Tensor, torch.Tensor, float]], *, rcond: float | None = None,
                         device: str | torch.device = "cpu") -> torch.Tensor:
     """:func:`wudi_exact` of ``tau_t = scale_t * B_t @ A_t`` from ``factors = [(A_t, B_t, scale_t), ...]``
     (``A_t (r_t, n)``, ``B_t (m, r_t)``), solved in the span of the ``A_t`` rows: float64, ``(m, n)``."""
@@ -117,7 +123,7 @@ def wudi_exact_factored(factors: list[tuple[torch.Tensor, torch.Tensor, float]],
     Q = Vh[:linalg.numerical_rank(S, tuple(A.shape), _F64)].mT  # (n, k) orthonormal: the factors are exact
     reduced = torch.stack([float(s) * b.to(device=device, dtype=_F64) @ (a.to(device=device, dtype=_F64) @ Q)
                            for a, b, s in factors])
-    return wudi_exact(reduced, device=device) @ Q.mT
+    return wudi_exact(reduced, rcond=rcond, device=device, width=n) @ Q.mT  # the dense path's cut
 
 
 def wudi_adam(taus: torch.Tensor, *, steps: int = 300, lr: float = 1e-5,
@@ -164,7 +170,7 @@ def _notes(ctx: MergeContext, key: str, zero: list[str]) -> tuple[str, ...]:
     alpha_grid=_WUDI_GRID,
 )
 def wudi(ctx: MergeContext, key: str, *, solver: Solver = "exact", steps: Steps = 300, lr: Rate = 1e-5,
-         others: Others = "mean") -> KeyUpdate:
+         others: Others = "mean", rcond: Cut = None) -> KeyUpdate:
     """WUDI-Merging: per 2-D key, ``argmin_X sum_t ||(X - tau_t) tau_t^T||^2 / ||tau_t||^2``.
 
     Parameters
@@ -180,6 +186,9 @@ def wudi(ctx: MergeContext, key: str, *, solver: Solver = "exact", steps: Steps 
     others : {"mean", "sum"}, default="mean"
         Keys that are not 2-D matrices (biases, norms, convolutions): the mean of the task vectors (FusionBench)
         or their sum (task arithmetic).
+    rcond : float in [0, 1) or None, default=None
+        ``solver="exact"``: singular values of the stacked normalised task matrices at or below ``rcond sigma_1``
+        count as zero; None: ``max(T m, n) eps_fp32`` (their numerical rank in fp32). Unused by ``"adam"``.
     alpha : float, default=1.0
         Scale of the update (the reference adds it unscaled).
     """
@@ -193,12 +202,12 @@ def wudi(ctx: MergeContext, key: str, *, solver: Solver = "exact", steps: Steps 
         live = [f for t, f in zip(lora, factors) if t not in zero]
         if not live:
             return KeyUpdate(torch.zeros(ctx.shape(key)), _notes(ctx, key, zero))
-        X = wudi_exact_factored(live, device=ctx.device)
+        X = wudi_exact_factored(live, rcond=rcond, device=ctx.device)
         return KeyUpdate(X.to(device="cpu", dtype=torch.float32), _notes(ctx, key, zero))
     deltas = ctx.deltas(key)
     zero = [t for t, z in zip(ctx.tasks, (deltas.reshape(ctx.n_tasks, -1) == 0).all(1).tolist()) if z]
     if solver == "exact":
-        X = wudi_exact(deltas, device=ctx.device)
+        X = wudi_exact(deltas, rcond=rcond, device=ctx.device)
     else:
         X = wudi_adam(deltas, steps=steps, lr=lr, device=ctx.device)
     return KeyUpdate(X.to(device="cpu", dtype=torch.float32), _notes(ctx, key, zero))
