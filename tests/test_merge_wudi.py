@@ -108,7 +108,7 @@ def test_rcond_cuts_the_small_directions():
     B = sum(t @ (t.mT @ t) / t.square().sum() for t in taus)
     torch.testing.assert_close(X, B @ V @ torch.diag(S[:3] ** -2) @ V.mT, rtol=1e-8, atol=1e-12)  # B S_3^+
     tv = noise_task_vectors(3, shape=(10, 8), scale=0.01, seed=8)
-    got = merge(tv, method="wudi", rcond=0.5, **CPU).update("w").double()
+    got = merge(tv, method="wudi", solver="exact", rcond=0.5, **CPU).update("w").double()
     torch.testing.assert_close(got, wudi_exact(tv.deltas("w"), rcond=0.5), rtol=1e-5, atol=1e-9)
 
 
@@ -149,11 +149,13 @@ def test_adam_approaches_the_exact_minimum():
 # ------------------------------------------------------------------------------ the method
 def test_merge_solves_matrices_and_averages_the_rest():
     tv = noise_task_vectors(3, shape=(12, 8), scale=0.01, seed=1)
-    got = merge(tv, method="wudi", alpha=1.0, **CPU)
+    got = merge(tv, method="wudi", solver="exact", alpha=1.0, **CPU)
     taus = torch.stack([tv.delta(t, "w") for t in tv.names]).double()
     torch.testing.assert_close(got.update("w").double(), wudi_exact(taus), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(got.update("b"), tv.deltas("b").mean(0))
     assert torch.equal(merge(tv, method="wudi", others="sum", **CPU).update("b"), tv.deltas("b").sum(0))
+    default = merge(tv, method="wudi", **CPU)
+    assert default.params["solver"] == "adam" and torch.equal(default.update("w"), wudi_adam(tv.deltas("w")))
     adam = merge(tv, method="wudi", solver="adam", steps=20, **CPU)
     assert torch.equal(adam.update("w"), wudi_adam(tv.deltas("w"), steps=20, lr=1e-5))
     assert merge(tv, method="wudi", solver="adam", steps=0, **CPU).update("w").equal(tv.deltas("w").sum(0))
@@ -165,7 +167,7 @@ def test_a_zero_task_is_left_out_and_noted():
     g = torch.Generator().manual_seed(2)
     d = torch.randn(6, 5, generator=g)
     tv = wl.TaskVectors(base, {"a": {"w": d}, "b": {"w": torch.zeros(6, 5)}})
-    got = merge(tv, method="wudi", **CPU)
+    got = merge(tv, method="wudi", solver="exact", **CPU)
     torch.testing.assert_close(got.update("w"), d, rtol=1e-5, atol=1e-6)
     assert any("'b' has an all-zero matrix" in n for n in got.notes["note"])
     none = wl.TaskVectors(base, {"a": {"w": torch.zeros(6, 5)}, "b": {"w": torch.zeros(6, 5)}})

@@ -9,7 +9,7 @@ inputs the task feeds that layer; WUDI takes, per 2-D key, the update ``X`` that
 
     L(X) = sum_t ||(X - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2.
 
-``solver="exact"`` (default): ``L`` is a convex quadratic with ``grad L = 2 (X S - B)``,
+``solver="exact"``: ``L`` is a convex quadratic with ``grad L = 2 (X S - B)``,
 ``S = sum_t tau_t^T tau_t / ||tau_t||^2`` (``n x n``) and ``B = sum_t tau_t tau_t^T tau_t / ||tau_t||^2``, so the
 minimisers solve ``X S = B``. With ``M = [tau_1 / ||tau_1||; ...; tau_T / ||tau_T||] = U Sigma V^T`` (thin SVD,
 float64, ``U_t`` the rows of ``U`` of task ``t``) and ``r`` the number of singular values above
@@ -24,8 +24,8 @@ minimisers differ by rows orthogonal to every task's row space; ``X`` is the min
 the span of the tasks' rows, and that is also the minimiser closest to the reference's initialisation
 ``sum_t tau_t`` (whose rows lie there too): the two choices coincide.
 
-``solver="adam"``: the reference's iterations: ``X`` initialised at ``sum_t tau_t``, ``steps`` (300) steps of
-Adam (``lr`` 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay) on ``L`` in float32. The gradient is taken in
+``solver="adam"`` (default): the reference's iterations: ``X`` initialised at ``sum_t tau_t``, ``steps`` (300)
+steps of Adam (``lr`` 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay) on ``L`` in float32. The gradient is taken in
 closed form, ``2 (X S - B)`` with ``S`` and ``B`` formed once (the reference back-propagates through the
 ``T`` products ``(X - tau_t) tau_t^T``, ``m x m`` each); the Adam arithmetic is ``torch.optim.Adam``'s. Nothing is
 random: the result depends only on the inputs (and the device's rounding).
@@ -169,16 +169,16 @@ def _notes(ctx: MergeContext, key: str, zero: list[str]) -> tuple[str, ...]:
     "wudi", alpha=1.0, pretty_name="WUDI-Merging", reference="Cheng et al., ICML 2025", uses_svd=True,
     alpha_grid=_WUDI_GRID,
 )
-def wudi(ctx: MergeContext, key: str, *, solver: Solver = "exact", steps: Steps = 300, lr: Rate = 1e-5,
+def wudi(ctx: MergeContext, key: str, *, solver: Solver = "adam", steps: Steps = 300, lr: Rate = 1e-5,
          others: Others = "mean", rcond: Cut = None) -> KeyUpdate:
     """WUDI-Merging: per 2-D key, ``argmin_X sum_t ||(X - tau_t) tau_t^T||^2 / ||tau_t||^2``.
 
     Parameters
     ----------
-    solver : {"exact", "adam"}, default="exact"
-        ``"exact"``: the minimum-norm minimiser in float64 (from the SVD of the stacked normalised task
-        matrices; from the LoRA factors when every task has them); ``"adam"``: the reference's ``steps`` Adam
-        iterations from the task-arithmetic sum, float32.
+    solver : {"adam", "exact"}, default="adam"
+        ``"adam"``: the reference's ``steps`` Adam iterations from the task-arithmetic sum, float32 (best on the
+        MiniLM zoo); ``"exact"``: the minimum-norm minimiser in float64 (from the SVD of the stacked normalised
+        task matrices; from the LoRA factors when every task has them; best on the digits zoo).
     steps : int in [0, 100000], default=300
         ``solver="adam"``: iterations (the reference's ``iter_num``); unused by ``"exact"``.
     lr : float > 0, default=1e-5
