@@ -335,3 +335,15 @@ def test_the_dashboard_and_the_studio_run_every_method_on_adapters(tvs):
         assert studio.wait(120), method
         assert "#b00020" not in studio.status.value, (method, studio.status.value)
         assert studio.status.value.startswith(f"<span class='wl-status' style='color:#333'>{method}:"), method
+
+
+def test_wudi_exact_from_factors_equals_the_dense_solve(tvs):
+    # solver="exact" solves from the LoRA factors (nothing n x n formed); the dense twin materialises the matrices
+    tv, dense = tvs
+    got = wl.merge(tv, method="wudi", solver="exact", **CPU)
+    want = wl.merge(dense, method="wudi", solver="exact", **CPU)
+    for key in tv.keys_of_kind("matrix"):
+        ref = want.key_update(key).update
+        scale = max(float(ref.abs().max()), 1e-12)
+        assert float((got.key_update(key).update - ref).abs().max()) <= 2e-5 * scale, key
+    assert got.notes.note.tolist() == want.notes.note.tolist()

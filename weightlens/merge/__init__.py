@@ -11,7 +11,7 @@ Methods (``list_methods()``): ``task_arithmetic``, ``ties``, ``dare`` (:mod:`.ar
 modes); mergekit's ``linear`` (:mod:`.linear`), ``slerp`` (:mod:`.slerp`), ``model_stock``
 (:mod:`.model_stock`), ``breadcrumbs``, ``breadcrumbs_ties`` (:mod:`.breadcrumbs`), ``della``,
 ``della_linear`` (:mod:`.della`), ``consensus_ta``, ``consensus_ties`` (:mod:`.consensus`: TALL masks); ``pcb`` (:mod:`.pcb`: PCB-Merging); ``emr`` (:mod:`.emr`:
-EMR-Merging, one model per task: ``MergeResult.for_task``). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
+EMR-Merging, one model per task: ``MergeResult.for_task``); ``wudi`` (:mod:`.wudi`: WUDI-Merging). A method is one module whose functions carry :func:`register_merge` (schema, alpha grid,
 display name, mergekit equivalent); the modules are listed once, in :data:`METHOD_MODULES`, and
 everything else (CLI, studio, ``sweep``, recipes) reads the registry. A method defined outside the package only needs its module imported.
 """
@@ -34,7 +34,7 @@ from weightlens.merge.sweep import SweepOptions, SweepResult, alpha_grid, refere
 #: The modules that define the built-in methods, in the order ``list_methods()`` gives them; a new
 #: method file is one more name here.
 METHOD_MODULES = ("arithmetic", "spectral", "knots", "peft_modes", "linear", "slerp", "model_stock", "breadcrumbs", "della",
-                  "consensus", "pcb", "emr")
+                  "consensus", "pcb", "emr", "wudi")
 for _module in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_module}")  # each registers its methods on import
 
