@@ -174,6 +174,7 @@ def _ties_mergekit(p: Mapping[str, Any], merged: Any = None) -> Mergekit | None:
 
 @register_merge(
     "ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023", prepare=_ties_prepare,
+    passes=lambda p: 3 if p["scope"] == "global" else 0,  # two radix passes, the majority sign
     alpha_grid=_TIES_GRID, mergekit=_ties_mergekit,
 )
 def ties(

@@ -1,0 +1,188 @@
+"""Rates a plan prices work with: measured on this machine (a small calibration, cached) or recorded for GPUs.
+
+A :class:`Rates` holds five numbers per device: the bytes per second of reading a stored tensor and
+forming its fp32 delta, of elementwise fp32 passes, of writing a tensor to a file, the seconds of a
+thin fp32 SVD as ``a * m * n * min(m, n) + b``, and the flops per second of a matrix product.
+:func:`calibrate` measures them in about a second with a few tiny reads, passes, products and SVDs
+at three sizes, and keeps them in ``<weightlens home>/calibration.json`` under the machine's
+fingerprint (CPU model, usable cores, torch threads, torch version), so later plans read them.
+:data:`RECORDED` holds estimates for known GPUs (from the SVD timings in ``docs/plan.md``, not
+measured on every card); a CUDA device present here is measured like the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightlens.errors import InvalidParameterError
+from weightlens.io import export
+from weightlens.io._atomic import atomic_write_text
+from weightlens.linalg import available_cores, resolve_device, svd
+from weightlens.taskvectors import TaskVectors
+
+__all__ = ["RECORDED", "Rates", "calibrate", "fingerprint"]
+
+_SVD_SIZES = ((96, 96), (192, 192), (384, 256))  # fit a * m n min(m, n) + b on these
+_VERSION = 1  # bump when the measurements change meaning: older entries are measured again
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-device rates (see the module docstring); ``source`` says where they come from."""
+
+    device: str
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    elementwise_bytes_per_s: float
+    gemm_flops_per_s: float
+    svd_a: float  # seconds per unit of m * n * min(m, n)
+    svd_b: float  # seconds per call
+    source: str = "measured"
+
+    def svd_seconds(self, m: int, n: int, dtype: torch.dtype = torch.float32) -> float:
+        """Estimated seconds of one thin SVD of an ``m x n`` matrix (float64: twice float32's)."""
+        scale = 2.0 if dtype == torch.float64 else 1.0
+        return scale * (self.svd_a * m * n * min(m, n)) + self.svd_b
+
+    def gemm_seconds(self, m: int, k: int, n: int) -> float:
+        """Estimated seconds of an ``(m, k) @ (k, n)`` product."""
+        return 2.0 * m * k * n / self.gemm_flops_per_s
+
+
+#: Recorded estimates for known GPUs (fp32; SVD with the CUDA driver table's choice): the H100 SVD
+#: timings of gesvda (9 ms at 768 x 768, 131 ms at 4096 x 4096), its fp32 matmul peak (~50 Tflop/s
+#: reachable), HBM bandwidth for elementwise passes; the H200 is the H100's compute with its faster
+#: memory. Host reads and writes are the host's (measured), capped by PCIe (~20 GB/s).
+RECORDED: dict[str, Rates] = {
+    "H100": Rates("H100", 20e9, 20e9, 1.5e12, 40e12, 1.8e-12, 8e-3, "recorded estimate"),
+    "H200": Rates("H200", 20e9, 20e9, 2.4e12, 45e12, 1.7e-12, 8e-3, "recorded estimate"),
+}
+
+
+def fingerprint(device: str = "cpu") -> str:
+    """What the measured rates depend on: device model, usable cores, torch threads, torch version."""
+    if device.startswith("cuda"):
+        model = torch.cuda.get_device_name(torch.device(device))
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+        except OSError:
+            pass
+    return f"{device}|{model}|cores={available_cores()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _typical(fn: Callable[[], object], sync: Callable[[], None], repeat: int = 3) -> float:
+    """The median of ``repeat`` timed calls after one untimed call (first-call set-up is not a rate; the
+    median, not the minimum, because a long run meets the machine's usual load, not its best moment)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return max(sorted(times)[len(times) // 2], 1e-9)
+
+
+def _measure(device: torch.device) -> Rates:
+    """Time a few tiny operations on ``device`` and fit the SVD model (least squares in relative error)."""
+    from safetensors.torch import save_file
+
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    n_bytes = 8 * 2**20
+    x = torch.randn(n_bytes // 8, 2, generator=g)
+    with tempfile.TemporaryDirectory(prefix="wl-calibrate-") as tmp:
+        save_file({"w": torch.zeros_like(x)}, str(Path(tmp) / "base.safetensors"))
+        save_file({"w": x}, str(Path(tmp) / "ft.safetensors"))
+        tv = TaskVectors(Path(tmp) / "base.safetensors", {"a": Path(tmp) / "ft.safetensors"})
+        read = _typical(lambda: tv.delta("a", "w").to(device), sync)  # two stored tensors per delta
+        outs = iter(range(10))
+        write = _typical(lambda: export({"w": x}, Path(tmp) / f"out{next(outs)}"), sync, 2)
+    y = x.to(device)
+    elementwise = _typical(lambda: torch.add(y, y, alpha=0.5).mul_(2.0), sync)
+    a = torch.randn(384, 384, generator=g).to(device)
+    gemm = _typical(lambda: a @ a, sync)
+    mats = [torch.randn(m, n, generator=g) for m, n in _SVD_SIZES]
+    times = [_typical(lambda m=m: svd(m, device=device), sync, 2) for m in mats]
+    work = [m * n * min(m, n) for m, n in _SVD_SIZES]
+    # minimise sum ((a w + b - t) / t)^2: rows (w/t, 1/t), target 1
+    A = torch.tensor([[w / t, 1.0 / t] for w, t in zip(work, times)], dtype=torch.float64)
+    coef = torch.linalg.lstsq(A, torch.ones(len(times), 1, dtype=torch.float64)).solution.flatten().tolist()
+    svd_a, svd_b = coef
+    if svd_a <= 0:  # noise at tiny sizes: a line through the largest point
+        svd_a, svd_b = times[-1] / work[-1], 0.0
+    return Rates(
+        device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / write,
+        elementwise_bytes_per_s=3 * n_bytes / elementwise, gemm_flops_per_s=2 * 384**3 / gemm,
+        svd_a=svd_a, svd_b=max(svd_b, 0.0), source=f"measured {time.strftime('%Y-%m-%d')}",
+    )
+
+
+def _cache_file() -> Path:
+    from weightlens.zoo._common import home
+
+    return home() / "calibration.json"
+
+
+def calibrate(device: str | torch.device = "cpu", *, path: str | os.PathLike[str] | None = None,
+              refresh: bool = False) -> Rates:
+    """This machine's rates on ``device``: cached ones for its fingerprint, else measured (~1 s) and cached.
+
+    Parameters
+    ----------
+    device : str or torch.device, default="cpu"
+        ``"cpu"``, ``"cuda"``, ``"auto"``.
+    path : path, optional
+        The JSON file that keeps calibrations (default ``<weightlens home>/calibration.json``; the home is
+        ``$WEIGHTLENS_HOME``, else ``$XDG_CACHE_HOME/weightlens``, else ``~/.cache/weightlens``).
+    refresh : bool, default=False
+        Measure again even when the file has this machine's rates.
+
+    Returns
+    -------
+    Rates
+    """
+    dev = resolve_device(device)
+    file = Path(path) if path is not None else _cache_file()
+    key = f"v{_VERSION}|{fingerprint(str(dev))}"
+    try:
+        known = json.loads(file.read_text()) if file.exists() else {}
+    except (OSError, ValueError):
+        known = {}  # an unreadable cache is measured again and rewritten
+    if not isinstance(known, dict):
+        known = {}
+    if not refresh and isinstance(known.get(key), dict):
+        try:
+            return Rates(**known[key])
+        except TypeError:
+            pass
+    rates = _measure(dev)
+    known[key] = dataclasses.asdict(rates)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, json.dumps(known, indent=2, sort_keys=True))
+    except OSError:
+        pass  # a read-only home: the rates are still returned, measured again next time
+    return rates
+
+
+def recorded(name: str) -> Rates:
+    """The recorded estimate for GPU ``name`` (a key of :data:`RECORDED`)."""
+    if name not in RECORDED:
+        raise InvalidParameterError(f"No recorded rates for {name!r}; known: {', '.join(RECORDED)}.")
+    return RECORDED[name]
