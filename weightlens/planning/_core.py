@@ -26,7 +26,7 @@ from weightlens.errors import PlanRefusedError
 from weightlens.linalg import resolve_device
 from weightlens.linalg.devices import available_memory
 from weightlens.merge.registry import MergeMethod, get_method
-from weightlens.planning._rates import RECORDED, Rates, calibrate
+from weightlens.planning._rates import RECORDED, Rates, calibrate, measure_method, method_label
 from weightlens.taskvectors import TaskVectors
 
 __all__ = ["Plan", "plan"]
@@ -124,9 +124,12 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod) -> _KeyWork:
     return _KeyWork(key, tv.kind(key), shape, dtype, read, extra, base_bytes, numel, ops, rebuild, cached, host, decomp)
 
 
-def _seconds(w: _KeyWork, rates: Rates, passes: int, T: int) -> float:
+def _seconds(w: _KeyWork, rates: Rates, passes: int, T: int, per_element: float | None) -> float:
     s = (passes * w.read_bytes + w.extra_read_bytes) / rates.read_bytes_per_s
-    s += _ELEMENTWISE_PASSES * (T + 1) * w.numel * 4 / rates.elementwise_bytes_per_s
+    if per_element is not None and not w.ops:  # the method's own measured elementwise cost
+        s += per_element * T * w.numel
+    else:
+        s += _ELEMENTWISE_PASSES * (T + 1) * w.numel * 4 / rates.elementwise_bytes_per_s
     s += w.out_bytes / rates.write_bytes_per_s
     for op in w.ops:
         s += op.count * rates.svd_seconds(op.m, op.n, op.dtype)
@@ -280,7 +283,11 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     resolved = spec.resolve(params, len(tv))
     dev = resolve_device(device)
     passes = 1 + spec.reading_passes(resolved)
-    own = rates if rates is not None else calibrate(dev)
+    label = method_label(spec.name, resolved)
+    own = rates if rates is not None else calibrate(dev, methods=[(spec.name, resolved)])
+    per_element, per_bytes = own.element_seconds(label), own.per_element_bytes.get(label, 0.0)
+    if per_element is None and own.source.startswith("measured"):
+        per_element, per_bytes = measure_method(spec.name, resolved, dev)
     table = {str(dev): own}
     host_rates = own if dev.type == "cpu" else calibrate("cpu")
     for name, r in RECORDED.items():
@@ -290,11 +297,11 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     work = [_key_work(tv, key, spec) for key in tv.keys]
     rows = [{"key": w.key, "kind": w.kind, "shape": w.shape, "dtype": str(w.dtype).replace("torch.", ""),
              "bytes": w.read_bytes, "decompositions": "; ".join(op.text() for op in w.ops),
-             "est_seconds": _seconds(w, own, passes, T)} for w in work]
+             "est_seconds": _seconds(w, own, passes, T, per_element)} for w in work]
     keys = pd.DataFrame(rows, columns=["key", "kind", "shape", "dtype", "bytes", "decompositions", "est_seconds"])
     room = max(tv.cache.max_bytes - tv.cache.nbytes, 0)
     cache_gain = min(sum(w.cached_bytes for w in work), room)
-    largest_host = max((w.host_bytes for w in work), default=0)
+    largest_host = max((max(w.host_bytes, int(per_bytes * T * w.numel)) for w in work), default=0)
     largest_dec = max((w.device_bytes for w in work), default=0)
     rss = _rss()
     if dev.type == "cpu":
@@ -306,7 +313,8 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     else:
         free = available_memory()
         avail_host = None if free is None else rss + free
-    seconds = {name: sum(_seconds(w, r, passes, T) for w in work) for name, r in table.items()}
+    seconds = {name: r.run_s + sum(_seconds(w, r, passes, T, per_element if r is own else None) for w in work)
+               for name, r in table.items()}
     return Plan(spec.name, str(dev), keys, passes, int(peak_host), int(peak_device), avail_host, avail_device,
                 seconds, table)
 
@@ -316,6 +324,6 @@ def _with_host(gpu: Rates, host: Rates) -> Rates:
     from dataclasses import replace
 
     return replace(gpu, read_bytes_per_s=min(gpu.read_bytes_per_s, host.read_bytes_per_s),
-                   write_bytes_per_s=min(gpu.write_bytes_per_s, host.write_bytes_per_s))
+                   write_bytes_per_s=min(gpu.write_bytes_per_s, host.write_bytes_per_s), run_s=host.run_s)
 
 

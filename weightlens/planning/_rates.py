@@ -18,8 +18,9 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,10 +31,10 @@ from weightlens.io._atomic import atomic_write_text
 from weightlens.linalg import available_cores, resolve_device, svd
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["RECORDED", "Rates", "calibrate", "fingerprint"]
+__all__ = ["RECORDED", "Rates", "calibrate", "fingerprint", "measure_method", "method_label"]
 
 _SVD_SIZES = ((96, 96), (192, 192), (384, 256))  # fit a * m n min(m, n) + b on these
-_VERSION = 1  # bump when the measurements change meaning: older entries are measured again
+_VERSION = 2  # bump when the measurements change meaning: older entries are measured again
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,14 @@ class Rates:
     gemm_flops_per_s: float
     svd_a: float  # seconds per unit of m * n * min(m, n)
     svd_b: float  # seconds per call
+    run_s: float = 0.0  # seconds of a run's fixed work (an export's folder, card and recipe)
     source: str = "measured"
+    per_element_s: Mapping[str, float] = field(default_factory=dict)  # method -> s per task element
+    per_element_bytes: Mapping[str, float] = field(default_factory=dict)  # method -> working bytes per element
+
+    def element_seconds(self, label: str) -> float | None:
+        """Seconds per task-vector element of a method's own elementwise work (all its passes), if measured."""
+        return self.per_element_s.get(label)
 
     def svd_seconds(self, m: int, n: int, dtype: torch.dtype = torch.float32) -> float:
         """Estimated seconds of one thin SVD of an ``m x n`` matrix (float64: twice float32's)."""
@@ -64,8 +72,8 @@ class Rates:
 #: reachable), HBM bandwidth for elementwise passes; the H200 is the H100's compute with its faster
 #: memory. Host reads and writes are the host's (measured), capped by PCIe (~20 GB/s).
 RECORDED: dict[str, Rates] = {
-    "H100": Rates("H100", 20e9, 20e9, 1.5e12, 40e12, 1.8e-12, 8e-3, "recorded estimate"),
-    "H200": Rates("H200", 20e9, 20e9, 2.4e12, 45e12, 1.7e-12, 8e-3, "recorded estimate"),
+    "H100": Rates("H100", 20e9, 20e9, 1.5e12, 40e12, 1.8e-12, 8e-3, 0.0, "recorded estimate"),
+    "H200": Rates("H200", 20e9, 20e9, 2.4e12, 45e12, 1.7e-12, 8e-3, 0.0, "recorded estimate"),
 }
 
 
@@ -111,14 +119,16 @@ def _measure(device: torch.device) -> Rates:
         save_file({"w": x}, str(Path(tmp) / "ft.safetensors"))
         tv = TaskVectors(Path(tmp) / "base.safetensors", {"a": Path(tmp) / "ft.safetensors"})
         read = _typical(lambda: tv.delta("a", "w").to(device), sync)  # two stored tensors per delta
-        outs = iter(range(10))
+        outs = iter(range(20))
         write = _typical(lambda: export({"w": x}, Path(tmp) / f"out{next(outs)}"), sync, 2)
+        tiny = {"w": torch.zeros(2)}
+        run = _typical(lambda: export(tiny, Path(tmp) / f"out{next(outs)}"), sync, 2)
     y = x.to(device)
     elementwise = _typical(lambda: torch.add(y, y, alpha=0.5).mul_(2.0), sync)
     a = torch.randn(384, 384, generator=g).to(device)
     gemm = _typical(lambda: a @ a, sync)
     mats = [torch.randn(m, n, generator=g) for m, n in _SVD_SIZES]
-    times = [_typical(lambda m=m: svd(m, device=device), sync, 2) for m in mats]
+    times = [_typical(lambda m=m: svd(m, device=device), sync, 3) for m in mats]
     work = [m * n * min(m, n) for m, n in _SVD_SIZES]
     # minimise sum ((a w + b - t) / t)^2: rows (w/t, 1/t), target 1
     A = torch.tensor([[w / t, 1.0 / t] for w, t in zip(work, times)], dtype=torch.float64)
@@ -127,9 +137,9 @@ def _measure(device: torch.device) -> Rates:
     if svd_a <= 0:  # noise at tiny sizes: a line through the largest point
         svd_a, svd_b = times[-1] / work[-1], 0.0
     return Rates(
-        device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / write,
+        device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / max(write - run, 1e-9),
         elementwise_bytes_per_s=3 * n_bytes / elementwise, gemm_flops_per_s=2 * 384**3 / gemm,
-        svd_a=svd_a, svd_b=max(svd_b, 0.0), source=f"measured {time.strftime('%Y-%m-%d')}",
+        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, source=f"measured {time.strftime('%Y-%m-%d')}",
     )
 
 
@@ -139,8 +149,77 @@ def _cache_file() -> Path:
     return home() / "calibration.json"
 
 
+def method_label(method: str, params: Mapping[str, Any]) -> str:
+    """How a method's measured cost is filed: its name and parameters other than ``alpha``."""
+    inner = ", ".join(f"{k}={v!r}" for k, v in sorted(params.items()) if k != "alpha")
+    return f"{method}({inner})"
+
+
+def _status(field_name: str) -> int:
+    """A ``/proc/self/status`` field in bytes (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith(field_name + ":")), 0)
+    except OSError:
+        return 0
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``), so a peak measured next is growth."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    """Reset this process' peak resident set (Linux ``clear_refs`` 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_method(method: str, params: Mapping[str, Any], device: torch.device, n: int = 2**20,
+                   n_tasks: int = 3) -> tuple[float, float]:
+    """``(seconds, bytes)`` per task-vector element of ``method``'s own elementwise work and working set:
+    a merge and export of ``n_tasks`` in-memory vectors of ``n`` entries (1-D keys: no decomposition), its
+    ``prepare`` passes and what its export computes (TIES: the gap to mergekit's per-tensor trim) included,
+    the fixed cost of an export taken off. The bytes are the growth of the peak resident set (0 where it
+    cannot be read)."""
+    from weightlens.merge import merge
+
+    g = torch.Generator().manual_seed(0)
+    base = {"v": torch.randn(n, generator=g)}
+    fts = {f"t{i}": {"v": base["v"] + 0.01 * torch.randn(n, generator=g)} for i in range(n_tasks)}
+    params = {k: v for k, v in params.items() if k != "alpha"}
+    tiny = {"v": torch.zeros(2)}
+    with tempfile.TemporaryDirectory(prefix="wl-calibrate-") as tmp:
+        outs = iter(range(100))
+
+        def run(weights: Any = None) -> None:
+            if weights is None:
+                weights = merge(TaskVectors(base, fts), method=method, device=device, progress=False, **params)
+            export(weights, Path(tmp) / f"o{next(outs)}", progress=False)
+
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        held = 0
+        _trim()
+        if _reset_peak():  # first: freed blocks of earlier runs would hide the growth
+            before = _status("VmRSS")
+            run()
+            held = max(_status("VmHWM") - before, 0)
+        fixed = _typical(lambda: run(tiny), sync)
+        seconds = _typical(run, sync)
+    return max(seconds - fixed, 0.0) / (n * n_tasks), held / (n * n_tasks)
+
+
 def calibrate(device: str | torch.device = "cpu", *, path: str | os.PathLike[str] | None = None,
-              refresh: bool = False) -> Rates:
+              refresh: bool = False, methods: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> Rates:
     """This machine's rates on ``device``: cached ones for its fingerprint, else measured (~1 s) and cached.
 
     Parameters
@@ -152,6 +231,9 @@ def calibrate(device: str | torch.device = "cpu", *, path: str | os.PathLike[str
         ``$WEIGHTLENS_HOME``, else ``$XDG_CACHE_HOME/weightlens``, else ``~/.cache/weightlens``).
     refresh : bool, default=False
         Measure again even when the file has this machine's rates.
+    methods : sequence of (method, params)
+        Merge methods whose own elementwise cost to measure too (a merge of in-memory vectors, ~0.1 s
+        each), kept in the same file.
 
     Returns
     -------
@@ -166,18 +248,32 @@ def calibrate(device: str | torch.device = "cpu", *, path: str | os.PathLike[str
         known = {}  # an unreadable cache is measured again and rewritten
     if not isinstance(known, dict):
         known = {}
+    rates = None
     if not refresh and isinstance(known.get(key), dict):
         try:
-            return Rates(**known[key])
+            rates = Rates(**known[key])
         except TypeError:
-            pass
-    rates = _measure(dev)
-    known[key] = dataclasses.asdict(rates)
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(file, json.dumps(known, indent=2, sort_keys=True))
-    except OSError:
-        pass  # a read-only home: the rates are still returned, measured again next time
+            rates = None
+    changed = rates is None
+    if rates is None:
+        rates = _measure(dev)
+    per, held = dict(rates.per_element_s), dict(rates.per_element_bytes)
+    for name, params in methods:
+        label = method_label(name, params)
+        if refresh or label not in per:
+            try:
+                per[label], held[label] = measure_method(name, params, dev)
+            except Exception:  # a method that needs more than plain vectors (slerp: one fine-tune): unpriced
+                continue
+            changed = True
+    rates = dataclasses.replace(rates, per_element_s=per, per_element_bytes=held)
+    if changed:
+        known[key] = dataclasses.asdict(rates)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(file, json.dumps(known, indent=2, sort_keys=True))
+        except OSError:
+            pass  # a read-only home: the rates are still returned, measured again next time
     return rates
 
 
