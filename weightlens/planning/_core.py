@@ -22,15 +22,18 @@ from typing import Any
 
 import torch
 
-from weightlens.errors import PlanRefusedError
+from weightlens.errors import InvalidParameterError, PlanRefusedError
+from weightlens.io._layout import parse_size
 from weightlens.linalg import resolve_device
 from weightlens.linalg.devices import available_memory
 from weightlens.merge.registry import MergeMethod, get_method
 from weightlens.planning._rates import RECORDED, Rates, calibrate, measure_method, method_label
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["Plan", "plan"]
+__all__ = ["OPTIMISTIC", "Plan", "long_run_plan", "plan"]
 
+#: Rates no machine beats by much: a plan priced with them that stays short needs no calibration.
+OPTIMISTIC = Rates("bound", 1e10, 1e10, 2e11, 2e12, 1e-11, 0.0, 0.0, "optimistic bound")
 _ELEMENTWISE_PASSES = 4  # fp32 passes over the task stack per key (stack, method's own passes, add, cast)
 
 
@@ -246,7 +249,7 @@ def _duration(s: float) -> str:
 
 
 def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", rates: Rates | None = None,
-         memory_limit: int | None = None, **params: Any) -> Plan:
+         memory_limit: int | str | None = None, **params: Any) -> Plan:
     """Plan a merge of ``tv`` with ``method`` from the headers alone: keys, decompositions, memory, time.
 
     Parameters
@@ -260,8 +263,8 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     rates : Rates, optional
         The rates to price the work on ``device`` (default :func:`~weightlens.planning.calibrate`: this
         machine's, measured once and cached under the weightlens home).
-    memory_limit : int, optional
-        Bytes of host memory the process may hold (default: its resident set plus what the system and
+    memory_limit : int or str, optional
+        Bytes of host memory the process may hold (``8_000_000_000``, ``"8GB"``) (default: its resident set plus what the system and
         its cgroup still let it allocate).
 
     Returns
@@ -309,7 +312,11 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     else:
         peak_host, peak_device, avail_device = rss + largest_host, cache_gain + largest_dec, _cuda_free(dev)
     if memory_limit is not None:
-        avail_host = int(memory_limit)
+        try:
+            avail_host = parse_size(memory_limit)
+        except InvalidParameterError:
+            raise InvalidParameterError(f"The 'memory_limit' parameter of plan must be an int (bytes) or a string "
+                                        f"like '8GB' or '512MiB'. Got {memory_limit!r} instead.") from None
     else:
         free = available_memory()
         avail_host = None if free is None else rss + free
@@ -327,3 +334,22 @@ def _with_host(gpu: Rates, host: Rates) -> Rates:
                    write_bytes_per_s=min(gpu.write_bytes_per_s, host.write_bytes_per_s), run_s=host.run_s)
 
 
+
+
+def long_run_plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", threshold_s: float = 60.0,
+                  **params: Any) -> Plan | None:
+    """The plan of a merge estimated to take over ``threshold_s`` seconds, else None; refuses one that cannot fit.
+
+    A first plan priced with :data:`OPTIMISTIC` rates needs no calibration: when even it stays under a tenth
+    of ``threshold_s`` the run is short, and nothing is measured. Otherwise this machine's rates price it.
+
+    Raises
+    ------
+    PlanRefusedError
+        When the merge cannot fit in memory (:meth:`Plan.check`).
+    """
+    quick = plan(tv, method, device=device, rates=OPTIMISTIC, **params).check()
+    if quick.seconds[quick.device] < threshold_s / 10:
+        return None
+    full = plan(tv, method, device=device, **params).check()
+    return full if full.seconds[full.device] > threshold_s else None
