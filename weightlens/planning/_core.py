@@ -33,7 +33,7 @@ from weightlens.taskvectors import TaskVectors
 __all__ = ["OPTIMISTIC", "Plan", "long_run_plan", "plan"]
 
 #: Rates no machine beats by much: a plan priced with them that stays short needs no calibration.
-OPTIMISTIC = Rates("bound", 1e10, 1e10, 2e11, 2e12, 1e-11, 0.0, 0.0, "optimistic bound")
+OPTIMISTIC = Rates("bound", 1e10, 1e10, 2e11, 2e12, 1e-11, 0.0, 0.0, 0.0, "optimistic bound")
 _ELEMENTWISE_PASSES = 4  # fp32 passes over the task stack per key (stack, method's own passes, add, cast)
 
 
@@ -320,7 +320,7 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     else:
         free = available_memory()
         avail_host = None if free is None else rss + free
-    seconds = {name: r.run_s + sum(_seconds(w, r, passes, T, per_element if r is own else None) for w in work)
+    seconds = {name: r.run_s + (T + 1) * r.input_s + sum(_seconds(w, r, passes, T, per_element if r is own else None) for w in work)
                for name, r in table.items()}
     return Plan(spec.name, str(dev), keys, passes, int(peak_host), int(peak_device), avail_host, avail_device,
                 seconds, table)
@@ -331,7 +331,8 @@ def _with_host(gpu: Rates, host: Rates) -> Rates:
     from dataclasses import replace
 
     return replace(gpu, read_bytes_per_s=min(gpu.read_bytes_per_s, host.read_bytes_per_s),
-                   write_bytes_per_s=min(gpu.write_bytes_per_s, host.write_bytes_per_s), run_s=host.run_s)
+                   write_bytes_per_s=min(gpu.write_bytes_per_s, host.write_bytes_per_s), run_s=host.run_s,
+                   input_s=host.input_s)
 
 
 

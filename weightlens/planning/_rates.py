@@ -34,7 +34,7 @@ from weightlens.taskvectors import TaskVectors
 __all__ = ["RECORDED", "Rates", "calibrate", "fingerprint", "measure_method", "method_label"]
 
 _SVD_SIZES = ((96, 96), (192, 192), (384, 256))  # fit a * m n min(m, n) + b on these
-_VERSION = 2  # bump when the measurements change meaning: older entries are measured again
+_VERSION = 3  # bump when the measurements change meaning: older entries are measured again
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Rates:
     svd_a: float  # seconds per unit of m * n * min(m, n)
     svd_b: float  # seconds per call
     run_s: float = 0.0  # seconds of a run's fixed work (an export's folder, card and recipe)
+    input_s: float = 0.0  # seconds of a run's work per input checkpoint (opening, its recipe fingerprint)
     source: str = "measured"
     per_element_s: Mapping[str, float] = field(default_factory=dict)  # method -> s per task element
     per_element_bytes: Mapping[str, float] = field(default_factory=dict)  # method -> working bytes per element
@@ -72,8 +73,8 @@ class Rates:
 #: reachable), HBM bandwidth for elementwise passes; the H200 is the H100's compute with its faster
 #: memory. Host reads and writes are the host's (measured), capped by PCIe (~20 GB/s).
 RECORDED: dict[str, Rates] = {
-    "H100": Rates("H100", 20e9, 20e9, 1.5e12, 40e12, 1.8e-12, 8e-3, 0.0, "recorded estimate"),
-    "H200": Rates("H200", 20e9, 20e9, 2.4e12, 45e12, 1.7e-12, 8e-3, 0.0, "recorded estimate"),
+    "H100": Rates("H100", 20e9, 20e9, 1.5e12, 40e12, 1.8e-12, 8e-3, 0.0, 0.0, "recorded estimate"),
+    "H200": Rates("H200", 20e9, 20e9, 2.4e12, 45e12, 1.7e-12, 8e-3, 0.0, 0.0, "recorded estimate"),
 }
 
 
@@ -119,10 +120,9 @@ def _measure(device: torch.device) -> Rates:
         save_file({"w": x}, str(Path(tmp) / "ft.safetensors"))
         tv = TaskVectors(Path(tmp) / "base.safetensors", {"a": Path(tmp) / "ft.safetensors"})
         read = _typical(lambda: tv.delta("a", "w").to(device), sync)  # two stored tensors per delta
-        outs = iter(range(20))
+        outs = iter(range(40))
         write = _typical(lambda: export({"w": x}, Path(tmp) / f"out{next(outs)}"), sync, 2)
-        tiny = {"w": torch.zeros(2)}
-        run = _typical(lambda: export(tiny, Path(tmp) / f"out{next(outs)}"), sync, 2)
+        run, per_input = _fixed_costs(Path(tmp), outs, sync)
     y = x.to(device)
     elementwise = _typical(lambda: torch.add(y, y, alpha=0.5).mul_(2.0), sync)
     a = torch.randn(384, 384, generator=g).to(device)
@@ -139,8 +139,29 @@ def _measure(device: torch.device) -> Rates:
     return Rates(
         device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / max(write - run, 1e-9),
         elementwise_bytes_per_s=3 * n_bytes / elementwise, gemm_flops_per_s=2 * 384**3 / gemm,
-        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, source=f"measured {time.strftime('%Y-%m-%d')}",
+        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, input_s=per_input, source=f"measured {time.strftime('%Y-%m-%d')}",
     )
+
+
+def _fixed_costs(tmp: Path, outs: Any, sync: Callable[[], None]) -> tuple[float, float]:
+    """``(per run, per input)`` seconds of a merge and export of tiny checkpoint files: what a run costs
+    besides its tensors (opening the inputs, fingerprinting them for the recipe, the card, the folder)."""
+    from safetensors.torch import save_file
+
+    from weightlens.merge import merge
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp / f"tiny{i}.safetensors")
+        save_file({"w": torch.full((2,), float(i))}, str(paths[-1]))
+
+    def run(n: int) -> None:
+        tv = TaskVectors(paths[0], {f"t{i}": p for i, p in enumerate(paths[1:n + 1])})
+        export(merge(tv, method="task_arithmetic", progress=False), tmp / f"out{next(outs)}", progress=False)
+
+    one, two = _typical(lambda: run(1), sync), _typical(lambda: run(2), sync)
+    per_input = max(two - one, 0.0)
+    return max(one - 2 * per_input, 0.0), per_input
 
 
 def _cache_file() -> Path:
