@@ -159,8 +159,8 @@ class MergeMethod:
     passes: Callable[[Mapping[str, Any]], int] | None = field(default=None, repr=False)
 
     def reading_passes(self, params: Mapping[str, Any]) -> int:
-        """Whole-model passes over the inputs before the merge (its ``prepare``): declared, else 1 with a
-        ``prepare`` hook and 0 without."""
+        """Whole-model passes over the inputs besides the merge's own (its ``prepare``'s, its export's):
+        declared, else 1 with a ``prepare`` hook and 0 without."""
         if self.passes is not None:
             return int(self.passes({**self.defaults(), **params}))
         return 0 if self.prepare is None else 1
@@ -356,8 +356,8 @@ def register_merge(
         polar factors of the ``m x r`` and ``n x r`` stacked directions), ``"concat"`` (one float64 SVD of
         the ``m x T n`` concatenation of the tasks).
     passes : callable, optional
-        ``passes(params) -> int``: whole-model reading passes ``prepare`` makes before the merge (for
-        ``wl.plan``; default 1 with a ``prepare`` hook, 0 without).
+        ``passes(params) -> int``: whole-model reading passes besides the merge's own (``prepare``'s, and
+        any an export of the result makes), for ``wl.plan``; default 1 with a ``prepare`` hook, 0 without.
 
     Raises
     ------

@@ -264,8 +264,8 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
         The rates to price the work on ``device`` (default :func:`~weightlens.planning.calibrate`: this
         machine's, measured once and cached under the weightlens home).
     memory_limit : int or str, optional
-        Bytes of host memory the process may hold (``8_000_000_000``, ``"8GB"``) (default: its resident set plus what the system and
-        its cgroup still let it allocate).
+        Bytes of host memory the process may hold, e.g. ``8_000_000_000`` or ``"8GB"`` (default: its resident
+        set plus what the system and its cgroup still let it allocate).
 
     Returns
     -------
@@ -320,7 +320,8 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     else:
         free = available_memory()
         avail_host = None if free is None else rss + free
-    seconds = {name: r.run_s + (T + 1) * r.input_s + sum(_seconds(w, r, passes, T, per_element if r is own else None) for w in work)
+    seconds = {name: r.run_s + (T + 1) * r.input_s
+               + sum(_seconds(w, r, passes, T, per_element if r is own else None) for w in work)
                for name, r in table.items()}
     return Plan(spec.name, str(dev), keys, passes, int(peak_host), int(peak_device), avail_host, avail_device,
                 seconds, table)

@@ -139,7 +139,8 @@ def _measure(device: torch.device) -> Rates:
     return Rates(
         device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / max(write - run, 1e-9),
         elementwise_bytes_per_s=3 * n_bytes / elementwise, gemm_flops_per_s=2 * 384**3 / gemm,
-        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, input_s=per_input, source=f"measured {time.strftime('%Y-%m-%d')}",
+        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, input_s=per_input,
+        source=f"measured {time.strftime('%Y-%m-%d')}",
     )
 
 
