@@ -175,3 +175,18 @@ def test_cli_plan(digits, tmp_path):
     assert (tmp_path / "home" / "calibration.json").exists()
     out = subprocess.run([*cmd, "--memory-limit", "1MB"], capture_output=True, text=True, env=env)
     assert out.returncode == 1 and "Refused: A iso_c merge" in out.stdout
+
+
+def test_short_runs_are_not_planned_and_measure_nothing(digits, tmp_path, monkeypatch):
+    """``weightlens merge``'s pre-check: a run short even at optimistic rates returns None and calibrates nothing;
+    one that cannot fit is refused before any tensor is read."""
+    from weightlens.planning import long_run_plan
+
+    monkeypatch.setenv("WEIGHTLENS_HOME", str(tmp_path / "home"))
+    assert long_run_plan(digits, "tsv", device="cpu") is None
+    assert not (tmp_path / "home" / "calibration.json").exists()
+    huge = wl.TaskVectors({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}})
+    monkeypatch.setattr("weightlens.planning._core.available_memory", lambda: 0)
+    monkeypatch.setattr("weightlens.planning._core._rss", lambda: 1)  # nothing left to allocate
+    with pytest.raises(PlanRefusedError, match="exceeds"):
+        long_run_plan(huge, "task_arithmetic", device="cpu")
