@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from weightlens.errors import InvalidParameterError, PlanRefusedError
+from weightlens.errors import InvalidParameterError, PlanRefusedError, WeightlensError
 from weightlens.io._layout import parse_size
 from weightlens.linalg import resolve_device
 from weightlens.linalg.devices import available_memory
@@ -84,7 +84,7 @@ def _stored_bytes(tv: TaskVectors, task: str, key: str) -> int:
     own = full.get(own, own) if isinstance(full, Mapping) else own
     try:
         info = ckpt.info(own)
-    except Exception:  # an adapter's untouched key: nothing is read, the delta is zero
+    except KeyError:  # an adapter's untouched key (KeyMismatchError): nothing is read, the delta is zero
         return 0
     return math.prod(info.shape) * _itemsize(info.dtype)
 
@@ -289,8 +289,11 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     label = method_label(spec.name, resolved)
     own = rates if rates is not None else calibrate(dev, methods=[(spec.name, resolved)])
     per_element, per_bytes = own.element_seconds(label), own.per_element_bytes.get(label, 0.0)
-    if per_element is None and own.source.startswith("measured"):
-        per_element, per_bytes = measure_method(spec.name, resolved, dev)
+    if per_element is None and own.source.startswith("measured") and rates is not None:
+        try:  # rates given without this method's cost: measure it now (not cached)
+            per_element, per_bytes = measure_method(spec.name, resolved, dev)
+        except (WeightlensError, RuntimeError):  # needs more than plain vectors: the generic estimate
+            per_element, per_bytes = None, 0.0
     table = {str(dev): own}
     host_rates = own if dev.type == "cpu" else calibrate("cpu")
     for name, r in RECORDED.items():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from weightlens.errors import InvalidParameterError
+from weightlens.errors import InvalidParameterError, WeightlensError
 from weightlens.io import export
 from weightlens.io._atomic import atomic_write_text
 from weightlens.linalg import available_cores, resolve_device, svd
@@ -285,7 +285,7 @@ def calibrate(device: str | torch.device = "cpu", *, path: str | os.PathLike[str
         if refresh or label not in per:
             try:
                 per[label], held[label] = measure_method(name, params, dev)
-            except Exception:  # a method that needs more than plain vectors (slerp: one fine-tune): unpriced
+            except (WeightlensError, RuntimeError):  # needs more than plain vectors (slerp: one fine-tune)
                 continue
             changed = True
     rates = dataclasses.replace(rates, per_element_s=per, per_element_bytes=held)
