@@ -190,3 +190,16 @@ def test_short_runs_are_not_planned_and_measure_nothing(digits, tmp_path, monkey
     monkeypatch.setattr("weightlens.planning._core._rss", lambda: 1)  # nothing left to allocate
     with pytest.raises(PlanRefusedError, match="exceeds"):
         long_run_plan(huge, "task_arithmetic", device="cpu")
+
+
+def test_decompositions_in_the_cache_are_not_counted_again(digits, monkeypatch, tmp_path):
+    """After a TSV-M merge and export the per-task SVDs are cached (the updates are not: export keeps none):
+    a second plan counts only the polar factors, and a second merge computes exactly those."""
+    tv = wl.TaskVectors(digits.base, digits.finetuned)
+    first = _planned(wl.plan(tv, "tsv", device="cpu", rates=RATES))
+    wl.export(wl.merge(tv, method="tsv", device="cpu"), tmp_path / "a", progress=False)  # keeps no update
+    again = wl.plan(tv, "tsv", device="cpu", rates=RATES)
+    assert {op for op in _planned(again)} == {op for op in first if op[0] == "polar"}
+    seen = _counting(monkeypatch)
+    wl.export(wl.merge(tv, method="tsv", device="cpu"), tmp_path / "b", progress=False)
+    assert seen == _planned(again)

@@ -325,7 +325,7 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int,
 
 
 @register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025",
-                uses_svd=True, decomposes=("sum", "tasks", "polar"))
+                uses_svd=True, decomposes=("sum", "residuals", "polar"))
 def iso_cts(
     ctx: MergeContext,
     key: str,

@@ -89,15 +89,25 @@ def _stored_bytes(tv: TaskVectors, task: str, key: str) -> int:
     return math.prod(info.shape) * _itemsize(info.dtype)
 
 
-def _ops(spec: MergeMethod, m: int, n: int, T: int) -> tuple[_Op, ...]:
+def _ops(spec: MergeMethod, m: int, n: int, T: int, cached: tuple[int, int]) -> tuple[_Op, ...]:
+    """The decompositions of one ``m x n`` key; ``cached``: how many task SVDs and sum SVDs ``tv.cache`` holds."""
     r = min(m, n)
     table = {
-        "tasks": (_Op("svd", m, n, T),),
-        "sum": (_Op("svd", m, n, 1),),
+        "tasks": (_Op("svd", m, n, T - cached[0]),),
+        "residuals": (_Op("svd", m, n, T),),
+        "sum": (_Op("svd", m, n, 1 - cached[1]),),
         "polar": (_Op("polar", m, r, 1), _Op("polar", n, r, 1)),
         "concat": (_Op("svd", m, T * n, 1, torch.float64),),
     }
-    return tuple(op for what in spec.decomposes for op in table[what])
+    return tuple(op for what in spec.decomposes for op in table[what] if op.count > 0)
+
+
+def _cached(tv: TaskVectors, key: str, device: torch.device) -> tuple[int, int]:
+    """How many of ``key``'s task SVDs, and whether its sum's SVD, are in ``tv.cache`` already (fp32, on
+    ``device``; the keys of :mod:`weightlens.decompositions`): a merge reuses them."""
+    where, dtype = str(device), str(torch.float32)
+    tasks = sum(("svd", t, key, where, dtype) in tv.cache for t in tv.names)
+    return tasks, int(("svd_sum", tuple(tv.names), key, where, dtype) in tv.cache)
 
 
 def _svd_bytes(m: int, n: int, itemsize: int = 4) -> int:
@@ -105,7 +115,7 @@ def _svd_bytes(m: int, n: int, itemsize: int = 4) -> int:
     return (m * r + r + r * n) * itemsize
 
 
-def _key_work(tv: TaskVectors, key: str, spec: MergeMethod) -> _KeyWork:
+def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device) -> _KeyWork:
     shape, T = tuple(tv.shape(key)), len(tv)
     dtype = tv.base.dtype(key)
     numel = math.prod(shape)
@@ -117,12 +127,16 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod) -> _KeyWork:
     cached = decomp = extra = 0
     if tv.kind(key) == "matrix" and spec.decomposes:
         m, n = shape
-        ops = _ops(spec, m, n, T)
-        extra = sum(what in ("tasks", "sum") for what in spec.decomposes) * (T * base_bytes + tasks)
+        have = _cached(tv, key, device)
+        ops = _ops(spec, m, n, T, have)
+        every = T * base_bytes + tasks  # each task's delta read once: the base again per task, the task
+        per = {"tasks": every * (T - have[0]) // T, "residuals": every, "sum": every * (1 - have[1])}
+        extra = sum(per.get(what, 0) for what in spec.decomposes)
         rebuild = 2.0 * m * n * min(m, n)
         cached = sum(op.count * _svd_bytes(op.m, op.n, _itemsize(op.dtype))
                      for op in ops if op.what == "svd")  # polar factors are not kept
-        decomp = max(3 * (op.m * op.n + _svd_bytes(op.m, op.n)) * _itemsize(op.dtype) // 4 for op in ops)
+        decomp = max((3 * (op.m * op.n + _svd_bytes(op.m, op.n)) * _itemsize(op.dtype) // 4 for op in ops),
+                     default=0)
     host = read + (T + 4) * numel * 4  # stored inputs, fp32 stack, base, update, output
     return _KeyWork(key, tv.kind(key), shape, dtype, read, extra, base_bytes, numel, ops, rebuild, cached, host, decomp)
 
@@ -300,7 +314,7 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
         if name not in table:
             table[name] = _with_host(r, host_rates)
     T = len(tv)
-    work = [_key_work(tv, key, spec) for key in tv.keys]
+    work = [_key_work(tv, key, spec, dev) for key in tv.keys]
     rows = [{"key": w.key, "kind": w.kind, "shape": w.shape, "dtype": str(w.dtype).replace("torch.", ""),
              "bytes": w.read_bytes, "decompositions": "; ".join(op.text() for op in w.ops),
              "est_seconds": _seconds(w, own, passes, T, per_element)} for w in work]
