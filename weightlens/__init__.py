@@ -1,7 +1,7 @@
 """weightlens: see why a merge of neural networks works or fails, then export the one you chose.
 
 ``load`` and ``TaskVectors`` are imported eagerly; ``analyze``, ``merge``, ``compare``, ``diagnose``, ``sweep``,
-``export`` and the subpackages ``lmc``, ``rebasin``, ``widgets``, ``figures``, ``zoo`` and ``linalg``
+``plan``, ``export`` and the subpackages ``lmc``, ``rebasin``, ``widgets``, ``figures``, ``zoo`` and ``linalg``
 load on first use, so ``import weightlens`` stays light (no plotly, no ipywidgets).
 ``weightlens.config`` holds session-wide settings (``wl.config.progress = False`` silences every bar).
 
@@ -24,6 +24,7 @@ from weightlens.errors import (
     InvalidParameterError,
     KeyMismatchError,
     NonFiniteError,
+    PlanRefusedError,
     ReproducibilityError,
     ShapeMismatchError,
     TargetExistsError,
@@ -48,6 +49,9 @@ _LAZY = {
     "sweep": ("weightlens.merge", "sweep"),
     "export": ("weightlens.io", "export"),
     "run_recipe": ("weightlens.merge", "run_recipe"),
+    "plan": ("weightlens.planning", "plan"),
+    "Plan": ("weightlens.planning", "Plan"),
+    "planning": ("weightlens.planning", None),
     "analysis": ("weightlens.analysis", None),
     "figures": ("weightlens.figures", None),
     "linalg": ("weightlens.linalg", None),
@@ -92,6 +96,7 @@ __all__ = [
     "InvalidParameterError",
     "KeyMismatchError",
     "NonFiniteError",
+    "PlanRefusedError",
     "ReproducibilityError",
     "ShapeMismatchError",
     "TargetExistsError",

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidParameterError",
     "UnsafePathError",
     "ReproducibilityError",
+    "PlanRefusedError",
 ]
 
 
@@ -68,3 +69,7 @@ class UnsafePathError(WeightlensError, ValueError):
 
 class ReproducibilityError(WeightlensError, ValueError):
     """A recipe's inputs changed since it was written, or its re-run did not give the recorded files."""
+
+
+class PlanRefusedError(WeightlensError, MemoryError):
+    """A planned run cannot fit in the memory available (``wl.plan(...).check()``, ``weightlens merge``)."""

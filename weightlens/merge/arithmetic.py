@@ -174,6 +174,8 @@ def _ties_mergekit(p: Mapping[str, Any], merged: Any = None) -> Mergekit | None:
 
 @register_merge(
     "ties", alpha=1.0, pretty_name="TIES-Merging", reference="Yadav et al., NeurIPS 2023", prepare=_ties_prepare,
+    # global scope: two radix passes and the majority sign before the merge; export's gap to mergekit's trim
+    passes=lambda p: 4 if p["scope"] == "global" else 0,
     alpha_grid=_TIES_GRID, mergekit=_ties_mergekit,
 )
 def ties(

@@ -169,7 +169,7 @@ def _merged(ctx: MergeContext, key: str, name: str, density: float, scope: str,
 # --------------------------------------------------------------------------------------- KnOTS-TIES
 @register_merge(
     "knots_ties", alpha=0.6, pretty_name="KnOTS-TIES", reference="Stoica et al., ICLR 2025",
-    prepare=_knots_ties_prepare, uses_svd=True, alpha_grid=DEFAULT_GRID,
+    prepare=_knots_ties_prepare, uses_svd=True, decomposes=("concat",), alpha_grid=DEFAULT_GRID,
 )  # mergekit has no KnOTS: no mergekit= (no mergekit_config.yml is written)
 def knots_ties(
     ctx: MergeContext,
@@ -214,7 +214,7 @@ def _knots_ta_mergekit(p: Mapping[str, Any]) -> Mergekit | None:
 
 @register_merge(
     "knots_ta", alpha=0.3, pretty_name="KnOTS-TA", reference="Stoica et al., ICLR 2025",
-    prepare=_knots_ta_prepare, uses_svd=True, alpha_grid=_TA_GRID, mergekit=_knots_ta_mergekit,
+    prepare=_knots_ta_prepare, uses_svd=True, decomposes=("concat",), alpha_grid=_TA_GRID, mergekit=_knots_ta_mergekit,
 )
 def knots_ta(
     ctx: MergeContext,

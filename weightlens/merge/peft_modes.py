@@ -160,7 +160,7 @@ def _clamped(ctx: MergeContext, key: str, mn: tuple[int, int], k: int, clamp: fl
 
 @register_merge(
     "peft_svd", alpha=1.0, pretty_name="PEFT svd", reference="peft add_weighted_adapter (combination_type='svd')",
-    uses_svd=True, alpha_grid=DEFAULT_GRID,
+    uses_svd=True, decomposes=("tasks", "sum"), alpha_grid=DEFAULT_GRID,
 )  # mergekit has no truncated-SVD merge: no mergekit= (no mergekit_config.yml is written)
 def peft_svd(
     ctx: MergeContext,

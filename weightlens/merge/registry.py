@@ -49,6 +49,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.io import recipe as _io_recipe
 
 __all__ = [
+    "DECOMPOSITIONS",
     "DEFAULT_GRID",
     "MAGNITUDE",
     "Interval",
@@ -66,6 +67,8 @@ _RESERVED = ("alpha", "method", "device", "progress", "lazy")  # merge()'s own k
 _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 #: Magnitudes a real-valued merge parameter may have (besides 0): float32 holds their products.
 MAGNITUDE = (1e-6, 1e6)
+#: What ``decomposes=`` of :func:`register_merge` may name (per 2-D key; ``wl.plan`` prices each).
+DECOMPOSITIONS = ("tasks", "residuals", "sum", "polar", "concat")
 #: The ``alpha`` grid of a method that declares none: ``{0.1, 0.2, ..., 3.0}``.
 DEFAULT_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
 #: ``alpha_grid=`` of :func:`register_merge`: a fixed grid, or ``grid(params, n_tasks)``.
@@ -156,6 +159,15 @@ class MergeMethod:
     grid: Grid = field(default=DEFAULT_GRID, repr=False)
     mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = field(default=None, repr=False)
     per_task: PerTask | None = field(default=None, repr=False)
+    decomposes: tuple[str, ...] = ()  # per matrix key: DECOMPOSITIONS' names (see register_merge)
+    passes: Callable[[Mapping[str, Any]], int] | None = field(default=None, repr=False)
+
+    def reading_passes(self, params: Mapping[str, Any]) -> int:
+        """Whole-model passes over the inputs besides the merge's own (its ``prepare``'s, its export's):
+        declared, else 1 with a ``prepare`` hook and 0 without."""
+        if self.passes is not None:
+            return int(self.passes({**self.defaults(), **params}))
+        return 0 if self.prepare is None else 1
 
     def alpha_grid(self, params: Mapping[str, Any], n_tasks: int) -> list[float]:
         """The default ``alpha`` grid for ``params`` (unknown names ignored, the rest defaulted)."""
@@ -306,6 +318,8 @@ def register_merge(
     alpha_grid: Grid = DEFAULT_GRID,
     mergekit: Callable[[Mapping[str, Any]], _io_recipe.Mergekit | None] | None = None,
     per_task: PerTask | None = None,
+    decomposes: Sequence[str] = (),
+    passes: Callable[[Mapping[str, Any]], int] | None = None,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -340,6 +354,15 @@ def register_merge(
         hook returns the unscaled update of ``key`` in task ``task``'s model, which the engine scales by
         ``alpha`` like the shared one. ``MergeResult.for_task(task)`` reads it; ``sweep`` scores each
         task on its own model.
+    decomposes : sequence of str, default=()
+        The decompositions the method computes per 2-D key, for ``wl.plan``: ``"tasks"`` (a thin SVD of
+        each task's ``m x n`` matrix, cached in ``tv.cache``), ``"residuals"`` (one of each task's
+        matrix less a common part, not cached: Iso-CTS), ``"sum"`` (one of the task-arithmetic sum), ``"polar"`` (orthogonal
+        polar factors of the ``m x r`` and ``n x r`` stacked directions), ``"concat"`` (one float64 SVD of
+        the ``m x T n`` concatenation of the tasks).
+    passes : callable, optional
+        ``passes(params) -> int``: whole-model reading passes besides the merge's own (``prepare``'s, and
+        any an export of the result makes), for ``wl.plan``; default 1 with a ``prepare`` hook, 0 without.
 
     Raises
     ------
@@ -356,8 +379,12 @@ def register_merge(
                 f"{_REGISTRY[name].fn.__qualname__}); choose another name or unregister it first."
             )
         params = _schema(fn, name, alpha, alpha_doc)
+        unknown = sorted(set(decomposes) - set(DECOMPOSITIONS))
+        if unknown:
+            raise TypeError(f"Merge method {name!r}: unknown decomposes= entries {unknown}; "
+                            f"use {', '.join(DECOMPOSITIONS)}.")
         _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
-                                      uses_svd, alpha_grid, mergekit, per_task)
+                                      uses_svd, alpha_grid, mergekit, per_task, tuple(decomposes), passes)
         return fn
 
     return decorator

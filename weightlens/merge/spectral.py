@@ -101,7 +101,8 @@ def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> l
 
 
 # --------------------------------------------------------------------------------------- TSV-M
-@register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025", uses_svd=True)
+@register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025", uses_svd=True,
+                decomposes=("tasks", "polar"))
 def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"] = "zero") -> KeyUpdate:
     """TSV-M: top ``floor(r/T)`` singular triplets per task, orthogonalised, rebuilt.
 
@@ -233,7 +234,8 @@ def _isotropic(U: torch.Tensor, V: torch.Tensor, sigma_bar: torch.Tensor, width:
     return KeyUpdate(update.cpu(), notes, linalg.SVD(U_iso, ones, V_iso.mT))
 
 
-@register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True)
+@register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True,
+                decomposes=("sum",))
 def iso_c(ctx: MergeContext, key: str, *, restrict_to_numerical_rank: bool = False) -> KeyUpdate:
     """Iso-C: ``sigma_bar * U V^T`` of the task-arithmetic sum (a flat spectrum).
 
@@ -323,7 +325,7 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int,
 
 
 @register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025",
-                uses_svd=True)
+                uses_svd=True, decomposes=("sum", "residuals", "polar"))
 def iso_cts(
     ctx: MergeContext,
     key: str,
@@ -463,7 +465,7 @@ def star_rank(S: torch.Tensor, eta: float) -> int:
 
 @register_merge(
     "star", alpha=None, alpha_default=lambda params, n_tasks: 1.0 / n_tasks, alpha_doc="1/T",
-    pretty_name="STAR", reference="Lee et al., NAACL 2025", uses_svd=True,
+    pretty_name="STAR", reference="Lee et al., NAACL 2025", uses_svd=True, decomposes=("tasks",),
     alpha_grid=lambda params, n_tasks: [a / n_tasks for a in DEFAULT_GRID],  # untuned in its paper: around 1/T
 )
 def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, "right")] = 40.0) -> KeyUpdate:
