@@ -90,6 +90,9 @@ chosen = w[w.chosen].groupby("method", sort=False).agg(
     val_mean=("normalized_accuracy", "mean"), test_worst=("report_normalized_accuracy", "min"),
     test_mean=("report_normalized_accuracy", "mean"))
 chosen.sort_values("val_worst", ascending=False)"""),
+    ("md", """`emr` gives **one model per task** (a shared vector, a mask and a scale per task; `merged.for_task(t)`), each
+task scored on its own: it keeps every task because it does not produce one merged model. The suggestion
+considers one-model merges only."""),
     ("code", """s = d.suggestion
 print(s.sentence())
 fixed = s.merge(tv)  # the suggested merge, made afresh; scored on test against each task's own fine-tune

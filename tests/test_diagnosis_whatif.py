@@ -73,11 +73,14 @@ def test_the_suggestion_is_scored_like_a_fresh_merge_and_beats_the_baseline_on_i
     planted = zoo.load("digits-tasks", size="ci", planted=True)
     tv5 = planted.task_vectors()
     merged = wl.merge(tv5, method="task_arithmetic", alpha=0.5)
-    d = diagnose(tv5, merged, evaluate=planted.evaluate, whatif=["ties"], whatif_points=2, restore=0, controls=0,
-                 progress=False)
+    d = diagnose(tv5, merged, evaluate=planted.evaluate, whatif=["ties", "emr"], whatif_points=2, restore=0,
+                 controls=0, progress=False)
     w, s = d.whatif, d.suggestion
-    assert set(w["method"]) == {"task_arithmetic", "ties"} and w["accuracy"].notna().all()
-    assert (w.groupby("method")["alpha"].nunique() >= 2).all()
+    assert set(w["method"]) == {"task_arithmetic", "ties", "emr"} and w["accuracy"].notna().all()
+    # EMR (one model per task, each scored on its own) keeps the worst task best, but is not one merged model
+    emr_worst = w[w["method"] == "emr"]["normalized_accuracy"].min()
+    assert s.method != "emr" and emr_worst > s.worst
+    assert (w[w["method"] != "emr"].groupby("method")["alpha"].nunique() >= 2).all()  # EMR's grid is {1.0}
     assert (w[w["chosen"]].groupby("method")["alpha"].nunique() == 1).all()
     # the baseline: task arithmetic at the coefficient sweep validates over the same candidates
     grid = candidate_alphas("task_arithmetic", 5, 2, {}, 0.5)

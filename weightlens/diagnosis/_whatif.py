@@ -143,10 +143,13 @@ def _suggest(tv: TaskVectors, table: pd.DataFrame, sweeps: dict[str, SweepResult
              evaluate: Callable[..., Mapping[str, Any]], reference: pd.DataFrame,
              opts: DiagnoseOptions) -> tuple[pd.DataFrame, Suggestion | None]:
     """The (method, alpha) with the best worst-task normalized accuracy on the selection split (then the
-    best mean; then the first listed), scored on the report split if it was not already."""
+    best mean; then the first listed), scored on the report split if it was not already. Methods that give
+    one model per task (EMR) are scored in the table but not suggested: the suggestion is one merged model."""
     best: tuple[float, float, int] | None = None
     pick = None
     for i, ((method, alpha), rows) in enumerate(table.groupby(["method", "alpha"], sort=False)):
+        if get_method(method).per_task is not None:
+            continue
         worst, mean, _ = _worst_mean(rows, "normalized_accuracy")
         if math.isnan(worst):
             continue
