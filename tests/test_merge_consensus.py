@@ -12,7 +12,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
 from weightlens.merge.consensus import tall_masks
 
-from _merge_inputs import noise_task_vectors
+from _merge_inputs import flat_deltas, noise_task_vectors, unflat
 
 CPU = {"device": "cpu"}
 
@@ -34,20 +34,14 @@ def _ref_ties(tv: wl.TaskVectors, density: float) -> dict[str, np.ndarray]:
     per task keep |tau| >= its (d - int(d * density))-th smallest; elect sgn(sum), zeros get sgn(sum of signs);
     sum the entries of the elected sign."""
     keys = list(tv.keys)
-    flat = np.concatenate([_stack(tv, k).reshape(len(tv), -1) for k in keys], axis=1)
+    flat = flat_deltas(tv, keys)
     d = flat.shape[1]
     kth = np.sort(np.abs(flat), axis=1)[:, d - int(d * density) - 1][:, None]
     trimmed = flat * (np.abs(flat) >= kth)
     sign = np.sign(trimmed.sum(0))
     sign[sign == 0] = np.sign(sign.sum())
     agree = np.where(sign[None] > 0, trimmed > 0, trimmed < 0)
-    merged = (trimmed * agree).sum(0)
-    out, at = {}, 0
-    for k in keys:
-        n = int(np.prod(tv.shape(k)))
-        out[k] = merged[at:at + n].reshape(tv.shape(k))
-        at += n
-    return out
+    return unflat(tv, keys, (trimmed * agree).sum(0))
 
 
 def _ref_update(tv: wl.TaskVectors, key: str, lam, k: int, strict: bool, multi: np.ndarray | None = None) -> np.ndarray:

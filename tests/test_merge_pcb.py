@@ -12,24 +12,12 @@ from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
 from weightlens.merge.pcb import kth_values
 
-from _merge_inputs import noise_task_vectors
+from _merge_inputs import flat_deltas, noise_task_vectors, unflat
 
 CPU = {"device": "cpu"}
 
 
 # ------------------------------------------------------------------------------ float64 references
-def _flat(tv: wl.TaskVectors, keys: list[str]) -> np.ndarray:
-    return np.concatenate([np.stack([tv.delta(t, k).double().numpy().reshape(-1) for t in tv.names])
-                           for k in keys], axis=1)
-
-
-def _unflat(tv: wl.TaskVectors, keys: list[str], merged: np.ndarray) -> dict[str, np.ndarray]:
-    out, at = {}, 0
-    for k in keys:
-        n = int(np.prod(tv.shape(k)))
-        out[k] = merged[at:at + n].reshape(tv.shape(k))
-        at += n
-    return out
 
 
 def _clamp(x: np.ndarray, min_ratio: float, max_ratio: float) -> np.ndarray:
@@ -83,7 +71,7 @@ def _close(got: torch.Tensor, want: np.ndarray, rtol: float = 1e-5) -> None:
 def test_code_variant_matches_the_authors_pcb_merge_in_float64(ratio, clip):
     tv = noise_task_vectors(3, shape=(40, 30), scale=0.1, seed=1)
     keys = list(tv.keys)
-    want = _unflat(tv, keys, _ref_code(_flat(tv, keys), ratio, clip))
+    want = unflat(tv, keys, _ref_code(flat_deltas(tv, keys), ratio, clip))
     got = merge(tv, method="pcb", ratio=ratio, clip=clip, alpha=1.0, **CPU)
     for key in keys:
         _close(got.update(key), want[key])
@@ -93,7 +81,7 @@ def test_code_variant_matches_the_authors_pcb_merge_in_float64(ratio, clip):
 def test_paper_variant_matches_equations_2_to_6_in_float64(ratio):
     tv = noise_task_vectors(3, shape=(30, 20), scale=0.1, seed=2)
     keys = list(tv.keys)
-    want = _unflat(tv, keys, _ref_paper(_flat(tv, keys), ratio))
+    want = unflat(tv, keys, _ref_paper(flat_deltas(tv, keys), ratio))
     got = merge(tv, method="pcb", variant="paper", ratio=ratio, alpha=1.0, **CPU)
     for key in keys:
         _close(got.update(key), want[key])
@@ -105,7 +93,7 @@ def test_tensor_scope_is_the_reference_applied_to_each_key_alone(variant):
     got = merge(tv, method="pcb", variant=variant, scope="tensor", ratio=0.2, alpha=1.0, **CPU)
     glob = merge(tv, method="pcb", variant=variant, ratio=0.2, alpha=1.0, **CPU)
     for key in tv.keys:
-        flat = _flat(tv, [key])
+        flat = flat_deltas(tv, [key])
         want = _ref_code(flat, 0.2, 0.0001) if variant == "code" else _ref_paper(flat, 0.2)
         _close(got.update(key), want.reshape(tv.shape(key)))
     assert not torch.allclose(got.update("b"), glob.update("b"))  # the bias alone: other statistics
