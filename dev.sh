@@ -42,7 +42,8 @@ install_weightlens() {
 
 PEERS="$ROOT/.venv-peers"
 setup_peers() {
-    # The peers the parity tests run (mergekit), apart from .venv: they pin their own transformers/pydantic.
+    # The peers the parity tests and benchmarks/bench_peers.py run (mergekit, FusionBench), apart from .venv:
+    # they pin their own transformers/pydantic (pyproject.toml's extra 'peers' lists the same pins).
     ensure_env "$PEERS" "constraints.txt peers.txt" "$PEERS/bin/python" -m pip install -q -c constraints.txt -r peers.txt
 }
 

@@ -125,13 +125,14 @@ def _fusionbench(method: str, base: dict, fts: list[dict]) -> dict:
         from fusion_bench.method.task_arithmetic.task_arithmetic import task_arithmetic_merge
 
         def module(sd: dict) -> torch.nn.Module:
+            # buffers: with parameters, this version's state_dict_add refuses Parameter + Tensor (type check)
             m = torch.nn.Module()
             for k, v in sd.items():
-                m.register_parameter(k, torch.nn.Parameter(v.clone(), requires_grad=False))
+                m.register_buffer(k, v.clone())
             return m
 
         merged = task_arithmetic_merge(module(base), [module(ft) for ft in fts], scaling_factor=ALPHA_TA)
-        return {k: p.detach() - base[k] for k, p in merged.named_parameters()}
+        return {k: b - base[k] for k, b in merged.named_buffers()}
     raise SystemExit(f"FusionBench has no {method} here")
 
 
@@ -164,17 +165,28 @@ def run_once(tool: str, method: str, folder: Path, tasks: int, out: Path) -> flo
     return json.loads(line[2:])["seconds"]
 
 
-def max_relative_difference(a_path: Path, b_path: Path) -> float:
-    """``max_k max|a_k - b_k| / max|b_k|`` over the keys both files share (all of them, checked)."""
+def _difference(pairs) -> str:
+    """``max_k max|a_k - b_k| / max|b_k|`` over tensor pairs, and how many entries differ by more than 1e-4 of
+    their key's ``max|b|`` (beyond rounding: e.g. TIES keeping another of several equal magnitudes at its
+    threshold, which fp32 fine-tunes stored as ``base + tau`` have: their deltas are quantized)."""
+    worst, differ, total = 0.0, 0, 0
+    for a, b in pairs:
+        a, b = a.double(), b.double()
+        scale = max(float(b.abs().max()), 1e-30)
+        d = (a - b).abs()
+        worst = max(worst, float(d.max()) / scale)
+        differ += int((d > 1e-4 * scale).sum())
+        total += d.numel()
+    return f"{worst:.1e} ({differ} of {total / 1e6:.1f} M entries differ)" if differ else f"{worst:.1e}"
+
+
+def max_relative_difference(a_path: Path, b_path: Path) -> str:
+    """:func:`_difference` over the keys of two files (the same key set, checked)."""
     from safetensors import safe_open
 
-    worst = 0.0
     with safe_open(a_path, "pt") as fa, safe_open(b_path, "pt") as fb:
         assert sorted(fa.keys()) == sorted(fb.keys()), (sorted(fa.keys())[:3], sorted(fb.keys())[:3])
-        for k in fa.keys():
-            a, b = fa.get_tensor(k).double(), fb.get_tensor(k).double()
-            worst = max(worst, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30))
-    return worst
+        return _difference((fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
 
 
 def write_vit(folder: Path, blocks: int, tasks: int) -> int:
@@ -214,7 +226,7 @@ def bench_in_memory(folder: Path, tasks: int, repeats: int, rows: list[tuple]) -
             theirs = statistics.median(times[(tool, method)])
             diff = max_relative_difference(files[("weightlens", wl_method)], files[(tool, method)])
             name = label if wl_method == wl_methods[0] or len(wl_methods) == 1 else f"{label} ({wl_method})"
-            out.append(f"| {name} | {ours:.2f} | {tool} | {theirs:.2f} | {theirs / ours:.2f} | {diff:.1e} |")
+            out.append(f"| {name} | {ours:.2f} | {tool} | {theirs:.2f} | {theirs / ours:.2f} | {diff} |")
             if theirs < ours:
                 behind.append(f"{name} vs {tool}: weightlens {ours:.2f} s, {tool} {theirs:.2f} s")
             print(out[-1], flush=True)
@@ -300,8 +312,8 @@ def weightlens_merge(base: Path, fts: list[Path], method: str, out: Path) -> lis
     return cmd + [a for p in params for a in ("--param", p)]
 
 
-def checkpoint_difference(a: Path, b: Path) -> tuple[float, int]:
-    """Worst ``max|a - b| / max|b|`` over the tensors of two HF folders, and how many were compared."""
+def checkpoint_difference(a: Path, b: Path) -> tuple[str, int]:
+    """:func:`_difference` over the tensors of two HF folders, and how many tensors were compared."""
     from safetensors import safe_open
 
     def tensors(folder: Path) -> dict[str, Path]:
@@ -313,12 +325,12 @@ def checkpoint_difference(a: Path, b: Path) -> tuple[float, int]:
 
     ta, tb = tensors(a), tensors(b)
     assert sorted(ta) == sorted(tb), sorted(set(ta) ^ set(tb))[:5]
-    worst = 0.0
-    for k in ta:
-        with safe_open(ta[k], "pt") as fa, safe_open(tb[k], "pt") as fb:
-            x, y = fa.get_tensor(k).double(), fb.get_tensor(k).double()
-        worst = max(worst, float((x - y).abs().max()) / max(float(y.abs().max()), 1e-30))
-    return worst, len(ta)
+    def pairs():
+        for k in ta:
+            with safe_open(ta[k], "pt") as fa, safe_open(tb[k], "pt") as fb:
+                yield fa.get_tensor(k), fb.get_tensor(k)
+
+    return _difference(pairs()), len(ta)
 
 
 def bench_whole_model(folder: Path, size: str) -> list[str]:
@@ -334,7 +346,7 @@ def bench_whole_model(folder: Path, size: str) -> list[str]:
         diff, count = checkpoint_difference(wl_out, mk_out)
         out.append(f"| {method} | weightlens merge | {wl_wall:.1f} | {wl_rss:.2f} | | |")
         out.append(f"| {method} | mergekit-yaml | {mk_wall:.1f} | {mk_rss:.2f} | {mk_wall / wl_wall:.2f} | "
-                   f"{diff:.1e} ({count} tensors) |")
+                   f"{diff}; {count} tensors |")
         print("\n".join(out[-2:]), flush=True)
         shutil.rmtree(wl_out), shutil.rmtree(mk_out)
     wall, rss = timed_process(weightlens_merge(base, fts, "tsv", folder / "wl-tsv"))
