@@ -22,7 +22,8 @@ ratio ``peer / weightlens`` (above 1: weightlens is faster). Nothing is installe
    compared; then weightlens TSV-M and ``weightlens report`` (the ``analyze`` tables, ``--json``) on the same
    model.
 
-Run ``python benchmarks/bench_peers.py`` (``--quick`` for a reduced configuration, ``--help`` for options)
+Run ``python benchmarks/bench_peers.py`` (``--quick`` for a smoke run, ``--help`` for options; the defaults, 1 block
+and a 0.08 B Llama, took about 24 minutes on 2 cores at load average 6: ``benchmarks/RESULTS.md``)
 from the repository root with ``.venv-peers`` set up (``WEIGHTLENS_PEERS`` to point elsewhere). Prints
 Markdown tables.
 """
@@ -369,16 +370,18 @@ def main() -> None:
     from _machine import load_average, machine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, default=2, help="ViT-B/32 blocks of the 12 (default 2 on 2 cores)")
+    parser.add_argument("--blocks", type=int, default=1,
+                        help="ViT-B/32 blocks of the 12 (default 1: one TSV-M run took 60-80 s per block on 2 loaded cores)")
     parser.add_argument("--tasks", type=int, default=8, help="task vectors (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per tool (median; default 3)")
-    parser.add_argument("--llama-size", choices=sorted(LLAMA), default="0.5b", help="whole-model part (default 0.5b)")
-    parser.add_argument("--quick", action="store_true", help="--blocks 1 --llama-size small")
+    parser.add_argument("--llama-size", choices=sorted(LLAMA), default="small",
+                        help="whole-model part (default small, 0.08 B; 0.5b is the issue's size)")
+    parser.add_argument("--quick", action="store_true", help="--blocks 1 --tasks 4 --llama-size tiny (a smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("spectral", "ties", "model"), help="parts left out")
     parser.add_argument("--tmp", help="scratch folder (default: a new temporary one, removed after)")
     args = parser.parse_args()
     if args.quick:
-        args.blocks, args.llama_size = 1, "small"
+        args.blocks, args.tasks, args.llama_size = 1, 4, "tiny"
     if not (PEERS / "bin" / "python").is_file():
         raise SystemExit(f"no peers' environment at {PEERS}: ./dev.sh sets it up (pyproject.toml, extra 'peers')")
     versions = subprocess.run([str(PEERS / "bin" / "python"), "-c", "import importlib.metadata as m, torch; "
