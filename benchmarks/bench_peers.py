@@ -352,10 +352,11 @@ def bench_whole_model(folder: Path, size: str) -> list[str]:
         shutil.rmtree(wl_out), shutil.rmtree(mk_out)
     wall, rss = timed_process(weightlens_merge(base, fts, "tsv", folder / "wl-tsv"))
     out.append(f"| tsv (TSV-M) | weightlens merge | {wall:.1f} | {rss:.2f} | | |")
+    print(out[-1], flush=True)
     wall, rss = timed_process([*_wl_cli(), "report", str(base), *[f"t{i}={f}" for i, f in enumerate(fts)],
                                "--json", str(folder / "report.json"), "-q"])
     out.append(f"| analyze (report --json) | weightlens report | {wall:.1f} | {rss:.2f} | | |")
-    print("\n".join(out[-2:]), flush=True)
+    print(out[-1], flush=True)
     return out
 
 
