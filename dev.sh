@@ -43,6 +43,7 @@ install_weightlens() {
 PEERS="$ROOT/.venv-peers"
 setup_peers() {
     # The peers the parity tests run (mergekit), apart from .venv: they pin their own transformers/pydantic.
+    # benchmarks/bench_peers.py also needs FusionBench there: pip install -c constraints.txt -r peers-bench.txt
     ensure_env "$PEERS" "constraints.txt peers.txt" "$PEERS/bin/python" -m pip install -q -c constraints.txt -r peers.txt
 }
 
