@@ -146,11 +146,11 @@ class InterferenceDashboard(Panel):
         for i, title in enumerate(("Spectra", "Alignment", "Sign conflicts")):
             self.tabs.set_title(i, title)
         tasks_row = widgets.HBox([widgets.HTML("<b>tasks</b>&nbsp;"), *self.task_boxes.values()],
-                                 layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
+                                 layout=widgets.Layout(flex_flow="row wrap", grid_gap="12px"))
         named = {**{f"task:{t}": box for t, box in self.task_boxes.items()}, "block": self.block,
                  "normalize": self.normalize, "alignment_view": self.alignment_view}
         self.controls = Controls(named, [tasks_row, widgets.HBox([self.block, self.normalize],
-                                                                  layout=widgets.Layout(gap="16px"))])
+                                                                  layout=widgets.Layout(grid_gap="16px"))])
         self.children = [
             widgets.HTML("<b>Interference dashboard</b>"),
             self.controls,

@@ -294,25 +294,25 @@ class MergeStudio(Panel):
         if "accuracy" in figs:
             grid.append(figs["accuracy"])
         tasks_row = widgets.HBox([widgets.HTML("<b>tasks</b>&nbsp;"), *self.task_boxes.values()],
-                                 layout=widgets.Layout(flex_flow="row wrap", gap="12px"))
+                                 layout=widgets.Layout(flex_flow="row wrap", grid_gap="12px"))
         export_row = widgets.HBox([self.out_path, self.overwrite, self.export_button],
-                                  layout=widgets.Layout(gap="12px", align_items="center"))
+                                  layout=widgets.Layout(grid_gap="12px", align_items="center"))
         why_row = [self.why_button, *([self.measure] if self._evaluate is not None else []), self.whatif, self.why_task,
                    self.apply_button]
         self.why_box = widgets.VBox([
-            widgets.HBox(why_row, layout=widgets.Layout(gap="12px", align_items="center")),
-            widgets.HBox([self._why.progress, self._why.status], layout=widgets.Layout(gap="12px")),
+            widgets.HBox(why_row, layout=widgets.Layout(grid_gap="12px", align_items="center")),
+            widgets.HBox([self._why.progress, self._why.status], layout=widgets.Layout(grid_gap="12px")),
             self.why_text,
-            widgets.HBox([self.why_figure, self.whatif_table], layout=widgets.Layout(gap="12px")),
+            widgets.HBox([self.why_figure, self.whatif_table], layout=widgets.Layout(grid_gap="12px")),
         ])
         named = {"method": self.method, **{f"task:{t}": box for t, box in self.task_boxes.items()},
                  **{f"{m}.{name}": c for m, controls in self.params.items() for name, c in controls.items()},
                  "key": self.key, "metric": self.metric, "out_path": self.out_path, "overwrite": self.overwrite,
                  "why_task": self.why_task, "measure": self.measure, "whatif": self.whatif}
         self.controls = Controls(named, [
-            widgets.HBox([self.method, tasks_row], layout=widgets.Layout(gap="24px")),
+            widgets.HBox([self.method, tasks_row], layout=widgets.Layout(grid_gap="24px")),
             self.param_box,
-            widgets.HBox([self.key, self.metric], layout=widgets.Layout(gap="12px")),
+            widgets.HBox([self.key, self.metric], layout=widgets.Layout(grid_gap="12px")),
         ])
         self.children = [
             widgets.HTML("<b>Merge studio</b>"),
@@ -320,7 +320,7 @@ class MergeStudio(Panel):
             self.status,
             widgets.GridBox(grid, layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
                                                         grid_gap="8px")),
-            widgets.HBox([self.progress, self.eval_status], layout=widgets.Layout(gap="12px")),
+            widgets.HBox([self.progress, self.eval_status], layout=widgets.Layout(grid_gap="12px")),
             self.why_box,
             export_row,
             self.export_status,
