@@ -707,7 +707,7 @@ def _plan_first(recipe: Any, device: str | None, quiet: bool) -> None:
                          key_map=recipe.key_map, vocab=recipe.vocab)
     except (WeightlensError, OSError):
         return  # inputs the run itself reports on (moved, changed): no plan
-    params = {k: v for k, v in (recipe.params or {}).items()}
+    params = dict(recipe.params or {})
     p = long_run_plan(tv, recipe.method, device=device or recipe.device or "auto", **params)
     if p is not None and not quiet:
         sys.stderr.write(p.summary() + "\n")

@@ -66,6 +66,28 @@ def _check_inputs(tv: TaskVectors, merged: Any, evaluate: Any) -> None:
     check_evaluate(evaluate, merged)
 
 
+def _with_merged_alignment(df: pd.DataFrame, comparison: Comparison) -> pd.DataFrame:
+    """``df`` (``task, key, matrix_energy``, ...) with compare's SAR and coefficient against the merge, and
+    the energy-weighted numerators ``kept_energy`` (``SAR^2 E``) and ``coef_num`` (``coef E``)."""
+    align = comparison.alignment[comparison.alignment["which"] == "merged"][["task", "key", "sar", "kept"]]
+    df = df.merge(align.rename(columns={"kept": "coef"}), on=["task", "key"], how="left")
+    live = df["matrix_energy"] > 0
+    df["kept_energy"] = np.where(live, df["sar"].fillna(0.0) ** 2 * df["matrix_energy"], 0.0)
+    df["coef_num"] = np.where(live, df["coef"].fillna(0.0) * df["matrix_energy"], 0.0)
+    return df
+
+
+def _kept(kept_energy: pd.Series, matrix_energy: pd.Series) -> pd.Series:
+    """``kept``: the square root of the kept share of the matrix energy (a ratio of sums over keys)."""
+    return np.sqrt(_ratio(kept_energy, matrix_energy))
+
+
+def _kept_by_task(energies: pd.DataFrame, comparison: Comparison) -> pd.Series:
+    """Per task, ``kept`` over the whole model against another merge's comparison (the what-if's column)."""
+    s = _with_merged_alignment(energies, comparison).groupby("task", sort=False)[["kept_energy", "matrix_energy"]].sum()
+    return _kept(s["kept_energy"], s["matrix_energy"])
+
+
 def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
     """Per (task, key) sums, with compare's SAR and coefficient folded in as energy-weighted numerators."""
     df = pd.DataFrame(rows.per_task)
@@ -74,11 +96,7 @@ def _key_table(rows: Rows, comparison: Comparison | None) -> pd.DataFrame:
             df[name] = np.nan
     df["own_sq"] = df["base_sq"] + 2.0 * df["base_dot"] + df["energy"]  # ||base + tau_t||^2: the task's own weights
     if comparison is not None:
-        align = comparison.alignment[comparison.alignment["which"] == "merged"][["task", "key", "sar", "kept"]]
-        df = df.merge(align.rename(columns={"kept": "coef"}), on=["task", "key"], how="left")
-        live = df["matrix_energy"] > 0
-        df["kept_energy"] = np.where(live, df["sar"].fillna(0.0) ** 2 * df["matrix_energy"], 0.0)
-        df["coef_num"] = np.where(live, df["coef"].fillna(0.0) * df["matrix_energy"], 0.0)
+        df = _with_merged_alignment(df, comparison)
     else:
         df["kept_energy"] = df["coef_num"] = np.nan
     df[["mass", "sign_lost_mass", "lost", "miss"]] = df[["mass", "sign_lost_mass", "lost", "miss"]].fillna(0.0)
@@ -134,9 +152,8 @@ def _aggregate(keys: pd.DataFrame, pairs: pd.DataFrame, by: list[str]) -> pd.Dat
     out = pd.DataFrame(index=s.index)
     task_level = s.index.get_level_values("task") if isinstance(s.index, pd.MultiIndex) else s.index
     out["energy_share"] = _ratio(s["energy"], pd.Series(total.reindex(task_level).to_numpy(), index=s.index))
-    kept_sq = _ratio(s["kept_energy"], s["matrix_energy"])
-    out["kept"] = np.sqrt(kept_sq)
-    out["lost_energy"] = 1.0 - kept_sq
+    out["kept"] = _kept(s["kept_energy"], s["matrix_energy"])
+    out["lost_energy"] = 1.0 - out["kept"] ** 2
     out["coef"] = _ratio(s["coef_num"], s["matrix_energy"])
     crowd = _leader(pairs, by, "crowd", s["lost"], s["matrix_energy"], "crowding")
     out["crowded_by"], out["crowding"] = crowd["crowding_by"], crowd["crowding"]
@@ -289,7 +306,11 @@ def diagnose(
     whatif_table, suggestion, notes = pd.DataFrame(columns=WHATIF_COLUMNS), None, []
     if opts.whatif is not None and merged is not None:
         energies = keys[["task", "key", "matrix_energy"]]
-        whatif_table, suggestion, notes = whatif(tv, merged, energies, evaluate, opts, progress)
+
+        def kept_of(comparison: Comparison) -> pd.Series:
+            return _kept_by_task(energies, comparison)
+
+        whatif_table, suggestion, notes = whatif(tv, merged, kept_of, evaluate, opts, progress)
     return Diagnosis(
         method=merged.method if isinstance(merged, MergeResult) else ("weights" if merged is not None else None),
         params=dict(merged.params) if isinstance(merged, MergeResult) else {},

@@ -16,20 +16,19 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from weightlens._progress import bar
 from weightlens.diagnosis._options import DiagnoseOptions
 from weightlens.diagnosis._result import WHATIF_COLUMNS, Suggestion
 from weightlens.errors import WeightlensError
-from weightlens.merge.compare import compare
+from weightlens.merge.compare import Comparison, compare
 from weightlens.merge.engine import MergeResult, merge
 from weightlens.merge.registry import get_method, list_methods
 from weightlens.merge.sweep import SweepResult, alpha_grid, reference_scores, sweep
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["BASELINE", "candidate_alphas", "kept_by_task", "whatif"]
+__all__ = ["BASELINE", "candidate_alphas", "whatif"]
 
 #: The method every suggestion is measured against (at its validated coefficient).
 BASELINE = "task_arithmetic"
@@ -48,16 +47,7 @@ def candidate_alphas(method: str, n_tasks: int, points: int, params: Mapping[str
     return sorted(picks)
 
 
-def kept_by_task(alignment: pd.DataFrame, energies: pd.DataFrame) -> pd.Series:
-    """Per task: ``sqrt(sum_k SAR_k^2 E_k / sum_k E_k)`` over matrix keys, ``E_k`` the task's energy there
-    (``energies``: ``task, key, matrix_energy``; ``alignment``: compare's rows with ``which == "merged"``)."""
-    df = energies.merge(alignment[["task", "key", "sar"]], on=["task", "key"], how="left")
-    df["kept_energy"] = df["sar"].fillna(0.0) ** 2 * df["matrix_energy"]
-    g = df.groupby("task", sort=False)[["kept_energy", "matrix_energy"]].sum()
-    return np.sqrt(g["kept_energy"] / g["matrix_energy"].where(g["matrix_energy"] > 0))
-
-
-def _methods(tv: TaskVectors, chosen: str | Sequence[str], diagnosed: str | None) -> list[str]:
+def _methods(chosen: str | Sequence[str], diagnosed: str | None) -> list[str]:
     names = list_methods() if chosen == "all" else list(dict.fromkeys(chosen))
     for extra in (diagnosed, BASELINE):  # the diagnosed merge and the baseline are always compared
         if extra is not None and extra not in names:
@@ -79,15 +69,16 @@ def _worst_mean(rows: pd.DataFrame, column: str) -> tuple[float, float, str | No
 def whatif(
     tv: TaskVectors,
     merged: Mapping[str, Any],
-    energies: pd.DataFrame,
+    kept_of: Callable[[Comparison], pd.Series],
     evaluate: Callable[..., Mapping[str, Any]] | None,
     opts: DiagnoseOptions,
     progress: bool | None,
 ) -> tuple[pd.DataFrame, Suggestion | None, list[str]]:
-    """The what-if table, the suggestion (None without ``evaluate``) and notes (methods skipped and why)."""
+    """The what-if table, the suggestion (None without ``evaluate``) and notes (methods skipped and why).
+    ``kept_of(comparison)`` is each task's ``kept`` against a method's merge (the diagnosis' own definition)."""
     diagnosed = merged.method if isinstance(merged, MergeResult) else None
     given = dict(merged.params) if isinstance(merged, MergeResult) else {}
-    names = _methods(tv, opts.whatif, diagnosed)
+    names = _methods(opts.whatif, diagnosed)
     reference = reference_scores(tv, evaluate, (opts.split, opts.report_split)) if evaluate is not None else None
     rows: list[pd.DataFrame] = []
     sweeps: dict[str, SweepResult] = {}
@@ -98,7 +89,7 @@ def whatif(
             result = merged if name == diagnosed else merge(tv, method=name, device=opts.device, **params)
             comparison = compare(tv, result, criterion=opts.criterion, eps=opts.eps, device=opts.device,
                                  progress=False)
-            kept = kept_by_task(comparison.alignment[comparison.alignment["which"] == "merged"], energies)
+            kept = kept_of(comparison)
             params = {k: v for k, v in result.params.items() if k != "alpha"}
             if evaluate is None:
                 alphas = [float(result.params["alpha"])]
