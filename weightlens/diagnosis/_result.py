@@ -114,7 +114,8 @@ class Diagnosis:
         The ``merge.compare`` behind ``kept`` and the sign counts (per key; the merge's rows alone: call
         ``wl.compare(tv, merged)`` for task arithmetic beside it).
     measured : dict or None
-        With ``evaluate=``: ``split``, ``metric``, ``evaluations`` (calls made), ``merged_scores`` (the merge's
+        With ``evaluate=``: ``split``, ``metric``, ``restore_by`` and ``weight`` (how blocks were restored),
+        ``evaluations`` (calls made), ``merged_scores`` (the merge's
         own metric per task) and ``notes`` (e.g. tests skipped for ``max_evals``); None otherwise.
     """
 
