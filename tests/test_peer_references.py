@@ -1,0 +1,233 @@
+"""Every merge method against the files its reference implementation wrote (``tests/peer_references/data``).
+
+``tests/peer_references/make.py`` installs the peers (mergekit, FusionBench, pinned) into a throw-away
+environment and runs their own functions on small structured inputs; the files hold the inputs, what the
+peer computed and its parameters. Here each file's (peer, method, parameters) is mapped to a weightlens method
+and parameters (:data:`MAPPINGS`; a file whose method has no mapping fails), the merge runs on a
+``TaskVectors`` of the file's inputs, and its *update* ``merged - base`` must be within 1e-5 of the peer's,
+relative to the peer's largest update entry (per key, the worst key counts). Random methods (DARE, DELLA) draw
+other masks than the peer's: their keep rates, the peer's and ours, must fit the keep probabilities
+(per probability bin, ``|z| < 4``), and the peer's values given its own mask must match weightlens' rescaling.
+Methods whose weightlens side lands elsewhere are in :data:`HANDLED_ELSEWHERE`: their own test reads their files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import weightlens as wl
+from weightlens.merge.arithmetic import l1_rescaled
+from weightlens.merge.breadcrumbs import combine
+from weightlens.merge.della import keep_probabilities
+
+DATA = Path(__file__).resolve().parent / "peer_references" / "data"
+FILES = sorted(DATA.glob("*.safetensors"))
+#: Methods whose reference files another test reads (the data hook's methods).
+HANDLED_ELSEWHERE = {"regmean", "fisher"}
+TOLERANCE = 1e-5
+Z_LIMIT = 4.0  # per bin; the draws are seeded, so a pass or a failure is reproducible
+
+
+@dataclass(frozen=True)
+class Case:
+    """One reference file: inputs, the peer's outputs and its metadata."""
+
+    name: str
+    peer: str  # "mergekit==0.1.5"
+    method: str
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    base: dict[str, torch.Tensor]
+    tasks: dict[str, dict[str, torch.Tensor]]
+    expected: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def peer_name(self) -> str:
+        return self.peer.split("==")[0]
+
+    def task_vectors(self) -> wl.TaskVectors:
+        return wl.TaskVectors(self.base, self.tasks)
+
+
+def load_case(path: Path) -> Case:
+    """Read a reference file (see ``tests/peer_references/_cases.py`` for the layout)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    base = {k: tensors[f"input.base.{k}"] for k in meta["keys"]}
+    tasks = {t: {k: tensors[f"input.{t}.{k}"] for k in meta["keys"]} for t in meta["tasks"]}
+    expected = {what: {k[len(f"expected.{what}."):]: v for k, v in tensors.items() if k.startswith(f"expected.{what}.")}
+                for what in meta["outputs"]}
+    return Case(path.stem, meta["peer"], meta["method"], meta["params"], meta, base, tasks, expected)
+
+
+def relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    """The worst key's ``max|a - b| / max|b|`` (float64; the same key set is required)."""
+    assert sorted(ours) == sorted(theirs)
+    worst = 0.0
+    for k, b in theirs.items():
+        a, b = ours[k].double(), b.double()
+        worst = max(worst, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30))
+    return worst
+
+
+def updates(case: Case, weights: dict[str, torch.Tensor] | Any) -> dict[str, torch.Tensor]:
+    """``weights - base`` per key, float64."""
+    return {k: weights[k].double() - case.base[k].double() for k in case.base}
+
+
+# ----------------------------------------------------------------------------- (peer, method) -> weightlens
+Mapping = Callable[[Case], tuple[str, dict[str, Any]]]
+
+
+def _weights(values: list[float]) -> str:
+    return ",".join(repr(float(v)) for v in values)
+
+
+def _mk_lambda(p: dict[str, Any]) -> float:
+    return float(p.get("lambda", 1.0))
+
+
+def _mk_ties(case: Case) -> tuple[str, dict[str, Any]]:
+    # mergekit's TIES trims each tensor on its own (weightlens scope="tensor", not the reference code's global
+    # scope) and its normalize (default true) divides by the agreeing count: merge_func "mean", else "sum".
+    p = case.params
+    return "ties", {"density": p["density"], "scope": "tensor", "merge_func": "mean" if p.get("normalize", True)
+                    else "sum", "alpha": _mk_lambda(p)}
+
+
+def _mk_breadcrumbs(name: str) -> Mapping:
+    def mapping(case: Case) -> tuple[str, dict[str, Any]]:
+        p = case.params
+        return name, {"density": p["density"], "gamma": p["gamma"], "normalize": p.get("normalize", False),
+                      "rescale": p.get("rescale", False), "alpha": _mk_lambda(p)}
+    return mapping
+
+
+def _mk_slerp(case: Case) -> tuple[str, dict[str, Any]]:
+    # mergekit's first endpoint is the base; a list-valued t is weightlens' t_gradient.
+    (task,) = case.tasks
+    t = case.params["t"]
+    if isinstance(t, list):
+        return "slerp", {"t_gradient": _weights(t), "task": task}
+    return "slerp", {"t": t, "task": task}
+
+
+def _mk_dare(combine_: str) -> Mapping:
+    # mergekit's rescale (default true) scales each kept tensor back to its L1 norm: weightlens rescale="l1".
+    def mapping(case: Case) -> tuple[str, dict[str, Any]]:
+        p = case.params
+        return "dare", {"density": p["density"], "combine": combine_, "rescale": "l1" if p.get("rescale", True)
+                        else "none", "alpha": _mk_lambda(p)}
+    return mapping
+
+
+def _mk_della(name: str, normalize: bool) -> Mapping:
+    def mapping(case: Case) -> tuple[str, dict[str, Any]]:
+        p = case.params
+        return name, {"density": p["density"], "epsilon": p["epsilon"], "normalize": p.get("normalize", normalize),
+                      "rescale": "l1" if p.get("rescale", True) else "none", "alpha": _mk_lambda(p)}
+    return mapping
+
+
+MAPPINGS: dict[tuple[str, str], Mapping] = {
+    ("mergekit", "linear"): lambda c: ("linear", {"weights": _weights(c.params["weight"]),
+                                                  "normalize": c.params["normalize"]}),
+    ("mergekit", "slerp"): _mk_slerp,
+    ("mergekit", "model_stock"): lambda c: ("model_stock", {"filter_wise": c.params["filter_wise"],
+                                                            "average": "cos"}),
+    ("mergekit", "task_arithmetic"): lambda c: ("task_arithmetic", {"alpha": _mk_lambda(c.params)}),
+    ("mergekit", "ties"): _mk_ties,
+    ("mergekit", "breadcrumbs"): _mk_breadcrumbs("breadcrumbs"),
+    ("mergekit", "breadcrumbs_ties"): _mk_breadcrumbs("breadcrumbs_ties"),
+    ("mergekit", "dare_linear"): _mk_dare("task_arithmetic"),
+    ("mergekit", "dare_ties"): _mk_dare("ties"),
+    ("mergekit", "della"): _mk_della("della", True),
+    ("mergekit", "della_linear"): _mk_della("della_linear", False),
+}
+
+
+# ----------------------------------------------------------------------------- random masks
+def _z(kept: torch.Tensor, probs: torch.Tensor) -> float:
+    """``(sum kept - sum p) / sqrt(sum p (1 - p))``: the binomial z-score of one bin's keep count."""
+    p = probs.double()
+    return float((kept.double().sum() - p.sum()) / torch.sqrt((p * (1 - p)).sum()))
+
+
+def _bins(probs: torch.Tensor, n: int = 8) -> list[torch.Tensor]:
+    """Boolean masks of ``n`` bins of equal count by keep probability (one bin when it is constant)."""
+    flat = probs.reshape(-1)
+    if float(flat.max() - flat.min()) == 0:
+        return [torch.ones_like(flat, dtype=torch.bool)]
+    order = torch.argsort(flat, stable=True)
+    return [torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, chunk, True) for chunk in order.chunk(n)]
+
+
+def check_random(case: Case, method: str, params: dict[str, Any]) -> float:
+    """Keep rates (peer and weightlens) against the keep probabilities; the peer's values given its own mask
+    against weightlens' rescaling. Returns the relative difference of the latter."""
+    assert len(case.tasks) == 1, "a random case holds one fine-tune: its keep mask is where the base moved"
+    (task,) = case.tasks
+    merged = wl.merge(case.task_vectors(), method=method, **params)
+    alpha, worst = merged.alpha, 0.0
+    for key in case.base:
+        delta = case.tasks[task][key] - case.base[key]
+        assert bool((delta != 0).all())
+        theirs = case.expected["merged"][key].double() - case.base[key].double()
+        ours = merged[key].double() - case.base[key].double()
+        their_mask, our_mask = theirs != 0, ours != 0
+        if method == "dare":
+            probs = torch.full(delta.shape, params["density"])
+        else:
+            probs = keep_probabilities(delta, params["density"], params["epsilon"])
+        for selected in _bins(probs):
+            for who, mask in (("peer", their_mask), ("weightlens", our_mask)):
+                z = _z(mask.reshape(-1)[selected], probs.reshape(-1)[selected])
+                assert abs(z) < Z_LIMIT, f"{who}'s keep rate is off its probabilities at {key}: z = {z:.2f}"
+        if params.get("rescale") == "l1":
+            sparse = l1_rescaled(delta, their_mask.to(delta.dtype))
+        elif params.get("rescale") == "density":
+            sparse = delta * their_mask / params["density"]
+        else:
+            sparse = delta * their_mask
+        consensus = params.get("combine") == "ties" or method == "della"
+        given = alpha * combine(sparse.unsqueeze(0), consensus=consensus, normalize=params.get("normalize", False))
+        worst = max(worst, relative_difference({key: given}, {key: theirs}))
+    return worst
+
+
+# ----------------------------------------------------------------------------- the test
+def check_exact(case: Case, method: str, params: dict[str, Any]) -> float:
+    """The merge's update against the peer's; returns the relative difference."""
+    merged = wl.merge(case.task_vectors(), method=method, **params)
+    return relative_difference(updates(case, merged), updates(case, case.expected["merged"]))
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_method_matches_its_reference(path: Path) -> None:
+    case = load_case(path)
+    if case.method in HANDLED_ELSEWHERE:
+        pytest.skip(f"{case.method}: its own test reads {path.name}")
+    mapping = MAPPINGS.get((case.peer_name, case.method))
+    assert mapping is not None, f"unknown method: no weightlens mapping for {case.peer} {case.method!r} ({path.name})"
+    method, params = mapping(case)
+    check = check_random if case.meta["kind"] == "random" else check_exact
+    difference = check(case, method, params)
+    print(f"{case.name}: {method} {params}: max relative difference {difference:.3g}")
+    assert difference <= TOLERANCE, f"{case.name}: {method} differs from {case.peer} by {difference:.3g} (relative)"
+
+
+def test_the_references_are_there_and_small() -> None:
+    assert FILES, f"no reference files in {DATA} (python tests/peer_references/make.py writes them)"
+    peers = {load_case(p).peer_name for p in FILES}
+    assert {"mergekit", "fusion-bench"} <= peers
+    assert sum(p.stat().st_size for p in FILES) < 2 * 2**20
