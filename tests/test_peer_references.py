@@ -27,6 +27,7 @@ from safetensors import safe_open
 import weightlens as wl
 from weightlens.merge.arithmetic import l1_rescaled
 from weightlens.merge.breadcrumbs import combine
+from weightlens.merge.consensus import tall_masks
 from weightlens.merge.della import keep_probabilities
 
 DATA = Path(__file__).resolve().parent / "peer_references" / "data"
@@ -156,6 +157,52 @@ MAPPINGS: dict[tuple[str, str], Mapping] = {
 }
 
 
+def _fb_density(threshold: float) -> float:
+    return threshold / 100 if threshold > 1 else threshold  # FusionBench's topk_values_mask reads K > 1 as percent
+
+
+def _fb_ties(case: Case) -> tuple[str, dict[str, Any]]:
+    # FusionBench's TIES is the reference code's: one threshold over the whole flattened model (scope="global").
+    p = case.params
+    return "ties", {"density": _fb_density(p["threshold"]), "scope": "global", "merge_func": p["merge_func"],
+                    "alpha": p["scaling_factor"]}
+
+
+def _fb_consensus(case: Case) -> tuple[str, dict[str, Any]]:
+    p = case.params
+    params = {"k": p["prun_thre_k"], "tall_mask_lambda": p["tall_mask_lambda"], "strict": True,
+              "alpha": p["scaling_factor"]}
+    if not p["use_ties"]:
+        return "consensus_ta", params
+    return "consensus_ties", {**params, "density": _fb_density(p["threshold"]), "scope": "global",
+                              "merge_func": p["merge_func"]}
+
+
+MAPPINGS |= {
+    ("fusion-bench", "task_arithmetic"): lambda c: ("task_arithmetic", {"alpha": c.params["scaling_factor"]}),
+    ("fusion-bench", "ties_merging"): _fb_ties,
+    ("fusion-bench", "task_singular_vector"): lambda c: ("tsv", {"alpha": c.params["alpha"] or 1.0}),
+    ("fusion-bench", "iso_c"): lambda c: ("iso_c", {"alpha": c.params["scaling_factor"]}),
+    ("fusion-bench", "iso_cts"): lambda c: ("iso_cts", {"common_fraction": c.params["common_space_fraction"],
+                                                        "alpha": c.params["scaling_factor"]}),
+    # FusionBench averages the pairwise angles (mergekit the cosines): weightlens average="angle".
+    ("fusion-bench", "model_stock"): lambda c: ("model_stock", {"average": "angle"}),
+    # One model per task, theta_0 + mask_t * tau_MTL: compared through tall_masks (see check_task_models).
+    ("fusion-bench", "tall_mask_task_arithmetic"): lambda c: ("consensus_ta", {
+        "tall_mask_lambda": c.params["tall_mask_lambda"], "strict": True}),
+    ("fusion-bench", "consensus"): _fb_consensus,
+    # The reference code's rescalers sum per-tensor means: rescale="model_mean".
+    ("fusion-bench", "emr_merging"): lambda c: ("emr", {"rescale": "model_mean"}),
+    # FusionBench's wudi_merging: Adam, lr 1e-5 (fixed there), iter_num steps, other keys averaged.
+    ("fusion-bench", "wudi_merging"): lambda c: ("wudi", {"solver": "adam", "steps": c.params["iter_num"],
+                                                          "lr": 1e-5, "others": "mean"}),
+    # Keep probability 1 - sparsity_ratio; kept entries divided by it (rescale="density").
+    ("fusion-bench", "dare_task_arithmetic"): lambda c: ("dare", {
+        "density": 1 - c.params["sparsity_ratio"], "combine": "task_arithmetic",
+        "rescale": "density" if c.params["rescale"] else "none", "alpha": c.params["scaling_factor"]}),
+}
+
+
 # ----------------------------------------------------------------------------- random masks
 def _z(kept: torch.Tensor, probs: torch.Tensor) -> float:
     """``(sum kept - sum p) / sqrt(sum p (1 - p))``: the binomial z-score of one bin's keep count."""
@@ -207,12 +254,57 @@ def check_random(case: Case, method: str, params: dict[str, Any]) -> float:
 
 # ----------------------------------------------------------------------------- the test
 def check_exact(case: Case, method: str, params: dict[str, Any]) -> float:
-    """The merge's update against the peer's; returns the relative difference."""
-    merged = wl.merge(case.task_vectors(), method=method, **params)
-    return relative_difference(updates(case, merged), updates(case, case.expected["merged"]))
+    """The merge's update against the peer's, and every other output the file holds: one model per task
+    (EMR's ``for_task``; TALL masks' ``theta_0 + mask_t * tau_MTL``) and the consensus mask (exactly). Returns
+    the worst relative difference."""
+    tv = case.task_vectors()
+    per_task = [t for t in case.expected if t in case.tasks]
+    assert "merged" in case.expected or per_task, f"{case.name}: no output to compare"
+    worst = 0.0
+    if "merged" in case.expected:
+        merged = wl.merge(tv, method=method, **params)
+        worst = relative_difference(updates(case, merged), updates(case, case.expected["merged"]))
+    if per_task and method == "emr":
+        for task in per_task:
+            ours = merged.for_task(task)
+            worst = max(worst, relative_difference(updates(case, ours), updates(case, case.expected[task])))
+    elif per_task or "mask" in case.expected:
+        masks = tall_masks(tv, method=method, **{k: v for k, v in params.items() if k != "alpha"})
+        if method == "consensus_ties":  # tau_MTL is TIES' merged vector (weightlens' own, alpha 1)
+            ties = wl.merge(tv, method="ties", alpha=1.0,
+                            **{k: params[k] for k in ("density", "scope", "merge_func")})
+            multi = updates(case, ties)
+        else:
+            multi = {k: tv.deltas(k).double().sum(0) for k in tv.keys}
+        for i, task in enumerate(per_task):
+            ours = {k: masks.masks[k][i] * multi[k] for k in tv.keys}
+            worst = max(worst, relative_difference(ours, updates(case, case.expected[task])))
+        if "mask" in case.expected:
+            for k in tv.keys:
+                ours = masks.masks[k].sum(0) >= masks.k
+                differing = int((ours != case.expected["mask"][k].bool()).sum())
+                assert differing == 0, f"{case.name}: the consensus mask differs at {differing} entries of {k}"
+    return worst
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+#: Files whose peer output is known to differ from weightlens, with why and by how much (strict: a fixed peer,
+#: re-made references, must remove the entry).
+EXPECTED_MISMATCH = {
+    "fusionbench_tall_mask_task_arithmetic_default": (
+        "FusionBench 0.2.33's TallMaskTaskArithmeticAlgorithm passes the pretrained weights where its "
+        "generate_task_masks expects theta_0 in task-vector space: its masks are |theta_0 - tau_t| > "
+        "lambda |tau_MTL - tau_t| (the paper and the TALL-masks code: |tau_t| > ...); measured relative "
+        "difference 1.03 (that formula reproduces the file to 1.1e-7). The consensus files check the masks of "
+        "FusionBench's correct tall_mask.utils.generate_task_masks."),
+}
+
+
+def _param(path: Path) -> Any:
+    reason = EXPECTED_MISMATCH.get(path.stem)
+    return pytest.param(path, id=path.stem, marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in FILES])
 def test_method_matches_its_reference(path: Path) -> None:
     case = load_case(path)
     if case.method in HANDLED_ELSEWHERE:
