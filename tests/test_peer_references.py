@@ -8,13 +8,13 @@ and parameters (:data:`MAPPINGS`; a file whose method has no mapping fails), the
 relative to the peer's largest update entry (per key, the worst key counts). Random methods (DARE, DELLA) draw
 other masks than the peer's: their keep rates, the peer's and ours, must fit the keep probabilities
 (per probability bin, ``|z| < 4``), and the peer's values given its own mask must match weightlens' rescaling.
+``docs/methods.md#parity-references`` lists the mappings and the measured differences.
 Methods whose weightlens side lands elsewhere are in :data:`HANDLED_ELSEWHERE`: their own test reads their files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +51,20 @@ class Case:
     tasks: dict[str, dict[str, torch.Tensor]]
     expected: dict[str, dict[str, torch.Tensor]]
 
-    @property
-    def peer_name(self) -> str:
-        return self.peer.split("==")[0]
-
     def task_vectors(self) -> wl.TaskVectors:
         return wl.TaskVectors(self.base, self.tasks)
 
 
-def load_case(path: Path) -> Case:
-    """Read a reference file (see ``tests/peer_references/_cases.py`` for the layout)."""
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A reference file's metadata, JSON-decoded (every file has ``peer``, ``method`` and ``params``)."""
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        return {k: json.loads(v) for k, v in f.metadata().items()}
+
+
+def load_case(path: Path) -> Case:
+    """Read a reference file of ``_cases.py``'s layout (``tests/peer_references/_cases.py``)."""
+    meta = read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     base = {k: tensors[f"input.base.{k}"] for k in meta["keys"]}
     tasks = {t: {k: tensors[f"input.{t}.{k}"] for k in meta["keys"]} for t in meta["tasks"]}
@@ -87,7 +89,7 @@ def updates(case: Case, weights: dict[str, torch.Tensor] | Any) -> dict[str, tor
 
 
 # ----------------------------------------------------------------------------- (peer, method) -> weightlens
-Mapping = Callable[[Case], tuple[str, dict[str, Any]]]
+ToWeightlens = Callable[[Case], tuple[str, dict[str, Any]]]  # (peer case) -> (method, params)
 
 
 def _weights(values: list[float]) -> str:
@@ -106,7 +108,7 @@ def _mk_ties(case: Case) -> tuple[str, dict[str, Any]]:
                     else "sum", "alpha": _mk_lambda(p)}
 
 
-def _mk_breadcrumbs(name: str) -> Mapping:
+def _mk_breadcrumbs(name: str) -> ToWeightlens:
     def mapping(case: Case) -> tuple[str, dict[str, Any]]:
         p = case.params
         return name, {"density": p["density"], "gamma": p["gamma"], "normalize": p.get("normalize", False),
@@ -123,7 +125,7 @@ def _mk_slerp(case: Case) -> tuple[str, dict[str, Any]]:
     return "slerp", {"t": t, "task": task}
 
 
-def _mk_dare(combine_: str) -> Mapping:
+def _mk_dare(combine_: str) -> ToWeightlens:
     # mergekit's rescale (default true) scales each kept tensor back to its L1 norm: weightlens rescale="l1".
     def mapping(case: Case) -> tuple[str, dict[str, Any]]:
         p = case.params
@@ -132,7 +134,7 @@ def _mk_dare(combine_: str) -> Mapping:
     return mapping
 
 
-def _mk_della(name: str, normalize: bool) -> Mapping:
+def _mk_della(name: str, normalize: bool) -> ToWeightlens:
     def mapping(case: Case) -> tuple[str, dict[str, Any]]:
         p = case.params
         return name, {"density": p["density"], "epsilon": p["epsilon"], "normalize": p.get("normalize", normalize),
@@ -140,7 +142,7 @@ def _mk_della(name: str, normalize: bool) -> Mapping:
     return mapping
 
 
-MAPPINGS: dict[tuple[str, str], Mapping] = {
+MAPPINGS: dict[tuple[str, str], ToWeightlens] = {
     ("mergekit", "linear"): lambda c: ("linear", {"weights": _weights(c.params["weight"]),
                                                   "normalize": c.params["normalize"]}),
     ("mergekit", "slerp"): _mk_slerp,
@@ -306,11 +308,13 @@ def _param(path: Path) -> Any:
 
 @pytest.mark.parametrize("path", [_param(p) for p in FILES])
 def test_method_matches_its_reference(path: Path) -> None:
+    meta = read_metadata(path)
+    if meta["method"] in HANDLED_ELSEWHERE:
+        pytest.skip(f"{meta['method']}: its own test reads {path.name}")
+    mapping = MAPPINGS.get((meta["peer"].split("==")[0], meta["method"]))
+    assert mapping is not None, \
+        f"unknown method: no weightlens mapping for {meta['peer']} {meta['method']!r} ({path.name})"
     case = load_case(path)
-    if case.method in HANDLED_ELSEWHERE:
-        pytest.skip(f"{case.method}: its own test reads {path.name}")
-    mapping = MAPPINGS.get((case.peer_name, case.method))
-    assert mapping is not None, f"unknown method: no weightlens mapping for {case.peer} {case.method!r} ({path.name})"
     method, params = mapping(case)
     check = check_random if case.meta["kind"] == "random" else check_exact
     difference = check(case, method, params)
@@ -318,8 +322,12 @@ def test_method_matches_its_reference(path: Path) -> None:
     assert difference <= TOLERANCE, f"{case.name}: {method} differs from {case.peer} by {difference:.3g} (relative)"
 
 
-def test_the_references_are_there_and_small() -> None:
+def test_the_references_are_there_small_and_every_mapping_is_used() -> None:
     assert FILES, f"no reference files in {DATA} (python tests/peer_references/make.py writes them)"
-    peers = {load_case(p).peer_name for p in FILES}
-    assert {"mergekit", "fusion-bench"} <= peers
+    metas = [read_metadata(p) for p in FILES]
+    assert all({"peer", "method", "params"} <= set(m) for m in metas)
+    used = {(m["peer"].split("==")[0], m["method"]) for m in metas}
+    assert not set(MAPPINGS) - used, f"mappings without a reference file: {sorted(set(MAPPINGS) - used)}"
+    assert {m["peer"] for m in metas} >= {"mergekit==0.1.5", "fusion-bench==0.2.33"}
     assert sum(p.stat().st_size for p in FILES) < 2 * 2**20
+    assert not set(EXPECTED_MISMATCH) - {p.stem for p in FILES}

@@ -55,12 +55,6 @@ def distinct(x: torch.Tensor) -> bool:
     return bool((flat[1:] > flat[:-1]).all())
 
 
-def untied(x: torch.Tensor) -> torch.Tensor:
-    """``x`` after checking :func:`distinct`."""
-    assert distinct(x), "magnitudes must be distinct"
-    return x
-
-
 def relative_gap(values: torch.Tensor, cut: int) -> float:
     """``(s[cut-1] - s[cut]) / s[0]`` of descending singular values: how clearly a truncation at ``cut`` is decided."""
     return float((values[cut - 1] - values[cut]) / values[0])

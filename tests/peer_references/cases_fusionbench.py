@@ -2,9 +2,10 @@
 
 Run by ``make.py`` with the peers' Python (``fusion-bench==0.2.33``). Where an algorithm class runs without a
 Lightning fabric it is run whole on a ``BaseModelPool`` of ``ParameterDictModel`` modules (task arithmetic, TIES,
-Model Stock, EMR, DARE; the TALL-mask class' steps are called one by one, see ``main``); where the class needs a fabric only for its device (TSV-M, Iso-C,
-Iso-CTS, WUDI) its merging function is called as the class calls it, with ``accelerator="cpu"`` (an argument
-of those functions: nothing is patched) and the class' final scaling done as the class does it.
+Model Stock, EMR, DARE; the TALL-mask class' steps are called one by one, see ``main``); where the class needs a
+fabric only for its device (TSV-M, Iso-C, Iso-CTS, WUDI) its merging function is called as the class calls it,
+with ``accelerator="cpu"`` (an argument of those functions: nothing is patched; WUDI's Adam loop runs on the CPU)
+and the class' final scaling done as the class does it.
 
 Inputs: task vectors whose matrices have distinct singular values with clear gaps (every truncation TSV-M and
 Iso-CTS make is decided by a gap of at least 2% of the top value, checked here) and whose entries have distinct
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _cases import distinct, geometric, orthonormal, peer, relative_gap, write_case
+from _cases import distinct, geometric, peer, relative_gap, spectral, write_case
 from fusion_bench.method.dare.task_arithmetic import DareTaskArithmetic
 from fusion_bench.method.emr_merging.emr_merging import EMRMerging
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
@@ -67,21 +68,15 @@ LAYERS = {  # two square and one tall matrix (12 and 12 singular values: 4 per t
 State = dict[str, torch.Tensor]
 
 
-def spectrum_matrix(g: torch.Generator, shape: tuple[int, int], top: float) -> torch.Tensor:
-    """``U diag(s) V^T`` with ``s = top * 0.8^i`` (fp32)."""
-    m, n = shape
-    k = min(m, n)
-    s = torch.tensor(geometric(k, top, 0.8), dtype=torch.float64)
-    return (orthonormal(g, m, k) * s @ orthonormal(g, n, k).T).float()
-
-
 def draw(seed: int, n_tasks: int, shared: float, layers: dict) -> tuple[State, dict[str, State]]:
     """One draw of a base and ``n_tasks`` fine-tunes: task vectors ``shared * C + own_t`` per key."""
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=g) for k, s in layers.items()}
 
     def vector(shape: tuple[int, ...], top: float) -> torch.Tensor:
-        return spectrum_matrix(g, shape, top) if len(shape) == 2 else 0.3 * top * torch.randn(shape, generator=g)
+        if len(shape) == 2:
+            return spectral(g, shape, geometric(min(shape), top, 0.8))
+        return 0.3 * top * torch.randn(shape, generator=g)
 
     common = {k: shared * vector(tuple(v.shape), 1.0) for k, v in base.items()}
     tasks = {f"t{i}": {k: v + common[k] + vector(tuple(v.shape), 1.0 + 0.3 * i) for k, v in base.items()}

@@ -9,7 +9,8 @@ The environment gets the anchors pinned as the repository pins them: torch from 
 Each ``cases_<name>.py`` runs there as ``VENV/bin/python cases_<name>.py OUTDIR`` and writes
 ``OUTDIR/<peer>_<method>_<case>.safetensors`` (tensors ``input.*`` and ``expected.*``; JSON metadata with at least
 ``peer``, ``method`` and ``params``). A module's files replace those of the same (peer, method) pairs in
-``data/``; the generators are seeded, so a re-run on the same pins rewrites the same tensors. ``tests/test_peer_references.py`` compares weightlens against them.
+``data/``; the generators are seeded, so a re-run on the same pins rewrites the same bytes.
+``tests/test_peer_references.py`` compares weightlens against them.
 """
 
 from __future__ import annotations
