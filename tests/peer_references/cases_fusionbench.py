@@ -57,12 +57,13 @@ from fusion_bench.utils.state_dict_arithmetic import (
 )
 
 PEER = peer("fusion-bench")
-LAYERS = {  # two square and one tall matrix (12 and 12 singular values: 4 per task for 3 tasks), vectors
+LAYERS = {  # square, tall and wide matrices (12 singular values: 4 per task for 3 tasks; 10: 3 per task), vectors
     "blocks.0.attn.weight": (12, 12),
     "blocks.0.attn.bias": (12,),
     "blocks.0.mlp.weight": (16, 12),
     "blocks.0.mlp.bias": (16,),
     "blocks.1.mlp.weight": (12, 12),
+    "blocks.1.attn.weight": (10, 16),
     "norm.weight": (12,),
 }
 State = dict[str, torch.Tensor]
