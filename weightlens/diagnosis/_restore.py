@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,10 +25,12 @@ import torch
 from weightlens._progress import bar
 from weightlens.diagnosis._options import DiagnoseOptions, lower_is_better
 from weightlens.errors import InvalidParameterError, WeightlensError
-from weightlens.io import LoraFactors
 from weightlens.linalg import DecompositionCache
 from weightlens.merge import MergeResult, merge
 from weightlens.taskvectors import TaskVectors
+
+if TYPE_CHECKING:
+    from weightlens.io.sources import LoraFactors
 
 __all__ = ["Measured", "RestorationError", "check_evaluate", "measure", "plan", "spearman"]
 
