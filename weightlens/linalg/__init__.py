@@ -12,6 +12,7 @@ Examples
 """
 
 from weightlens.linalg.backend import numerical_rank, polar, svd, svdvals, topk_svd
+from weightlens.linalg.batched import batching_pays, default_batch_bytes, svd_many, svd_nbytes
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.devices import (
@@ -34,14 +35,18 @@ __all__ = [
     "DecompositionError",
     "TopkOptions",
     "available_cores",
+    "batching_pays",
     "choose_driver",
     "concat_factors",
+    "default_batch_bytes",
     "factored_svd",
     "gesvda_tolerance",
     "numerical_rank",
     "polar",
     "resolve_device",
     "svd",
+    "svd_many",
+    "svd_nbytes",
     "svdvals",
     "topk_svd",
     "torch_threads",
