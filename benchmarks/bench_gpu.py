@@ -8,6 +8,7 @@ batch gains there), each cell the median of ``--repeats`` interleaved runs after
    (what FusionBench's and most per-key code does), ``weightlens.linalg.svd`` one at a time (the driver table,
    its checks and sign fixing) and ``weightlens.linalg.svd_many`` (one batched call); milliseconds per matrix,
    the ratios, and the largest relative difference of the singular values between ``svd_many`` and ``svd``.
+   The weightlens columns include the copy to the device (task vectors live on the host); torch's does not.
 2. **Merges** on ViT-B/32 shapes (``--blocks`` blocks x the 4 shapes, ``--tasks`` task vectors, in memory;
    ``--models minilm`` for MiniLM's blocks):
    TSV-M, Iso-C, Iso-CTS and STAR with ``weightlens.config.batch`` off (per key) and on (batched ahead), and
@@ -55,20 +56,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median seconds of each function over ``repeats`` rounds (one call of each per round) after a warm-up."""
-    for fn in fns.values():
-        fn()
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
+                repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds of each function over ``repeats`` rounds (one call of each per round) after a warm-up,
+    and each function's last result."""
+    last = {name: fn() for name, fn in fns.items()}
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            last[name] = fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}, last
 
 
 # ---------------------------------------------------------------------------------------------- SVDs
@@ -80,14 +82,13 @@ def bench_svds(device: torch.device, models: list[str], tasks: int, repeats: int
     for name, shape in shapes.items():
         xs = [torch.randn(shape, generator=g) for _ in range(tasks)]
         on = [x.to(device) for x in xs]
-        t = interleaved({
+        t, last = interleaved({
             "torch": lambda: [torch.linalg.svd(x, full_matrices=False) for x in on],
             "svd": lambda: [linalg.svd(x, device=device) for x in xs],
             "svd_many": lambda: linalg.svd_many(xs, device=device),
         }, device, repeats)
-        one = [linalg.svd(x, device=device).S for x in xs]
-        many = [r.S for r in linalg.svd_many(xs, device=device)]
-        diff = max(float(((a - b).abs().max() / b.abs().max()).cpu()) for a, b in zip(many, one))
+        diff = max(float(((a.S - b.S).abs().max() / b.S.abs().max()).cpu())
+                   for a, b in zip(last["svd_many"], last["svd"]))  # type: ignore[call-overload]
         per = {k: v / tasks * 1e3 for k, v in t.items()}
         driver = linalg.choose_driver(shape, device) or "default"
         rows.append(f"| {name} | {tasks} | {driver} | {per['torch']:.1f} | {per['svd']:.1f} | {per['svd_many']:.1f} "
@@ -175,9 +176,8 @@ def bench_merges(device: torch.device, model: str, blocks: int, tasks: int,
                "batched": lambda m=method: weightlens_merge(m, base, fts, device, True)}
         if method in ("tsv", "iso_c"):
             fns["fusionbench"] = lambda m=method: fusionbench_style(m, base, fts, device)
-        t = interleaved(fns, device, repeats)
-        serial = fns["per key"]()
-        diffs = {name: rel_diff(fns[name](), serial) for name in fns if name != "per key"}
+        t, last = interleaved(fns, device, repeats)
+        diffs = {name: rel_diff(last[name], last["per key"]) for name in fns if name != "per key"}
         fb = t.get("fusionbench")
         rows.append(f"| {method} | {t['per key']:.2f} | {t['batched']:.2f} | {t['per key'] / t['batched']:.2f} | "
                     f"{diffs['batched']:.1e} | " + (f"{fb:.2f} | {fb / t['batched']:.2f} | {diffs['fusionbench']:.1e} |"
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tasks", type=int, default=8, help="task vectors / matrices per shape (default 8)")
-    parser.add_argument("--blocks", type=int, default=4, help="blocks in the merge table (default 4; ViT-B/32 has 12)")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks in the merge table (default 2; ViT-B/32 has 12)")
     parser.add_argument("--models", default="minilm,vit",
                         help="shapes of the SVD table (default minilm,vit); the merge table uses the last")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (median; default 3)")

@@ -60,13 +60,13 @@ step() {  # name, timeout in seconds, command...: one step with its own log; nev
     return 0
 }
 
-step tests_cuda 100 "$PY" -m pytest -q -p no:cacheprovider -rs \
+step tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_linalg.py tests/test_batched.py tests/test_rebasin_lap.py -k "cuda or gpu"
-step drivers 60 "$PY" benchmarks/bench_linalg.py --devices cuda \
+step drivers 50 "$PY" benchmarks/bench_linalg.py --devices cuda \
     --shapes 384x384,1536x384,768x768,2304x768,3072x768,768x3072,4096x4096,8x768x768
-step batched 170 "$PY" benchmarks/bench_gpu.py --device cuda --tasks 8 --blocks 4 --json "$OUT/batched.json"
-step lap 45 "$PY" benchmarks/bench_lap.py --widths 512 2048 4096 --threads 16
-step rebasin 45 "$PY" benchmarks/bench_rebasin.py --device cuda --repeat 1
+step batched 190 "$PY" benchmarks/bench_gpu.py --device cuda --tasks 8 --blocks 2 --json "$OUT/batched.json"
+step lap 40 "$PY" benchmarks/bench_lap.py --widths 512 2048 4096 --threads 16
+step rebasin 40 "$PY" benchmarks/bench_rebasin.py --device cuda --repeat 1
 
 {
     echo "## gpu_session.sh on $GPU: $((SECONDS - START)) s in all"

@@ -290,7 +290,7 @@ def _tuple(of: str | tuple[str, ...]) -> tuple[str, ...]:
     return (of,) if isinstance(of, str) else of
 
 
-def batching(batch: bool | str, device: torch.device) -> bool:
+def _batching(batch: bool | str, device: torch.device) -> bool:
     """Whether ``batch`` (``True``, ``False`` or ``"auto"``, as ``weightlens.config.batch``) is on for ``device``."""
     if batch == "auto":
         return linalg.batching_pays(device)
@@ -333,6 +333,6 @@ def ahead(tv: TaskVectors, keys: Iterable[str], need: Callable[[str], Sequence[s
     ``tv.cache`` (:func:`prefetch`): the walk streams, holding one window's inputs and results at a time.
     """
     dev = linalg.resolve_device(device)
-    if not batching(config.batch, dev):
+    if not _batching(config.batch, dev):
         return None
     return _Ahead(tv, list(keys), need, dev, dtype)

@@ -111,7 +111,8 @@ def svd_many(
     out: list[SVD | None] = [None] * len(matrices)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, x in enumerate(matrices):
-        if isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point() and x.numel() and finite(x) and bool(x.any()):
+        batchable = isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point() and x.numel() > 0
+        if batchable and finite(x) and bool(x.any()):
             groups[(tuple(x.shape), x.dtype, x.device)].append(i)
         else:  # svd's own checks and shortcuts: errors named as usual, zero matrices without LAPACK
             out[i] = svd(x, device=dev, dtype=dtype, name=names[i])
