@@ -102,6 +102,16 @@ def test_svd_many_errors_are_those_of_svd():
         linalg.svd_many([torch.eye(2), torch.eye(2)], device="cpu", names=["w"])
 
 
+def test_first_attempt_is_one_attempt_or_none():
+    from weightlens.linalg import guard
+
+    x = torch.randn(3, 6, 4)
+    found = guard.first_attempt(x, batched.svd_kernel, op="svd", device="cpu", dtype=torch.float32)
+    assert torch.equal(found.S, torch.linalg.svd(x, full_matrices=False).S)  # one LAPACK call per matrix
+    x[1, 0, 0] = float("inf")
+    assert guard.first_attempt(x, batched.svd_kernel, op="svd", device="cpu", dtype=torch.float32) is None
+
+
 def test_batching_pays_on_cuda_only():
     assert linalg.batching_pays("cpu") is False
     assert linalg.default_batch_bytes("cpu") == batched.CPU_BATCH_BYTES
@@ -211,6 +221,21 @@ def test_batched_analyze_equals_the_per_key_analyze(monkeypatch, batches):
     assert batches and max(batches) == 10  # 2 blocks x (4 tasks + sum) per shape
     for name in ("spectra", "alignment", "pairs", "interference", "signs", "singular_values", "cosines"):
         assert getattr(report, name).equals(getattr(serial, name)), name
+
+
+def test_batched_compare_equals_the_per_key_compare(monkeypatch, batches):
+    from weightlens.merge import compare
+
+    base, fts = _inputs()
+    tv = wl.TaskVectors(base, fts)
+    serial = compare(tv, wl.merge(tv, method="tsv", device="cpu"), device="cpu", progress=False)
+    assert batches == []
+    monkeypatch.setattr(config, "batch", True)
+    tv = wl.TaskVectors(base, fts)
+    found = compare(tv, wl.merge(tv, method="tsv", device="cpu"), device="cpu", progress=False)
+    assert batches == [2, 2, 2, 2]  # the task sums: per shape one per block
+    for name in ("per_task", "alignment", "spectrum", "signs", "task_signs"):
+        assert getattr(found, name).equals(getattr(serial, name)), name
 
 
 def test_batched_analyze_without_pairwise_prefetches_the_sums_only(monkeypatch, batches):
