@@ -291,3 +291,35 @@ def test_cuda_batched_analyze_matches_per_key(monkeypatch, batches):
     cols = ["sigma_max", "frob", "stable_rank", "erank"]
     torch.testing.assert_close(torch.tensor(report.spectra[cols].to_numpy()),
                                torch.tensor(serial.spectra[cols].to_numpy()), rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------ LoRA adapters
+def test_batched_merge_of_adapters_keeps_their_factored_path(tmp_path, monkeypatch, batches):
+    """Two PEFT adapters and a full fine-tune: the adapters' task SVDs come from their factors (not batched),
+    the full fine-tune's and the (dense) sums' are batched, and TSV-M and Iso-C are bitwise the per-key merges."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import _hf_models as hf
+    import _peft_models as pm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llama = hf.tiny_llama(tmp_path)
+        config_ = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"])
+        sources = {f"a{i}": pm.train_adapter(llama, tmp_path / f"a{i}", config_, seed=i) for i in range(2)}
+        sources["full"] = hf.finetune(llama, tmp_path / "full", seed=5)
+
+        def build() -> wl.TaskVectors:
+            return wl.TaskVectors(llama, sources)
+
+        serial = {m: wl.merge(build(), method=m, device="cpu").materialize() for m in ("tsv", "iso_c")}
+        monkeypatch.setattr(config, "batch", True)
+        tv = build()
+        q = next(k for k in tv.keys if k.endswith("self_attn.q_proj.weight"))
+        decompositions.prefetch(tv, [q], device="cpu")
+        held = {k[:2] for k, _ in tv.cache.items()}
+        assert held == {("svd", "full"), ("svd_sum", ("a0", "a1", "full"))}  # the adapters left to their factors
+        found = {m: wl.merge(build(), method=m, device="cpu").materialize() for m in ("tsv", "iso_c")}
+    assert batches
+    for m in found:
+        assert all(torch.equal(found[m][k], serial[m][k]) for k in serial[m]), m
