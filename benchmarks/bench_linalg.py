@@ -66,10 +66,19 @@ def label(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-def bench_api(device: torch.device, dtype: torch.dtype, repeats: int) -> list[str]:
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    """``"768x768,4x384x384"`` as shapes."""
+    try:
+        return [tuple(int(d) for d in part.split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are written like 768x768,4x384x384; got {text!r}") from None
+
+
+def bench_api(device: torch.device, dtype: torch.dtype, repeats: int,
+              shapes: list[tuple[int, ...]] = SHAPES) -> list[str]:
     """Rows of the API table for one device."""
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
         t = timeit(
             {
@@ -90,10 +99,11 @@ def bench_api(device: torch.device, dtype: torch.dtype, repeats: int) -> list[st
     return rows
 
 
-def bench_drivers(device: torch.device, dtype: torch.dtype, repeats: int) -> list[str]:
+def bench_drivers(device: torch.device, dtype: torch.dtype, repeats: int,
+                  shapes: list[tuple[int, ...]] = SHAPES) -> list[str]:
     """Rows of the CUDA driver table for one device."""
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
         picked = linalg.choose_driver(tuple(shape[-2:]), device)
         runs = {
@@ -124,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median)")
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; absent ones skipped")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--shapes", type=_shapes, default=SHAPES,
+                        help="comma-separated, e.g. 768x768,2304x768,4x384x384 (default: "
+                             + ",".join(label(s) for s in SHAPES) + ")")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     wanted = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -134,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         print("| shape | table driver | torch svd ms | wl.svd ms | wl.svd / torch | svdvals / svd "
               "| polar / svd |")
         print("|---|---|---|---|---|---|---|")
-        print("\n".join(bench_api(device, dtype, args.repeats)) + "\n")
+        print("\n".join(bench_api(device, dtype, args.repeats, args.shapes)) + "\n")
         if device.type == "cuda":
             print("| shape | driver | ms | / default | max rel. recon. error | max abs(U^T U - I) |")
             print("|---|---|---|---|---|---|")
-            print("\n".join(bench_drivers(device, dtype, args.repeats)) + "\n")
+            print("\n".join(bench_drivers(device, dtype, args.repeats, args.shapes)) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,22 +19,34 @@ the factors (:func:`weightlens.linalg.factored_svd`; a sum of adapters concatena
 rank: ``k = min(sum r, m, n)`` triplets, not ``min(m, n)`` (the values past them are exactly zero, their
 vectors arbitrary), and :func:`topk_svd` returns at most that many. A subject with any full fine-tune
 is decomposed densely, as before; so is a product with ``sum r >= min(m, n)`` (nothing to gain).
+
+**Batched ahead.** :func:`prefetch` computes the thin SVDs that :func:`svd` would compute at many keys in
+one go: the subjects are grouped by shape and decomposed in batches on the device
+(:func:`weightlens.linalg.svd_many`), and each result is stored under the key and in the form :func:`svd`
+stores it, so every consumer (merges, ``analyze``, ``compare``, ``diagnose``) finds it unchanged. Factored
+subjects keep their own path (skipped), as do all-zero and non-finite matrices and what is cached already.
+:func:`ahead` does this in windows of keys for a per-key walk (merges, ``analyze``) when
+``weightlens.config.batch`` asks for it (``"auto"``: on CUDA only).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from weightlens import linalg
+from weightlens import config, linalg
 from weightlens.errors import InvalidParameterError
 from weightlens.linalg.factored import factored_svdvals
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["left_svd", "svd", "svdvals", "topk_svd"]
+__all__ = ["SUBJECTS", "ahead", "left_svd", "prefetch", "svd", "svdvals", "topk_svd"]
+
+#: What :func:`prefetch` computes at a matrix key: each task's thin SVD, the task sum's.
+SUBJECTS = ("tasks", "sum")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,10 +71,7 @@ class _Subject:
             return self.delta
         if isinstance(self.of, str):
             return self.tv.delta(self.of, self.key)
-        total = self.tv.delta(self.of[0], self.key).clone()
-        for name in self.of[1:]:
-            total += self.tv.delta(name, self.key)
-        return total
+        return _summed(self.tv.delta(name, self.key) for name in self.of)
 
     def cached(self, op: str, compute: Callable[..., Any], *extra: Any) -> Any:
         """``compute(matrix, *extra, ...)`` under :meth:`cache_key`, computed on a miss only."""
@@ -208,3 +217,145 @@ def left_svd(
         U, S, _ = subject.svd(factors)
         return linalg.LeftSVD(U * S[..., None, :], S)
     return subject.cached("left_svd", linalg.left_svd)
+
+
+def _summed(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of ``parts`` added in order into a copy of the first (the one way a task sum is formed)."""
+    it = iter(parts)
+    total = next(it).clone()
+    for part in it:
+        total += part
+    return total
+
+
+def _check_of(of: Sequence[str]) -> tuple[str, ...]:
+    what = (of,) if isinstance(of, str) else tuple(of)
+    if not set(what) <= set(SUBJECTS):
+        raise InvalidParameterError(
+            f"The 'of' parameter of prefetch names what to decompose at each key, a subset of {SUBJECTS}. "
+            f"Got {of!r} instead."
+        )
+    return what
+
+
+def _factored(tv: TaskVectors, key: str, names: tuple[str, ...]) -> bool:
+    """Whether the subject of ``names`` at ``key`` is decomposed from LoRA factors (:meth:`_Subject.factors`)."""
+    return all(tv.factors(name, key) is not None for name in names)
+
+
+def prefetch(
+    tv: TaskVectors,
+    keys: Iterable[str],
+    of: Sequence[str] = SUBJECTS,
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    max_batch_bytes: int | None = None,
+) -> int:
+    """Compute ahead, batched by shape on ``device``, the thin SVDs :func:`svd` would compute at ``keys``.
+
+    Parameters
+    ----------
+    tv : TaskVectors
+        Its ``cache`` receives the results, under :func:`svd`'s keys.
+    keys : iterable of str
+        Keys to prepare; those that are not matrices are passed over.
+    of : sequence of {"tasks", "sum"}, default=("tasks", "sum")
+        Each task's matrix, and/or the task-arithmetic sum over ``tv.names``.
+    device, dtype
+        As in :func:`svd` (the cache keys include them).
+    max_batch_bytes : int, optional
+        Working bytes of one batch (:func:`weightlens.linalg.svd_many`; default: a quarter of the free
+        memory of a CUDA device, 256 MiB on the CPU).
+
+    Returns
+    -------
+    int
+        How many SVDs were computed. At most half of ``tv.cache.max_bytes`` of results are computed (the rest
+        is left to :func:`svd`), so that none evicts another before it is read.
+    """
+    requests = [(key, _check_of(of)) for key in keys]
+    return _prefetch(tv, requests, linalg.resolve_device(device), dtype, max_batch_bytes)
+
+
+def _prefetch(tv: TaskVectors, requests: Iterable[tuple[str, tuple[str, ...]]], device: torch.device,
+              dtype: torch.dtype, max_batch_bytes: int | None) -> int:
+    room, used = tv.cache.max_bytes // 2, 0
+    subjects, matrices = [], []
+    for key, what in requests:
+        if not what or tv.kind(key) != "matrix" or min(tv.shape(key)) == 0:
+            continue
+        size = linalg.svd_nbytes(tv.shape(key), dtype)
+        wanted = [_Subject(tv, key, of, device, dtype, None) for of in _names(tv, what)]
+        wanted = [s for s in wanted if s.cache_key("svd") not in tv.cache and not _factored(tv, key, _tuple(s.of))]
+        if not wanted or used + size > room:
+            continue
+        deltas = tv.deltas(key)  # one read of the key for every subject
+        for s in wanted:
+            x = deltas[tv.names.index(s.of)] if isinstance(s.of, str) else _summed(deltas)
+            if used + size > room or not bool(x.any()) or not math.isfinite(float(x.sum())):
+                continue  # left to svd: its shortcut for zero, its error for NaN/Inf
+            subjects.append(s)
+            matrices.append(x)
+            used += size
+    found = linalg.svd_many(matrices, device=device, dtype=dtype, names=[s.key for s in subjects],
+                            max_batch_bytes=max_batch_bytes)
+    for s, result in zip(subjects, found):
+        tv.cache.get_or_compute(s.cache_key("svd"), lambda result=result: result)
+    return len(subjects)
+
+
+def _names(tv: TaskVectors, what: tuple[str, ...]) -> list[str | tuple[str, ...]]:
+    return [*(tv.names if "tasks" in what else ()), *((tuple(tv.names),) if "sum" in what else ())]
+
+
+def _tuple(of: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (of,) if isinstance(of, str) else of
+
+
+def _batching(batch: bool | str, device: torch.device) -> bool:
+    """Whether ``batch`` (``True``, ``False`` or ``"auto"``, as ``weightlens.config.batch``) is on for ``device``."""
+    if batch == "auto":
+        return linalg.batching_pays(device)
+    if isinstance(batch, bool):
+        return batch
+    raise InvalidParameterError(f"weightlens.config.batch must be True, False or 'auto'. Got {batch!r} instead.")
+
+
+class _Ahead:
+    """``ahead(key)`` before a walk works on ``key``: the window of keys from ``key`` on is prefetched once."""
+
+    def __init__(self, tv: TaskVectors, keys: list[str], need: Callable[[str], Sequence[str]],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.tv, self.keys, self.need, self.device, self.dtype = tv, keys, need, device, dtype
+        self.index = {key: i for i, key in enumerate(keys)}
+        self.done = 0  # keys before this index have been prefetched (or passed)
+
+    def __call__(self, key: str) -> None:
+        i = self.index.get(key)
+        if i is None or i < self.done:
+            return
+        room, used, window = self.tv.cache.max_bytes // 2, 0, []
+        for k in self.keys[i:]:
+            what = tuple(self.need(k)) if self.tv.kind(k) == "matrix" else ()
+            size = len(_names(self.tv, what)) * linalg.svd_nbytes(self.tv.shape(k), self.dtype) if what else 0
+            if window and used + size > room:
+                break
+            window.append((k, what))
+            used += size
+        self.done = i + len(window)
+        _prefetch(self.tv, window, self.device, self.dtype, None)
+
+
+def ahead(tv: TaskVectors, keys: Iterable[str], need: Callable[[str], Sequence[str]], *,
+          device: str | torch.device = "auto", dtype: torch.dtype = torch.float32) -> Callable[[str], None] | None:
+    """A hook a per-key walk calls before each key, or None when ``weightlens.config.batch`` is off for ``device``.
+
+    ``need(key)`` names what the walk decomposes at ``key`` (a subset of :data:`SUBJECTS`). The first call at a
+    key not prepared yet prefetches the window of keys from it on whose results fill at most half of
+    ``tv.cache`` (:func:`prefetch`): the walk streams, holding one window's inputs and results at a time.
+    """
+    dev = linalg.resolve_device(device)
+    if not _batching(config.batch, dev):
+        return None
+    return _Ahead(tv, list(keys), need, dev, dtype)

@@ -2,7 +2,8 @@
 
 One pass over keys reads each key's deltas once; every decomposition goes through
 :mod:`weightlens.decompositions` (cached in ``tv.cache`` by task, key, device and dtype), so
-merges and widgets that follow reuse them. Tasks get a full thin SVD only where singular vectors
+merges and widgets that follow reuse them (on CUDA computed ahead, a window of keys at a time, batched by
+shape: ``weightlens.config.batch``). Tasks get a full thin SVD only where singular vectors
 are needed (``pairwise=True``: task x task SAR, STI, subspace overlaps); otherwise singular values
 alone. Keys whose deltas are all zero (frozen layers) are not decomposed.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,7 @@ class _Run:
     thresholds: list[float | None] | None
     gram: torch.Tensor
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    ahead: Callable[[str], None] | None = None  # decompositions batched ahead (local walks only)
 
     @property
     def names(self) -> list[str]:
@@ -373,6 +375,9 @@ def analyze(
     if opts.sign_density is not None and opts.trim_scope == "global":
         thresholds = list(global_thresholds(tv, opts.sign_density, keys=chosen).values())
     run = _Run(tv, opts, device, merged, with_merged, thresholds, torch.zeros(len(tv), len(tv), dtype=torch.float64))
+    if executor == "local":
+        run.ahead = decompositions.ahead(tv, chosen, lambda key: _ahead_of(tv, opts, key), device=device,
+                                         dtype=opts.dtype)
     fn = _analyze_here if executor == "local" else _analyze_there
     gpus = 1 if executor != "local" and linalg.resolve_device(device).type == "cuda" else 0
     walk = map_keys(fn, chosen, executor=executor, shared=run, gpus=gpus)
@@ -387,7 +392,18 @@ def analyze(
     return _build_report(run, chosen, notes)
 
 
+def _ahead_of(tv: TaskVectors, opts: AnalysisOptions, key: str) -> tuple[str, ...]:
+    """The SVDs :func:`_decompose` takes at ``key`` (``decompositions.ahead``): the sum's, and each task's
+    when ``pairwise``; none under ``top_n`` (top-k triplets are not batched)."""
+    r = min(tv.shape(key))
+    if opts.top_n is not None and r > opts.top_n:
+        return ()
+    return ("tasks", "sum") if opts.pairwise else ("sum",)
+
+
 def _analyze_here(run: _Run, key: str) -> None:
+    if run.ahead is not None:
+        run.ahead(key)
     _analyze_key(run, key, run.tv.deltas(key))  # the only read of this key
 
 

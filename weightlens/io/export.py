@@ -610,7 +610,8 @@ def _write_folder(job: _Job, tmp: Path) -> None:
     entries = _entries(job.merged, job.layout)
     plan = _plan(job.merged, entries, job.layout, job.target, job.max_bytes)
     total = sum(it.nbytes for s in plan for it in s) if plan is not None else None
-    if job.executor != "local":  # computed a few keys ahead, in the order written
+    if callable(getattr(job.merged, "stream", None)):  # a merge result: its walk, in the order written (Ray
+        # tasks a few keys ahead; locally each key when read, its decompositions batched ahead on CUDA)
         writer.stream = job.merged.stream([e.key for e in entries if e.key is not None],  # type: ignore[attr-defined]
                                           executor=job.executor)
     closing = contextlib.closing(writer.stream) if writer.stream is not None else contextlib.nullcontext()

@@ -12,6 +12,7 @@ Examples
 """
 
 from weightlens.linalg.backend import left_svd, numerical_rank, polar, svd, svdvals, topk_svd
+from weightlens.linalg.batched import batching_pays, default_batch_bytes, svd_many, svd_nbytes
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.devices import (
@@ -35,8 +36,10 @@ __all__ = [
     "LeftSVD",
     "TopkOptions",
     "available_cores",
+    "batching_pays",
     "choose_driver",
     "concat_factors",
+    "default_batch_bytes",
     "factored_svd",
     "gesvda_tolerance",
     "left_svd",
@@ -44,6 +47,8 @@ __all__ = [
     "polar",
     "resolve_device",
     "svd",
+    "svd_many",
+    "svd_nbytes",
     "svdvals",
     "topk_svd",
     "torch_threads",

@@ -29,7 +29,7 @@ from weightlens.linalg.inputs import as_tensor, cast, check_dtype, check_finite_
 from weightlens.linalg.results import DecompositionError
 from weightlens.linalg.verify import _Unreliable  # private: its name appears in failure messages
 
-__all__ = ["run"]
+__all__ = ["first_attempt", "run"]
 
 T = TypeVar("T")
 
@@ -83,6 +83,25 @@ def run(
         + ". The matrix may be extremely ill-conditioned or hold values near the limits of its "
         "dtype; inspect its norm and largest |value|, rescale it, or exclude this key."
     )
+
+
+def first_attempt(
+    a: Tensor,
+    compute: Callable[[Tensor, str | None], T],
+    *,
+    op: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> T | None:
+    """The first attempt of :func:`run` alone (the table's driver on ``device``): its result when accepted,
+    else None, also for non-finite input; a batch then goes matrix by matrix through :func:`run`."""
+    dev = resolve_device(device)
+    check_dtype(op, dtype)
+    x = cast(as_tensor(a, op, None), dev, dtype)
+    if not finite(x):
+        return None
+    out = _attempt(compute, x, _Attempt(dev, dtype, choose_driver(tuple(x.shape[-2:]), dev)), [])
+    return None if out is None else _restore(out, dev, dtype)
 
 
 def _plan(device: torch.device, dtype: torch.dtype, driver: str | None) -> list[_Attempt]:

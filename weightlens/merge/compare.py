@@ -291,6 +291,11 @@ def _side_rows(
     return out
 
 
+def _ta_tag(tv: TaskVectors, key: str, opts: dict[str, Any]) -> tuple:
+    """Where the task-arithmetic rows of ``key`` are cached in ``tv.cache``."""
+    return ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))
+
+
 def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opts: dict[str, Any]) -> dict:
     """Rows of one key for the merge and for task arithmetic.
 
@@ -315,8 +320,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
         opts["visit"](KeyView(key, deltas, update, svd, signs))
     if not opts["task_arithmetic"]:
         return merged_rows
-    tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))
-    ta_rows = tv.cache.get_or_compute(tag, lambda: _Rows(task_arithmetic())).rows
+    ta_rows = tv.cache.get_or_compute(_ta_tag(tv, key, opts), lambda: _Rows(task_arithmetic())).rows
     return {name: rows + ta_rows[name] for name, rows in merged_rows.items()}
 
 
@@ -416,7 +420,12 @@ def compare(
     opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd, "visit": visit,
             "task_arithmetic": bool(task_arithmetic)}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
+    ahead = decompositions.ahead(  # the sums' SVDs batched by shape, on CUDA
+        tv, chosen, lambda key: () if not task_arithmetic or _ta_tag(tv, key, opts) in tv.cache else ("sum",),
+        device=dev)
     for key in bar(chosen, progress=progress, desc="compare", unit="key"):
+        if ahead is not None:
+            ahead(key)
         for name, part in _key_rows(tv, merged, key, opts).items():
             rows[name].extend(part)
     method = merged.method if isinstance(merged, MergeResult) else "weights"

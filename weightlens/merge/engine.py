@@ -15,7 +15,10 @@ buffers, excluded keys) are copied from the base. Hence:
   keeps nothing and caches no update, so the documented ``merge`` then ``export`` holds one merged
   key at a time (plus one key of every input while the merge computes it, and ``tv.cache``);
 * ``merge(..., lazy=True)`` keeps nothing on indexing either (for streaming readers other than
-  ``export``); :meth:`MergeResult.materialize` computes and keeps every key at once.
+  ``export``); :meth:`MergeResult.materialize` computes and keeps every key at once;
+* on CUDA (``weightlens.config.batch``) the walks of ``materialize`` and ``export`` compute the SVDs a method
+  declares (``register_merge(prefetch=)``) ahead, a window of keys at a time, batched by shape
+  (``weightlens.decompositions.ahead``); indexing one key does not.
 
 A method registered with ``per_task=`` (EMR-Merging) gives one model per task besides the shared one:
 :meth:`MergeResult.for_task` returns task ``t``'s model as another ``MergeResult`` whose key updates are
@@ -264,8 +267,11 @@ class MergeResult(MergedWeights):
         payload = (ctx, self.spec, self._frozen, store)
         done = map_keys(_remote_update, ordered, executor=executor, shared=payload,
                         gpus=1 if ctx.device.type == "cuda" else 0)
+        ahead = self._ahead(keys) if executor == "local" else None
         for key in keys:
             if key not in remote:
+                if ahead is not None:
+                    ahead(key)
                 yield key, read(key)
                 continue
             _, (ku, entries) = next(done)
@@ -273,6 +279,22 @@ class MergeResult(MergedWeights):
                 ctx.tv.cache.get_or_compute(tag, lambda value=value: value)
             self._notes[key] = ku.notes
             yield key, _full(self.task_vectors.base[key], ku.update, self.alpha)
+
+    def _ahead(self, keys: list[str]) -> Callable[[str], None] | None:
+        """The hook that computes the method's cached SVDs ahead of the walk over ``keys``, batched by shape
+        (``register_merge(prefetch=)``, ``weightlens.config.batch``), or None."""
+        ctx, spec = self._ctx, self.spec
+        if spec.prefetch is None:
+            return None
+        frozen = self._frozen[:-1] if self.task is not None else self._frozen
+
+        def need(key: str) -> tuple[str, ...]:
+            if (key not in self._selected or key in self._weights
+                    or ctx.cache_key(("update", spec.name, frozen, key)) in ctx.tv.cache):
+                return ()
+            return tuple(spec.prefetch(ctx, key))
+
+        return decompositions.ahead(ctx.tv, keys, need, device=ctx.device)
 
     @property
     def state(self) -> Mapping[str, Any]:

@@ -76,6 +76,8 @@ Grid = Sequence[float] | Callable[[Mapping[str, Any], int], Sequence[float]]
 #: ``per_task=`` of :func:`register_merge`: ``per_task(ctx, key, task, shared) -> KeyUpdate``, the unscaled
 #: update of ``key`` in task ``task``'s own model, from the key's shared update ``shared`` (EMR's mask and rescaler).
 PerTask = Callable[..., "KeyUpdate"]
+#: ``prefetch=`` of :func:`register_merge`: ``prefetch(ctx, key) -> ("tasks", "sum")`` or a part of it.
+Prefetch = Callable[..., Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class MergeMethod:
     per_task: PerTask | None = field(default=None, repr=False)
     decomposes: tuple[str, ...] = ()  # per matrix key: DECOMPOSITIONS' names (see register_merge)
     passes: Callable[[Mapping[str, Any]], int] | None = field(default=None, repr=False)
+    prefetch: Prefetch | None = field(default=None, repr=False)
 
     def reading_passes(self, params: Mapping[str, Any]) -> int:
         """Whole-model passes over the inputs besides the merge's own (its ``prepare``'s, its export's):
@@ -320,6 +323,7 @@ def register_merge(
     per_task: PerTask | None = None,
     decomposes: Sequence[str] = (),
     passes: Callable[[Mapping[str, Any]], int] | None = None,
+    prefetch: Prefetch | None = None,
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -363,6 +367,11 @@ def register_merge(
     passes : callable, optional
         ``passes(params) -> int``: whole-model reading passes besides the merge's own (``prepare``'s, and
         any an export of the result makes), for ``wl.plan``; default 1 with a ``prepare`` hook, 0 without.
+    prefetch : callable, optional
+        ``prefetch(ctx, key) -> sequence of {"tasks", "sum"}``: the cached SVDs the method reads at ``key``
+        through ``ctx.task_svd`` / ``ctx.sum_svd`` (empty where it decomposes nothing). The engine's walks
+        (``materialize``, ``export``) then compute them ahead, batched by shape, where
+        ``weightlens.config.batch`` asks for it (``weightlens.decompositions.ahead``; on CUDA by default).
 
     Raises
     ------
@@ -384,7 +393,8 @@ def register_merge(
             raise TypeError(f"Merge method {name!r}: unknown decomposes= entries {unknown}; "
                             f"use {', '.join(DECOMPOSITIONS)}.")
         _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
-                                      uses_svd, alpha_grid, mergekit, per_task, tuple(decomposes), passes)
+                                      uses_svd, alpha_grid, mergekit, per_task, tuple(decomposes), passes,
+                                      prefetch)
         return fn
 
     return decorator

@@ -61,6 +61,21 @@ def _spectral(ctx: MergeContext, key: str) -> bool:
     return ctx.is_matrix(key) and "text_projection" not in key and min(ctx.shape(key)) > 0
 
 
+def _tasks_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
+    """What STAR reads at ``key`` through ``ctx.task_svd`` (``prefetch=``): each task's SVD."""
+    return ("tasks",) if _spectral(ctx, key) else ()
+
+
+def _tsv_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
+    """What TSV-M reads at ``key`` (``prefetch=``): each task's SVD, unless ``r < T`` leaves no component."""
+    return _tasks_ahead(ctx, key) if min(ctx.shape(key)) >= ctx.n_tasks else ()
+
+
+def _sum_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
+    """What Iso-C and Iso-CTS read at ``key`` through ``ctx.sum_svd`` (``prefetch=``): the sum's SVD."""
+    return ("sum",) if _spectral(ctx, key) else ()
+
+
 def _mean(ctx: MergeContext, key: str) -> KeyUpdate:
     return KeyUpdate(ctx.deltas(key).mean(0))
 
@@ -102,7 +117,7 @@ def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> l
 
 # --------------------------------------------------------------------------------------- TSV-M
 @register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025", uses_svd=True,
-                decomposes=("tasks", "polar"))
+                decomposes=("tasks", "polar"), prefetch=_tsv_ahead)
 def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"] = "zero") -> KeyUpdate:
     """TSV-M: top ``floor(r/T)`` singular triplets per task, orthogonalised, rebuilt.
 
@@ -235,7 +250,7 @@ def _isotropic(U: torch.Tensor, V: torch.Tensor, sigma_bar: torch.Tensor, width:
 
 
 @register_merge("iso_c", alpha=1.0, pretty_name="Iso-C", reference="Marczak et al., ICML 2025", uses_svd=True,
-                decomposes=("sum",))
+                decomposes=("sum",), prefetch=_sum_ahead)
 def iso_c(ctx: MergeContext, key: str, *, restrict_to_numerical_rank: bool = False) -> KeyUpdate:
     """Iso-C: ``sigma_bar * U V^T`` of the task-arithmetic sum (a flat spectrum).
 
@@ -325,7 +340,7 @@ def _cts_blocks(ctx: MergeContext, key: str, k: int, s: int,
 
 
 @register_merge("iso_cts", alpha=1.0, pretty_name="Iso-CTS", reference="Marczak et al., ICML 2025",
-                uses_svd=True, decomposes=("sum", "residuals", "polar"))
+                uses_svd=True, decomposes=("sum", "residuals", "polar"), prefetch=_sum_ahead)
 def iso_cts(
     ctx: MergeContext,
     key: str,
@@ -466,6 +481,7 @@ def star_rank(S: torch.Tensor, eta: float) -> int:
 @register_merge(
     "star", alpha=None, alpha_default=lambda params, n_tasks: 1.0 / n_tasks, alpha_doc="1/T",
     pretty_name="STAR", reference="Lee et al., NAACL 2025", uses_svd=True, decomposes=("tasks",),
+    prefetch=_tasks_ahead,
     alpha_grid=lambda params, n_tasks: [a / n_tasks for a in DEFAULT_GRID],  # untuned in its paper: around 1/T
 )
 def star(ctx: MergeContext, key: str, *, eta: Annotated[float, Interval(0, 100, "right")] = 40.0) -> KeyUpdate:
