@@ -184,14 +184,41 @@ def diagonal_fishers(data: MergeData, tv: TaskVectors, task: str, estimator: Est
             grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
             _add_squares(total, params, grads, 1.0)
             continue
-        p = log_p.detach().exp()
-        for i in range(log_p.shape[0]):
-            for c in range(log_p.shape[1]):
-                grads = torch.autograd.grad(log_p[i, c], list(params.values()), retain_graph=True, allow_unused=True)
-                _add_squares(total, params, grads, float(p[i, c]))
+        _add_expected(total, module, params, batch)
     if n == 0:
         raise InvalidParameterError(f"fisher: data= gave no batches for task {task!r}.")
     return {k: (v / n).to(torch.float32) for k, v in total.items()}
+
+
+_CHUNK = 8  # examples whose per-class gradients are held at once (8 x classes x parameters floats)
+
+
+def _add_expected(total: dict[str, torch.Tensor], module: nn.Module, params: Mapping[str, torch.Tensor],
+                  batch: Any) -> None:
+    """Add ``sum_x sum_c p_c(x) (d log p_c(x))^2`` of one batch: per-example Jacobians of ``log p`` (torch.func)."""
+    from torch.func import functional_call, jacrev, vmap
+    from torch.utils._pytree import tree_map
+
+    detached = {k: p.detach() for k, p in params.items()}
+
+    def log_p(weights: dict[str, torch.Tensor], one: Any) -> torch.Tensor:
+        single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, one)
+        args = (single,) if isinstance(single, torch.Tensor) else single
+        if isinstance(args, Mapping):
+            logits = functional_call(module, weights, args=(), kwargs=dict(args))
+        else:
+            logits = functional_call(module, weights, tuple(args))
+        return torch.log_softmax(logits[0].double(), dim=-1)
+
+    per_example = vmap(lambda one: (jacrev(log_p)(detached, one), log_p(detached, one)))
+    size = len(_tensors(batch)[0])
+    for start in range(0, size, _CHUNK):
+        part = tree_map(lambda t: t[start:start + _CHUNK] if isinstance(t, torch.Tensor) else t, batch)
+        jac, lp = per_example(part)
+        p = lp.exp()  # (b, classes)
+        for key, j in jac.items():  # j: (b, classes, *shape)
+            weight = p.reshape(*p.shape, *[1] * (j.dim() - 2))
+            total[key] += (weight * j.double() ** 2).sum((0, 1))
 
 
 def _add_squares(total: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor],

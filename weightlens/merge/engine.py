@@ -47,7 +47,7 @@ from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method, list_m
 from weightlens.merged import MergedWeights
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["MergeContext", "MergeResult", "merge", "task_vectors_of"]
+__all__ = ["MergeContext", "MergeResult", "check_data", "merge", "task_vectors_of"]
 
 
 @dataclass
@@ -513,13 +513,13 @@ def merge(
     spec = get_method(method)
     resolved = spec.resolve(params, len(tv))
     inner = {k: v for k, v in resolved.items() if k != "alpha"}
-    ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner, data=_checked_data(spec, tv, data))
+    ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner, data=check_data(spec, tv, data))
     if spec.prepare is not None:
         ctx.state = dict(spec.prepare(ctx, **inner))
     return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress, executor=executor)
 
 
-def _checked_data(spec: MergeMethod, tv: TaskVectors, data: Any) -> Any:
+def check_data(spec: MergeMethod, tv: TaskVectors, data: Any) -> Any:
     """``data`` for a data-based method (checked: a ``MergeData`` covering every task), None for the others."""
     if not spec.needs_data:
         return None

@@ -33,8 +33,8 @@ from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 
 __all__ = ["regmean", "regmean_update", "reduce_non_diagonal"]
 
-_NO_GRAM = ("RegMean: no Gram matrix for this key (not the weight of an nn.Linear layer the data reached): the "
-            "average of the fine-tunes, as FusionBench.")
+_NO_GRAM = ("RegMean: no Gram matrix for this matrix (not the weight of an nn.Linear layer the data reached): "
+            "the average of the fine-tunes, as FusionBench.")
 
 
 def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -87,8 +87,8 @@ def regmean(ctx: MergeContext, key: str, *,
     grams = ctx.state["grams"]
     have = [t for t in ctx.tasks if key in grams[t]]
     deltas = ctx.deltas(key)
-    if not have:
-        return KeyUpdate(deltas.mean(0), (_NO_GRAM,))
+    if not have:  # biases, norms: the average by definition; a matrix: noted (an embedding, an unreached layer)
+        return KeyUpdate(deltas.mean(0), (_NO_GRAM,) if ctx.is_matrix(key) else ())
     if len(have) < ctx.n_tasks:
         lack = [t for t in ctx.tasks if t not in have]
         raise KeyMismatchError(
