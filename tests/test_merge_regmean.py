@@ -298,3 +298,27 @@ def test_regmean_beats_task_arithmetic_and_the_base_on_digits(digits_merges):
     mean = {m: float(np.mean(list(v.values()))) for m, v in digits_merges.items()}
     assert mean["regmean"] > mean["task_arithmetic"] + 0.01 > mean["base"] + 0.01
     assert all(digits_merges["regmean"][t] > digits_merges["task_arithmetic"][t] for t in digits_merges["base"])
+
+
+# ------------------------------------------------------------------------------ what-if
+def test_the_whatif_leaves_data_methods_out_without_data_and_runs_them_with_the_diagnosed_merges():
+    tv, inputs = random_case(3, seed=10)
+    plain = wl.diagnose(tv, merge(tv, method="task_arithmetic", **CPU), whatif="all", progress=False, device="cpu")
+    assert not {"regmean", "fisher"} & set(plain.whatif["method"])
+    assert [n for n in plain.notes if "left out" in n] == [
+        "What-if: regmean, fisher left out: they need data= (per task a model and inputs: diagnose a merge made "
+        "with data=zoo.merge_data() to include them)"]
+    named = wl.diagnose(tv, merge(tv, method="task_arithmetic", **CPU), whatif=["regmean"], progress=False,
+                        device="cpu")
+    assert named.notes[0].startswith("What-if: regmean skipped: regmean needs data=...")
+    data = merge_data(inputs)
+
+    def evaluate(weights, task, split):  # closer to the task's own fine-tune is better
+        gap = sum(float((weights[k] - tv.finetuned_weights(task)[k]).abs().sum()) for k in tv.keys)
+        return {"accuracy": 1.0 / (1.0 + gap)}
+
+    d = wl.diagnose(tv, merge(tv, method="regmean", data=data, **CPU), evaluate=evaluate, whatif=["fisher", "ties"],
+                    whatif_points=1, progress=False, device="cpu")
+    assert set(d.whatif["method"]) == {"regmean", "fisher", "ties", "task_arithmetic"} and not any(
+        "What-if" in n for n in d.notes)
+    assert d.suggestion is not None and d.whatif.query("method == 'fisher'")["accuracy"].notna().all()
