@@ -322,3 +322,17 @@ def test_the_whatif_leaves_data_methods_out_without_data_and_runs_them_with_the_
     assert set(d.whatif["method"]) == {"regmean", "fisher", "ties", "task_arithmetic"} and not any(
         "What-if" in n for n in d.notes)
     assert d.suggestion is not None and d.whatif.query("method == 'fisher'")["accuracy"].notna().all()
+
+
+@pytest.mark.slow
+def test_the_minilm_zoo_gives_grams_of_its_36_linear_layers_and_fishers_of_its_parameters(minilm_zoo):
+    tv, data = minilm_zoo.task_vectors(), minilm_zoo.merge_data(n=8, batch_size=4)
+    assert data.tasks == tuple(tv.names) and "minilm train, 8 examples per task" in repr(data)
+    reg = merge(tv, method="regmean", data=data, **CPU)
+    grams = reg.state["grams"][tv.names[0]]
+    assert len(grams) == 36 and all(k.startswith("encoder.layer.") for k in grams)
+    assert sorted(reg.notes.key) == ["embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight",
+                                     "embeddings.word_embeddings.weight", "pooler.dense.weight"]
+    fisher = merge(tv, method="fisher", data=data, **CPU).state["fishers"][tv.names[0]]
+    assert float(fisher["encoder.layer.0.attention.self.query.weight"].sum()) > 0
+    assert float(fisher["pooler.dense.weight"].abs().sum()) == 0  # never reached: the average there
