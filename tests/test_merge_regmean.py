@@ -336,3 +336,33 @@ def test_the_minilm_zoo_gives_grams_of_its_36_linear_layers_and_fishers_of_its_p
     fisher = merge(tv, method="fisher", data=data, **CPU).state["fishers"][tv.names[0]]
     assert float(fisher["encoder.layer.0.attention.self.query.weight"].sum()) > 0
     assert float(fisher["pooler.dense.weight"].abs().sum()) == 0  # never reached: the average there
+
+
+# ------------------------------------------------------------------------------ command line, recipes
+def test_the_command_line_takes_the_data_from_the_zoo_and_refuses_files(digits_zoo, monkeypatch, capsys):
+    from weightlens.cli import main
+
+    monkeypatch.setenv("WEIGHTLENS_ZOO_SIZE", "ci")
+    assert main(["sweep", "--zoo", "digits-tasks", "--method", "regmean", "-q"]) == 0
+    assert "chosen alpha: 1 " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["diagnose", str(digits_zoo.base), *map(str, digits_zoo.finetuned.values()), "--method", "fisher", "-q"])
+    assert exit_.value.code == 2 and ("diagnose --method fisher needs data (the diagonal Fisher of each parameter, "
+                                      "from squared gradients), which the command line takes from a zoo: use --zoo "
+                                      "NAME") in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_recipe_of_a_data_method_is_refused_with_the_way_out(tmp_path):
+    from weightlens.io import Recipe
+    from weightlens.merge import run_recipe
+
+    tv, _ = random_case(2)
+    base, fts = tmp_path / "base", {t: tmp_path / t for t in tv.names}
+    wl.export(tv.base, base, progress=False)
+    for t in tv.names:
+        wl.export(tv.finetuned_weights(t), fts[t], progress=False)
+    recipe = Recipe(method="regmean", params={}, base=str(base), finetuned={t: str(p) for t, p in fts.items()})
+    with pytest.raises(InvalidParameterError, match=r"^A recipe cannot run regmean: it reads data= \(the input Gram "
+                                                    r"matrices of each linear layer\) besides the checkpoint files"):
+        run_recipe(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

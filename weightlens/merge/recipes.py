@@ -383,6 +383,13 @@ def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[Ta
 
 
 def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) -> MergeResult:
+    spec = get_method(recipe.method) if recipe.method in list_methods() else None
+    if spec is not None and spec.needs_data:
+        raise InvalidParameterError(
+            f"A recipe cannot run {recipe.method}: it reads data= ({spec.needs_data}) besides the checkpoint files "
+            f"a recipe names (an export of such a merge writes no recipe). Merge from Python: "
+            f"wl.merge(tv, method={recipe.method!r}, data=zoo.merge_data(), ...), then wl.export."
+        )
     device = device or recipe.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError(
