@@ -366,3 +366,20 @@ def test_a_recipe_of_a_data_method_is_refused_with_the_way_out(tmp_path):
                                                     r"matrices of each linear layer\) besides the checkpoint files"):
         run_recipe(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_studio_offers_data_methods_only_with_data():
+    pytest.importorskip("ipywidgets")
+    from weightlens.widgets import MergeStudio
+
+    tv, inputs = random_case(2, seed=11)
+    plain = MergeStudio(tv)
+    assert not {"regmean", "fisher"} & {o[1] for o in plain.method.options}
+    with pytest.raises(InvalidParameterError, match=r"MergeStudio: method 'regmean' needs data= \(the input Gram "
+                                                    r"matrices of each linear layer\); pass MergeStudio\(tv, data="):
+        MergeStudio(tv, method="regmean")
+    studio = MergeStudio(tv, method="regmean", data=merge_data(inputs), debounce=0.0)
+    assert {"regmean", "fisher"} <= {o[1] for o in studio.method.options}
+    assert studio.wait(60) and studio.last_error is None
+    want = merge(tv, method="regmean", data=merge_data(inputs), **CPU)
+    assert all(torch.equal(studio.merged[k], want[k]) for k in tv.keys)
