@@ -282,7 +282,7 @@ def test_export_writes_no_recipe_and_records_the_data_fingerprint(tmp_path):
     merged = merge(on_disk, method="regmean", data=merge_data(inputs), **CPU)
     rec = merged.export_recipe(out=tmp_path / "out")
     assert rec.recipe is None and rec.why_not.startswith(
-        "the regmean merge read data= (test inputs; SHA-256 of its batches ")
+        "the regmean merge read data= (test inputs; SHA-256 ")
     assert rec.metadata["data"] == {"description": "test inputs", "sha256": merged.data.fingerprint(tv.names)}
     out = wl.export(merged, tmp_path / "out", progress=False)
     assert not (out / "weightlens_recipe.yaml").exists()

@@ -10,7 +10,7 @@
   dict (``module(**b)``). Labels are not needed: RegMean reads inputs, Fisher the model's own predictions.
 
 Statistics are computed once per task from fine-tune ``task`` on its own batches, as FusionBench does, and
-cached in ``tv.cache`` under the data's fingerprint (a SHA-256 of its batches), so a second merge with other
+cached in ``tv.cache`` under the data's fingerprint (a SHA-256 of its description and batches), so a second merge with other
 parameters (``reduce_non_diagonal_ratio``, ``alpha``) computes none:
 
 * :func:`gram_matrices`: per ``nn.Linear`` layer the mean input Gram ``X^T X / N`` (rows of every batch, a
@@ -65,14 +65,17 @@ class MergeData:
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     def fingerprint(self, task: str | Iterable[str] | None = None) -> str:
-        """SHA-256 of ``task``'s batches (dtypes, shapes, bytes), or of several tasks' (a sequence; ``None``:
-        every task's); computed once per task."""
+        """SHA-256 of the description and ``task``'s batches (dtypes, shapes, bytes), or of several tasks' (a
+        sequence; ``None``: every task's); computed once per task.
+
+        Statistics are cached in ``tv.cache`` under it: two ``MergeData`` with the same batches and description
+        but different models would share them on one ``TaskVectors`` (give them different descriptions)."""
         if not isinstance(task, str):
             joined = "".join(f"{t}:{self.fingerprint(t)};" for t in (self.tasks if task is None else task))
             return hashlib.sha256(joined.encode()).hexdigest()
         self.check_tasks([task], method="fingerprint")
         if task not in self._fingerprints:
-            digest = hashlib.sha256()
+            digest = hashlib.sha256(self.description.encode())
             for batch in self.batches(task):
                 for tensor in _tensors(batch):
                     t = tensor.detach().cpu().contiguous()

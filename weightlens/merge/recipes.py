@@ -94,7 +94,7 @@ def not_reproducible(merged: MergeResult) -> str | None:
     tv = merged.task_vectors
     data = getattr(merged, "data", None)
     if data is not None:
-        return (f"the {merged.method} merge read data= ({data.description or 'user data'}; SHA-256 of its batches "
+        return (f"the {merged.method} merge read data= ({data.description or 'user data'}; SHA-256 "
                 f"{data.fingerprint(tv.names)[:16]}...), which a recipe cannot carry: a recipe re-runs a merge from its "
                 "checkpoint files alone. The export's metadata records the data's fingerprint; merge again with "
                 "the same data to repeat it")
