@@ -400,6 +400,13 @@ def test_diagnose_from_the_command_line_is_the_python_diagnosis(digits_zoo, tmp_
     # with the zoo's scorer: restoration tests, one block per task
     assert main([*args, "--evaluate", "--restore", "1", "--split", "val"]) == 0
     assert "restoring" in capsys.readouterr().out
+    assert main([*args, "--evaluate", "--restore", "1", "--restore-by", "weight", "--weight", "3",
+                 "--csv", str(tmp_path / "r")]) == 0
+    raised = wl.diagnose(tv, wl.merge(tv, method="task_arithmetic", alpha=0.5), evaluate=digits_zoo.evaluate,
+                         restore=1, restore_by="weight", weight=3.0, progress=False)
+    measured = pd.read_csv(tmp_path / "r" / "blocks.csv").dropna(subset=["measured_gain"])
+    assert measured["measured_gain"].tolist() == pytest.approx(raised.blocks.dropna(subset=["measured_gain"])[
+        "measured_gain"].tolist())
     # --whatif from the weights: the other method's kept shares, in the summary and whatif.csv
     assert main([*args, "--whatif", "ties", "--csv", str(tmp_path / "w")]) == 0
     assert "What-if from the weights" in capsys.readouterr().out

@@ -62,3 +62,16 @@ def test_a_held_delta_is_used_on_a_miss(tv):
 def test_a_vector_key_or_no_task_is_refused(tv, key, of):
     with pytest.raises(wl.InvalidParameterError):
         decompositions.svd(tv, key, of, device="cpu")
+
+
+def test_left_svd_reuses_a_cached_svd_else_is_cached_apart(tv):
+    """``left_svd`` is ``U S`` of a cached full SVD (no new entry); without one, an eigensolve cached under
+    ``"left_svd"`` whose projections equal the SVD's."""
+    left = decompositions.left_svd(tv, "w", "a", device="cpu")
+    assert ("left_svd", "a", "w", "cpu", "torch.float32") in tv.cache
+    U, S, Vh = decompositions.svd(tv, "w", "a", device="cpu")
+    np.testing.assert_allclose(left.S.numpy(), S.numpy(), rtol=1e-5)
+    np.testing.assert_allclose((left.US @ left.US.mT).numpy(), ((U * S) @ (U * S).mT).numpy(), atol=1e-4)
+    misses = tv.cache.misses
+    again = decompositions.left_svd(tv, "w", "a", device="cpu")
+    assert tv.cache.misses == misses and torch.equal(again.US, U * S) and again.S is S

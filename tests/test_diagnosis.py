@@ -269,19 +269,22 @@ def test_the_planted_conflict_is_found_in_its_block_and_named(digits_zoo):
     assert worst["worst_block"] == "fc2" and worst["opposed_by"] == "rot90_swap"
 
 
-def test_one_pass_reads_each_key_once_and_shares_the_task_sum_svd(tv, monkeypatch):
+def test_one_pass_reads_each_key_once_and_decomposes_each_matrix_once(tv, monkeypatch):
     """diagnose walks compare's pass: every key's task vectors are read once (not again by the walk, nor
-    by a task SVD), and task arithmetic's update SVD is the task sum's that compare's other side takes."""
+    by a task decomposition); the merged update is decomposed once (compare's side of task arithmetic is
+    not computed) and each task's left side is one Gram eigensolve, not an SVD."""
     tv.cache.clear()
     merged = wl.merge(tv, method="task_arithmetic", alpha=0.5).materialize(progress=False)
     reads, svds = [], []
     deltas, delta = wl.TaskVectors.deltas, wl.TaskVectors.delta
     monkeypatch.setattr(wl.TaskVectors, "deltas", lambda self, key: reads.append(key) or deltas(self, key))
     monkeypatch.setattr(wl.TaskVectors, "delta", lambda self, t, key: reads.append(key) or delta(self, t, key))
-    svd = torch.linalg.svd
+    svd, eigh, eighs = torch.linalg.svd, torch.linalg.eigh, []
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: svds.append(1) or svd(*a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: eighs.append(1) or eigh(*a, **k))
     d = diagnose(tv, merged, progress=False)
     assert sorted(reads) == sorted(tv.keys)
     matrices = [k for k in tv.keys if tv.kind(k) == "matrix"]
-    assert len(svds) == len(matrices) * (len(tv) + 1)  # each task's, and the sum's once (not the update's too)
+    assert len(svds) == len(matrices)  # the update's (the task sum's), once
+    assert len(eighs) == len(matrices) * len(tv)  # each task's left side
     assert d.blocks["kept"].notna().any()

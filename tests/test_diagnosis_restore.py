@@ -67,6 +67,38 @@ def test_a_restored_block_holds_the_tasks_own_weights_and_nothing_else_changes(d
     assert d.measured["evaluations"] == T * (len(tests) + 1) == len(rec.calls)
 
 
+def test_restore_by_weight_merges_again_with_the_tasks_vector_scaled_in_that_block(tv, merged):
+    """Task arithmetic is linear: raising ``t``'s weight to ``w`` in block ``b`` adds ``alpha (w - 1) tau_t``
+    to ``b``'s keys and changes nothing else (checked in float64 against the recorded state dicts)."""
+    rec = Recorder()
+    d = diagnose(tv, merged, evaluate=rec, restore=1, controls=0, restore_by="weight", weight=3.0, progress=False)
+    T, alpha = len(tv.names), merged.params["alpha"]
+    full = {k: merged[k] for k in merged}
+    by_rank = d.blocks.set_index(["task", "rank"])["block"]
+    for i, task in enumerate(tv.names):
+        block, state = by_rank[task, 1], rec.calls[T * (i + 1)][0]
+        for key in full:
+            if key in tv.keys and key.startswith(f"{block}."):
+                want = full[key].double() + alpha * 2.0 * tv.delta(task, key).double()
+                assert torch.allclose(state[key].double(), want, atol=1e-6), (task, block, key)
+            else:
+                assert torch.equal(state[key], full[key]), (task, block, key)
+    assert d.measured["restore_by"] == "weight" and d.measured["weight"] == 3.0
+
+
+def test_restore_by_weight_one_gives_back_the_merge_even_with_whole_model_thresholds(tv):
+    """TIES' global thresholds are whole-model statistics: the merge made again (weight 1) must equal it,
+    so the view keeps every key, not the block's alone."""
+    ties = wl.merge(tv, method="ties", density=0.3)
+    rec = Recorder()
+    diagnose(tv, ties, evaluate=rec, restore=1, controls=0, restore_by="weight", weight=1.0, progress=False)
+    full = {k: ties[k] for k in ties}
+    for state, _, _ in rec.calls:
+        assert all(torch.equal(state[k], full[k]) for k in full)
+    with pytest.raises(InvalidParameterError, match="restore_by='weight'.*needs the merge result"):
+        diagnose(tv, dict(full), evaluate=Recorder(), restore_by="weight", progress=False)
+
+
 def test_the_gain_and_the_cost_to_the_others_are_differences_of_the_scores(tv, merged):
     scores = {"rot90": 0.5, "hflip": 0.8, "invert": 0.9}
     restored = {"rot90": 0.7, "hflip": 0.75, "invert": 0.8}
@@ -146,6 +178,7 @@ def test_options_and_their_errors(tv, merged):
     with pytest.raises(InvalidParameterError, match=r"unknown option\(s\) \['restores'\]"):
         diagnose(tv, merged, restores=2)
     for bad, name in (({"restore": -1}, "'restore'"), ({"max_evals": 1.5}, "'max_evals'"),
-                      ({"split": ""}, "'split'"), ({"controls": True}, "'controls'")):
+                      ({"split": ""}, "'split'"), ({"controls": True}, "'controls'"),
+                      ({"restore_by": "raise"}, "'restore_by'"), ({"weight": 0.0}, "'weight'")):
         with pytest.raises(InvalidParameterError, match=name):
             DiagnoseOptions(**bad)

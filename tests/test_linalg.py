@@ -776,3 +776,45 @@ def test_zero_matrix_decomposed_as_lapack_without_it(shape, dtype):
     assert all(torch.equal(a, b) for a, b in zip(got, (U, S, Vh)))
     assert torch.equal(linalg.svdvals(z, dtype=dtype), S)
     assert torch.equal(linalg.polar(z, dtype=dtype), U @ Vh)
+
+
+# ------------------------------------------------------------------------------ left_svd
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(300, 140), (140, 300), (150, 150), (2, 90, 160)])
+def test_left_svd_is_the_svds_left_side(device, shape):
+    """``U S`` and ``S`` against a float64 LAPACK SVD: the same values, the same columns up to sign, and
+    projections of every column equal those through the full SVD."""
+    *batch, m, n = shape
+    r = min(m, n)
+    values = np.geomspace(40.0, 0.01, r)
+    a = np.stack([planted(m, n, values, seed=60 + i) for i in range(batch[0] if batch else 1)])
+    a = a if batch else a[0]
+    res = linalg.left_svd(torch.from_numpy(a), device=device)
+    assert res.US.shape == (*batch, m, r) and res.S.shape == (*batch, r)
+    assert all(t.device.type == device and t.dtype == torch.float32 for t in res)
+    U, S, _ = np.linalg.svd(a, full_matrices=False)
+    tol = 10 * TOL[torch.float32]
+    assert np.abs(np64(res.S) - S).max() <= tol * S.max()
+    signs = np.sign((np64(res.US) * U * S[..., None, :]).sum(-2))  # LAPACK's signs differ per column
+    assert np.abs(np64(res.US) - U * S[..., None, :] * signs[..., None, :]).max() <= tol * S.max()
+    k = 25
+    span = np64(res.span(k))
+    assert np.abs(span.swapaxes(-1, -2) @ span - np.eye(k)).max() <= tol
+    big = np.abs(np64(res.US)).argmax(-2)  # the largest-magnitude entry of each column is positive
+    assert (np.take_along_axis(np64(res.US), big[..., None, :], -2) > 0).all()
+
+
+def test_left_svd_of_a_low_rank_or_zero_matrix_has_that_numerical_rank():
+    low = planted(200, 120, np.array([5.0, 2.0, 1.0, 0.5]), seed=70)
+    res = linalg.left_svd(torch.from_numpy(low))
+    values = linalg.svdvals(torch.from_numpy(low))
+    assert linalg.numerical_rank(res.S, (200, 120)) == 4 == linalg.numerical_rank(values, (200, 120))
+    zero = linalg.left_svd(torch.zeros(30, 50))
+    assert zero.US.shape == (30, 30) and not zero.US.any() and not zero.S.any()
+
+
+def test_left_svd_refuses_non_finite_input_naming_the_key():
+    a = torch.ones(6, 4)
+    a[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="'layer.w'"):
+        linalg.left_svd(a, name="layer.w")

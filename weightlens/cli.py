@@ -244,6 +244,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     merged = merge(tv, method=args.method, device=args.device, data=_merge_data(args, args.method, "diagnose"),
                    **_params(args.param))
     options = {"restore": args.restore} if args.restore is not None else {}
+    options.update(restore_by=args.restore_by, weight=args.weight)
     if args.whatif is not None:
         options["whatif"] = "all" if args.whatif == "all" else tuple(m for m in args.whatif.split(",") if m)
     d = diagnose(tv, merged, evaluate=scorer if args.evaluate is not None else None, progress=not args.quiet,
@@ -783,6 +784,10 @@ def _add_diagnose(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="run restoration tests with this scorer (alone, with --zoo: the zoo's); imports and runs "
                         "that code")
     p.add_argument("--restore", type=int, help="blocks restored per task (default 3)")
+    p.add_argument("--restore-by", choices=("own", "weight"), default="own",
+                   help="own: a tested block gets the task's own weights (default); weight: the merge is made again "
+                        "with the task's vector times --weight in that block")
+    p.add_argument("--weight", type=float, default=2.0, help="with --restore-by weight, the factor (default 2)")
     p.add_argument("--split", default="val", help="split the restoration tests (and the what-if) score (default val)")
     p.add_argument("--whatif", metavar="all|M1,M2", help="compare other merge methods (all, or names); with "
                                                            "--evaluate, suggest the one whose worst task keeps most")

@@ -1,14 +1,14 @@
 """Cached decompositions of task matrices, shared by analysis, merges, compare and widgets.
 
-Three operations, :func:`svd`, :func:`svdvals` and :func:`topk_svd`, each of one subject: a task's
+Four operations, :func:`svd`, :func:`svdvals`, :func:`topk_svd` and :func:`left_svd`, each of one subject: a task's
 matrix ``finetuned[task][key] - base[key]`` (``of="a"``) or the task-arithmetic sum of ``key`` over
 task names (``of=("a", "b")``). Each result is computed once per (operation, subject, key, device,
 dtype) and kept in ``tv.cache`` (a :class:`weightlens.linalg.DecompositionCache`), so moving a
-coefficient or switching a method never repeats an SVD that is already known. Singular values and
-top-k triplets reuse a cached full SVD when there is one.
+coefficient or switching a method never repeats an SVD that is already known. Singular values, top-k
+triplets and left sides reuse a cached full SVD when there is one.
 
 Cache keys: ``(op, task, key, [k,] device, dtype)`` for a task and ``(op + "_sum", names, key, [k,]
-device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``.
+device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``, ``"left_svd"``.
 
 **Low-rank factors.** When every task of the subject has LoRA factors at ``key`` (``tv.factors`` is not
 None: PEFT adapters), nothing of size ``m x n`` is formed or decomposed: the SVD is computed exactly from
@@ -34,7 +34,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.linalg.factored import factored_svdvals
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["svd", "svdvals", "topk_svd"]
+__all__ = ["left_svd", "svd", "svdvals", "topk_svd"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,3 +185,26 @@ def topk_svd(
         U, S, Vh = subject.svd(factors)
         return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
     return subject.cached("topk_svd", linalg.topk_svd, k)
+
+
+def left_svd(
+    tv: TaskVectors,
+    key: str,
+    of: str | Sequence[str],
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    delta: torch.Tensor | None = None,
+) -> linalg.LeftSVD:
+    """``U diag(S)`` and ``S`` of the subject of :func:`svd` (cached): what projections of its columns need.
+
+    From its cached full SVD or its LoRA factors when it has them, else :func:`weightlens.linalg.left_svd`
+    (an eigensolve of the float64 Gram matrix, cheaper than the SVD; cached under ``"left_svd"``, which a
+    later :func:`svd` does not reuse: a merge that needs ``Vh`` decomposes the matrix itself).
+    """
+    subject = _subject(tv, key, of, device, dtype, delta)
+    factors = None if subject.cache_key("svd") in tv.cache else subject.factors()
+    if factors is not None or subject.cache_key("svd") in tv.cache:
+        U, S, _ = subject.svd(factors)
+        return linalg.LeftSVD(U * S[..., None, :], S)
+    return subject.cached("left_svd", linalg.left_svd)

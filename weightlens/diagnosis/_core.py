@@ -290,7 +290,7 @@ def diagnose(
     run, rows = KeyPass(tv, merged, criterion, eps, dev, block), Rows()
     if merged is not None:  # one pass over the keys: compare's rows, then the walk's on what compare read
         comparison = compare(tv, merged, criterion=criterion, eps=eps, device=dev, progress=progress,
-                             visit=lambda view: walk_key(run, view.key, rows, view))
+                             visit=lambda view: walk_key(run, view.key, rows, view), task_arithmetic=False)
     else:
         for key in bar(tv.keys, progress=progress, desc="diagnose", unit="key"):
             walk_key(run, key, rows)

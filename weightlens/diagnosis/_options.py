@@ -44,6 +44,13 @@ class DiagnoseOptions:
     controls : int, default=1
         With ``evaluate``: restoration tests per task on its ``controls`` lowest-ranked blocks that hold
         some of its update (energy > 0), the control set.
+    restore_by : {"own", "weight"}, default="own"
+        How a restoration test restores task ``t`` in block ``b``: ``"own"`` sets ``b``'s keys to ``t``'s own
+        fine-tuned weights; ``"weight"`` merges again with ``t``'s task vector times ``weight`` in ``b``'s
+        keys (every other key and task as merged; the merge must be a ``wl.merge`` result), which asks
+        what a larger coefficient for ``t`` there would give without leaving the merge.
+    weight : float, default=2.0
+        With ``restore_by="weight"``: the factor on the task's vector in the restored block (> 0).
     split : str, default="val"
         The split ``evaluate`` scores on.
     metric : str, default="accuracy"
@@ -70,6 +77,8 @@ class DiagnoseOptions:
     device: str | torch.device = "auto"
     restore: int = 3
     controls: int = 1
+    restore_by: str = "own"
+    weight: float = 2.0
     split: str = "val"
     metric: str = "accuracy"
     max_evals: int | None = None
@@ -86,6 +95,13 @@ class DiagnoseOptions:
         if not isinstance(self.device, (str, torch.device)):
             raise InvalidParameterError(
                 f"The 'device' parameter of diagnose must be a str or torch.device. Got {self.device!r} instead.")
+        if self.restore_by not in ("own", "weight"):
+            raise InvalidParameterError(
+                f"The 'restore_by' parameter of diagnose must be one of 'own', 'weight'. Got {self.restore_by!r} instead.")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) < 1e6:
+            raise InvalidParameterError(
+                f"The 'weight' parameter of diagnose must be a float in (0, 1e6). Got {w!r} instead.")
         _count("restore", self.restore)
         _count("controls", self.controls)
         _count("max_evals", self.max_evals, none=True)

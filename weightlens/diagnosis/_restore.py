@@ -1,12 +1,14 @@
 """Restoration tests: what a block costs a task, measured with ``evaluate`` rather than predicted.
 
 For a task ``t`` and a block ``b``, the merged weights with every task-vector key of ``b`` set to ``t``'s own
-fine-tuned values (``base + tau_t``; keys the merge leaves alone are unchanged) are scored on ``t`` and on
-every other task. ``measured_gain`` is ``t``'s improvement over the merge, ``cost_to_others`` the mean
+fine-tuned values (``base + tau_t``; keys the merge leaves alone are unchanged; ``restore_by="own"``) or
+merged again with ``t``'s task vector times ``weight`` in ``b`` (``restore_by="weight"``: the same method and
+parameters on a view of the task vectors, :class:`_Weighted`) are scored on ``t`` and on every other task. ``measured_gain`` is ``t``'s improvement over the merge, ``cost_to_others`` the mean
 worsening of the others (both in the metric's own units, signs such that positive is "better for t" and
 "worse for the others"). Nothing is decomposed again: the merged weights are read once, each restored
 model is a shallow copy with one block swapped, and the cost is ``evaluate`` calls (``T`` per test, ``T``
-more for the merge itself), bounded by ``max_evals``.
+more for the merge itself), bounded by ``max_evals``; ``restore_by="weight"`` also merges ``b``'s keys
+again (a method with whole-model statistics, TIES' global thresholds, makes its pass again).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,12 @@ import torch
 from weightlens._progress import bar
 from weightlens.diagnosis._options import DiagnoseOptions, lower_is_better
 from weightlens.errors import InvalidParameterError, WeightlensError
+from weightlens.linalg import DecompositionCache
+from weightlens.merge import MergeResult, merge
 from weightlens.taskvectors import TaskVectors
+
+if TYPE_CHECKING:
+    from weightlens.io.sources import LoraFactors
 
 __all__ = ["Measured", "RestorationError", "check_evaluate", "measure", "plan", "spearman"]
 
@@ -45,7 +52,8 @@ class Measured:
 
     def record(self, opts: DiagnoseOptions) -> dict[str, Any]:
         """``Diagnosis.measured``: the split, metric, calls made, the merge's own scores (unsigned), notes."""
-        return {"split": opts.split, "metric": opts.metric, "evaluations": self.evaluations,
+        return {"split": opts.split, "metric": opts.metric, "restore_by": opts.restore_by,
+                "weight": float(opts.weight) if opts.restore_by == "weight" else None, "evaluations": self.evaluations,
                 "merged_scores": {t: self.sign * v for t, v in self.merged_scores.items()}, "notes": list(self.notes)}
 
 
@@ -86,6 +94,42 @@ def _own_values(tv: TaskVectors, task: str, keys: list[str], full: Mapping[str, 
     return out
 
 
+class _Weighted(TaskVectors):
+    """``tv`` with ``task``'s vector times ``weight`` on ``keys``, as a merge reads it (``delta``, ``deltas``,
+    ``factors``); its own decomposition cache, since those keys' matrices differ."""
+
+    def __init__(self, tv: TaskVectors, task: str, keys: list[str], weight: float) -> None:  # noqa: D107
+        self.__dict__.update(tv.__dict__)
+        self.cache = DecompositionCache(tv.cache.max_bytes)
+        self._weighted, self._index, self._keys_weighted, self._weight = task, tv.names.index(task), set(keys), weight
+
+    def delta(self, task: str, key: str) -> torch.Tensor:
+        out = super().delta(task, key)
+        return out * self._weight if task == self._weighted and key in self._keys_weighted else out
+
+    def deltas(self, key: str) -> torch.Tensor:
+        out = super().deltas(key)
+        if key in self._keys_weighted:
+            out[self._index] *= self._weight
+        return out
+
+    def factors(self, task: str, key: str) -> LoraFactors | None:
+        out = super().factors(task, key)
+        if out is None or task != self._weighted or key not in self._keys_weighted:
+            return out
+        return out._replace(scale=out.scale * self._weight)
+
+
+def _weighted_values(merged: MergeResult, task: str, keys: list[str], weight: float) -> dict[str, torch.Tensor]:
+    """``keys`` of the merge made again with ``task``'s vector times ``weight`` there (same method, parameters,
+    task model)."""
+    view = _Weighted(merged.task_vectors, task, keys, weight)
+    again = merge(view, method=merged.method, progress=False, **merged.params)
+    if merged.task is not None:
+        again = again.for_task(merged.task)
+    return {key: again.peek(key).to(device=merged[key].device, dtype=merged[key].dtype) for key in keys}
+
+
 class _Scorer:
     """``evaluate`` calls counted against ``max_evals``, failures named, the metric read and signed."""
 
@@ -122,6 +166,12 @@ def measure(tv: TaskVectors, merged: Mapping[str, torch.Tensor], table: pd.DataF
             block_of: Callable[[str], str], evaluate: Callable[..., Mapping[str, Any]],
             opts: DiagnoseOptions, progress: bool | None) -> Measured:
     """Run the restoration tests of ``plan(table, ...)`` (``docs/diagnosis.md#restoration-tests``)."""
+    if opts.restore_by == "weight" and not isinstance(merged, MergeResult):
+        raise InvalidParameterError(
+            "diagnose(restore_by='weight') merges again with a task's weight raised, which needs the merge "
+            f"result (wl.merge(tv, ...)), not {type(merged).__name__} weights; pass restore_by='own' to restore "
+            "blocks to the tasks' own weights instead."
+        )
     tests = plan(table, opts.restore, opts.controls)
     tasks = list(tv.names)
     members: dict[str, list[str]] = {}
@@ -144,8 +194,12 @@ def measure(tv: TaskVectors, merged: Mapping[str, torch.Tensor], table: pd.DataF
             if score.left() < len(tasks):
                 break
             state = dict(full)
-            state.update(_own_values(tv, task, members[block], full))
-            what = f"the merge with block {block!r} restored to task {task!r}'s own weights"
+            if opts.restore_by == "own":
+                state.update(_own_values(tv, task, members[block], full))
+                what = f"the merge with block {block!r} restored to task {task!r}'s own weights"
+            else:
+                state.update(_weighted_values(merged, task, members[block], float(opts.weight)))
+                what = f"the merge with task {task!r}'s weight times {opts.weight:g} in block {block!r}"
             scores = {s: score(state, s, what) for s in tasks}
             out.gain[task, block] = scores[task] - out.merged_scores[task]
             others = [out.merged_scores[s] - scores[s] for s in tasks if s != task]

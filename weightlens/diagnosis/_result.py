@@ -111,9 +111,11 @@ class Diagnosis:
     notes : tuple of str
         What the diagnosis could not do, in sentences (e.g. a what-if method these task vectors do not fit).
     comparison : Comparison or None
-        The ``merge.compare`` behind ``kept`` and the sign counts (per key; task arithmetic as "before").
+        The ``merge.compare`` behind ``kept`` and the sign counts (per key; the merge's rows alone: call
+        ``wl.compare(tv, merged)`` for task arithmetic beside it).
     measured : dict or None
-        With ``evaluate=``: ``split``, ``metric``, ``evaluations`` (calls made), ``merged_scores`` (the merge's
+        With ``evaluate=``: ``split``, ``metric``, ``restore_by`` and ``weight`` (how blocks were restored),
+        ``evaluations`` (calls made), ``merged_scores`` (the merge's
         own metric per task) and ``notes`` (e.g. tests skipped for ``max_evals``); None otherwise.
     """
 

@@ -8,7 +8,7 @@ number is an exact energy- or mass-weighted ratio of sums (``docs/diagnosis.md``
   and ``base_sq`` ``||base||_F^2`` (the pre-merge checks);
 * matrix keys only: ``matrix_energy`` (``energy`` again), ``lost`` ``||L_t||_F^2`` with
   ``L_t = (I - U U^T) tau_t`` and ``U`` the merged update's top-k left singular vectors (the SAR subspace of
-  ``merge.compare``, same rank rule), taken from the task's cached SVD (:func:`_subspaces`); ``rank`` and
+  ``merge.compare``, same rank rule), taken from the task's left side ``U_t S_t`` (:func:`_subspaces`); ``rank`` and
   ``min_dim`` (the task's numerical rank and the matrix's smaller side);
 * ``miss`` ``||tau_t - M||_F^2`` (every key, with a merge): how far the merged update ``M`` is from the
   task's own, i.e. what restoring the key to the task's fine-tuned weights changes;
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from weightlens import decompositions, linalg
-from weightlens.analysis.alignment import left_span, reference_ranks
+from weightlens.analysis.alignment import reference_ranks
 from weightlens.analysis.signs import conflict_stats
 from weightlens.taskvectors import TaskVectors
 
@@ -66,10 +66,14 @@ class KeyPass:
     block: Callable[[str], str]
 
 
+def _top_k(S: torch.Tensor, shape: tuple[int, int], eps: float, criterion: str) -> int:
+    """k of the rank rule for the spectrum ``S``, capped at its numerical rank (as SAR)."""
+    return min(reference_ranks(S, eps)[criterion], linalg.numerical_rank(S, shape))
+
+
 def _top_span(dec: linalg.SVD, shape: tuple[int, int], eps: float, criterion: str) -> torch.Tensor:
     """Top-k left singular vectors of ``dec`` by the rank rule, capped at the numerical rank (as SAR)."""
-    U = left_span(dec, shape)
-    return U[:, : min(reference_ranks(dec.S, eps)[criterion], U.shape[1])]
+    return dec.U[:, : _top_k(dec.S, shape, eps, criterion)]
 
 
 def _signs(signs: dict[str, torch.Tensor]) -> tuple[list[float], list[float], torch.Tensor]:
@@ -92,17 +96,19 @@ def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SV
                deltas: torch.Tensor) -> dict[str, Any]:
     """Matrix keys: lost energy per task, the tasks' numerical ranks, and the crowding matrix.
 
-    From each task's cached thin SVD ``tau_t = U_t S_t V_t^T``: ``L_t V_t = (I - U U^T) U_t S_t`` has the
-    norms of ``L_t`` (``V_t`` has orthonormal columns), so ``||U_s^T L_t||`` is taken on ``m x r`` blocks
-    instead of the ``m x n`` deltas: exact, cheaper for wide matrices, and from the factors for adapters.
+    From each task's left side ``U_t S_t`` (``tau_t = U_t S_t V_t^T``; :func:`weightlens.decompositions.left_svd`:
+    a cached SVD's, its LoRA factors', else an eigensolve of its Gram matrix, no ``V_t`` needed):
+    ``L_t V_t = (I - U U^T) U_t S_t`` has the norms of ``L_t`` (``V_t`` has orthonormal columns), so
+    ``||U_s^T L_t||`` is taken on ``m x r`` blocks instead of the ``m x n`` deltas: exact, cheaper for wide
+    matrices, and from the factors for adapters.
     ``merged``: the merged update's SVD; ``deltas``: the key's task vectors (a task SVD not cached yet is
     taken of them, not of a second read).
     """
     tv = run.tv
     U = _top_span(merged, shape, run.eps, run.criterion)
-    own = [decompositions.svd(tv, key, t, device=run.device, delta=deltas[i]) for i, t in enumerate(tv.names)]
-    spans = [_top_span(d, shape, run.eps, run.criterion).to(U.device) for d in own]
-    scaled = torch.cat([d.U * d.S for d in own], dim=1).to(U.device)  # (m, sum r): U_t S_t side by side
+    own = [decompositions.left_svd(tv, key, t, device=run.device, delta=deltas[i]) for i, t in enumerate(tv.names)]
+    spans = [d.span(_top_k(d.S, shape, run.eps, run.criterion)).to(U.device) for d in own]
+    scaled = torch.cat([d.US for d in own], dim=1).to(U.device)  # (m, sum r): U_t S_t side by side
     lost_part = scaled - U @ (U.mT @ scaled)
     ranks, widths = [d.S.numel() for d in own], [s.shape[1] for s in spans]
     lost = _block_sums(lost_part.square(), [shape[0]], ranks)[0]

@@ -95,7 +95,7 @@ def whatif(
         try:
             result = merged if name == diagnosed else merge(tv, method=name, device=opts.device, data=data, **params)
             comparison = compare(tv, result, criterion=opts.criterion, eps=opts.eps, device=opts.device,
-                                 progress=False)
+                                 progress=False, task_arithmetic=False)
             kept = kept_of(comparison)
             params = {k: v for k, v in result.params.items() if k != "alpha"}
             if evaluate is None:

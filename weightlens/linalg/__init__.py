@@ -11,7 +11,7 @@ Examples
 3
 """
 
-from weightlens.linalg.backend import numerical_rank, polar, svd, svdvals, topk_svd
+from weightlens.linalg.backend import left_svd, numerical_rank, polar, svd, svdvals, topk_svd
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.devices import (
@@ -23,7 +23,7 @@ from weightlens.linalg.devices import (
     resolve_device,
     torch_threads,
 )
-from weightlens.linalg.results import SVD, DecompositionError
+from weightlens.linalg.results import SVD, DecompositionError, LeftSVD
 from weightlens.linalg.topk import TopkOptions
 
 __all__ = [
@@ -32,12 +32,14 @@ __all__ = [
     "SVD",
     "DecompositionCache",
     "DecompositionError",
+    "LeftSVD",
     "TopkOptions",
     "available_cores",
     "choose_driver",
     "concat_factors",
     "factored_svd",
     "gesvda_tolerance",
+    "left_svd",
     "numerical_rank",
     "polar",
     "resolve_device",

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from weightlens.linalg.devices import choose_driver, resolve_device, warn_if_oversubscribed
 from weightlens.linalg.inputs import as_tensor, cast, check_dtype, check_finite_input, finite
-from weightlens.linalg.results import SVD, DecompositionError
+from weightlens.linalg.results import DecompositionError
 from weightlens.linalg.verify import _Unreliable  # private: its name appears in failure messages
 
 __all__ = ["run"]
@@ -127,7 +127,7 @@ def _all_finite(out: Any) -> bool:
 
 
 def _restore(out: T, device: torch.device, dtype: torch.dtype) -> T:
-    if isinstance(out, SVD):
-        return SVD(*(t.to(device=device, dtype=dtype) for t in out))  # type: ignore[return-value]
+    if isinstance(out, tuple):  # SVD, LeftSVD
+        return type(out)(*(t.to(device=device, dtype=dtype) for t in out))  # type: ignore[return-value]
     return out.to(device=device, dtype=dtype)  # type: ignore[union-attr]
 

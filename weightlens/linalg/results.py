@@ -9,7 +9,7 @@ from torch import Tensor
 
 from weightlens.errors import WeightlensError
 
-__all__ = ["SVD", "DecompositionError"]
+__all__ = ["SVD", "DecompositionError", "LeftSVD"]
 
 
 class SVD(NamedTuple):
@@ -25,6 +25,25 @@ class SVD(NamedTuple):
     U: Tensor
     S: Tensor
     Vh: Tensor
+
+
+class LeftSVD(NamedTuple):
+    """The left side of a thin SVD ``A = U @ diag(S) @ Vh``: ``U @ diag(S)`` and ``S`` (batched over
+    leading dims), what a projection of ``A``'s columns needs (``||P A||_F = ||P U S||_F``) without ``Vh``.
+
+    Attributes
+    ----------
+    US : Tensor of shape (..., m, r)
+        ``U`` scaled by ``S`` column by column; ``U[:, :k] = US[:, :k] / S[:k]`` for values well above zero.
+    S : Tensor of shape (..., r), descending
+    """
+
+    US: Tensor
+    S: Tensor
+
+    def span(self, k: int) -> Tensor:
+        """The leading ``k`` left singular vectors (``k`` at most the numerical rank: ``S[k - 1] > 0``)."""
+        return self.US[..., :k] / self.S[..., None, :k]
 
 
 class DecompositionError(WeightlensError, torch.linalg.LinAlgError):

@@ -311,10 +311,12 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
         svd = decompositions.svd(tv, key, tv.names, device=opts["device"], delta=total) if spectral else None
         return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts, side=side)
 
+    if opts["visit"] is not None:
+        opts["visit"](KeyView(key, deltas, update, svd, signs))
+    if not opts["task_arithmetic"]:
+        return merged_rows
     tag = ("compare_task_arithmetic", tuple(tv.names), key, opts["criterion"], opts["eps"], str(opts["device"]))
     ta_rows = tv.cache.get_or_compute(tag, lambda: _Rows(task_arithmetic())).rows
-    if opts.get("visit") is not None:
-        opts["visit"](KeyView(key, deltas, update, svd, signs))
     return {name: rows + ta_rows[name] for name, rows in merged_rows.items()}
 
 
@@ -353,6 +355,7 @@ def compare(
     device: str | torch.device = "auto",
     progress: bool | None = None,
     visit: Callable[[KeyView], None] | None = None,
+    task_arithmetic: bool = True,
 ) -> Comparison:
     """Compare a merge with task arithmetic: alignment per task, spectra, sign conflicts.
 
@@ -379,6 +382,9 @@ def compare(
         ``visit(view)`` once per compared key, in order, with the :class:`KeyView` of what the pass read
         and computed there (the task vectors, the merged update, its SVD, the sign pass): how
         ``diagnose`` walks the keys once for both.
+    task_arithmetic : bool, default=True
+        Also compare the task-arithmetic sum (rows with ``which == "task_arithmetic"``, cached per task
+        set); False gives the merge's rows alone and skips the sum's SVD (``diagnose`` needs only those).
 
     Returns
     -------
@@ -407,7 +413,8 @@ def compare(
     else:
         def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
             return linalg.svd(update, device=dev, name=key)
-    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd, "visit": visit}
+    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd, "visit": visit,
+            "task_arithmetic": bool(task_arithmetic)}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     for key in bar(chosen, progress=progress, desc="compare", unit="key"):
         for name, part in _key_rows(tv, merged, key, opts).items():
