@@ -383,3 +383,20 @@ def test_the_studio_offers_data_methods_only_with_data():
     assert studio.wait(60) and studio.last_error is None
     want = merge(tv, method="regmean", data=merge_data(inputs), **CPU)
     assert all(torch.equal(studio.merged[k], want[k]) for k in tv.keys)
+
+
+def test_restoration_by_weight_merges_again_with_the_same_data():
+    tv, inputs = random_case(3, seed=12)
+    merged = merge(tv, method="regmean", data=merge_data(inputs), **CPU)
+    states: list[dict] = []
+
+    def evaluate(state, task, split):
+        states.append({k: state[k].clone() for k in tv.keys})
+        return {"accuracy": 0.5, "loss": 1.0}
+
+    wl.diagnose(tv, merged, evaluate=evaluate, restore=1, controls=0, restore_by="weight", weight=1.0,
+                progress=False, device="cpu")
+    assert len(states) > len(tv.names)  # the merge, then the restoration tests: weight 1 gives the merge back
+    for state in states:
+        for key in tv.keys:
+            torch.testing.assert_close(state[key], merged[key], rtol=1e-6, atol=1e-7)
