@@ -33,7 +33,7 @@ from torch import nn
 from weightlens.errors import InvalidParameterError, KeyMismatchError
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["MergeData", "diagonal_fishers", "gram_matrices", "task_statistics"]
+__all__ = ["MergeData", "check_matched", "diagonal_fishers", "gram_matrices", "task_statistics"]
 
 Estimator = Literal["batch", "example"]
 
