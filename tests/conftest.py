@@ -40,3 +40,16 @@ def minilm_lora():
     pytest.importorskip("peft")
     zoo.build(size="ci", names=["minilm-lora"], progress=False)
     return zoo.load("minilm-lora", size="ci")
+
+
+@pytest.fixture(scope="session")
+def digits_merges(digits_zoo):
+    """``{model: {task: normalized test accuracy}}`` of the digits zoo's base, task arithmetic at its default and the
+    data-based ``regmean`` and ``fisher`` at theirs (``zoo.merge_data()``): shared by their tests."""
+    from weightlens.merge import merge
+
+    tv, data = digits_zoo.task_vectors(), digits_zoo.merge_data()
+    ft = {t: digits_zoo.evaluate(tv.finetuned_weights(t), t, "test")["accuracy"] for t in tv.names}
+    methods = ("task_arithmetic", "regmean", "fisher")
+    models = {"base": tv.base, **{m: merge(tv, method=m, data=data, device="cpu") for m in methods}}
+    return {m: {t: digits_zoo.evaluate(w, t, "test")["accuracy"] / ft[t] for t in tv.names} for m, w in models.items()}

@@ -29,7 +29,10 @@ import weightlens as wl  # noqa: E402
 from weightlens import decompositions  # noqa: E402
 from weightlens.analysis.alignment import principal_angles  # noqa: E402
 from weightlens.linalg.factored import complete_basis, complete_pair, factored_svdvals  # noqa: E402
-from weightlens.merge import list_methods  # noqa: E402
+from weightlens.merge import get_method, list_methods  # noqa: E402
+
+#: The methods that need no data= (regmean and fisher read a MergeData: tests/test_merge_regmean.py, _fisher.py).
+DATA_FREE = [m for m in list_methods() if not get_method(m).needs_data]
 
 import _hf_models as hf  # noqa: E402
 import _peft_models as pm  # noqa: E402
@@ -204,7 +207,7 @@ def _updates(result) -> dict[str, torch.Tensor]:
     return {k: result.key_update(k).update for k in result.updated_keys}
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", DATA_FREE)
 def test_every_merge_method_on_adapters_equals_the_dense_merge(tvs, method):
     tv, dense = tvs
     got, want = wl.merge(tv, method=method, **CPU), wl.merge(dense, method=method, **CPU)
@@ -290,7 +293,7 @@ def test_a_mix_of_adapters_and_a_full_finetune(zoo):
     mixed = wl.TaskVectors(zoo["llama"], {"t0": zoo["adapters"]["t0"], "full": zoo["full"]})
     report = wl.analyze(mixed, keys=[Q, UP, "model.norm.weight"], progress=False, **CPU)
     assert report.spectra.set_index(["key", "task"]).loc[(Q, "t0"), "numerical_rank"] == 5
-    for method in list_methods():
+    for method in DATA_FREE:
         upd = wl.merge(mixed, method=method, **CPU).key_update(UP).update
         assert upd.shape == (32, 16) and bool(torch.isfinite(upd).all()) and upd.any(), method
     tsv = wl.merge(mixed, method="tsv", **CPU)
@@ -324,13 +327,12 @@ def test_compare_and_widgets_take_adapters(tvs):
 
 def test_the_dashboard_and_the_studio_run_every_method_on_adapters(tvs):
     # The widgets take factored task vectors as they are: every method computes, shows a comparison, no error.
-    from weightlens.merge import list_methods
     from weightlens.widgets import InterferenceDashboard, MergeStudio
 
     tv = tvs[0]
     InterferenceDashboard(tv)
     studio = MergeStudio(tv)
-    for method in list_methods():
+    for method in DATA_FREE:  # the studio offers data-based methods only with data=
         studio.controls["method"].value = method
         assert studio.wait(120), method
         assert "#b00020" not in studio.status.value, (method, studio.status.value)

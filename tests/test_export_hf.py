@@ -18,7 +18,10 @@ import weightlens as wl
 from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError, ShapeMismatchError
 from weightlens.io import load_recipe
 from weightlens.io.recipe import relative_path
-from weightlens.merge import list_methods, run_recipe
+from weightlens.merge import get_method, list_methods, run_recipe
+
+#: The methods that need no data= (regmean and fisher read a MergeData: tests/test_merge_regmean.py, _fisher.py).
+DATA_FREE = [m for m in list_methods() if not get_method(m).needs_data]
 
 transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
 from _hf_models import (  # noqa: E402  (needs transformers)
@@ -66,7 +69,7 @@ def bert(tmp_path_factory):
     return root, base, fts, _quiet(base, fts)
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", DATA_FREE)
 def test_every_method_exports_the_base_model_or_one_classifier_head(bert, method):
     root, base, fts, tv = bert
     merged = wl.merge(tv, method=method, lazy=True)
@@ -309,7 +312,7 @@ def test_analysis_and_every_method_export_a_loadable_model(request, family):
     report = wl.analyze(tv, device="cpu", progress=False)
     assert set(report.spectra["task"]) >= set(tv.names) and "set" in report.notes[0] and not report.signs.empty
     cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
-    for method in list_methods():
+    for method in DATA_FREE:
         merged = wl.merge(tv, method=method, lazy=True)
         model = _loaded(cls, wl.export(merged, root / f"all-{method}", progress=False))
         state = model.state_dict()

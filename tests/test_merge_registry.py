@@ -55,7 +55,7 @@ def test_unknown_method_lists_the_valid_ones(tv):
     with pytest.raises(InvalidParameterError) as err:
         merge(tv, method="tie")
     assert str(err.value) == ("Unknown merge method 'tie'. Available: task_arithmetic, ties, dare, tsv, "
-                              "iso_c, iso_cts, star, knots_ties, knots_ta, peft_cat, peft_svd, linear, slerp, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, consensus_ta, consensus_ties, pcb, emr, wudi.")
+                              "iso_c, iso_cts, star, knots_ties, knots_ta, peft_cat, peft_svd, linear, slerp, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, consensus_ta, consensus_ties, pcb, emr, wudi, regmean, fisher.")
 
 
 def test_unknown_parameter_lists_valid_parameters_and_defaults(tv):

@@ -120,7 +120,7 @@ OLD_DEFAULTS = {
     "merge_barrier": {"weights": None, "points": 25, "samples": 0, "seed": 0, "bn_loader": None, "repair": None,
                       "progress": None},
     "sweep": {"select_on": "val", "report_on": "test", "report_all": False, "reference": None, "device": "auto",
-              "progress": None},
+              "progress": None, "data": None},  # data: added as an option field (issue 17, regmean and fisher)
     "export": {"like": None, "recipe": None, "shard_size": "5GB", "dtype": None, "overwrite": False,
                "overwrite_any": False, "progress": None, "card": None, "verify": None, "fingerprint": "header",
                "executor": None},  # executor: added as an option field (issue 18, item 3)

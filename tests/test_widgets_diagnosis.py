@@ -169,10 +169,12 @@ def test_what_if_ticked_suggests_a_merge_and_apply_makes_it(planted):
     assert studio.wait(600) and studio.last_error is None
     d = studio.diagnosis
     assert d.measured is not None and d.blocks["measured_gain"].isna().all()  # no restoration tests: not ticked
-    from weightlens.merge import list_methods
+    from weightlens.merge import get_method, list_methods
 
-    skipped = {note.split(" ")[1] for note in d.notes if note.startswith("What-if: ")}
-    assert set(d.whatif["method"]) | skipped == set(list_methods()) and len(skipped) < 3
+    unfed = {m for m in list_methods() if get_method(m).needs_data}  # no data=: left out, with one note
+    skipped = {note.split(" ")[1] for note in d.notes if note.startswith("What-if: ") and " left out: " not in note}
+    assert set(d.whatif["method"]) | skipped == set(list_methods()) - unfed and len(skipped) < 3
+    assert f"What-if: {', '.join(sorted(unfed, key=list_methods().index))} left out: they need data=" in " ".join(d.notes)
     s = d.suggestion
     assert s is not None and not studio.apply_button.disabled and s.worst >= s.baseline["worst"]
     assert studio.apply_suggestion() and studio.wait(300) and studio.last_error is None

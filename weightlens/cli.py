@@ -241,7 +241,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     if args.evaluate == "" and args.zoo is None:
         raise UsageError("diagnose --evaluate without --zoo needs MODULE:FUNCTION (your scorer).")
     tv, scorer = _task_inputs(args, "diagnose", need_evaluate=False)
-    merged = merge(tv, method=args.method, device=args.device, **_params(args.param))
+    merged = merge(tv, method=args.method, device=args.device, data=_merge_data(args, args.method, "diagnose"),
+                   **_params(args.param))
     options = {"restore": args.restore} if args.restore is not None else {}
     options.update(restore_by=args.restore_by, weight=args.weight)
     if args.whatif is not None:
@@ -282,6 +283,23 @@ def _task_inputs(args: argparse.Namespace, command: str, *, need_evaluate: bool)
                          f"weightlens {command} --help.")
     tv = TaskVectors(args.base, _named(args.finetuned, command))
     return tv, (load_function(args.evaluate) if args.evaluate else None)
+
+
+def _merge_data(args: argparse.Namespace, method: str, command: str) -> Any:
+    """The data of a data-based method (``regmean``, ``fisher``): the zoo's ``merge_data()`` with ``--zoo``; None
+    for the other methods; from files (no data hook on the command line) a usage error."""
+    from weightlens.merge import get_method
+
+    spec = get_method(method)
+    if not spec.needs_data:
+        return None
+    if args.zoo is None:
+        raise UsageError(f"{command} --method {method} needs data ({spec.needs_data}), which the command line "
+                         f"takes from a zoo: use --zoo NAME ({', '.join(_TASK_ZOOS)}), or call "
+                         f"wl.merge(tv, method={method!r}, data=MergeData(...)) from Python.")
+    from weightlens import zoo
+
+    return zoo.load(args.zoo, size=args.size).merge_data()
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -339,7 +357,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     tv, evaluate = _task_inputs(args, "sweep", need_evaluate=True)
     sw = sweep(tv, args.method, _alphas(args.alphas), evaluate, select_on=args.select_on,
-               report_on=args.report_on, progress=not args.quiet, device=args.device, **_params(args.param))
+               report_on=args.report_on, progress=not args.quiet, device=args.device,
+               data=_merge_data(args, args.method, "sweep"), **_params(args.param))
     sys.stdout.write(sw.summary().to_string(index=False, formatters={"alpha": "{:g}".format},
                                             float_format=lambda v: f"{v:.4f}") + "\n")
     line, on = sw.report(), args.report_on

@@ -124,7 +124,7 @@ def _weighted_values(merged: MergeResult, task: str, keys: list[str], weight: fl
     """``keys`` of the merge made again with ``task``'s vector times ``weight`` there (same method, parameters,
     task model)."""
     view = _Weighted(merged.task_vectors, task, keys, weight)
-    again = merge(view, method=merged.method, progress=False, **merged.params)
+    again = merge(view, method=merged.method, progress=False, data=merged.data, **merged.params)  # data: regmean, fisher
     if merged.task is not None:
         again = again.for_task(merged.task)
     return {key: again.peek(key).to(device=merged[key].device, dtype=merged[key].dtype) for key in keys}

@@ -79,14 +79,21 @@ def whatif(
     diagnosed = merged.method if isinstance(merged, MergeResult) else None
     given = dict(merged.params) if isinstance(merged, MergeResult) else {}
     names = _methods(opts.whatif, diagnosed)
+    data = merged.data if isinstance(merged, MergeResult) else None  # a data-based diagnosed merge's data
+    notes: list[str] = []
+    if data is None and opts.whatif == "all":  # left out, not tried: they cannot run without data
+        unfed = [n for n in names if get_method(n).needs_data and n != diagnosed]
+        names = [n for n in names if n not in unfed]
+        if unfed:
+            notes.append(f"What-if: {', '.join(unfed)} left out: they need data= (per task a model and inputs: "
+                         "diagnose a merge made with data=zoo.merge_data() to include them)")
     reference = reference_scores(tv, evaluate, (opts.split, opts.report_split)) if evaluate is not None else None
     rows: list[pd.DataFrame] = []
     sweeps: dict[str, SweepResult] = {}
-    notes: list[str] = []
     for name in bar(names, progress=progress, desc="what-if", unit="method"):
         params = {k: v for k, v in given.items() if k != "alpha"} if name == diagnosed else {}
         try:
-            result = merged if name == diagnosed else merge(tv, method=name, device=opts.device, **params)
+            result = merged if name == diagnosed else merge(tv, method=name, device=opts.device, data=data, **params)
             comparison = compare(tv, result, criterion=opts.criterion, eps=opts.eps, device=opts.device,
                                  progress=False, task_arithmetic=False)
             kept = kept_of(comparison)
@@ -98,7 +105,7 @@ def whatif(
                 alphas = candidate_alphas(name, len(tv), opts.whatif_points, params,
                                           given.get("alpha") if name == diagnosed else None)
                 sweeps[name] = sweep(tv, name, alphas, evaluate, select_on=opts.split, report_on=opts.report_split,
-                                     reference=reference, device=opts.device, progress=False, **params)
+                                     reference=reference, device=opts.device, data=data, progress=False, **params)
                 scores = sweeps[name].table
         except WeightlensError as err:  # a method these task vectors do not fit (e.g. SLERP of 3 tasks)
             notes.append(f"What-if: {name} skipped: {str(err).splitlines()[0]}")
@@ -107,7 +114,7 @@ def whatif(
     table = pd.concat(rows, ignore_index=True)[WHATIF_COLUMNS] if rows else pd.DataFrame(columns=WHATIF_COLUMNS)
     if evaluate is None or table.empty:
         return table, None, notes
-    table, suggestion = _suggest(tv, table, sweeps, evaluate, reference, opts)
+    table, suggestion = _suggest(tv, table, sweeps, evaluate, reference, opts, data)
     return table, suggestion, notes
 
 
@@ -132,7 +139,7 @@ def _method_rows(name: str, params: Mapping[str, Any], kept: pd.Series, scores: 
 
 def _suggest(tv: TaskVectors, table: pd.DataFrame, sweeps: dict[str, SweepResult],
              evaluate: Callable[..., Mapping[str, Any]], reference: pd.DataFrame,
-             opts: DiagnoseOptions) -> tuple[pd.DataFrame, Suggestion | None]:
+             opts: DiagnoseOptions, data: Any = None) -> tuple[pd.DataFrame, Suggestion | None]:
     """The (method, alpha) with the best worst-task normalized accuracy on the selection split (then the
     best mean; then the first listed), scored on the report split if it was not already. Methods that give
     one model per task (EMR) are scored in the table but not suggested: the suggestion is one merged model."""
@@ -153,7 +160,8 @@ def _suggest(tv: TaskVectors, table: pd.DataFrame, sweeps: dict[str, SweepResult
     at = (table["method"] == method) & (table["alpha"] == alpha)
     if table.loc[at, "report_normalized_accuracy"].isna().all() and opts.report_split != opts.split:
         extra = sweep(tv, method, [alpha], evaluate, select_on=opts.report_split, report_on=opts.report_split,
-                      reference=reference, device=opts.device, progress=False, **sweeps[method].params).table
+                      reference=reference, device=opts.device, data=data, progress=False,
+                      **sweeps[method].params).table
         extra = extra.set_index("task")
         table.loc[at, "report_accuracy"] = table.loc[at, "task"].map(extra["accuracy"]).to_numpy()
         table.loc[at, "report_normalized_accuracy"] = table.loc[at, "task"].map(

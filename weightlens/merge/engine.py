@@ -50,7 +50,7 @@ from weightlens.merge.registry import KeyUpdate, MergeMethod, get_method, list_m
 from weightlens.merged import MergedWeights
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["MergeContext", "MergeResult", "merge", "task_vectors_of"]
+__all__ = ["MergeContext", "MergeResult", "check_data", "merge", "task_vectors_of"]
 
 
 @dataclass
@@ -66,6 +66,7 @@ class MergeContext:
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
     state: Mapping[str, Any] = field(default_factory=dict)
+    data: Any = None  # the MergeData of a data-based method (weightlens.merge.data), else None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -168,8 +169,9 @@ class MergeResult(MergedWeights):
         self.task_vectors = ctx.tv
         self.lazy = lazy
         self._progress = progress
-        # the key set matters too: whole-model statistics (TIES global) depend on it
-        self._frozen = (*sorted(ctx.params.items()), ("keys", hash(tuple(ctx.tv.keys))))
+        # the key set matters too: whole-model statistics (TIES global) depend on it; so does the data
+        used = () if ctx.data is None else (("data", ctx.data.fingerprint(ctx.tasks)),)
+        self._frozen = (*sorted(ctx.params.items()), *used, ("keys", hash(tuple(ctx.tv.keys))))
         self._selected = set(ctx.tv.keys)
         self._keys = list(ctx.tv.base.keys())
         self._weights: dict[str, torch.Tensor] = {}
@@ -300,6 +302,11 @@ class MergeResult(MergedWeights):
     def state(self) -> Mapping[str, Any]:
         """The method's whole-model statistics (its ``prepare`` hook's result, e.g. TIES' thresholds)."""
         return self._ctx.state
+
+    @property
+    def data(self) -> Any:
+        """The ``MergeData`` a data-based method read (``regmean``, ``fisher``); None for the others."""
+        return self._ctx.data
 
     @property
     def alpha(self) -> float:
@@ -462,6 +469,7 @@ def merge(
     progress: bool | None = None,
     lazy: bool = False,
     executor: str = "local",
+    data: Any = None,
     **params: Any,
 ) -> MergeResult:
     """Merge fine-tunes of one base model; returns the full merged weights.
@@ -495,6 +503,11 @@ def merge(
         ``ray.init(address=...)``, else starts a local cluster) that read their inputs from the
         checkpoint files and decompose on this process's torch thread count: bitwise the local
         result (``docs/scale.md``).
+    data : MergeData, optional
+        Per task, a model and input batches (``weightlens.merge.MergeData``; a zoo's ``merge_data()``), for
+        the data-based methods (``regmean``, ``fisher``: ``describe()`` says ``needs data=``), which raise
+        without it; their statistics are computed here, once per task (cached in ``tv.cache``). Other
+        methods ignore it.
     **params
         The method's parameters (unknown names and out-of-range values raise
         ``InvalidParameterError`` listing the valid ones and their defaults; real values, ``alpha``
@@ -522,10 +535,31 @@ def merge(
     spec = get_method(method)
     resolved = spec.resolve(params, len(tv))
     inner = {k: v for k, v in resolved.items() if k != "alpha"}
-    ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner)
+    ctx = MergeContext(tv, linalg.resolve_device(device), spec.name, inner, data=check_data(spec, tv, data))
     if spec.prepare is not None:
         ctx.state = dict(spec.prepare(ctx, **inner))
     return MergeResult(ctx, spec, resolved, lazy=lazy, progress=progress, executor=executor)
+
+
+def check_data(spec: MergeMethod, tv: TaskVectors, data: Any) -> Any:
+    """``data`` for a data-based method (checked: a ``MergeData`` covering every task), None for the others."""
+    if not spec.needs_data:
+        return None
+    from weightlens.merge.data import MergeData
+
+    if data is None:
+        raise InvalidParameterError(
+            f"{spec.name} needs data=...: {spec.needs_data}, computed from each task's model on that task's "
+            "inputs. Pass data=zoo.merge_data() for a zoo's task vectors, or a weightlens.merge.MergeData "
+            "(per task: a model factory and input batches)."
+        )
+    if not isinstance(data, MergeData):
+        raise InvalidParameterError(
+            f"The 'data' parameter of {spec.name} must be a weightlens.merge.MergeData (e.g. zoo.merge_data()). "
+            f"Got {type(data).__name__} instead."
+        )
+    data.check_tasks(tv.names, method=spec.name)
+    return data
 
 
 def _remote_update(payload: tuple[MergeContext, MergeMethod, tuple[Any, ...], bool],

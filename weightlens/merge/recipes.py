@@ -92,6 +92,12 @@ def input_fingerprints(tv: TaskVectors, base: str, finetuned: Mapping[str, str],
 def not_reproducible(merged: MergeResult) -> str | None:
     """Why no recipe can be derived from ``merged`` (``None`` when one can: every input is a file)."""
     tv = merged.task_vectors
+    data = getattr(merged, "data", None)
+    if data is not None:
+        return (f"the {merged.method} merge read data= ({data.description or 'user data'}; SHA-256 "
+                f"{data.fingerprint(tv.names)[:16]}...), which a recipe cannot carry: a recipe re-runs a merge from its "
+                "checkpoint files alone. The export's metadata records the data's fingerprint; merge again with "
+                "the same data to repeat it")
     if getattr(merged, "task", None) is not None:
         return (f"these weights are the model of task {merged.task!r} (for_task); a recipe re-runs the merge, whose "
                 "weights are the shared model: export the merge itself for a re-runnable recipe")
@@ -176,6 +182,9 @@ def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: P
     if done is None:
         r = merged.recipe
         meta = {"method": r["method"], "parameters": r["params"], "tasks": r["tasks"]}
+        if getattr(merged, "data", None) is not None:
+            meta["data"] = {"description": merged.data.description,
+                            "sha256": merged.data.fingerprint(merged.task_vectors.names)}
         return ExportRecipe(None, metadata=meta, why_not=why or "no recipe was requested (recipe=False)",
                             from_merge=True)
     return ExportRecipe(done, mergekit_of(done.method, done.params, merged), recipe_metadata(done), from_merge=True)
@@ -374,6 +383,13 @@ def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[Ta
 
 
 def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) -> MergeResult:
+    spec = get_method(recipe.method) if recipe.method in list_methods() else None
+    if spec is not None and spec.needs_data:
+        raise InvalidParameterError(
+            f"A recipe cannot run {recipe.method}: it reads data= ({spec.needs_data}) besides the checkpoint files "
+            f"a recipe names (an export of such a merge writes no recipe). Merge from Python: "
+            f"wl.merge(tv, method={recipe.method!r}, data=zoo.merge_data(), ...), then wl.export."
+        )
     device = device or recipe.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError(

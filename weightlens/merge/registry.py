@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, MergeMethod] = {}
-_RESERVED = ("alpha", "method", "device", "progress", "lazy")  # merge()'s own keywords
+_RESERVED = ("alpha", "method", "device", "progress", "lazy", "data")  # merge()'s own keywords
 _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 #: Magnitudes a real-valued merge parameter may have (besides 0): float32 holds their products.
 MAGNITUDE = (1e-6, 1e6)
@@ -164,6 +164,7 @@ class MergeMethod:
     decomposes: tuple[str, ...] = ()  # per matrix key: DECOMPOSITIONS' names (see register_merge)
     passes: Callable[[Mapping[str, Any]], int] | None = field(default=None, repr=False)
     prefetch: Prefetch | None = field(default=None, repr=False)
+    needs_data: str = ""  # what the method computes from merge(data=...); empty: it needs none
 
     def reading_passes(self, params: Mapping[str, Any]) -> int:
         """Whole-model passes over the inputs besides the merge's own (its ``prepare``'s, its export's):
@@ -184,8 +185,10 @@ class MergeMethod:
         return {p.name: p.default for p in self.params.values()}
 
     def describe(self) -> str:
-        """``"density=0.2, scope='global', ..."``: the parameters and their defaults."""
-        return ", ".join(f"{p.name}={p.doc or repr(p.default)}" for p in self.params.values())
+        """``"density=0.2, scope='global', ..."``: the parameters and their defaults (then ``"; needs data=..."``
+        for a data-based method)."""
+        text = ", ".join(f"{p.name}={p.doc or repr(p.default)}" for p in self.params.values())
+        return text + (f"; needs data= ({self.needs_data})" if self.needs_data else "")
 
     def resolve(self, params: Mapping[str, Any], n_tasks: int) -> dict[str, Any]:
         """Check ``params`` against the schema and fill defaults (``alpha`` resolved to a float)."""
@@ -324,6 +327,7 @@ def register_merge(
     decomposes: Sequence[str] = (),
     passes: Callable[[Mapping[str, Any]], int] | None = None,
     prefetch: Prefetch | None = None,
+    needs_data: str = "",
 ) -> Callable[[Callable[..., KeyUpdate]], Callable[..., KeyUpdate]]:
     """Register a merge method under ``name``; the schema comes from the function's signature.
 
@@ -372,6 +376,10 @@ def register_merge(
         through ``ctx.task_svd`` / ``ctx.sum_svd`` (empty where it decomposes nothing). The engine's walks
         (``materialize``, ``export``) then compute them ahead, batched by shape, where
         ``weightlens.config.batch`` asks for it (``weightlens.decompositions.ahead``; on CUDA by default).
+    needs_data : str, default=""
+        What the method computes from ``merge(..., data=MergeData)`` (e.g. ``"the input Gram matrices of each
+        linear layer"``); non-empty marks a data-based method: ``merge`` without ``data`` raises, naming it,
+        and ``sweep``, the what-if and the studio pass the data they were given or leave the method out.
 
     Raises
     ------
@@ -394,7 +402,7 @@ def register_merge(
                             f"use {', '.join(DECOMPOSITIONS)}.")
         _REGISTRY[name] = MergeMethod(name, fn, params, pretty_name or name, reference, alpha_default, prepare,
                                       uses_svd, alpha_grid, mergekit, per_task, tuple(decomposes), passes,
-                                      prefetch)
+                                      prefetch, needs_data)
         return fn
 
     return decorator

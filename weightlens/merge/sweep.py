@@ -27,7 +27,7 @@ import torch
 from weightlens._options import option_names, resolve_options
 from weightlens._progress import bar
 from weightlens.errors import InvalidParameterError
-from weightlens.merge.engine import merge
+from weightlens.merge.engine import check_data, merge
 from weightlens.merge.registry import get_method
 from weightlens.taskvectors import TaskVectors
 
@@ -156,11 +156,14 @@ class SweepOptions:
     reference : base and fine-tuned scores from :func:`reference_scores` (or a previous sweep's
         ``.reference``), to skip re-evaluating them (default None: evaluated).
     device : passed to ``merge`` (default ``"auto"``).
+    data : the ``MergeData`` a data-based method reads (``regmean``, ``fisher``; ``zoo.merge_data()``),
+        passed to ``merge`` (default None; other methods ignore it).
     """
 
     report_all: bool = False
     reference: pd.DataFrame | None = field(default=None, repr=False)
     device: str | torch.device = "auto"
+    data: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.report_all, bool):
@@ -207,8 +210,9 @@ def sweep(
     progress : bool or None, default=None
         One bar over the grid; None (default) follows ``weightlens.config.progress``.
     options : SweepOptions, optional
-        ``report_all`` (False), ``reference`` (None) and ``device`` (``"auto"``); the keywords
-        ``report_all=``, ``reference=`` and ``device=`` set them directly.
+        ``report_all`` (False), ``reference`` (None), ``device`` (``"auto"``) and ``data`` (None: the
+        ``MergeData`` of ``regmean``/``fisher``); the keywords ``report_all=``, ``reference=``, ``device=`` and
+        ``data=`` set them directly.
     **params
         Other parameters of the method (not ``alpha``).
 
@@ -223,6 +227,7 @@ def sweep(
     given = {name: params.pop(name) for name in _OPTION_NAMES if name in params}
     opts = resolve_options(SweepOptions, options, given, caller="sweep")
     report_all, reference, device = opts.report_all, opts.reference, opts.device
+    check_data(get_method(method), tv, opts.data)  # a data-based method without data fails before any scoring
     grid = [float(a) for a in (alpha_grid(method, len(tv), **params) if alphas is None else alphas)]
     if not grid:
         raise InvalidParameterError(f"sweep({method!r}) needs at least one alpha; got an empty grid.")
@@ -233,7 +238,7 @@ def sweep(
 
     def score(alpha: float, chosen: Sequence[str]) -> None:
         nonlocal resolved
-        merged = merge(tv, method=method, device=device, alpha=alpha, **params)
+        merged = merge(tv, method=method, device=device, alpha=alpha, data=opts.data, **params)
         resolved = {k: v for k, v in merged.params.items() if k != "alpha"}
         for task in tv.names:
             for split in chosen:

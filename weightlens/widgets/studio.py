@@ -91,12 +91,15 @@ class StudioOptions:
     debounce : seconds the controls must be still before the background work starts (0.5).
     out_dir : initial export folder (``"merged-model"``).
     keys : restrict the comparison to these keys (None: every task-vector key).
+    data : the ``MergeData`` of data-based methods (``regmean``, ``fisher``; e.g. ``zoo.merge_data()``): they are
+        offered only when it is given (None).
     """
 
     split: str = "val"
     debounce: float = 0.5
     out_dir: str = "merged-model"
     keys: tuple[str, ...] | None = None
+    data: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.debounce, bool) or not isinstance(self.debounce, (int, float)) or not self.debounce >= 0:
@@ -174,7 +177,7 @@ class MergeStudio(Panel):
         ``evaluate(state_dict, task, split) -> {"accuracy": ...}`` (e.g. ``TaskZoo.evaluate``). When
         given, a panel shows the merged model's accuracy per task next to each fine-tune's.
     method : str, default="task_arithmetic"
-        Method shown first (any of ``weightlens.merge.list_methods()``).
+        Method shown first (any of ``weightlens.merge.list_methods()``; a data-based one needs ``data=``).
     tasks : sequence of str, optional
         Tasks ticked at start (default: all).
     key : str, optional
@@ -218,6 +221,11 @@ class MergeStudio(Panel):
             raise InvalidParameterError(f"MergeStudio needs TaskVectors; got {type(task_vectors).__name__}.")
         self.options = resolve_options(StudioOptions, options, overrides, caller="MergeStudio")
         self.tv, self._evaluate, self.split = task_vectors, evaluate, self.options.split
+        if get_method(method).needs_data and self.options.data is None:
+            raise InvalidParameterError(
+                f"MergeStudio: method {method!r} needs data= ({get_method(method).needs_data}); pass "
+                "MergeStudio(tv, data=zoo.merge_data()) to offer the data-based methods."
+            )
         self._keys = list(self.options.keys) if self.options.keys is not None else None
         self._comparisons = ComparisonCache(_CACHE_SIZE)  # whole model (or options.keys)
         self._key_comparisons = ComparisonCache(_CACHE_SIZE)  # the shown key alone
@@ -248,7 +256,8 @@ class MergeStudio(Panel):
     def _build_controls(self, chosen: list[str], matrices: list[str], method: str, key: str | None,
                         metric: str) -> None:
         style = {"description_width": "110px"}
-        self.method = widgets.Dropdown(options=[(get_method(m).pretty_name, m) for m in list_methods()],
+        offered = [m for m in list_methods() if self.options.data is not None or not get_method(m).needs_data]
+        self.method = widgets.Dropdown(options=[(get_method(m).pretty_name, m) for m in offered],
                                        value=method, description="method", style=style)
         self.params = method_controls(len(chosen))
         self.task_boxes = {t: widgets.Checkbox(value=t in chosen, description=t, indent=False,
@@ -355,7 +364,7 @@ class MergeStudio(Panel):
         without one, the shown key's now and the whole model's later (:meth:`_settle`, in the background)."""
         tasks = self.tasks
         tv = self.tv if tasks == self.tv.names else self.tv.subset(tasks)
-        self.merged = merge(tv, method=self.method.value, lazy=True, **self.method_params)
+        self.merged = merge(tv, method=self.method.value, lazy=True, data=self.options.data, **self.method_params)
         self.comparison = self._comparisons.get(self.merged, self._keys)
         self._key_comparison = self.comparison if self.comparison is not None else self._key_only()
 

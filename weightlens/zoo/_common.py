@@ -74,6 +74,8 @@ class TaskZoo:
     manifest : accuracies of base and fine-tunes per task and split, and the build settings.
     evaluate : ``evaluate(state_dict, task, split) -> {"accuracy", "loss"}`` with split in
         ``{"val", "test"}``.
+    data_hook : ``data_hook(tasks, split, n, batch_size, seed) -> MergeData``, what :meth:`merge_data` returns
+        (None: the zoo has none).
     """
 
     name: str
@@ -82,10 +84,28 @@ class TaskZoo:
     finetuned: dict[str, Path]
     manifest: dict[str, Any]
     evaluate: Callable[[Mapping[str, torch.Tensor], str, str], Metrics] = field(repr=False)
+    data_hook: Callable[..., Any] | None = field(default=None, repr=False)
 
     @property
     def tasks(self) -> list[str]:
         return list(self.finetuned)
+
+    def merge_data(self, split: str = "train", *, n: int = 256, batch_size: int = 32, seed: int = 0) -> Any:
+        """The data hook of data-based merges (``wl.merge(tv, method="regmean", data=zoo.merge_data())``).
+
+        A ``weightlens.merge.MergeData`` over this zoo's tasks: per task its model (body and frozen head) built
+        from given weights, and the first ``n`` examples of ``split`` in a seeded order (``seed``), in batches
+        of ``batch_size`` (FusionBench's defaults: 256 examples, batches of 32). Labels are not used.
+        """
+        from weightlens.errors import InvalidParameterError
+
+        if self.data_hook is None:
+            raise InvalidParameterError(f"The {self.name!r} zoo has no data hook for data-based merges.")
+        for name, value in (("n", n), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"The {name!r} parameter of merge_data must be an int >= 1. "
+                                            f"Got {value!r} instead.")
+        return self.data_hook(tuple(self.tasks), split, n, batch_size, seed)
 
     def task_vectors(self, tasks: list[str] | None = None, **kwargs: Any):
         """``TaskVectors`` of the chosen tasks (all by default)."""
@@ -112,3 +132,9 @@ class PairZoo:
     evaluate: Callable[[Mapping[str, torch.Tensor], str], Metrics] = field(repr=False)
     make_module: Callable[[], torch.nn.Module] = field(repr=False)
     data: Callable[[str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+
+def seeded_batches(tensors: tuple[torch.Tensor, ...], n: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """The first ``n`` rows of ``tensors`` in the order of a permutation seeded ``seed``, in batches."""
+    order = torch.randperm(len(tensors[0]), generator=torch.Generator().manual_seed(seed))[:n]
+    return [tuple(t[idx] for t in tensors) for idx in order.split(batch_size)]

@@ -224,3 +224,37 @@ def arithmetic_record(evaluate: Evaluate, base: Mapping, finetuned: Mapping) -> 
         per_task = {t: {s: evaluate(merged, t, s) for s in ("val", "test")} for t in TASKS}
         out[str(alpha)] = {"per_task": per_task, "mean": _means(per_task)}
     return out
+
+
+class _HeadedBody(tr.Body):
+    """The body with a task's frozen head as buffers: ``forward(x)`` gives logits, parameters stay ``fc1``, ``fc2``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(super().forward(x), self.head_weight, self.head_bias)
+
+
+def data_hook(data: TaskData, heads: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """``hook(tasks, split, n, batch_size, seed) -> MergeData``: per task the headed body and its inputs."""
+    from weightlens.merge.data import MergeData
+    from weightlens.zoo._common import seeded_batches
+
+    def hook(tasks: tuple[str, ...], split: str, n: int, batch_size: int, seed: int) -> MergeData:
+        check_choice("split", split, SPLITS)
+
+        def model(task: str, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+            with torch.device("meta"):
+                module = _HeadedBody(TASK_SETTINGS["width"])
+            params = tr.checked_params(weights, module, "digits-tasks merge_data model")
+            module.load_state_dict(params, assign=True)
+            head = PLANTED["of"] if task == PLANTED["task"] else task
+            module.register_buffer("head_weight", heads[f"{head}.weight"])
+            module.register_buffer("head_bias", heads[f"{head}.bias"])
+            return module
+
+        def batches(task: str) -> list[torch.Tensor]:
+            return [b[0] for b in seeded_batches(data(task, split)[:1], n, batch_size, seed)]
+
+        return MergeData(tasks, model, batches,
+                         f"digits-tasks {split}, {n} examples per task (seed {seed}), batches of {batch_size}")
+
+    return hook

@@ -263,5 +263,5 @@ def load_tasks(folder: Path, *, planted: bool = False) -> TaskZoo:
     return TaskZoo(
         name="digits-tasks", folder=folder, base=folder / "base.safetensors",
         finetuned={t: folder / f"{t}.safetensors" for t in tasks},
-        manifest=manifest, evaluate=dt.evaluator(data, heads),
+        manifest=manifest, evaluate=dt.evaluator(data, heads), data_hook=dt.data_hook(data, heads),
     )

@@ -304,6 +304,47 @@ class _Scorer:
         return {t: {s: _score(model, self.heads[t], self.data(t, s)) for s in splits} for t in tasks}
 
 
+class _HeadedEncoder(BertEncoder):
+    """The encoder with a task's frozen head as buffers: ``forward(input_ids, attention_mask)`` gives the logits
+    ``sentence_embedding @ W^T + b``; parameter names stay the encoder's (the task vectors' keys)."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        pooled = sentence_embedding(super().forward(input_ids, attention_mask, token_type_ids), attention_mask)
+        return pooled @ self.head_weight.T + self.head_bias
+
+
+def data_hook(scorer: _Scorer) -> Any:
+    """``hook(tasks, split, n, batch_size, seed) -> MergeData``: per task the encoder with its frozen head, and
+    ``n`` tokenized examples of ``split`` (batches trimmed to their longest text, as the scorer's)."""
+    from weightlens.merge.data import MergeData
+    from weightlens.zoo._common import seeded_batches
+
+    def hook(tasks: tuple[str, ...], split: str, n: int, batch_size: int, seed: int) -> MergeData:
+        if split not in SPLITS:
+            raise InvalidParameterError(f"The 'split' parameter must be one of {SPLITS}. Got {split!r} instead.")
+
+        def model(task: str, weights: Mapping[str, Tensor]) -> BertEncoder:
+            with torch.random.fork_rng(devices=[]):  # the init is overwritten: leave the global RNG alone
+                module = _HeadedEncoder(BertConfig.from_file(scorer.hf_dir / "config.json"))
+            _assign(module, weights)
+            module.register_buffer("head_weight", scorer.heads[task][0])
+            module.register_buffer("head_bias", scorer.heads[task][1])
+            return module.eval()
+
+        def batches(task: str) -> list[dict[str, Tensor]]:
+            ids, mask, _ = scorer.data(task, split)
+            out = []
+            for b_ids, b_mask in seeded_batches((ids, mask), n, batch_size, seed):
+                length = int(b_mask.sum(1).max())
+                out.append({"input_ids": b_ids[:, :length], "attention_mask": b_mask[:, :length]})
+            return out
+
+        return MergeData(tasks, model, batches,
+                         f"minilm {split}, {n} examples per task (seed {seed}), batches of {batch_size}")
+
+    return hook
+
+
 def _threads() -> contextlib.AbstractContextManager[int]:
     """Use the cores this process may run on (at most 8) and restore torch's setting afterwards."""
     return torch_threads(min(available_cores(), 8))
@@ -459,4 +500,4 @@ def open_zoo(folder: Path, name: str) -> TaskZoo:
     scorer = _Scorer(heads, manifest["n_examples"], hf_dir)
     finetuned = {t: folder / manifest["finetuned"][t] for t in manifest["tasks"]}  # manifest keys are sorted
     return TaskZoo(name=name, folder=Path(folder), base=hf_dir, finetuned=finetuned, manifest=manifest,
-                   evaluate=scorer)
+                   evaluate=scorer, data_hook=data_hook(scorer))
