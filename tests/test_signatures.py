@@ -48,6 +48,11 @@ ALLOWED = {
         "four alpha_* keywords already read as one group, and an alpha object would give the plugin API "
         "two spellings or change every registration and the documented example"
     ),
+    "weightlens.merge.compare.compare": (
+        "the rank rule (criterion, eps), keys, device and progress are those of every table builder; visit and "
+        "task_arithmetic let diagnose walk the same pass without its baseline half; an options object would "
+        "make compare() read unlike alignment_to_merged() and the studio's ComparisonCache"
+    ),
     "weightlens.analysis.alignment.alignment_to_merged": (
         "a table builder whose rank-rule keywords (criterion, eps) and device are those of compare(); "
         "an options object for two floats would make the two calls read differently"
