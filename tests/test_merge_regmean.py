@@ -362,10 +362,40 @@ def test_a_recipe_of_a_data_method_is_refused_with_the_way_out(tmp_path):
     for t in tv.names:
         wl.export(tv.finetuned_weights(t), fts[t], progress=False)
     recipe = Recipe(method="regmean", params={}, base=str(base), finetuned={t: str(p) for t, p in fts.items()})
-    with pytest.raises(InvalidParameterError, match=r"^A recipe cannot run regmean: it reads data= \(the input Gram "
-                                                    r"matrices of each linear layer\) besides the checkpoint files"):
+    with pytest.raises(InvalidParameterError, match=r"^the recipe: regmean reads data= \(the input Gram matrices of "
+                                                    r"each linear layer\), and the recipe records none"):
         run_recipe(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_of_a_zoo_data_merge_records_the_data_and_re_runs_bitwise(digits_zoo, tmp_path, monkeypatch):
+    """A zoo's merge_data() records how it was made: the export writes a recipe whose ``data`` names the zoo,
+    ``merge_data_of`` makes the same data again (same SHA-256), and the re-run (Python and command line)
+    writes the same bytes; other data, or none, is refused before anything is written."""
+    from weightlens.cli import main
+    from weightlens.errors import ReproducibilityError
+    from weightlens.io import load_recipe
+    from weightlens.merge import run_recipe
+    from weightlens.zoo import merge_data_of
+
+    tv = digits_zoo.task_vectors(["rot90", "hflip"])
+    data = digits_zoo.merge_data(n=64)
+    out = wl.export(merge(tv, method="regmean", data=data, **CPU), tmp_path / "first", progress=False)
+    recipe = load_recipe(out / "weightlens_recipe.yaml")
+    assert recipe.data["zoo"] == {"zoo": "digits-tasks", "size": digits_zoo.manifest["size"], "options": {},
+                                  "split": "train", "n": 64, "batch_size": 32, "seed": 0}
+    assert recipe.data["sha256"] == data.fingerprint(tv.names)
+    again = run_recipe(out / "weightlens_recipe.yaml", tmp_path / "again", data=merge_data_of(recipe.data["zoo"]),
+                       progress=False)  # verify=True: every file's sha256 equals the recipe's expect
+    assert recipe.check(again) == []
+    with pytest.raises(InvalidParameterError, match=r"pass data=weightlens.zoo.merge_data_of\(recipe.data\['zoo'\]\)"):
+        run_recipe(out / "weightlens_recipe.yaml", tmp_path / "none", progress=False)
+    with pytest.raises(ReproducibilityError, match="is not the data the recipe's merge read"):
+        run_recipe(out / "weightlens_recipe.yaml", tmp_path / "other", data=digits_zoo.merge_data(n=32), progress=False)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "other").exists()
+    monkeypatch.setenv("WEIGHTLENS_ZOO_SIZE", digits_zoo.manifest["size"])
+    assert main(["merge", str(out / "weightlens_recipe.yaml"), "--out", str(tmp_path / "cli"), "-q"]) == 0
+    assert recipe.check(tmp_path / "cli") == []
 
 
 def test_the_studio_offers_data_methods_only_with_data():

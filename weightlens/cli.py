@@ -431,8 +431,13 @@ def _merge(args: argparse.Namespace) -> int:
         recipe = _recipe_from_flags(args)
     if not args.source:  # moved inputs are found by run_recipe
         _plan_first(recipe, args.device, args.quiet)
+    data = None
+    if recipe.data is not None and "zoo" in recipe.data:  # a zoo's data: made again (the zoo must be built)
+        from weightlens.zoo import merge_data_of
+
+        data = merge_data_of(recipe.data["zoo"])
     out = run_recipe(recipe, args.out, sources=_sources(args.source), overwrite=args.overwrite,
-                     progress=not args.quiet, device=args.device, verify=args.verify,
+                     progress=not args.quiet, device=args.device, data=data, verify=args.verify,
                      check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
                      overwrite_any=args.overwrite_any)
     if recipe.expect:

@@ -14,6 +14,10 @@ Schema (``weightlens_recipe: 1``)::
     vocab: null                        # added vocabulary rows: null (none), base or union
     head: null                         # the task whose head the export carries (null: none)
     adapter: {rank: 16}                # only for an export as a PEFT adapter (rank null: each key's own)
+    data:                              # only for a data-based merge (regmean, fisher): what it read
+      description: digits-tasks train, 256 examples per task, batches of 32
+      sha256: <sha256>                 # MergeData.fingerprint of the merged tasks: a re-run must match it
+      zoo: {zoo: digits-tasks, size: ci, options: {}, split: train, n: 256, batch_size: 32, seed: 0}
     device: cpu                        # where the merge ran (cuda results differ in the last bits)
     threads: 2                         # torch's CPU threads then: LAPACK's last bits depend on it
     dtype: null                        # export dtype (null: the base's)
@@ -73,7 +77,7 @@ __all__ = [
 
 RECIPE_VERSION = 1
 _REQUIRED = ("base", "finetuned", "method")
-_OPTIONAL = ("params", "include", "exclude", "key_map", "vocab", "head", "adapter", "device", "threads", "dtype",
+_OPTIONAL = ("params", "include", "exclude", "key_map", "vocab", "head", "adapter", "data", "device", "threads", "dtype",
              "shard_size", "like", "output", "expect", "fingerprints", "weightlens_recipe", "weightlens_version")
 _SCALARS = (bool, int, float, str, type(None))
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -309,6 +313,33 @@ def _dtype(value: Any, where: str) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+_ZOO_DATA = {"zoo": str, "size": str, "options": Mapping, "split": str, "n": int, "batch_size": int, "seed": int}
+
+
+def _data(value: Any, where: str) -> dict[str, Any] | None:
+    """``None`` or what a data-based merge read: ``{description, sha256[, zoo: {zoo, size, options, split, n,
+    batch_size, seed}]}`` (the zoo part: how ``weightlens.zoo.merge_data_of`` makes the data again)."""
+    if value is None:
+        return None
+    zoo = value.get("zoo") if isinstance(value, Mapping) else None
+    ok = (isinstance(value, Mapping) and set(value) <= {"description", "sha256", "zoo"}
+          and isinstance(value.get("sha256"), str) and _SHA256.fullmatch(value["sha256"]) is not None
+          and isinstance(value.get("description", ""), str))
+    if ok and zoo is not None:
+        ok = (isinstance(zoo, Mapping) and set(zoo) == set(_ZOO_DATA)
+              and all(isinstance(zoo[k], t) and not isinstance(zoo[k], bool) for k, t in _ZOO_DATA.items())
+              and all(isinstance(v, _SCALARS) for v in zoo["options"].values())
+              and zoo["n"] > 0 and zoo["batch_size"] > 0 and zoo["seed"] >= 0)
+    if not ok:
+        raise InvalidParameterError(
+            f"{where}: 'data' must be null or {{description: text, sha256: <64 hex digits>, zoo: {{zoo, size, "
+            f"options, split, n, batch_size, seed}} (optional)}} (what a data-based merge read). Got {_short(value)}.")
+    out: dict[str, Any] = {"description": value.get("description", ""), "sha256": value["sha256"]}
+    if zoo is not None:
+        out["zoo"] = {k: dict(zoo[k]) if k == "options" else zoo[k] for k in _ZOO_DATA}
+    return out
+
+
 def _check_fields(data: Any, where: str) -> None:
     """A mapping with the required fields, no unknown ones, and a recipe version this weightlens reads."""
     if not isinstance(data, Mapping):
@@ -365,6 +396,7 @@ class Recipe:
     vocab: str | None = None
     head: str | None = None
     adapter: dict[str, int | None] | None = None
+    data: dict[str, Any] | None = None
     device: str = "cpu"
     threads: int | None = None
     dtype: str | None = None
@@ -390,6 +422,7 @@ class Recipe:
             exclude=_patterns(data.get("exclude"), "exclude", where),
             key_map=_key_map(data.get("key_map"), ft, where), vocab=_choice(data.get("vocab"), "vocab", _VOCAB, where),
             head=_head(data.get("head"), ft, where), adapter=_adapter(data.get("adapter"), where),
+            data=_data(data.get("data"), where),
             device=_text(data, "device", where, null=True) or "cpu", threads=_threads(data.get("threads"), where),
             dtype=_dtype(data.get("dtype"), where), shard_size=_shard_size(data.get("shard_size"), where),
             like=_like(data, where),
@@ -418,6 +451,7 @@ class Recipe:
             "include": self.include, "exclude": self.exclude,
             "key_map": {t: dict(m) for t, m in self.key_map.items()} if self.key_map else None,
             "vocab": self.vocab, "head": self.head, **({"adapter": dict(self.adapter)} if self.adapter else {}),
+            **({"data": _data(self.data, self.where)} if self.data else {}),
             "device": self.device, "threads": self.threads,
             "dtype": self.dtype, "shard_size": self.shard_size, "like": self.like, "output": self.output,
             "expect": dict(self.expect), **({"fingerprints": self.fingerprints} if self.fingerprints else {}),

@@ -53,12 +53,17 @@ class MergeData:
         ``batches(task) -> iterable`` of input batches (tensor, tuple or dict of tensors).
     description : str
         What the data is, in words (``"digits-tasks train, 256 examples per task, batches of 32"``).
+    spec : dict or None
+        How to make this data again, which an exported recipe records: a zoo's :meth:`merge_data` gives
+        ``{"zoo", "size", "options", "split", "n", "batch_size", "seed"}`` (``weightlens.zoo.merge_data_of``
+        rebuilds it); None for user data (an export of its merge then writes no recipe).
     """
 
     tasks: tuple[str, ...]
     model: Callable[[str, Mapping[str, torch.Tensor]], nn.Module] = field(repr=False)
     batches: Callable[[str], Iterable[Any]] = field(repr=False)
     description: str = ""
+    spec: dict[str, Any] | None = None
     _fingerprints: dict[str, str] = field(default_factory=dict, repr=False, init=False)
 
     def __post_init__(self) -> None:

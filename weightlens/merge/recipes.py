@@ -93,10 +93,10 @@ def not_reproducible(merged: MergeResult) -> str | None:
     """Why no recipe can be derived from ``merged`` (``None`` when one can: every input is a file)."""
     tv = merged.task_vectors
     data = getattr(merged, "data", None)
-    if data is not None:
+    if data is not None and data.spec is None:
         return (f"the {merged.method} merge read data= ({data.description or 'user data'}; SHA-256 "
-                f"{data.fingerprint(tv.names)[:16]}...), which a recipe cannot carry: a recipe re-runs a merge from its "
-                "checkpoint files alone. The export's metadata records the data's fingerprint; merge again with "
+                f"{data.fingerprint(tv.names)[:16]}...) that no recipe can make again (a zoo's merge_data() can: "
+                "its recipe records how). The export's metadata records the data's fingerprint; merge again with "
                 "the same data to repeat it")
     if getattr(merged, "task", None) is not None:
         return (f"these weights are the model of task {merged.task!r} (for_task); a recipe re-runs the merge, whose "
@@ -158,12 +158,21 @@ def _derived(merged: MergeResult, *, out: Path, like: Path | bool | None, dtype:
         base=base, finetuned=finetuned,
         method=merged.method, params=dict(merged.params), include=tv.include, exclude=tv.exclude,
         key_map=resolved_key_map(tv), vocab=tv.vocab.mode if tv.vocab is not None else None, head=merged.head,
-        device=device, threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None,
+        data=_data_record(merged), device=device, threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None,
         dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         shard_size=shard_size, like=os.path.abspath(like) if isinstance(like, (str, os.PathLike)) else like,
         output=str(Path(os.path.abspath(out))),
         fingerprints=input_fingerprints(tv, base, finetuned, fingerprint), weightlens_version=__version__,
     )
+
+
+def _data_record(merged: MergeResult) -> dict[str, Any] | None:
+    """The recipe's ``data`` field: what a data-based merge read and how to make it again (None: no data)."""
+    data = getattr(merged, "data", None)
+    if data is None:
+        return None
+    record = {"description": data.description, "sha256": data.fingerprint(merged.task_vectors.names)}
+    return {**record, "zoo": dict(data.spec)} if data.spec is not None else record
 
 
 def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: Path | bool | None = None,
@@ -382,14 +391,12 @@ def _inputs(recipe: Recipe, *, check: bool, mode: str | None = None) -> tuple[Ta
     return tv, current
 
 
-def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) -> MergeResult:
+def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool, data: Any = None,
+           check: bool = True) -> MergeResult:
     spec = get_method(recipe.method) if recipe.method in list_methods() else None
+    extra: dict[str, Any] = {}
     if spec is not None and spec.needs_data:
-        raise InvalidParameterError(
-            f"A recipe cannot run {recipe.method}: it reads data= ({spec.needs_data}) besides the checkpoint files "
-            f"a recipe names (an export of such a merge writes no recipe). Merge from Python: "
-            f"wl.merge(tv, method={recipe.method!r}, data=zoo.merge_data(), ...), then wl.export."
-        )
+        extra["data"] = _recipe_data(recipe, tv, spec.needs_data, data, check)
     device = device or recipe.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError(
@@ -397,21 +404,46 @@ def _merge(recipe: Recipe, tv: TaskVectors, device: str | None, progress: bool) 
             "device='cpu' (command line: --device cpu). The weights may then differ from the recorded "
             "sha256 in the last bits."
         )
-    merged = merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **recipe.params)
+    merged = merge(tv, method=recipe.method, device=device, progress=progress, lazy=True, **extra, **recipe.params)
     return merged.with_head(recipe.head) if recipe.head is not None else merged
 
 
+def _recipe_data(recipe: Recipe, tv: TaskVectors, needs: str, data: Any, check: bool) -> Any:
+    """The data a data-based recipe's merge reads: ``data`` as given, else made again from the zoo the recipe
+    records (``weightlens.zoo.merge_data_of``, called by the CLI); its fingerprint must be the recorded one."""
+    record = recipe.data
+    if data is None:
+        how = "" if record is None or "zoo" not in record else (
+            " The recipe records a zoo's data: pass data=weightlens.zoo.merge_data_of(recipe.data['zoo']) "
+            "(weightlens merge RECIPE does it for you).")
+        raise InvalidParameterError(
+            f"{recipe.where}: {recipe.method} reads data= ({needs}) besides the checkpoint files; pass it to "
+            f"run_recipe/merge_recipe (data=MergeData).{how}" if record is not None else
+            f"{recipe.where}: {recipe.method} reads data= ({needs}), and the recipe records none (an export of such "
+            "a merge from user data writes no recipe). Merge from Python: wl.merge(tv, method=..., data=...)."
+        )
+    if check and record is not None and data.fingerprint(tv.names) != record["sha256"]:
+        raise ReproducibilityError(
+            f"{recipe.where}: the data given ({data.description or 'user data'}) is not the data the recipe's merge "
+            f"read (SHA-256 {data.fingerprint(tv.names)[:16]}... against {record['sha256'][:16]}...: other examples, "
+            "order or batches); the weights would differ. Pass the same data, or check_inputs=False to merge anyway."
+        )
+    return data
+
+
 def merge_recipe(recipe: Recipe | str | os.PathLike[str], *, sources: Mapping[str, Any] | None = None,
-                 device: str | None = None, progress: bool = False, check_inputs: bool = True) -> MergeResult:
+                 device: str | None = None, progress: bool = False, check_inputs: bool = True,
+                 data: Any = None) -> MergeResult:
     """The merge a recipe (or recipe file) describes, lazy: keys are computed when read.
 
     ``sources`` points at moved inputs (see :func:`run_recipe`). ``device`` overrides the recipe's; a
     recipe recorded on CUDA needs CUDA unless overridden. Inputs that differ from the recipe's
     fingerprints raise ``ReproducibilityError`` unless ``check_inputs=False``. The result carries the
-    recipe's head (:meth:`MergeResult.with_head`).
+    recipe's head (:meth:`MergeResult.with_head`). ``data``: the ``MergeData`` a data-based recipe's merge reads
+    (``weightlens.zoo.merge_data_of(recipe.data["zoo"])`` for a zoo's), checked against its recorded fingerprint.
     """
     recipe = _as_recipe(recipe, sources)
-    return _merge(recipe, _inputs(recipe, check=check_inputs)[0], device, progress)
+    return _merge(recipe, _inputs(recipe, check=check_inputs)[0], device, progress, data, check_inputs)
 
 
 @dataclass(frozen=True)
@@ -441,9 +473,12 @@ class RunRecipeOptions:
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                sources: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool | None = None,
-               device: str | None = None, options: RunRecipeOptions | None = None, **overrides: Any) -> Path:
+               device: str | None = None, data: Any = None, options: RunRecipeOptions | None = None,
+               **overrides: Any) -> Path:
     """Merge and export into ``out`` (default: the recipe's ``output``); returns the folder.
 
+    ``data`` is the ``MergeData`` of a data-based method (regmean, fisher), checked against the fingerprint the
+    recipe records (``weightlens.zoo.merge_data_of(recipe.data["zoo"])`` makes a zoo's again).
     ``sources`` points at inputs that moved since the recipe was written: ``{"base": path, task: path,
     "like": path}`` (any of them; relative paths from the current folder; a ``like`` recorded as the
     base's folder follows the base). Moved inputs are checked against the recorded fingerprints as
@@ -464,12 +499,13 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     recipe = _as_recipe(recipe, sources)
     target = _target(recipe, out)
     tv, current = _inputs(recipe, check=check_inputs, mode=opts.fingerprint)
-    merged = _merge(recipe, tv, device, progress=False)
+    merged = _merge(recipe, tv, device, progress=False, data=data, check=check_inputs)
     like: Any = recipe.path(recipe.like) if isinstance(recipe.like, str) else recipe.like  # None: the default
     threads = _threads_for(recipe) if torch.device(device or recipe.device).type == "cpu" else None
     paths = {n: recipe.path(p) for n, p in recipe.finetuned.items()}
     done = replace(recipe, base=recipe.path(recipe.base), finetuned=paths, like=like,
-                   params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current)
+                   params=dict(merged.params), device=device or recipe.device, threads=threads, fingerprints=current,
+                   data=_data_record(merged) or recipe.data)
     checked = bool(recipe.fingerprints) and check_inputs
     check = _verifier(recipe, target, device, checked) if opts.verify and recipe.expect else None
     written = ExportOptions(recipe=done, verify=check, overwrite_any=opts.overwrite_any)

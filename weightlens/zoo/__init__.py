@@ -21,9 +21,10 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from weightlens.zoo._common import (
     zoo_dir,
 )
 
-__all__ = ["NAMES", "SIZES", "PairZoo", "TaskZoo", "build", "home", "load"]
+__all__ = ["NAMES", "SIZES", "PairZoo", "TaskZoo", "build", "home", "load", "merge_data_of"]
 
 # name -> (module, builder, loader). Builders: f(folder, *, size, progress) -> manifest dict.
 # Loaders: f(folder, **kwargs) -> TaskZoo | PairZoo. Each module's RECIPE_VERSION is written into the
@@ -131,4 +132,14 @@ def load(
             f"{_recipe(name)} (its scorer would not match the files). Rebuild it with: weightlens zoo "
             f"build --size {size} --names {name}"
         )
-    return loader(folder, **kwargs)
+    opened = loader(folder, **kwargs)
+    if isinstance(opened, TaskZoo):
+        opened = dataclasses.replace(opened, opened={"size": size, **kwargs})
+    return opened
+
+
+def merge_data_of(spec: Mapping[str, Any]) -> Any:
+    """The ``MergeData`` a zoo's ``merge_data`` made, again, from its ``spec`` (what a recipe records):
+    ``load(spec["zoo"], size=spec["size"], **spec["options"]).merge_data(split, n=, batch_size=, seed=)``."""
+    z = load(spec["zoo"], size=spec["size"], **dict(spec.get("options") or {}))
+    return z.merge_data(spec["split"], n=spec["n"], batch_size=spec["batch_size"], seed=spec["seed"])

@@ -7,6 +7,8 @@ Both are plain folders of safetensors files plus ``manifest.json``; both expose 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -76,6 +78,8 @@ class TaskZoo:
         ``{"val", "test"}``.
     data_hook : ``data_hook(tasks, split, n, batch_size, seed) -> MergeData``, what :meth:`merge_data` returns
         (None: the zoo has none).
+    opened : how :func:`weightlens.zoo.load` opened it (``size`` and its options, e.g. ``planted``): what a
+        recipe of a data-based merge records to open it again.
     """
 
     name: str
@@ -85,6 +89,7 @@ class TaskZoo:
     manifest: dict[str, Any]
     evaluate: Callable[[Mapping[str, torch.Tensor], str, str], Metrics] = field(repr=False)
     data_hook: Callable[..., Any] | None = field(default=None, repr=False)
+    opened: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def tasks(self) -> list[str]:
@@ -105,7 +110,11 @@ class TaskZoo:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(f"The {name!r} parameter of merge_data must be an int >= 1. "
                                             f"Got {value!r} instead.")
-        return self.data_hook(tuple(self.tasks), split, n, batch_size, seed)
+        data = self.data_hook(tuple(self.tasks), split, n, batch_size, seed)
+        spec = {"zoo": self.name, "size": self.opened.get("size", self.manifest.get("size")),
+                "options": {k: v for k, v in self.opened.items() if k != "size"},
+                "split": split, "n": n, "batch_size": batch_size, "seed": seed}
+        return dataclasses.replace(data, spec=spec)
 
     def task_vectors(self, tasks: list[str] | None = None, **kwargs: Any):
         """``TaskVectors`` of the chosen tasks (all by default)."""
