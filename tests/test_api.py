@@ -47,22 +47,3 @@ def test_every_figure_builder_is_exported_from_weightlens_figures():
                     if n.startswith("figure_") and f.__module__ == module.__name__}
     assert defined and defined <= set(figures.__all__)
     assert all(callable(getattr(figures, n)) for n in figures.__all__)
-
-
-def test_importing_weightlens_before_torch_makes_openmp_threads_wait_passively():
-    """OpenMP's spinning threads make a 2-thread SVD 5-15x slower when another process is busy
-    (docs/scale.md, "Shared machines"): imported first, weightlens asks for passive waiting, unless the
-    user chose a policy; imported after torch it changes nothing (OpenMP has read it already)."""
-    import os
-
-    code = "import {first}, {second}, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-
-    def policy(first: str, second: str, **extra: str) -> str:
-        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env={**env, **extra},
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-
-    assert policy("weightlens", "torch") == "PASSIVE"
-    assert policy("weightlens", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert policy("torch", "weightlens") == "None"

@@ -14,13 +14,9 @@ Examples
 """
 
 import importlib
-import os
 import sys
 import types
 from typing import Any
-
-if "torch" not in sys.modules:  # OpenMP reads it once, when torch loads it: see docs/scale.md ("Shared machines")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from weightlens.errors import (
     CheckpointError,
