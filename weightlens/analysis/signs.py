@@ -270,8 +270,8 @@ def radix_thresholds(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int,
     if density >= 1:
         return torch.zeros(n_tasks)
     kth = kth_values(lambda: (b.abs() for b in blocks()), n_tasks,
-                     lambda P: [P - int(P * density)] if P - int(P * density) > 0 else [])
-    return kth[:, 0] if kth.shape[1] else torch.zeros(n_tasks)
+                     lambda P: [P - int(P * density)] if P else [])  # density < 1: the rank is >= 1
+    return kth[:, 0] if kth.shape[1] else torch.zeros(n_tasks)  # no entries: nothing to trim
 
 
 def streaming_thresholds(tv: TaskVectors, density: float, keys: Iterable[str] | None = None) -> torch.Tensor:
