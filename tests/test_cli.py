@@ -416,3 +416,43 @@ def test_diagnose_from_the_command_line_is_the_python_diagnosis(digits_zoo, tmp_
     with assert_usage as exit_:
         main(["diagnose", str(digits_zoo.base), *map(str, digits_zoo.finetuned.values()), "--evaluate", "-q"])
     assert exit_.value.code == 2 and "needs MODULE:FUNCTION" in capsys.readouterr().err
+
+
+def test_executor_names_in_the_help_are_the_executor_module_s():
+    from weightlens import _executor, cli
+
+    assert cli._EXECUTORS == _executor.EXECUTORS
+
+
+def test_executor_flag_reaches_the_merge_s_export_and_the_report(tmp_path, monkeypatch, capsys):
+    """``--executor ray`` takes the Ray path (the tasks' functions, each key through ``map_keys``), run here in
+    this process: the weights and tables are the local ones."""
+    from weightlens._executor import map_keys
+    from weightlens.analysis import report as report_module
+    from weightlens.merge import engine
+
+    base, (a, b) = mlp_files(tmp_path)
+    asked = []
+
+    def here(fn, keys, *, executor="local", shared=None, gpus=0, window=None):
+        asked.append(executor)
+        return map_keys(fn, keys, shared=shared)
+
+    merge_flags = ["merge", "--base", str(base), "--ft", f"a={a}", "--ft", f"b={b}", "--method", "ties",
+                   "--device", "cpu", "-q"]
+    report_flags = ["report", str(base), f"a={a}", f"b={b}", "--device", "cpu", "-q"]
+    assert main([*merge_flags, "--out", str(tmp_path / "local")]) == 0
+    assert main([*report_flags, "--json", str(tmp_path / "local.json")]) == 0
+    monkeypatch.setattr(engine, "map_keys", here)
+    monkeypatch.setattr(report_module, "map_keys", here)
+    assert main([*merge_flags, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    assert asked == ["ray"]
+    assert main([*report_flags, "--json", str(tmp_path / "ray.json"), "--executor", "ray"]) == 0
+    assert asked == ["ray", "ray"]
+    capsys.readouterr()
+    local, remote = wl.load(tmp_path / "local"), wl.load(tmp_path / "ray")
+    assert list(local) == list(remote) and all(torch.equal(local[k], remote[k]) for k in local)
+    assert (tmp_path / "local.json").read_text() == (tmp_path / "ray.json").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main([*report_flags, "--json", str(tmp_path / "x.json"), "--executor", "dask"])
+    assert exit_.value.code == 2 and "invalid choice: 'dask'" in capsys.readouterr().err

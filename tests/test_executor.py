@@ -25,7 +25,7 @@ from weightlens._executor import map_keys
 from weightlens.analysis import analyze
 from weightlens.errors import CheckpointError, InvalidParameterError, NonFiniteError
 from weightlens.io import export
-from weightlens.merge import merge
+from weightlens.merge import RunRecipeOptions, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +141,18 @@ def _same_shards(a: Path, b: Path) -> None:
 
 
 @pytest.mark.ray
+def test_ray_from_the_command_line_writes_the_local_shards(ray_cluster, digits_zoo, tmp_path):
+    from weightlens.cli import main
+
+    flags = ["merge", "--base", str(digits_zoo.base), "--method", "ties", "--device", "cpu", "-q"]
+    flags += [arg for task, path in digits_zoo.finetuned.items() for arg in ("--ft", f"{task}={path}")]
+    assert main([*flags, "--shard-size", "200KB", "--out", str(tmp_path / "local")]) == 0
+    assert main([*flags, "--shard-size", "200KB", "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    assert len(list((tmp_path / "ray").glob("*.safetensors"))) > 1
+    _same_shards(tmp_path / "local", tmp_path / "ray")
+
+
+@pytest.mark.ray
 def test_ray_analyze_tables_equal_the_serial_tables(ray_cluster, digits_zoo):
     serial_tv, ray_tv = _tv(digits_zoo), _tv(digits_zoo)
     serial = analyze(serial_tv, progress=False)
@@ -177,6 +189,8 @@ def test_an_unknown_executor_is_refused_with_the_valid_names(digits_zoo, tmp_pat
         export({"w": torch.ones(2)}, tmp_path / "y", executor="ray")
     with pytest.raises(InvalidParameterError, match="adapter runs in this process"):
         export(merge(tv, method="tsv"), tmp_path / "z", as_adapter=True, executor="ray")
+    with pytest.raises(InvalidParameterError, match="'executor' parameter of run_recipe"):
+        RunRecipeOptions(executor="dask")
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch, digits_zoo):

@@ -10,7 +10,6 @@ import torch
 import weightlens as wl
 from weightlens.errors import InvalidParameterError
 from weightlens.merge import get_method, merge
-from weightlens.merge.pcb import kth_values
 
 from _merge_inputs import flat_deltas, noise_task_vectors, unflat
 
@@ -107,18 +106,6 @@ def test_alpha_scales_the_update_and_the_defaults_are_the_references():
     torch.testing.assert_close(m["w"], tv.base_tensor("w").float() + 0.5 * one.update("w"))
     assert get_method("pcb").alpha_grid({}, 2) == pytest.approx([0.1 * i for i in range(8, 26)])
     assert get_method("pcb").mergekit is None
-
-
-# ------------------------------------------------------------------------------ streaming order statistics
-def test_kth_values_are_the_sorted_values_over_blocks_of_any_sign():
-    g = torch.Generator().manual_seed(0)
-    blocks = [torch.randn(3, 50, generator=g), torch.randn(3, 7, 4, generator=g).round(), -torch.zeros(3, 5),
-              torch.tensor([[float("inf")] * 2, [-1e-40, 1e-40], [3.0, -3.0]])]
-    flat = torch.cat([b.reshape(3, -1) for b in blocks], 1)
-    P = flat.shape[1]
-    got = kth_values(lambda: iter(blocks), 3, lambda d: [1, 17, d // 2, d - 1, d])
-    want = torch.sort(flat, dim=1).values[:, [0, 16, P // 2 - 1, P - 2, P - 1]]
-    assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------------------ identities and planted answers

@@ -130,7 +130,8 @@ OLD_DEFAULTS = {
                "overwrite_any": False, "progress": None, "card": None, "verify": None, "fingerprint": "header",
                "executor": None},  # executor: added as an option field (issue 18, item 3)
     "run_recipe": {"out": None, "overwrite": False, "overwrite_any": False, "progress": None, "device": None,
-                   "verify": True, "check_inputs": True, "fingerprint": None},
+                   "verify": True, "check_inputs": True, "fingerprint": None,
+                   "executor": "local"},  # executor: added as an option field (the CLI's --executor)
     "LMCExplorer": {"permutations": None, "points": 25, "seed": 0, "bn_loader": None, "repair": None, "k": 16,
                     "naive": None, "matched": None, "distances": None, "alignment": None},
 }

@@ -50,6 +50,11 @@ _TASK_ZOOS = ("digits-tasks", "minilm-tasks", "minilm-lora")
 _ZOO_NAMES = ("digits-pairs", "digits-tasks", "minilm-tasks", "minilm-lora")
 _ZOO_HOME = ("$WEIGHTLENS_HOME when set, else $XDG_CACHE_HOME/weightlens, else ~/.cache/weightlens: one default "
              "location, the same for Python, the command line, the notebooks and dev.sh")
+# weightlens._executor.EXECUTORS (a test keeps them equal)
+_EXECUTORS = ("local", "ray")
+_EXECUTOR_HELP = (": local (this process, the default) or ray (Ray tasks, the same results bitwise; joins the "
+                  "cluster at $RAY_ADDRESS, else starts a local one; needs pip install 'weightlens[ray]'; see "
+                  "docs/scale.md)")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a task name in NAME=PATH
 _SCALARS = (bool, int, float, str, type(None))
 
@@ -222,7 +227,7 @@ def _report(args: argparse.Namespace) -> int:
     if not (args.html or args.csv or args.json):
         raise UsageError("report needs somewhere to write: --html FILE, --csv DIR or --json FILE (or several).")
     tv = TaskVectors(args.base, _named(args.finetuned, "report"), include=args.include, exclude=args.exclude)
-    report = analyze(tv, device=args.device, progress=not args.quiet)
+    report = analyze(tv, device=args.device, progress=not args.quiet, executor=args.executor)
     written = [report.to_html(args.html)] if args.html else []
     _write_tables(report, args.csv, args.json)
     written += [Path(x) for x in (args.csv, args.json) if x]
@@ -439,7 +444,7 @@ def _merge(args: argparse.Namespace) -> int:
     out = run_recipe(recipe, args.out, sources=_sources(args.source), overwrite=args.overwrite,
                      progress=not args.quiet, device=args.device, data=data, verify=args.verify,
                      check_inputs=not args.ignore_changed_inputs, fingerprint=args.fingerprint,
-                     overwrite_any=args.overwrite_any)
+                     overwrite_any=args.overwrite_any, executor=args.executor)
     if recipe.expect:
         _say_reproduced(recipe, out, verified=args.verify, device=args.device)
     sys.stdout.write(f"{out}\n")
@@ -611,6 +616,9 @@ def _add_merge(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="export dtype: float32, bfloat16, float16 (default: the base's)")
     p.add_argument("--shard-size", help="largest shard, e.g. 5GB (default) or 500MB")
     p.add_argument("--device", help="where the merge runs: auto, cpu, cuda (default: the recipe's; flags: auto)")
+    p.add_argument("--executor", choices=_EXECUTORS, default="local",
+                   help="where the merge's keys are computed while the export writes them" + _EXECUTOR_HELP
+                        + "; an adapter recipe runs locally only")
     p.add_argument("--out", help="output folder (default: the recipe's output)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output folder (a weightlens export) atomically")
@@ -646,6 +654,8 @@ def _add_analysis(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", metavar="GLOB", help="analyse only matching keys (repeat)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave matching keys out (repeat)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--executor", choices=_EXECUTORS, default="local",
+                   help="where each key is analysed" + _EXECUTOR_HELP)
     p.set_defaults(func=_report)
 
     p = _sub(sub, "rebasin", "permute B's hidden units into A's basis (Git Re-Basin weight matching)",

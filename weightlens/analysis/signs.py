@@ -31,11 +31,9 @@ from typing import Any
 
 import torch
 
+from weightlens._order_stats import kth_values
 from weightlens.errors import InvalidParameterError
 from weightlens.taskvectors import TaskVectors
-
-_HI = 1 << 15  # |x| >= 0, so the sign bit is 0 and the high half fits in 15 bits
-_LO = 1 << 16
 
 __all__ = [
     "chance_conflict",
@@ -264,48 +262,16 @@ def global_thresholds(
     return dict(zip(sub.names, (float(v) for v in values)))
 
 
-def _abs_bits(deltas: torch.Tensor) -> torch.Tensor:
-    """fp32 ``|x|`` reinterpreted as int32, flattened per task, on the CPU: monotone in ``|x|``."""
-    return deltas.reshape(deltas.shape[0], -1).abs().to("cpu", torch.float32).contiguous().view(torch.int32)
-
-
-def _histograms(blocks: Iterable[torch.Tensor], T: int, select: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Pass 1 (``select`` None): counts of the high 16 bits; pass 2: low 16 bits within ``select``. Also the
-    number of entries per task seen."""
-    counts = torch.zeros(T, _LO if select is not None else _HI, dtype=torch.int64)
-    total = 0
-    for block in blocks:
-        bits = _abs_bits(block)
-        total += bits.shape[1]
-        hi = bits >> 16
-        for t in range(T):
-            if select is None:
-                counts[t] += torch.bincount(hi[t], minlength=_HI)
-            else:
-                lo = bits[t][hi[t] == select[t]] & 0xFFFF
-                counts[t] += torch.bincount(lo, minlength=_LO)
-    return counts, total
-
-
 def radix_thresholds(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int, density: float) -> torch.Tensor:
     """Per-task ``(P - int(P * density))``-th smallest ``|x|`` over every ``(T, ...)`` stack ``blocks()``
     yields (``P`` entries per task in all), exact (``torch.kthvalue`` on the concatenation), holding one
-    stack at a time: a two-pass radix select over the fp32 bits (``blocks`` is called once per pass).
-    ``density >= 1`` (nothing trimmed) gives zeros without reading anything. ``(T,)`` float32."""
+    stack at a time: :func:`~weightlens._order_stats.kth_values` on ``|x|`` (``blocks`` is called once per
+    pass). ``density >= 1`` (nothing trimmed) gives zeros without reading anything. ``(T,)`` float32."""
     if density >= 1:
         return torch.zeros(n_tasks)
-    hi_counts, total = _histograms(blocks(), n_tasks, None)
-    rank = total - int(total * density)  # 1-based rank among ascending |x|
-    if rank <= 0:
-        return torch.zeros(n_tasks)
-    hi_cum = hi_counts.cumsum(1)
-    target = torch.full((n_tasks, 1), rank, dtype=torch.int64)
-    bucket = torch.searchsorted(hi_cum, target).squeeze(1)
-    below = torch.where(bucket > 0, hi_cum.gather(1, (bucket - 1).clamp(min=0)[:, None]).squeeze(1), 0)
-    lo_cum = _histograms(blocks(), n_tasks, bucket)[0].cumsum(1)
-    low = torch.searchsorted(lo_cum, (rank - below)[:, None]).squeeze(1)
-    bits = ((bucket << 16) | low).to(torch.int32)
-    return bits.view(torch.float32).clone()
+    kth = kth_values(lambda: (b.abs() for b in blocks()), n_tasks,
+                     lambda P: [P - int(P * density)] if P else [])  # density < 1: the rank is >= 1
+    return kth[:, 0] if kth.shape[1] else torch.zeros(n_tasks)  # no entries: nothing to trim
 
 
 def streaming_thresholds(tv: TaskVectors, density: float, keys: Iterable[str] | None = None) -> torch.Tensor:

@@ -31,7 +31,8 @@ the ``P`` entries and ``Softmax`` over them,
 The merge is ``theta_0 + alpha * update``. A constant normalisation (``q_hi = q_lo``, ``max = min``) reads 0.
 
 **Streaming.** The global statistics are exact order statistics found by a two-pass radix select over the
-fp32 bits of each pass's values, one key of every task at a time (as TIES' global thresholds): ``code`` reads
+fp32 bits of each pass's values, one key of every task at a time (``weightlens._order_stats.kth_values``, the
+select behind TIES' global thresholds too): ``code`` reads
 the task vectors twice for the clip bounds, twice for the drop threshold and once to merge; ``paper`` once
 for the pairwise minima and maxima, once for the softmax denominators, twice for the threshold and once to
 merge. Factored (LoRA) task vectors are materialised one key at a time by ``ctx.deltas``.
@@ -44,60 +45,21 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from weightlens._order_stats import kth_values
 from weightlens.merge.arithmetic import _TIES_GRID
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 
-__all__ = ["kth_values", "pcb", "pcb_importance"]
+__all__ = ["pcb", "pcb_importance"]
 
 Unit = Annotated[float, Interval(0, 1, "right")]
 Clip = Annotated[float, Interval(0, 0.5, "left")]
 Variant = Literal["code", "paper"]
 Scope = Literal["global", "tensor"]
-_HALF = 2**31
 _F64 = torch.float64
 
 
 # ------------------------------------------------------------------------------ exact order statistics
-def _keys(values: torch.Tensor) -> torch.Tensor:
-    """fp32 values ``(T, ...)`` as int64 keys in ``[0, 2**32)``, monotone in the value, flattened per task."""
-    bits = values.reshape(values.shape[0], -1).to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits + _HALF, -bits - 1)  # negative: 2**31 - 1 - magnitude bits
-
-
-def _value(key: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(key >= _HALF, key - _HALF, -key - 1)
-    return bits.to(torch.int32).view(torch.float32).clone()
-
-
-def kth_values(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int,
-               ranks: Callable[[int], list[int]]) -> torch.Tensor:
-    """Per task, the ``r``-th smallest value (1-based ``r`` in ``ranks(P)``, ``P`` entries per task) over every
-    ``(T, ...)`` stack ``blocks()`` yields, exact (``torch.sort`` on the concatenation), holding one stack at
-    a time: a two-pass radix select over the fp32 bits, any sign. ``(T, len(ranks))`` float32."""
-    hist = torch.zeros(n_tasks, 2**16, dtype=torch.int64)
-    total = 0
-    for block in blocks():
-        keys = _keys(block)
-        total += keys.shape[1]
-        for t in range(n_tasks):
-            hist[t] += torch.bincount(keys[t] >> 16, minlength=2**16)
-    want = torch.tensor([min(max(r, 1), total) for r in ranks(total)], dtype=torch.int64)
-    cum = hist.cumsum(1)
-    target = want.expand(n_tasks, -1).contiguous()
-    bucket = torch.searchsorted(cum, target)  # (T, R)
-    below = torch.where(bucket > 0, cum.gather(1, (bucket - 1).clamp(min=0)), 0)
-    low = torch.zeros(n_tasks, len(want), 2**16, dtype=torch.int64)
-    for block in blocks():
-        keys = _keys(block)
-        for t in range(n_tasks):
-            for r in range(len(want)):
-                sel = keys[t][(keys[t] >> 16) == bucket[t, r]] & 0xFFFF
-                low[t, r] += torch.bincount(sel, minlength=2**16)
-    lo = torch.searchsorted(low.cumsum(2), (target - below)[..., None]).squeeze(-1)
-    return _value((bucket << 16) | lo)
-
-
 def _clip_ranks(clip: float) -> Callable[[int], list[int]]:
     """The reference's ``sorted[int(d * clip)]`` and ``sorted[int(d * (1 - clip) - 1)]``, as 1-based ranks."""
     return lambda d: [int(d * clip) + 1, int(d * (1 - clip) - 1) + 1]

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from weightlens._executor import check_executor
 from weightlens._version import __version__
 from weightlens._options import resolve_options
 from weightlens.errors import CheckpointError, InvalidParameterError, ReproducibilityError, ShapeMismatchError
@@ -459,16 +460,20 @@ class RunRecipeOptions:
     fingerprint : how the recipe written beside the weights fingerprints the inputs, ``"header"``
         or ``"full"`` (default None: the recipe's own mode).
     overwrite_any : replace a non-empty output folder that is not a weightlens export (default False).
+    executor : where the merge's keys run while the export writes them: ``"local"`` (this process, the
+        default) or ``"ray"`` (Ray tasks, bitwise the same weights; ``docs/scale.md``).
     """
 
     verify: bool = True
     check_inputs: bool = True
     fingerprint: str | None = None
     overwrite_any: bool = False
+    executor: str = "local"
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None:
             check_fingerprint_mode(self.fingerprint)
+        check_executor(self.executor, caller="run_recipe")
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -490,8 +495,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
     are checked against the recipe's ``expect`` before the folder is moved into place, and a mismatch
     raises ``ReproducibilityError`` leaving no output. The recipe written beside the weights records the
     inputs as they are now (``fingerprint``: "header" or "full"; default: the recipe's own mode).
-    ``overwrite_any`` replaces a non-empty folder that is not a weightlens export. These four are the
-    fields of ``options`` (a :class:`RunRecipeOptions`), and ``**overrides`` set them directly, e.g.
+    ``overwrite_any`` replaces a non-empty folder that is not a weightlens export; ``executor="ray"`` runs
+    the merge's keys as Ray tasks while the shards are written. These five are the fields of ``options``
+    (a :class:`RunRecipeOptions`), and ``**overrides`` set them directly, e.g.
     ``run_recipe(path, out, verify=False)``.
     """
     opts = resolve_options(RunRecipeOptions, options, overrides, caller="run_recipe")
@@ -508,7 +514,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
                    data=_data_record(merged) or recipe.data)
     checked = bool(recipe.fingerprints) and check_inputs
     check = _verifier(recipe, target, device, checked) if opts.verify and recipe.expect else None
-    written = ExportOptions(recipe=done, verify=check, overwrite_any=opts.overwrite_any)
+    written = ExportOptions(recipe=done, verify=check, overwrite_any=opts.overwrite_any, executor=opts.executor)
     with torch_threads(threads or torch.get_num_threads()):  # the merge is lazy: it runs during the export
         if recipe.adapter is not None:
             return export_adapter(merged, target, rank=recipe.adapter["rank"], overwrite=overwrite,
