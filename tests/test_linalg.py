@@ -754,6 +754,7 @@ def test_more_torch_threads_than_cores_warns_once_per_count(monkeypatch):
 
     monkeypatch.setattr(devices, "available_cores", lambda: 1)
     monkeypatch.setattr(devices, "_threads_checked", None)
+    monkeypatch.setattr(devices, "_contention_warned", True)  # the busy-machine warning: its own test
     x = torch.randn(8, 6)
     with linalg.torch_threads(2):
         with pytest.warns(RuntimeWarning, match=r"torch runs on 2 CPU threads .* 1 core\(s\).*set_num_threads\(1\)"):
@@ -764,6 +765,35 @@ def test_more_torch_threads_than_cores_warns_once_per_count(monkeypatch):
     with linalg.torch_threads(1), warnings.catch_warnings():
         warnings.simplefilter("error")
         linalg.svd(x, device="cpu")  # within the cores: silent
+
+
+def test_a_busy_machine_warns_once_unless_a_wait_policy_was_chosen(monkeypatch):
+    """Other processes busy (load average >= cores + 1) and OpenMP threads spinning (no wait setting): one
+    warning that names the fix; silent with OMP_WAIT_POLICY or GOMP_SPINCOUNT set, on one thread, or when idle."""
+    from weightlens.linalg import devices
+
+    x = torch.randn(8, 6)
+    monkeypatch.setattr(devices, "available_cores", lambda: 2)
+    for var in devices._WAIT_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
+
+    def run(load: float, threads: int = 2) -> list[str]:
+        monkeypatch.setattr(devices, "_threads_checked", None)
+        monkeypatch.setattr(devices, "_contention_next_check", 0.0)
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        with linalg.torch_threads(threads), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            linalg.svd(x, device="cpu")
+        return [str(w.message) for w in caught if "busy" in str(w.message)]
+
+    monkeypatch.setattr(devices, "_contention_warned", False)
+    assert run(2.5) == [] and run(3.5, threads=1) == []
+    said = run(3.5)
+    assert len(said) == 1 and "load average 3.5" in said[0] and "OMP_WAIT_POLICY=PASSIVE" in said[0]
+    assert run(9.0) == []  # once per process
+    monkeypatch.setattr(devices, "_contention_warned", False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert run(9.0) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

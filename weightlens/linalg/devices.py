@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,11 @@ from weightlens.errors import InvalidParameterError
 __all__ = ["CUDA_DRIVER_TABLE", "GESVDA_RTOL_FACTOR", "available_cores", "available_memory", "cgroup_cpu_quota",
            "choose_driver",
            "gesvda_tolerance", "resolve_device", "torch_threads", "warn_if_oversubscribed"]
+
+#: OpenMP settings that say how waiting threads behave; with any of them set, the user has chosen.
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_contention_warned = False
+_contention_next_check = 0.0
 
 _CPU = torch.device("cpu")
 
@@ -259,3 +265,28 @@ def warn_if_oversubscribed() -> None:
             f"cgroup quota); decompositions then spin and can run 100x slower. Call torch.set_num_threads({cores}).",
             RuntimeWarning, stacklevel=4,
         )
+    _warn_if_contended(threads)
+
+
+def _warn_if_contended(threads: int) -> None:
+    """Warn once per process when other processes keep the cores busy (1-minute load average at least the
+    cores + 1, looked at every 30 s) while torch's OpenMP threads wait by spinning (no wait setting chosen):
+    a 2-thread SVD then ran 5-15x slower here (``docs/scale.md``, "On a shared machine")."""
+    global _contention_warned, _contention_next_check
+    if _contention_warned or threads < 2 or any(v in os.environ for v in _WAIT_SETTINGS):
+        return
+    now = time.monotonic()
+    if now < _contention_next_check or not hasattr(os, "getloadavg"):
+        return
+    _contention_next_check = now + 30.0
+    load, cores = os.getloadavg()[0], available_cores()
+    if load < cores + 1:
+        return
+    _contention_warned = True
+    warnings.warn(
+        f"Other processes keep this machine's {cores} core(s) busy (load average {load:.1f}), and torch's "
+        f"{threads} OpenMP threads spin while they wait: decompositions can run 5-15x slower. Start Python with "
+        "OMP_WAIT_POLICY=PASSIVE (set before torch is imported; GOMP_SPINCOUNT=1000 is a middle way), or call "
+        "torch.set_num_threads(1) (the last bits of CPU SVDs depend on the thread count). docs/scale.md says more.",
+        RuntimeWarning, stacklevel=5,
+    )
