@@ -87,8 +87,9 @@ def _signs(signs: dict[str, torch.Tensor]) -> tuple[list[float], list[float], to
 
 
 def _block_sums(x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """``(len(rows), len(cols))`` float64 sums of ``x`` over its row and column blocks."""
-    r = torch.stack([part.sum(0) for part in torch.split(x.to(_F64), rows, dim=0)])
+    """``(len(rows), len(cols))`` sums of ``x`` over its row and column blocks, accumulated in float64
+    (``x`` itself is not copied to float64: its column sums are, which are few)."""
+    r = torch.stack([part.sum(0, dtype=_F64) for part in torch.split(x, rows, dim=0)])
     return torch.stack([part.sum(1) for part in torch.split(r, cols, dim=1)], dim=1)
 
 
