@@ -33,7 +33,7 @@ from torch import nn
 from weightlens.errors import InvalidParameterError, KeyMismatchError
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["MergeData", "check_matched", "diagonal_fishers", "gram_matrices", "task_statistics"]
+__all__ = ["MergeData", "check_matched", "diagonal_fishers", "gram_matrices", "stacked_statistic", "task_statistics"]
 
 Estimator = Literal["batch", "example"]
 
@@ -255,3 +255,20 @@ def check_matched(stats: Mapping[str, Mapping[str, torch.Tensor]], tv: TaskVecto
             f"{', ...' if len(keys) > 4 else ''}): MergeData.model must return a module whose parameter names "
             "are the task vectors' keys and whose forward reaches them."
         )
+
+
+def stacked_statistic(tasks: list[str], key: str, stats: Mapping[str, Mapping[str, torch.Tensor]], *, method: str,
+                      what: str, needs: str) -> torch.Tensor | None:
+    """Every task's statistic of ``key`` (``stats[task][key]``) stacked in task order; None when no task has one
+    (the method's fallback applies); a ``KeyMismatchError`` naming the tasks when only some have it (``what``: the
+    statistic's name, ``needs``: what every task's model must share)."""
+    have = [t for t in tasks if key in stats[t]]
+    if not have:
+        return None
+    if len(have) < len(tasks):
+        lack = [t for t in tasks if t not in have]
+        raise KeyMismatchError(
+            f"{method} has {what} of {key!r} for task(s) {', '.join(have)} but not for {', '.join(lack)}: "
+            f"every task's model must {needs} (check MergeData.model for those tasks)."
+        )
+    return torch.stack([stats[t][key] for t in tasks])

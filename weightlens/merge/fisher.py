@@ -25,8 +25,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from weightlens.errors import KeyMismatchError, ShapeMismatchError
-from weightlens.merge.data import check_matched, task_statistics
+from weightlens.errors import ShapeMismatchError
+from weightlens.merge.data import check_matched, stacked_statistic, task_statistics
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 
@@ -89,17 +89,11 @@ def fisher(ctx: MergeContext, key: str, *, normalize_fisher_weight: bool = True,
     alpha : float, default=1.0
         ``theta = theta_0 + alpha * (theta_fisher - theta_0)``: 1 is Fisher merging (tuning-free).
     """
-    fishers, deltas = ctx.state["fishers"], ctx.deltas(key)
-    have = [t for t in ctx.tasks if key in fishers[t]]
-    if not have:
+    deltas = ctx.deltas(key)
+    stacked = stacked_statistic(ctx.tasks, key, ctx.state["fishers"], method="Fisher merging", what="Fishers",
+                                needs="have the same parameters")
+    if stacked is None:
         return KeyUpdate(deltas.mean(0), (_NO_FISHER,))
-    if len(have) < ctx.n_tasks:
-        lack = [t for t in ctx.tasks if t not in have]
-        raise KeyMismatchError(
-            f"Fisher merging has Fishers of {key!r} for task(s) {', '.join(have)} but not for {', '.join(lack)}: "
-            "every task's model must have the same parameters (check MergeData.model for those tasks)."
-        )
-    stacked = torch.stack([fishers[t][key] for t in ctx.tasks])
     if stacked.shape[1:] != deltas.shape[1:]:
         raise ShapeMismatchError(f"Fisher merging: the Fisher of {key!r} has shape {tuple(stacked.shape[1:])}; "
                                  f"the key's shape is {tuple(deltas.shape[1:])}.")

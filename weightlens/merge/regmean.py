@@ -26,8 +26,8 @@ from typing import Annotated, Any
 
 import torch
 
-from weightlens.errors import KeyMismatchError, ShapeMismatchError
-from weightlens.merge.data import check_matched, task_statistics
+from weightlens.errors import ShapeMismatchError
+from weightlens.merge.data import check_matched, stacked_statistic, task_statistics
 from weightlens.merge.engine import MergeContext
 from weightlens.merge.registry import Interval, KeyUpdate, register_merge
 
@@ -84,18 +84,11 @@ def regmean(ctx: MergeContext, key: str, *,
     alpha : float, default=1.0
         ``theta = theta_0 + alpha * (theta_regmean - theta_0)``: 1 is RegMean (tuning-free).
     """
-    grams = ctx.state["grams"]
-    have = [t for t in ctx.tasks if key in grams[t]]
     deltas = ctx.deltas(key)
-    if not have:  # biases, norms: the average by definition; a matrix: noted (an embedding, an unreached layer)
+    stacked = stacked_statistic(ctx.tasks, key, ctx.state["grams"], method="RegMean", what="Gram matrices",
+                                needs="reach the same linear layers")
+    if stacked is None:  # biases, norms: the average by definition; a matrix: noted (an embedding, an unreached layer)
         return KeyUpdate(deltas.mean(0), (_NO_GRAM,) if ctx.is_matrix(key) else ())
-    if len(have) < ctx.n_tasks:
-        lack = [t for t in ctx.tasks if t not in have]
-        raise KeyMismatchError(
-            f"RegMean has Gram matrices of {key!r} for task(s) {', '.join(have)} but not for {', '.join(lack)}: "
-            "every task's model must reach the same linear layers (check MergeData.model for those tasks)."
-        )
-    stacked = torch.stack([grams[t][key] for t in ctx.tasks])
     n_in = deltas.shape[-1]
     if deltas.dim() != 3 or tuple(stacked.shape[1:]) != (n_in, n_in):
         raise ShapeMismatchError(
