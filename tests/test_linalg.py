@@ -699,7 +699,7 @@ def test_cache_threads_share_results():
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
-    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading",
+    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading", "time",
                "typing", "warnings",
                "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
