@@ -32,13 +32,13 @@ subjects keep their own path (skipped), as do all-zero and non-finite matrices a
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from weightlens import config, linalg
+from weightlens._finite import finite
 from weightlens.errors import InvalidParameterError
 from weightlens.linalg.factored import factored_svdvals
 from weightlens.taskvectors import TaskVectors
@@ -293,7 +293,7 @@ def _prefetch(tv: TaskVectors, requests: Iterable[tuple[str, tuple[str, ...]]], 
         deltas = tv.deltas(key)  # one read of the key for every subject
         for s in wanted:
             x = deltas[tv.names.index(s.of)] if isinstance(s.of, str) else _summed(deltas)
-            if used + size > room or not bool(x.any()) or not math.isfinite(float(x.sum())):
+            if used + size > room or not bool(x.any()) or not finite(x):
                 continue  # left to svd: its shortcut for zero, its error for NaN/Inf
             subjects.append(s)
             matrices.append(x)

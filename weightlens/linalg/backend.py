@@ -114,13 +114,8 @@ def left_svd(
     (``||P A||_F = ||P U S||_F``) and leading spans (:meth:`LeftSVD.span`); signs as :func:`svd`'s
     (largest-magnitude entry of each column positive).
     """
-    out = run(a, left_svd_kernel, op="left_svd", device=device, dtype=dtype, name=name)
-    US, S = out
-    if US.numel():
-        idx = US.abs().argmax(dim=-2, keepdim=True)
-        signs = torch.sign(torch.gather(US, -2, idx))
-        US = US.mul_(torch.where(signs == 0, torch.ones_like(signs), signs))
-    return LeftSVD(US, S)
+    US, S = run(a, left_svd_kernel, op="left_svd", device=device, dtype=dtype, name=name)
+    return LeftSVD(US.mul_(_column_signs(US)), S)  # in place: a fresh output
 
 
 def polar(
@@ -216,7 +211,15 @@ def _fix_signs(result: SVD) -> SVD:
     U, S, Vh = result
     if U.numel() == 0:
         return result
+    signs = _column_signs(U)
+    return SVD(U.mul_(signs), S, Vh.mul_(signs.mT))  # in place: the factors are fresh outputs
+
+
+def _column_signs(U: Tensor) -> Tensor:
+    """``(..., 1, r)`` signs that make the largest-magnitude entry of each column of ``U`` positive (1 for a
+    zero column, and for an empty ``U``)."""
+    if U.numel() == 0:
+        return torch.ones((*U.shape[:-2], 1, U.shape[-1]), dtype=U.dtype, device=U.device)
     idx = U.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(U, -2, idx))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return SVD(U.mul_(signs), S, Vh.mul_(signs.mT))  # in place: the factors are fresh outputs
+    return torch.where(signs == 0, torch.ones_like(signs), signs)

@@ -24,7 +24,7 @@ import torch
 
 from weightlens.errors import InvalidParameterError, PlanRefusedError, WeightlensError
 from weightlens.io._layout import parse_size
-from weightlens.linalg import resolve_device
+from weightlens.linalg import resolve_device, svd_nbytes
 from weightlens.linalg.devices import available_memory
 from weightlens.merge.registry import MergeMethod, get_method
 from weightlens.planning._rates import RECORDED, Rates, calibrate, measure_method, method_label
@@ -110,11 +110,6 @@ def _cached(tv: TaskVectors, key: str, device: torch.device) -> tuple[int, int]:
     return tasks, int(("svd_sum", tuple(tv.names), key, where, dtype) in tv.cache)
 
 
-def _svd_bytes(m: int, n: int, itemsize: int = 4) -> int:
-    r = min(m, n)
-    return (m * r + r + r * n) * itemsize
-
-
 def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device) -> _KeyWork:
     shape, T = tuple(tv.shape(key)), len(tv)
     dtype = tv.base.dtype(key)
@@ -133,9 +128,9 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device
         per = {"tasks": every * (T - have[0]) // T, "residuals": every, "sum": every * (1 - have[1])}
         extra = sum(per.get(what, 0) for what in spec.decomposes)
         rebuild = 2.0 * m * n * min(m, n)
-        cached = sum(op.count * _svd_bytes(op.m, op.n, _itemsize(op.dtype))
+        cached = sum(op.count * svd_nbytes((op.m, op.n), op.dtype)
                      for op in ops if op.what == "svd")  # polar factors are not kept
-        decomp = max((3 * (op.m * op.n + _svd_bytes(op.m, op.n)) * _itemsize(op.dtype) // 4 for op in ops),
+        decomp = max((3 * (op.m * op.n + svd_nbytes((op.m, op.n))) * _itemsize(op.dtype) // 4 for op in ops),
                      default=0)
     host = read + (T + 4) * numel * 4  # stored inputs, fp32 stack, base, update, output
     return _KeyWork(key, tv.kind(key), shape, dtype, read, extra, base_bytes, numel, ops, rebuild, cached, host, decomp)
