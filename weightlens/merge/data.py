@@ -190,7 +190,7 @@ def diagonal_fishers(data: MergeData, tv: TaskVectors, task: str, estimator: Est
         if estimator == "batch":
             objective = (log_p.detach().exp().sqrt() * log_p).sum()
             grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
-            _add_squares(total, params, grads, 1.0)
+            _add_squares(total, params, grads)
             continue
         _add_expected(total, module, params, batch)
     if n == 0:
@@ -230,10 +230,10 @@ def _add_expected(total: dict[str, torch.Tensor], module: nn.Module, params: Map
 
 
 def _add_squares(total: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-                 grads: tuple[torch.Tensor | None, ...], weight: float) -> None:
+                 grads: tuple[torch.Tensor | None, ...]) -> None:
     for key, g in zip(params, grads):
         if g is not None:
-            total[key] += weight * g.detach().double() ** 2
+            total[key] += g.detach().double() ** 2
 
 
 def task_statistics(tv: TaskVectors, data: MergeData, kind: Literal["gram", "fisher"], task: str,
