@@ -18,6 +18,7 @@ from weightlens.analysis.alignment import (
     sar,
     sar_curve,
     sar_rows,
+    sar_to_reference,
     sti,
     subspace_overlap,
     subspace_row,
@@ -75,6 +76,26 @@ def test_sar_rows_report_both_rank_rules_and_clip_to_available_vectors():
     assert rows[0]["sar"] == rows[0]["sar_paper"]
     want = np.linalg.norm(U[:, :4].numpy().T @ deltas[1].numpy()) / np.linalg.norm(deltas[1].numpy())
     assert rows[1]["sar_iso_script"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("side", ["svd", "left"])
+def test_sar_to_reference_matches_the_projector_definition_from_an_svd_or_its_left_side(side):
+    # compare's SAR against a merged update: from its SVD or from U S and S (linalg.left_svd), the
+    # projection taken only up to the largest k of the rules; float64 projector reference per rule.
+    from weightlens import linalg
+
+    rng = np.random.default_rng(5)
+    deltas = _t(rng.standard_normal((3, 40, 24)) * np.logspace(0, -3, 24))
+    ref = deltas.sum(0) + 0.1 * deltas[0]
+    dec = linalg.svd(ref, dtype=torch.float64) if side == "svd" else linalg.left_svd(ref, dtype=torch.float64)
+    rows = sar_to_reference("w", deltas, ["a", "b", "c"], "merged", dec, eps=0.05, criterion="paper")
+    U = np.linalg.svd(ref.numpy(), full_matrices=False)[0]
+    for row, d in zip(rows, deltas.numpy()):
+        for rule in ("paper", "iso_script"):
+            k = row[f"k_{rule}"]
+            assert 0 < k < 24 and not row["clipped"]
+            want = np.linalg.norm(U[:, :k].T @ d) / np.linalg.norm(d)
+            assert row[f"sar_{rule}"] == pytest.approx(want, rel=1e-9)
 
 
 def test_sar_shape_errors_name_both_shapes():

@@ -428,6 +428,30 @@ def test_fewer_factors_than_the_rank_bound_are_completed_on_request(tv):
         unregister("test_thin_factors")
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "tsv"])
+def test_update_left_gives_the_updates_left_singular_side_by_one_route_whatever_is_cached(tv, method):
+    # compare and diagnose project on the merged update's leading left directions: from an eigensolve of the
+    # Gram matrix (dense methods), the sum's SVD (task arithmetic) or the method's factors (TSV-M); checked
+    # against float64 LAPACK on the materialised update, and unchanged after update_svd has been cached.
+    from weightlens.analysis.alignment import leading_vectors
+
+    merged = merge(tv, method=method, alpha=-0.7)
+    key = "enc.weight"
+    first = merged.update_left(key)
+    want = merged.update(key).double()
+    U, S, _ = torch.linalg.svd(want, full_matrices=False)
+    torch.testing.assert_close(first.S.double(), S, rtol=0, atol=1e-5 * float(S[0]))
+    k = linalg.numerical_rank(first.S, tuple(want.shape))
+    got = leading_vectors(first, k).double()
+    # the same span: each reference vector lies in it (the signs of singular vectors are arbitrary)
+    inside = (got.mT @ U[:, :k]).square().sum(0)
+    torch.testing.assert_close(inside, torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-4)
+    merged.update_svd(key)  # cached now: update_left must not switch to it
+    again = merged.update_left(key)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert isinstance(first, linalg.LeftSVD) == (method == "ties")
+
+
 def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():
     # Merges reuse cached decompositions (analysis, the studio's background comparison). LAPACK's results
     # depend on the intra-op thread count in the last bits, so those must be computed as a fresh merge

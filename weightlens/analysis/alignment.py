@@ -43,6 +43,7 @@ __all__ = [
     "alignment_to_merged",
     "cosine_matrix",
     "grassmann_distance",
+    "leading_vectors",
     "left_span",
     "overlap_chance",
     "principal_angles",
@@ -119,7 +120,8 @@ def sar_rows(
     ``ranks`` maps rules of :data:`CRITERIA` to their k (from the reference spectrum); it must hold
     ``criterion``, and a rule it lacks gets ``k = None`` and ``sar = NaN``. A k past the columns of
     ``U`` (a top-N truncation, or the reference's numerical rank, see :func:`left_span`) is clipped
-    and flagged ``clipped``. ``curve``: ``sar_curve(deltas, U)`` when already computed.
+    and flagged ``clipped``. ``curve``: ``sar_curve(deltas, U)`` when already computed (its leading
+    columns suffice: up to the largest k of ``ranks`` within ``U``).
     """
     criterion = check_criterion(criterion)
     if criterion not in ranks:
@@ -138,13 +140,19 @@ def sar_rows(
     return rows
 
 
-def left_span(dec: linalg.SVD, shape: tuple[int, int]) -> torch.Tensor:
-    """Left singular vectors of ``dec`` up to its numerical rank (``linalg.numerical_rank``).
+def left_span(dec: linalg.SVD | linalg.LeftSVD, shape: tuple[int, int]) -> torch.Tensor:
+    """Left singular vectors of ``dec`` (an SVD or its left side) up to its numerical rank
+    (``linalg.numerical_rank``).
 
     Vectors past the numerical rank are an arbitrary orthonormal completion (a rank-4 LoRA delta
     has 4 meaningful directions), so SAR never projects on them: k is capped there and flagged.
     """
-    return dec.U[:, : linalg.numerical_rank(dec.S, shape)]
+    return leading_vectors(dec, linalg.numerical_rank(dec.S, shape))
+
+
+def leading_vectors(dec: linalg.SVD | linalg.LeftSVD, k: int) -> torch.Tensor:
+    """The first ``k`` left singular vectors of an SVD, or of its left side (``k`` within its numerical rank)."""
+    return dec.span(k) if isinstance(dec, linalg.LeftSVD) else dec.U[:, :k]
 
 
 def reference_ranks(S: torch.Tensor, eps: float, total_sq: float | None = None) -> dict[str, int]:
@@ -157,11 +165,12 @@ def sar_to_reference(
     deltas: torch.Tensor,
     tasks: Sequence[str],
     reference: str,
-    dec: linalg.SVD,
+    dec: linalg.SVD | linalg.LeftSVD,
     eps: float = 0.05,
     criterion: Criterion = "iso_script",
 ) -> list[dict[str, Any]]:
-    """SAR of stacked task matrices ``(T, m, n)`` against a reference update's SVD ``dec``: :func:`sar_rows`.
+    """SAR of stacked task matrices ``(T, m, n)`` against a reference update's SVD ``dec`` (or its left
+    side, :class:`weightlens.linalg.LeftSVD`): :func:`sar_rows`.
 
     The one "tasks against a merged update" SAR of weightlens (:func:`alignment_to_merged`,
     ``analyze(merged=)`` through the same rules, and ``merge.compare``): k of both rules from
@@ -170,7 +179,9 @@ def sar_to_reference(
     """
     ranks = reference_ranks(dec.S, eps)
     U = left_span(dec, tuple(deltas.shape[-2:]))
-    return sar_rows(key, deltas, tasks, reference, U, ranks, criterion)
+    # the curve up to the largest k of the rules only: the columns past it would be projected for nothing
+    curve = sar_curve(deltas, U[:, : min(max(ranks.values()), U.shape[1])])
+    return sar_rows(key, deltas, tasks, reference, U, ranks, criterion, curve=curve)
 
 
 # ---------------------------------------------------------------------------------------- STI

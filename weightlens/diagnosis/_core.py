@@ -2,10 +2,10 @@
 
 One pass over the keys: :func:`weightlens.merge.compare` (SAR of every task against the merged update,
 sign outcomes, the key checks) hands each key, once done with it, to ``_walk`` (the lost part's crowding,
-the per-task sign story, the pre-merge sums), which takes the task vectors, the merged update, its SVD and
-the sign pass from it (``compare``'s ``visit``) instead of reading or computing them again; both read the
-decompositions cached in ``tv.cache`` (a merge result's update SVDs, the per-task SVDs a spectral merge
-computed). Every block and task figure is a ratio of sums over keys
+the per-task sign story, the pre-merge sums), which takes the task vectors, the merged update, its left
+side (``U S``, ``S``) and the sign pass from it (``compare``'s ``visit``) instead of reading or computing them
+again; both read the decompositions cached in ``tv.cache`` (a merge result's update factors or SVDs, the
+per-task SVDs a spectral merge computed). Every block and task figure is a ratio of sums over keys
 (energy- or mass-weighted), defined in ``docs/diagnosis.md``.
 """
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from weightlens import decompositions, linalg
-from weightlens.analysis.alignment import reference_ranks
+from weightlens.analysis.alignment import leading_vectors, reference_ranks
 from weightlens.analysis.signs import conflict_stats
 from weightlens.taskvectors import TaskVectors
 
@@ -71,9 +71,9 @@ def _top_k(S: torch.Tensor, shape: tuple[int, int], eps: float, criterion: str) 
     return min(reference_ranks(S, eps)[criterion], linalg.numerical_rank(S, shape))
 
 
-def _top_span(dec: linalg.SVD, shape: tuple[int, int], eps: float, criterion: str) -> torch.Tensor:
+def _top_span(dec: linalg.SVD | linalg.LeftSVD, shape: tuple[int, int], eps: float, criterion: str) -> torch.Tensor:
     """Top-k left singular vectors of ``dec`` by the rank rule, capped at the numerical rank (as SAR)."""
-    return dec.U[:, : _top_k(dec.S, shape, eps, criterion)]
+    return leading_vectors(dec, _top_k(dec.S, shape, eps, criterion))
 
 
 def _signs(signs: dict[str, torch.Tensor]) -> tuple[list[float], list[float], torch.Tensor]:
@@ -93,7 +93,7 @@ def _block_sums(x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tens
     return torch.stack([part.sum(1) for part in torch.split(r, cols, dim=1)], dim=1)
 
 
-def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SVD,
+def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SVD | linalg.LeftSVD,
                deltas: torch.Tensor) -> dict[str, Any]:
     """Matrix keys: lost energy per task, the tasks' numerical ranks, and the crowding matrix.
 
@@ -102,7 +102,7 @@ def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SV
     ``L_t V_t = (I - U U^T) U_t S_t`` has the norms of ``L_t`` (``V_t`` has orthonormal columns), so
     ``||U_s^T L_t||`` is taken on ``m x r`` blocks instead of the ``m x n`` deltas: exact, cheaper for wide
     matrices, and from the factors for adapters.
-    ``merged``: the merged update's SVD; ``deltas``: the key's task vectors (a task SVD not cached yet is
+    ``merged``: the merged update's left side; ``deltas``: the key's task vectors (a task SVD not cached yet is
     taken of them, not of a second read).
     """
     tv = run.tv
@@ -153,7 +153,7 @@ def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) ->
             mass, opposed, won = [0.0] * T, [0.0] * T, torch.zeros(T, T, dtype=_F64)
         part = {"mass": mass, "sign_lost_mass": opposed, "miss": miss}
         if matrix and live:
-            part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), view.svd, deltas))
+            part.update(_subspaces(run, key, tuple(deltas.shape[-2:]), view.left, deltas))
     else:  # checks only: sign-conflict counts, and the tasks' numerical ranks
         stats = conflict_stats(deltas)
         rows.conflicts.append({"key": key, "block": block, "contested": stats["n_eligible"],

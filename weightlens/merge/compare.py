@@ -160,8 +160,9 @@ class KeyView:
         The stacked task vectors ``(T, *shape)``, fp32, CPU (read once).
     update : Tensor
         The merged update ``merged - base`` of the key, fp32.
-    svd : SVD or None
-        The merged update's SVD (matrix keys with a non-empty shape), else None.
+    left : SVD, LeftSVD or None
+        The merged update's singular vectors and values, or its left side ``U diag(S)``, ``S``
+        (``MergeResult.update_left``), at matrix keys with a non-empty shape; else None.
     signs : dict of Tensor
         The merged side's elementwise sign pass, flattened ``(T, P)`` (empty when every task vector is zero
         there): ``"sd"`` ``sgn(tau_t)``, ``"su"`` ``sgn(update)`` ``(P,)``, ``"mag"`` ``|tau_t|``,
@@ -171,7 +172,7 @@ class KeyView:
     key: str
     deltas: torch.Tensor
     update: torch.Tensor
-    svd: linalg.SVD | None
+    left: linalg.SVD | linalg.LeftSVD | None
     signs: dict[str, torch.Tensor]
 
 
@@ -266,16 +267,16 @@ class _Rows:
 
 def _side_rows(
     tv: TaskVectors, key: str, which: str, upd: torch.Tensor, deltas: torch.Tensor,
-    svd: linalg.SVD | None, opts: dict[str, Any], keep: dict[str, torch.Tensor] | None = None,
+    left: linalg.SVD | linalg.LeftSVD | None, opts: dict[str, Any], keep: dict[str, torch.Tensor] | None = None,
     side: dict[str, Any] | None = None,
 ) -> dict[str, list]:
     """Every row of one key for one update: alignment and spectrum (matrices), signs, per-task sums
     (``keep``, ``side``: see :func:`_outcomes`)."""
     out: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
-    if svd is not None:
-        rows = sar_to_reference(key, deltas, tv.names, which, svd, opts["eps"], opts["criterion"])
+    if left is not None:
+        rows = sar_to_reference(key, deltas, tv.names, which, left, opts["eps"], opts["criterion"])
         out["spectrum"] = [{"key": key, "which": which, "index": i, "sigma": float(s)}
-                           for i, s in enumerate(svd.S.cpu())]
+                           for i, s in enumerate(left.S.cpu())]
         out["alignment"] = [{"task": r["task"], "key": key, "which": which, "sar": r["sar"], "k": r["k"]}
                             for r in rows]
     stats, per_task = _outcomes(deltas, upd, keep, side)
@@ -306,10 +307,10 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
     spectral = tv.kind(key) == "matrix" and min(tv.shape(key)) > 0
     deltas = tv.deltas(key)
     update = merged_update(tv, merged, key, caller="compare()")
-    svd = opts["merged_svd"](key, update) if spectral else None
+    left = opts["merged_left"](key, update) if spectral else None
     signs: dict[str, torch.Tensor] = {}
     side = _task_side(deltas)  # the task vectors' half of the sign pass, for both updates
-    merged_rows = _side_rows(tv, key, "merged", update, deltas, svd, opts, signs, side)
+    merged_rows = _side_rows(tv, key, "merged", update, deltas, left, opts, signs, side)
 
     def task_arithmetic() -> dict[str, list]:
         total = deltas.sum(0)
@@ -317,7 +318,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
         return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts, side=side)
 
     if opts["visit"] is not None:
-        opts["visit"](KeyView(key, deltas, update, svd, signs))
+        opts["visit"](KeyView(key, deltas, update, left, signs))
     if not opts["task_arithmetic"]:
         return merged_rows
     ta_rows = tv.cache.get_or_compute(_ta_tag(tv, key, opts), lambda: _Rows(task_arithmetic())).rows
@@ -377,14 +378,15 @@ def compare(
     keys : list of str, optional
         Restrict to these task-vector keys (all by default).
     device : str or torch.device, default="auto"
-        Where the SVDs of a plain mapping's update run. A ``MergeResult``'s update SVDs run on its
-        merge device and are cached in ``tv.cache`` (a merge that differs only in ``alpha`` reuses
-        them).
+        Where the decompositions of a plain mapping's update run. A ``MergeResult``'s update needs only its
+        left side (``MergeResult.update_left``: the method's factors, the task sum's SVD, else an
+        eigensolve of its Gram matrix), computed on its merge device and cached in ``tv.cache`` (a merge that differs
+        only in ``alpha`` reuses it).
     progress : bool or None, default=None
         A bar over keys; None follows ``weightlens.config.progress``.
     visit : callable, optional
         ``visit(view)`` once per compared key, in order, with the :class:`KeyView` of what the pass read
-        and computed there (the task vectors, the merged update, its SVD, the sign pass): how
+        and computed there (the task vectors, the merged update, its left side, the sign pass): how
         ``diagnose`` walks the keys once for both.
     task_arithmetic : bool, default=True
         Also compare the task-arithmetic sum (rows with ``which == "task_arithmetic"``, cached per task
@@ -412,12 +414,12 @@ def compare(
     check_merged(tv, merged, chosen, caller="compare()")
     dev = linalg.resolve_device(device)
     if isinstance(merged, MergeResult):
-        def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
-            return merged.update_svd(key)
+        def merged_left(key: str, update: torch.Tensor) -> linalg.SVD | linalg.LeftSVD:
+            return merged.update_left(key)
     else:
-        def merged_svd(key: str, update: torch.Tensor) -> linalg.SVD:
-            return linalg.svd(update, device=dev, name=key)
-    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_svd": merged_svd, "visit": visit,
+        def merged_left(key: str, update: torch.Tensor) -> linalg.SVD | linalg.LeftSVD:
+            return linalg.left_svd(update, device=dev, name=key)
+    opts = {"criterion": criterion, "eps": eps, "device": dev, "merged_left": merged_left, "visit": visit,
             "task_arithmetic": bool(task_arithmetic)}
     rows: dict[str, list] = {"alignment": [], "spectrum": [], "signs": [], "task_signs": [], "inner": []}
     ahead = decompositions.ahead(  # the sums' SVDs batched by shape, on CUDA

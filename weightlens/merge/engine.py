@@ -345,6 +345,26 @@ class MergeResult(MergedWeights):
         a = self.alpha
         return linalg.SVD(U, abs(a) * S, Vh if a >= 0 else -Vh)
 
+    def update_left(self, key: str) -> linalg.SVD | linalg.LeftSVD:
+        """What projections onto the merged update's leading directions need (``compare``, ``diagnose``), for a
+        matrix key: its left singular vectors and values, without ``Vh`` when that saves work.
+
+        :meth:`update_svd` where that needs no decomposition of its own (the method handed over its factors)
+        or shares one (a task sum: the sum's SVD, also compare's task-arithmetic side and analyze's); else the
+        left side ``U diag(S)``, ``S`` (:class:`~weightlens.linalg.LeftSVD`) from an eigensolve of the
+        update's float64 Gram matrix (:func:`weightlens.linalg.left_svd`, about 0.6x an SVD's time), cached
+        like :meth:`update_svd`'s factors (unscaled). One route per method, whatever the cache holds: the
+        figures built on it do not change with what was computed before.
+        """
+        ku = self.key_update(key)
+        ctx = self._ctx
+        if ku.factors is not None or (ku.task_sum and any(ctx.tv.factors(t, key) is None for t in ctx.tasks)):
+            return self.update_svd(key)
+        US, S = ctx.cached(("update_left_svd", self.method, self._frozen, key),
+                           lambda: linalg.left_svd(ku.update, device=ctx.device, name=key))
+        a = abs(self.alpha)
+        return linalg.LeftSVD(a * US, a * S)
+
     @property
     def notes(self) -> Any:
         """Degenerate cases per key as a DataFrame (``key``, ``method``, ``note``).
