@@ -203,3 +203,22 @@ def test_decompositions_in_the_cache_are_not_counted_again(digits, monkeypatch, 
     seen = _counting(monkeypatch)
     wl.export(wl.merge(tv, method="tsv", device="cpu"), tmp_path / "b", progress=False)
     assert seen == _planned(again)
+
+
+def test_the_svd_model_fit_recovers_planted_rates_and_prices_tall_matrices_apart():
+    # seconds = a m n r + c r^3 + b: timings made from planted (a, c, b) give them back (non-negative least
+    # squares in relative error); a tall matrix costs less per m n r than a square one of the same work.
+    from weightlens.planning._rates import _SVD_SIZES, Rates, _fit_svd
+
+    a, c, b = 2e-10, 1.5e-10, 7e-4
+    times = [a * m * n * min(m, n) + c * min(m, n) ** 3 + b for m, n in _SVD_SIZES]
+    got = _fit_svd(times)
+    assert got == pytest.approx((a, c, b), rel=1e-6)
+    rates = Rates("cpu", 1e9, 1e9, 1e10, 1e11, got[0], got[2], svd_c=got[1])
+    assert rates.svd_seconds(4096, 512) == pytest.approx(a * 4096 * 512**2 + c * 512**3 + b, rel=1e-6)
+    assert rates.svd_seconds(512, 4096) == rates.svd_seconds(4096, 512)
+    assert rates.svd_seconds(512, 512, torch.float64) == pytest.approx(2 * (a + c) * 512**3 + b, rel=1e-6)
+    # timings that do not grow with size (noise) would price every SVD at a constant: a line through the
+    # largest size instead
+    (m, n) = _SVD_SIZES[-1]
+    assert _fit_svd([1e-3] * len(_SVD_SIZES)) == pytest.approx((1e-3 / (m * n * min(m, n)), 0.0, 0.0))

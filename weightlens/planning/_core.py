@@ -110,6 +110,13 @@ def _cached(tv: TaskVectors, key: str, device: torch.device) -> tuple[int, int]:
     return tasks, int(("svd_sum", tuple(tv.names), key, where, dtype) in tv.cache)
 
 
+def _decomposition_bytes(op: _Op) -> int:
+    """Working bytes of one thin SVD (or polar factor) of ``op``: the copy LAPACK overwrites, the factors, and
+    ``gesdd``'s workspace, about four ``r x r`` matrices (its bidiagonal solve and the small factors)."""
+    r, size = min(op.m, op.n), _itemsize(op.dtype)
+    return op.m * op.n * size + svd_nbytes((op.m, op.n), op.dtype) + 4 * r * r * size
+
+
 def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device) -> _KeyWork:
     shape, T = tuple(tv.shape(key)), len(tv)
     dtype = tv.base.dtype(key)
@@ -130,8 +137,7 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device
         rebuild = 2.0 * m * n * min(m, n)
         cached = sum(op.count * svd_nbytes((op.m, op.n), op.dtype)
                      for op in ops if op.what == "svd")  # polar factors are not kept
-        decomp = max((3 * (op.m * op.n + svd_nbytes((op.m, op.n))) * _itemsize(op.dtype) // 4 for op in ops),
-                     default=0)
+        decomp = max((_decomposition_bytes(op) for op in ops), default=0)
     host = read + (T + 4) * numel * 4  # stored inputs, fp32 stack, base, update, output
     return _KeyWork(key, tv.kind(key), shape, dtype, read, extra, base_bytes, numel, ops, rebuild, cached, host, decomp)
 
@@ -291,6 +297,7 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     """
     import pandas as pd
 
+    rss = _rss()  # before a calibration, whose freed buffers the merge would reuse
     spec = get_method(method)
     resolved = spec.resolve(params, len(tv))
     dev = resolve_device(device)
@@ -318,7 +325,6 @@ def plan(tv: TaskVectors, method: str, *, device: str | torch.device = "auto", r
     cache_gain = min(sum(w.cached_bytes for w in work), room)
     largest_host = max((max(w.host_bytes, int(per_bytes * T * w.numel)) for w in work), default=0)
     largest_dec = max((w.device_bytes for w in work), default=0)
-    rss = _rss()
     if dev.type == "cpu":
         peak_host, peak_device, avail_device = rss + cache_gain + largest_host + largest_dec, 0, None
     else:

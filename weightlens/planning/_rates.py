@@ -2,9 +2,9 @@
 
 A :class:`Rates` holds five numbers per device: the bytes per second of reading a stored tensor and
 forming its fp32 delta, of elementwise fp32 passes, of writing a tensor to a file, the seconds of a
-thin fp32 SVD as ``a * m * n * min(m, n) + b``, and the flops per second of a matrix product.
-:func:`calibrate` measures them in about a second with a few tiny reads, passes, products and SVDs
-at three sizes, and keeps them in ``<weightlens home>/calibration.json`` under the machine's
+thin fp32 SVD as ``a * m * n * r + c * r^3 + b`` (``r = min(m, n)``), and the flops per second of a matrix
+product. :func:`calibrate` measures them in about a second with a few tiny reads, passes, products and SVDs
+at five sizes, and keeps them in ``<weightlens home>/calibration.json`` under the machine's
 fingerprint (CPU model, usable cores, torch threads, torch version), so later plans read them.
 :data:`RECORDED` holds estimates for known GPUs (from the SVD timings in ``docs/plan.md``, not
 measured on every card); a CUDA device present here is measured like the CPU.
@@ -23,6 +23,7 @@ from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from weightlens.errors import InvalidParameterError, WeightlensError
@@ -33,8 +34,9 @@ from weightlens.taskvectors import TaskVectors
 
 __all__ = ["RECORDED", "Rates", "calibrate", "fingerprint", "measure_method", "method_label"]
 
-_SVD_SIZES = ((96, 96), (192, 192), (384, 256))  # fit a * m n min(m, n) + b on these
-_VERSION = 3  # bump when the measurements change meaning: older entries are measured again
+#: fit ``a m n r + c r^3 + b`` (``r = min(m, n)``) on these: square and tall, up to a transformer layer's size
+_SVD_SIZES = ((96, 96), (192, 192), (384, 256), (512, 512), (1024, 256))
+_VERSION = 4  # bump when the measurements change meaning: older entries are measured again
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,18 @@ class Rates:
     source: str = "measured"
     per_element_s: Mapping[str, float] = field(default_factory=dict)  # method -> s per task element
     per_element_bytes: Mapping[str, float] = field(default_factory=dict)  # method -> working bytes per element
+    svd_c: float = 0.0  # seconds per unit of min(m, n)^3 (the small SVD after a tall matrix's QR)
 
     def element_seconds(self, label: str) -> float | None:
         """Seconds per task-vector element of a method's own elementwise work (all its passes), if measured."""
         return self.per_element_s.get(label)
 
     def svd_seconds(self, m: int, n: int, dtype: torch.dtype = torch.float32) -> float:
-        """Estimated seconds of one thin SVD of an ``m x n`` matrix (float64: twice float32's)."""
+        """Estimated seconds of one thin SVD of an ``m x n`` matrix (float64: twice float32's):
+        ``a m n r + c r^3 + b`` with ``r = min(m, n)``."""
         scale = 2.0 if dtype == torch.float64 else 1.0
-        return scale * (self.svd_a * m * n * min(m, n)) + self.svd_b
+        r = min(m, n)
+        return scale * (self.svd_a * m * n * r + self.svd_c * r**3) + self.svd_b
 
     def gemm_seconds(self, m: int, k: int, n: int) -> float:
         """Estimated seconds of an ``(m, k) @ (k, n)`` product."""
@@ -129,19 +134,28 @@ def _measure(device: torch.device) -> Rates:
     gemm = _typical(lambda: a @ a, sync)
     mats = [torch.randn(m, n, generator=g) for m, n in _SVD_SIZES]
     times = [_typical(lambda m=m: svd(m, device=device), sync, 3) for m in mats]
-    work = [m * n * min(m, n) for m, n in _SVD_SIZES]
-    # minimise sum ((a w + b - t) / t)^2: rows (w/t, 1/t), target 1
-    A = torch.tensor([[w / t, 1.0 / t] for w, t in zip(work, times)], dtype=torch.float64)
-    coef = torch.linalg.lstsq(A, torch.ones(len(times), 1, dtype=torch.float64)).solution.flatten().tolist()
-    svd_a, svd_b = coef
-    if svd_a <= 0:  # noise at tiny sizes: a line through the largest point
-        svd_a, svd_b = times[-1] / work[-1], 0.0
+    svd_a, svd_c, svd_b = _fit_svd(times)
     return Rates(
         device=str(device), read_bytes_per_s=2 * n_bytes / read, write_bytes_per_s=n_bytes / max(write - run, 1e-9),
         elementwise_bytes_per_s=3 * n_bytes / elementwise, gemm_flops_per_s=2 * 384**3 / gemm,
-        svd_a=svd_a, svd_b=max(svd_b, 0.0), run_s=run, input_s=per_input,
+        svd_a=svd_a, svd_b=svd_b, svd_c=svd_c, run_s=run, input_s=per_input,
         source=f"measured {time.strftime('%Y-%m-%d')}",
     )
+
+
+def _fit_svd(times: Sequence[float]) -> tuple[float, float, float]:
+    """``(a, c, b)`` of ``a m n r + c r^3 + b`` for the SVD timings of :data:`_SVD_SIZES`, non-negative, least
+    squares in relative error. One ``m n r`` rate alone, fitted on small squares, priced a 4096 x 512 SVD at
+    3.4x its time (its QR first, then a 512 x 512 problem: cheaper per ``m n r`` than a square)."""
+    from scipy.optimize import nnls
+
+    rows = [[m * n * min(m, n) / t, min(m, n) ** 3 / t, 1.0 / t] for (m, n), t in zip(_SVD_SIZES, times)]
+    coef, _ = nnls(np.array(rows), np.ones(len(rows)))
+    a, c, b = (float(v) for v in coef)
+    (m, n), t = _SVD_SIZES[-1], times[-1]
+    if a * m * n * min(m, n) + c * min(m, n) ** 3 < 0.1 * t:  # times that do not grow with size (noise) would
+        a, c, b = t / (m * n * min(m, n)), 0.0, 0.0  # price every SVD at a constant: a line through the largest
+    return a, c, b
 
 
 def _fixed_costs(tmp: Path, outs: Any, sync: Callable[[], None]) -> tuple[float, float]:
