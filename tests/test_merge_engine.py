@@ -87,13 +87,22 @@ def test_alpha_only_change_computes_nothing_new(tv, method):
         torch.testing.assert_close(second.update(k), 0.25 * first.update(k))
 
 
+def _cached(tv, op):
+    return {k for k in tv.cache._entries if k[0] == op}
+
+
 def test_method_switch_reuses_decompositions(tv):
+    merge(tv, method="star").materialize()
+    svds = _cached(tv, "svd")
+    merge(tv, method="star", eta=20.0).materialize()  # per-task SVDs reused
+    assert svds and _cached(tv, "svd") == svds
+    # TSV-M on the CPU takes each task's leading triplets alone (its own entries, whatever is cached), none of
+    # "tiny.weight" (r = 2 < T: zero update); another TSV-M of the same tasks reuses them
     merge(tv, method="tsv").materialize()
-    svds = {k for k in tv.cache._entries if k[0] == "svd"}
-    merge(tv, method="star").materialize()  # per-task SVDs reused
-    after = {k for k in tv.cache._entries if k[0] == "svd"}
-    # TSV takes no SVD of "tiny.weight" (r = 2 < T: zero update); STAR adds only those
-    assert svds < after and {k[2] for k in after - svds} == {"tiny.weight"}
+    tops = _cached(tv, "topk_svd_eigh")
+    assert tops and "tiny.weight" not in {k[2] for k in tops} and _cached(tv, "svd") == svds
+    merge(tv, method="tsv", fallback="mean").materialize()
+    assert _cached(tv, "topk_svd_eigh") == tops
     merge(tv, method="iso_c").materialize()
     sums = {k for k in tv.cache._entries if k[0] == "svd_sum"}
     merge(tv, method="iso_cts").materialize()  # the sum SVD reused

@@ -228,6 +228,28 @@ def test_spectral_methods_on_bigger_matrices_and_more_tasks():
                   ref_spectral(d, "iso_cts", 1.0, common_fraction=0.5))
 
 
+def test_tsv_takes_each_tasks_leading_triplets_from_the_gram_eigensolve_and_matches_float64(monkeypatch):
+    # On the CPU, with k = floor(r/T) at most r/4 and r >= 128, TSV-M takes each task's leading triplets from
+    # the float64 Gram eigensolve (MergeContext.task_top, linalg.topk_svd's "eigh"), not a full SVD: checked
+    # that it does, and that the update matches the float64 reference built from full SVDs.
+    import weightlens.linalg.topk as topk
+
+    calls = []
+    real = topk._eigh_kernel
+    monkeypatch.setattr(topk, "_eigh_kernel", lambda x, driver, k: calls.append((tuple(x.shape), k)) or real(
+        x, driver, k=k))
+    shapes = {"wide": (160, 300), "tall": (260, 140), "b": (160,)}
+    base, fts = make_models(seed=5, tasks=5, shapes=shapes)
+    tv = wl.TaskVectors(base, fts)
+    merged = merge(tv, method="tsv", device="cpu")
+    d = deltas64(base, fts, tv.keys)
+    for key in ("wide", "tall"):
+        want = ref_tsv(d[key])
+        got = merged.update(key).double().numpy()
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, key
+    assert sorted(calls) == sorted([((160, 300), 32)] * 5 + [((260, 140), 28)] * 5)
+
+
 def test_star_default_alpha_is_one_over_t(models, tv):
     base, fts = models
     merged = merge(tv, method="star")

@@ -75,11 +75,15 @@ def test_keys_shapes_and_bytes_are_the_headers(tmp_path):
 def _counting(monkeypatch):
     """Count every SVD and polar factor weightlens.linalg computes, by (op, m, n)."""
     seen: Counter = Counter()
-    svd, polar = linalg.svd, linalg.polar
+    svd, polar, topk = linalg.svd, linalg.polar, linalg.topk_svd
 
     def counted_svd(a, **kw):
         seen["svd", *a.shape[-2:]] += 1
         return svd(a, **kw)
+
+    def counted_topk(a, k, **kw):
+        seen["topk_svd", *a.shape[-2:]] += 1
+        return topk(a, k, **kw)
 
     def counted_polar(a, **kw):
         seen["polar", *a.shape[-2:]] += 1
@@ -87,6 +91,7 @@ def _counting(monkeypatch):
 
     monkeypatch.setattr(linalg, "svd", counted_svd)
     monkeypatch.setattr(linalg, "polar", counted_polar)
+    monkeypatch.setattr(linalg, "topk_svd", counted_topk)
     return seen
 
 
@@ -115,7 +120,7 @@ def test_decompositions_are_what_the_merge_computes(digits, method, monkeypatch,
 
 
 def test_declared_decompositions():
-    assert get_method("tsv").decomposes == ("tasks", "polar")
+    assert get_method("tsv").decomposes == ("task_tops", "polar")
     assert get_method("iso_c").decomposes == ("sum",)
     assert get_method("star").decomposes == ("tasks",)
     assert get_method("knots_ties").decomposes == ("concat",)

@@ -8,7 +8,8 @@ coefficient or switching a method never repeats an SVD that is already known. Si
 triplets and left sides reuse a cached full SVD when there is one.
 
 Cache keys: ``(op, task, key, [k,] device, dtype)`` for a task and ``(op + "_sum", names, key, [k,]
-device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``, ``"left_svd"``.
+device, dtype)`` for a sum, with ``op`` one of ``"svd"``, ``"svdvals"``, ``"topk_svd"``, ``"topk_svd_eigh"``
+(:func:`topk_svd` with ``method="eigh"``), ``"left_svd"``.
 
 **Low-rank factors.** When every task of the subject has LoRA factors at ``key`` (``tv.factors`` is not
 None: PEFT adapters), nothing of size ``m x n`` is formed or decomposed: the SVD is computed exactly from
@@ -179,6 +180,7 @@ def topk_svd(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     delta: torch.Tensor | None = None,
+    method: str | None = None,
 ) -> linalg.SVD:
     """Leading ``k`` singular triplets of the subject of :func:`svd` (cached).
 
@@ -186,9 +188,21 @@ def topk_svd(
     (``method="auto"``), for very large layers where only the top of the spectrum is wanted. From LoRA
     factors: the leading ``min(k, sum r, m, n)`` triplets of the exact SVD, so fewer than ``k`` when the
     rank is smaller (the spectrum is then complete: every value past them is zero).
+
+    ``method`` (merges; a :class:`weightlens.linalg.TopkOptions` method, e.g. ``"eigh"``): that method of
+    :func:`weightlens.linalg.topk_svd`, under its own cache entry (``"topk_svd_" + method``) and never sliced
+    from a cached full SVD, so that the result depends on the matrix and the device alone, not on what ran
+    before; LoRA factors as above.
     """
     subject = _subject(tv, key, of, device, dtype, delta)
     k = int(k)
+    if method is not None:
+        factors = subject.factors()
+        if factors is not None:
+            U, S, Vh = subject.svd(factors)
+            return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
+        return tv.cache.get_or_compute(subject.cache_key(f"topk_svd_{method}", k), lambda: linalg.topk_svd(
+            subject.matrix(), k, device=subject.device, dtype=subject.dtype, name=key, method=method))
     factors = None if subject.cache_key("svd") in tv.cache else subject.factors()
     if factors is not None or subject.cache_key("svd") in tv.cache:  # (recomputed only if evicted since)
         U, S, Vh = subject.svd(factors)

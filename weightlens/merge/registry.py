@@ -68,7 +68,7 @@ _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 #: Magnitudes a real-valued merge parameter may have (besides 0): float32 holds their products.
 MAGNITUDE = (1e-6, 1e6)
 #: What ``decomposes=`` of :func:`register_merge` may name (per 2-D key; ``wl.plan`` prices each).
-DECOMPOSITIONS = ("tasks", "residuals", "sum", "polar", "concat")
+DECOMPOSITIONS = ("tasks", "task_tops", "residuals", "sum", "polar", "concat")
 #: The ``alpha`` grid of a method that declares none: ``{0.1, 0.2, ..., 3.0}``.
 DEFAULT_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
 #: ``alpha_grid=`` of :func:`register_merge`: a fixed grid, or ``grid(params, n_tasks)``.
@@ -364,7 +364,8 @@ def register_merge(
         task on its own model.
     decomposes : sequence of str, default=()
         The decompositions the method computes per 2-D key, for ``wl.plan``: ``"tasks"`` (a thin SVD of
-        each task's ``m x n`` matrix, cached in ``tv.cache``), ``"residuals"`` (one of each task's
+        each task's ``m x n`` matrix, cached in ``tv.cache``), ``"task_tops"`` (each task's leading
+        ``floor(r / T)`` triplets, ``MergeContext.task_top``: TSV-M), ``"residuals"`` (one of each task's
         matrix less a common part, not cached: Iso-CTS), ``"sum"`` (one of the task-arithmetic sum), ``"polar"`` (orthogonal
         polar factors of the ``m x r`` and ``n x r`` stacked directions), ``"concat"`` (one float64 SVD of
         the ``m x T n`` concatenation of the tasks).

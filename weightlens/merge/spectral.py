@@ -67,7 +67,10 @@ def _tasks_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
 
 
 def _tsv_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
-    """What TSV-M reads at ``key`` (``prefetch=``): each task's SVD, unless ``r < T`` leaves no component."""
+    """What TSV-M reads at ``key`` (``prefetch=``): each task's SVD on CUDA (``ctx.task_top`` slices it; on the
+    CPU it computes the leading triplets alone), unless ``r < T`` leaves no component."""
+    if ctx.device.type == "cpu":
+        return ()
     return _tasks_ahead(ctx, key) if min(ctx.shape(key)) >= ctx.n_tasks else ()
 
 
@@ -117,7 +120,7 @@ def _zero_notes(ctx: MergeContext, key: str, method: str, consequence: str) -> l
 
 # --------------------------------------------------------------------------------------- TSV-M
 @register_merge("tsv", alpha=1.0, pretty_name="TSV-M", reference="Gargiulo et al., CVPR 2025", uses_svd=True,
-                decomposes=("tasks", "polar"), prefetch=_tsv_ahead)
+                decomposes=("task_tops", "polar"), prefetch=_tsv_ahead)
 def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"] = "zero") -> KeyUpdate:
     """TSV-M: top ``floor(r/T)`` singular triplets per task, orthogonalised, rebuilt.
 
@@ -143,7 +146,7 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
         deltas = ctx.deltas(key)
         upd = deltas.mean(0) if fallback == "mean" else deltas.sum(0)
         return KeyUpdate(upd, (note + f": used the task {fallback} (fallback={fallback!r}).",))
-    svds = [ctx.task_svd(t, key) for t in ctx.tasks]
+    svds = [ctx.task_top(t, key, k) for t in ctx.tasks]  # each task's leading k triplets
     if any(s.S.numel() < k for s in svds):  # a task of rank < k, decomposed from its LoRA factors
         return _tsv_low_rank(ctx, key, svds, k)
     dev = svds[0].U.device

@@ -39,17 +39,27 @@ _ELEMENTWISE_PASSES = 4  # fp32 passes over the task stack per key (stack, metho
 
 @dataclass(frozen=True)
 class _Op:
-    """``count`` decompositions ``what`` of an ``m x n`` matrix in ``dtype``."""
+    """``count`` decompositions ``what`` of an ``m x n`` matrix in ``dtype`` (``k``: the leading triplets of a
+    ``topk_svd``, by the float64 Gram eigensolve when ``gram``)."""
 
     what: str
     m: int
     n: int
     count: int
     dtype: torch.dtype = torch.float32
+    k: int = 0
+    gram: bool = False
 
     def text(self) -> str:
         bits = "" if self.dtype == torch.float32 else " fp64"
-        return f"{self.count} x {self.what} {self.m}x{self.n}{bits}"
+        top = f" k={self.k}" if self.what == "topk_svd" else ""
+        return f"{self.count} x {self.what} {self.m}x{self.n}{top}{bits}"
+
+    def nbytes(self) -> int:
+        """Bytes of one result: the thin SVD's factors, or the leading ``k`` triplets'."""
+        if self.what != "topk_svd":
+            return svd_nbytes((self.m, self.n), self.dtype)
+        return (self.m * self.k + self.k + self.k * self.n) * _itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,17 @@ def _stored_bytes(tv: TaskVectors, task: str, key: str) -> int:
     return math.prod(info.shape) * _itemsize(info.dtype)
 
 
-def _ops(spec: MergeMethod, m: int, n: int, T: int, cached: tuple[int, int]) -> tuple[_Op, ...]:
-    """The decompositions of one ``m x n`` key; ``cached``: how many task SVDs and sum SVDs ``tv.cache`` holds."""
-    r = min(m, n)
+def _ops(spec: MergeMethod, m: int, n: int, T: int, cached: tuple[int, int], device: torch.device) -> tuple[_Op, ...]:
+    """The decompositions of one ``m x n`` key on ``device``; ``cached``: how many of the task decompositions
+    the method reads, and whether the sum's SVD, ``tv.cache`` holds."""
+    r, k = min(m, n), min(m, n) // T
+    if device.type == "cpu":  # MergeContext.task_top: the leading k alone
+        tops = (_Op("topk_svd", m, n, T - cached[0], k=k, gram=True),) if k else ()
+    else:  # sliced from each task's full SVD
+        tops = (_Op("svd", m, n, T - cached[0]),)
     table = {
         "tasks": (_Op("svd", m, n, T - cached[0]),),
+        "task_tops": tops,
         "residuals": (_Op("svd", m, n, T),),
         "sum": (_Op("svd", m, n, 1 - cached[1]),),
         "polar": (_Op("polar", m, r, 1), _Op("polar", n, r, 1)),
@@ -102,18 +118,26 @@ def _ops(spec: MergeMethod, m: int, n: int, T: int, cached: tuple[int, int]) -> 
     return tuple(op for what in spec.decomposes for op in table[what] if op.count > 0)
 
 
-def _cached(tv: TaskVectors, key: str, device: torch.device) -> tuple[int, int]:
-    """How many of ``key``'s task SVDs, and whether its sum's SVD, are in ``tv.cache`` already (fp32, on
-    ``device``; the keys of :mod:`weightlens.decompositions`): a merge reuses them."""
+def _cached(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device) -> tuple[int, int]:
+    """How many of ``key``'s task decompositions the method reads (SVDs; TSV-M's leading triplets on the CPU),
+    and whether its sum's SVD, are in ``tv.cache`` already (fp32, on ``device``; the keys of
+    :mod:`weightlens.decompositions`): a merge reuses them."""
     where, dtype = str(device), str(torch.float32)
-    tasks = sum(("svd", t, key, where, dtype) in tv.cache for t in tv.names)
+    if "task_tops" in spec.decomposes and device.type == "cpu":
+        k = min(tv.shape(key)) // len(tv)
+        tasks = sum(("topk_svd_eigh", t, key, k, where, dtype) in tv.cache for t in tv.names)
+    else:
+        tasks = sum(("svd", t, key, where, dtype) in tv.cache for t in tv.names)
     return tasks, int(("svd_sum", tuple(tv.names), key, where, dtype) in tv.cache)
 
 
 def _decomposition_bytes(op: _Op) -> int:
     """Working bytes of one thin SVD (or polar factor) of ``op``: the copy LAPACK overwrites, the factors, and
-    ``gesdd``'s workspace, about four ``r x r`` matrices (its bidiagonal solve and the small factors)."""
+    ``gesdd``'s workspace, about four ``r x r`` matrices (its bidiagonal solve and the small factors). A Gram
+    eigensolve: the float64 copy, its ``r x r`` Gram matrix and eigenvectors, the float64 leading vectors."""
     r, size = min(op.m, op.n), _itemsize(op.dtype)
+    if op.gram:
+        return 8 * (op.m * op.n + 2 * r * r + max(op.m, op.n) * op.k) + op.nbytes()
     return op.m * op.n * size + svd_nbytes((op.m, op.n), op.dtype) + 4 * r * r * size
 
 
@@ -129,14 +153,14 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device
     cached = decomp = extra = 0
     if tv.kind(key) == "matrix" and spec.decomposes:
         m, n = shape
-        have = _cached(tv, key, device)
-        ops = _ops(spec, m, n, T, have)
+        have = _cached(tv, key, spec, device)
+        ops = _ops(spec, m, n, T, have, device)
         every = T * base_bytes + tasks  # each task's delta read once: the base again per task, the task
-        per = {"tasks": every * (T - have[0]) // T, "residuals": every, "sum": every * (1 - have[1])}
+        per = {"tasks": every * (T - have[0]) // T, "task_tops": every * (T - have[0]) // T, "residuals": every,
+               "sum": every * (1 - have[1])}
         extra = sum(per.get(what, 0) for what in spec.decomposes)
         rebuild = 2.0 * m * n * min(m, n)
-        cached = sum(op.count * svd_nbytes((op.m, op.n), op.dtype)
-                     for op in ops if op.what == "svd")  # polar factors are not kept
+        cached = sum(op.count * op.nbytes() for op in ops if op.what in ("svd", "topk_svd"))  # polar: not kept
         decomp = max((_decomposition_bytes(op) for op in ops), default=0)
     host = read + (T + 4) * numel * 4  # stored inputs, fp32 stack, base, update, output
     return _KeyWork(key, tv.kind(key), shape, dtype, read, extra, base_bytes, numel, ops, rebuild, cached, host, decomp)
@@ -150,6 +174,11 @@ def _seconds(w: _KeyWork, rates: Rates, passes: int, T: int, per_element: float 
         s += _ELEMENTWISE_PASSES * (T + 1) * w.numel * 4 / rates.elementwise_bytes_per_s
     s += w.out_bytes / rates.write_bytes_per_s
     for op in w.ops:
+        if op.gram:  # float64 Gram of the smaller side (q x q), its eigensolve (priced as a q x q SVD), A V
+            p, q = max(op.m, op.n), min(op.m, op.n)
+            s += op.count * (2 * rates.gemm_seconds(q, p, q) + rates.svd_seconds(q, q)
+                             + 2 * rates.gemm_seconds(p, q, op.k))
+            continue
         s += op.count * rates.svd_seconds(op.m, op.n, op.dtype)
         if op.what == "polar":
             s += rates.gemm_seconds(op.m, op.n, op.n)
