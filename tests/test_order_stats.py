@@ -47,6 +47,17 @@ def test_every_rank_is_the_sorted_value_in_float64(seed):
     assert torch.equal(got.double(), _sorted64(flat))  # -0.0 == +0.0 here, as in any comparison
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_magnitude_ranks_the_absolute_values_bit_for_bit(seed):
+    # magnitude=True masks the sign bit instead of taking |x|: every rank of |x| as a float64 sort gives it,
+    # with the bits of |x| (+0.0 for both zeros)
+    flat = _tricky(301, seed)
+    blocks = _split(flat, [100, 0, 151, 50])
+    got = kth_values(lambda: iter(blocks), T, lambda P: list(range(1, P + 1)), magnitude=True)
+    assert torch.equal(got.double(), _sorted64(flat.abs()))
+    assert not bool(torch.signbit(got).any())
+
+
 def test_several_ranks_match_kthvalue_including_rank_1_and_n():
     g = torch.Generator().manual_seed(7)
     blocks = [torch.randn(T, 50, generator=g), torch.randn(T, 7, 4, generator=g).round(), -torch.zeros(T, 5),

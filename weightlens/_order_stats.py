@@ -47,19 +47,21 @@ def _high(position: int) -> int:
 
 
 def kth_values(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int,
-               ranks: Callable[[int], Sequence[int]]) -> torch.Tensor:
+               ranks: Callable[[int], Sequence[int]], *, magnitude: bool = False) -> torch.Tensor:
     """Per task, the ``r``-th smallest value for each 1-based ``r`` in ``ranks(P)`` over every ``(T, ...)`` stack
     ``blocks()`` yields (``P`` entries per task in all), any sign, exact.
 
+    ``magnitude=True`` ranks ``|x|`` instead (the sign bit masked off in the bit pattern: no ``|x|`` pass).
     ``blocks`` is called once per pass: once to count, and once more unless ``ranks(P)`` is empty. Ranks
     must lie in ``[1, P]``; with no entries (``P = 0``) every value is NaN. ``(T, len(ranks(P)))`` float32.
     """
+    high_mask = 0x7FFF if magnitude else 0xFFFF
     hist = torch.zeros(n_tasks, _BUCKETS, dtype=torch.int64)
     total = 0
     for block in blocks():
         bits = _bits(block, n_tasks)
         total += bits.shape[1]
-        index = (bits >> 16).bitwise_and_(0xFFFF)  # in place: a second temporary costs as much as the shift
+        index = (bits >> 16).bitwise_and_(high_mask)  # in place: a second temporary costs as much as the shift
         for t in range(n_tasks):
             _add_counts(hist[t], index[t])
     want = [int(r) for r in ranks(total)]
@@ -77,6 +79,8 @@ def kth_values(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int,
     for block in blocks():
         bits = _bits(block, n_tasks)
         high = bits >> 16
+        if magnitude:
+            high.bitwise_and_(high_mask)
         for t in range(n_tasks):
             for j, h in enumerate(chosen[t]):
                 _add_counts(low[t][j], bits[t][high[t] == h] & 0xFFFF)

@@ -113,8 +113,10 @@ def trim(
         thr = thresholds.to(device=stacked.device, dtype=stacked.dtype)
     else:  # None keeps everything: |x| < 0 never holds
         thr = torch.tensor([0.0 if t is None else t for t in thresholds], dtype=stacked.dtype, device=stacked.device)
-    thr = thr.reshape(-1, *([1] * (stacked.ndim - 1)))
-    return torch.where(stacked.abs() < thr, torch.zeros((), dtype=stacked.dtype, device=stacked.device), stacked)
+    out = stacked.clone()
+    for part, threshold in zip(out, thr):  # task by task: a temporary of one task's size, not T times it
+        part.masked_fill_(part.abs() < threshold, 0.0)
+    return out
 
 
 def elected_sign(total: torch.Tensor, zero: int | None = None) -> torch.Tensor:
@@ -269,8 +271,8 @@ def radix_thresholds(blocks: Callable[[], Iterable[torch.Tensor]], n_tasks: int,
     pass). ``density >= 1`` (nothing trimmed) gives zeros without reading anything. ``(T,)`` float32."""
     if density >= 1:
         return torch.zeros(n_tasks)
-    kth = kth_values(lambda: (b.abs() for b in blocks()), n_tasks,
-                     lambda P: [P - int(P * density)] if P else [])  # density < 1: the rank is >= 1
+    kth = kth_values(blocks, n_tasks, lambda P: [P - int(P * density)] if P else [],  # density < 1: rank >= 1
+                     magnitude=True)
     return kth[:, 0] if kth.shape[1] else torch.zeros(n_tasks)  # no entries: nothing to trim
 
 

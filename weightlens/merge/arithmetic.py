@@ -98,7 +98,9 @@ def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
 
     The kept set is what a stable descending sort's first ``k`` are: every entry above the ``k``-th largest
     value ``v``, then the entries equal to ``v`` in index order until ``k`` are kept. Found with one
-    selection (``kthvalue``) and a running count of the ties, not a sort (4x faster on 4096 x 1024).
+    selection (``kthvalue``) and the first indices of the ties, not a sort (4x faster on 4096 x 1024); no
+    running count over the tensor (an int64 cumsum took 8 bytes per entry and task: 0.4 GB on a
+    32000 x 512 embedding of 3 tasks).
     """
     flat = deltas.reshape(deltas.shape[0], -1)
     n = flat.shape[1]
@@ -107,23 +109,38 @@ def trim_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
         return deltas.clone()
     if k == 0:
         return torch.zeros_like(deltas)
-    size = flat.abs()
-    v = torch.kthvalue(size, n - k + 1, dim=1, keepdim=True).values  # the k-th largest per task
-    above, tied = size > v, size == v
-    room = k - above.sum(1, keepdim=True)  # how many of the ties fit, lowest index first
-    keep = above | (tied & (torch.cumsum(tied, dim=1) <= room))
-    return (flat * keep).reshape(deltas.shape)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):  # one task at a time: temporaries of one task's size, not T times it
+        size = flat[t].abs()
+        v = torch.kthvalue(size, n - k + 1).values  # the k-th largest
+        keep = size > v
+        fit = k - int(keep.sum())  # how many of the ties fit, lowest index first (at least v itself)
+        keep[torch.nonzero(size == v).flatten()[:fit]] = True
+        torch.mul(flat[t], keep, out=out[t])
+    return out.reshape(deltas.shape)
 
 
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
-    """Merge the entries that agree with ``sign`` (zeros never vote): dis-mean, dis-sum or dis-max."""
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype))
+    """Merge the entries that agree with ``sign`` (zeros never vote): dis-mean, dis-sum or dis-max.
+
+    Task by task (the agreeing entries added in task order, as a sum over the stack adds them): temporaries of
+    one task's size, not ``T`` times it."""
+    zero = torch.zeros((), dtype=trimmed.dtype)
+    total = torch.zeros_like(trimmed[0])
+    count = torch.zeros(trimmed.shape[1:], dtype=torch.int64, device=trimmed.device)
+    for part in trimmed:
+        agree = (torch.sign(part) == sign) & (part != 0)
+        selected = torch.where(agree, part, zero)
+        if merge_func == "max":
+            torch.maximum(total, selected.abs_(), out=total)
+        else:
+            total += selected
+            count += agree
     if merge_func == "mean":
-        return selected.sum(0) / agree.sum(0).clamp(min=1)
+        return total / count.clamp_(min=1)
     if merge_func == "sum":
-        return selected.sum(0)
-    return selected.abs().amax(0) * sign
+        return total
+    return total * sign
 
 
 # ------------------------------------------------------------------------------ TIES

@@ -134,7 +134,7 @@ def _statistics(blocks: Callable[[], Iterable[torch.Tensor]], T: int, ratio: flo
                 clip: float) -> dict[str, torch.Tensor]:
     """Every statistic the update of a key needs, over the stacks ``blocks()`` yields (the model or one key)."""
     if variant == "code":
-        stats = {"clip": kth_values(lambda: (b.abs() for b in blocks()), T, _clip_ranks(clip))}
+        stats = {"clip": kth_values(blocks, T, _clip_ranks(clip), magnitude=True)}
     else:
         low, high = _paper_pairs(blocks(), T)
         z_intra, z_inter = _paper_sums(blocks(), T, low, high)
