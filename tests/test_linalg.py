@@ -699,8 +699,8 @@ def test_cache_threads_share_results():
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
 def test_linalg_imports_only_torch_numpy_scipy_and_errors():
-    allowed = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "os", "threading", "time",
-               "typing", "warnings",
+    allowed = {"__future__", "collections", "contextlib", "contextvars", "dataclasses", "functools", "math", "os",
+               "threading", "time", "typing", "warnings",
                "numpy", "scipy", "threadpoolctl", "torch", "weightlens"}  # threadpoolctl: SciPy's BLAS threads
     root = Path(linalg.__file__).parent
     for path in root.glob("*.py"):
@@ -848,3 +848,25 @@ def test_left_svd_refuses_non_finite_input_naming_the_key():
     a[2, 1] = float("nan")
     with pytest.raises(NonFiniteError, match="'layer.w'"):
         linalg.left_svd(a, name="layer.w")
+
+
+def test_recording_retries_names_each_decomposition_accepted_after_a_failed_attempt(monkeypatch):
+    import weightlens.linalg.backend as backend
+
+    real = backend.svd_kernel
+
+    def flaky(x, driver):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("planted non-convergence")
+        return real(x, driver)
+
+    monkeypatch.setattr(backend, "svd_kernel", flaky)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    with linalg.recording_retries() as retried:
+        U, S, Vh = linalg.svd(x, name="w")
+        linalg.svdvals(x)  # its own kernel: no retry
+    assert retried == ["svd of 'w' (shape (6, 4)) was retried: cpu/float32/default: LinAlgError: planted "
+                       "non-convergence; accepted cpu/float64/default"]
+    torch.testing.assert_close(S, torch.linalg.svdvals(x.double()).float())
+    linalg.svd(x)  # outside a block: nothing is collected, nothing fails
+    assert len(retried) == 1

@@ -461,6 +461,32 @@ def test_update_left_gives_the_updates_left_singular_side_by_one_route_whatever_
     assert isinstance(first, linalg.LeftSVD) == (method == "ties")
 
 
+def test_a_decomposition_redone_after_a_failed_attempt_is_in_the_keys_notes(tv, monkeypatch):
+    # A float32 SVD that does not converge is redone in float64 (linalg's fallback plan); the merge says so
+    # in that key's notes, naming what failed and what was accepted, and only there.
+    import weightlens.linalg.backend as backend
+
+    real = backend.svd_kernel
+
+    def flaky(x, driver):
+        if x.dtype == torch.float32 and tuple(x.shape[-2:]) == tuple(tv.shape("enc.weight")):
+            raise torch.linalg.LinAlgError("planted: the algorithm failed to converge")
+        return real(x, driver)
+
+    monkeypatch.setattr(backend, "svd_kernel", flaky)
+    merged = merge(tv, method="iso_c")
+    notes = merged.notes
+    retried = notes[notes["note"].str.contains("was retried")]
+    assert list(retried["key"]) == ["enc.weight"]
+    (note,) = retried["note"]
+    assert note.startswith("Iso-C: svd of 'enc.weight'") and "planted: the algorithm failed to converge" in note
+    assert "accepted cpu/float64" in note
+    monkeypatch.setattr(backend, "svd_kernel", real)
+    fresh = merge(wl.TaskVectors(tv.base, tv.finetuned), method="iso_c")
+    torch.testing.assert_close(merged.update("enc.weight"), fresh.update("enc.weight"), rtol=0, atol=1e-5)
+    assert not fresh.notes["note"].str.contains("was retried").any()
+
+
 def test_a_merge_is_bitwise_the_same_whatever_ran_before_it():
     # Merges reuse cached decompositions (analysis, the studio's background comparison). LAPACK's results
     # depend on the intra-op thread count in the last bits, so those must be computed as a fresh merge

@@ -15,6 +15,7 @@ from weightlens.linalg.backend import left_svd, numerical_rank, polar, svd, svdv
 from weightlens.linalg.batched import batching_pays, default_batch_bytes, svd_many, svd_nbytes
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
+from weightlens.linalg.guard import recording_retries
 from weightlens.linalg.devices import (
     CUDA_DRIVER_TABLE,
     GESVDA_RTOL_FACTOR,
@@ -45,6 +46,7 @@ __all__ = [
     "left_svd",
     "numerical_rank",
     "polar",
+    "recording_retries",
     "resolve_device",
     "svd",
     "svd_many",

@@ -13,11 +13,15 @@
    cast back to the requested device and dtype. NaN is never returned: if every attempt fails,
    :class:`~weightlens.linalg.results.DecompositionError` names the key, the shape and what each
    attempt hit.
+4. A result accepted after a failed attempt is reported, one sentence each, to the innermost
+   :func:`recording_retries` block around the call (a merge records them per key, into its notes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -29,12 +33,26 @@ from weightlens.linalg.inputs import as_tensor, cast, check_dtype, check_finite_
 from weightlens.linalg.results import DecompositionError
 from weightlens.linalg.verify import _Unreliable  # private: its name appears in failure messages
 
-__all__ = ["first_attempt", "run"]
+__all__ = ["first_attempt", "recording_retries", "run"]
 
 T = TypeVar("T")
 
 _CPU = torch.device("cpu")
 _FAILURES = (torch.linalg.LinAlgError, np.linalg.LinAlgError, _Unreliable)
+_RETRIES: ContextVar[list[str] | None] = ContextVar("weightlens_retries", default=None)
+
+
+@contextmanager
+def recording_retries() -> Iterator[list[str]]:
+    """Collect, in the list it yields, one sentence per decomposition in the block that was accepted only after
+    a failed attempt (what failed, what was accepted): e.g. a float32 SVD that did not converge, redone in
+    float64."""
+    found: list[str] = []
+    token = _RETRIES.set(found)
+    try:
+        yield found
+    finally:
+        _RETRIES.reset(token)
 
 
 class _Attempt(NamedTuple):
@@ -73,6 +91,11 @@ def run(
             continue
         out = _restore(out, dev, dtype)
         if _all_finite(out):
+            log = _RETRIES.get()
+            if failures and log is not None:
+                where = f"{name!r}" if name else "a matrix"
+                log.append(f"{op} of {where} (shape {tuple(x.shape)}) was retried: {'; '.join(failures)}; "
+                           f"accepted {attempt.describe()}")
             return out
         failures.append(f"{attempt.describe()}: the result overflows {dtype}; pass dtype=torch.float64")
         break
@@ -122,7 +145,7 @@ def _attempt(
     try:
         out = compute(x, attempt.driver)
     except _FAILURES as exc:
-        failures.append(f"{attempt.describe()}: {type(exc).__name__}: {_first_line(exc)}")
+        failures.append(f"{attempt.describe()}: {type(exc).__name__.lstrip('_')}: {_first_line(exc)}")
         return None
     except RuntimeError as exc:  # cuSOLVER status errors surface as plain RuntimeError
         if x.device.type != "cuda" or "cusolver" not in str(exc).lower():

@@ -609,7 +609,8 @@ def _remote_update(payload: tuple[MergeContext, MergeMethod, tuple[Any, ...], bo
 def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
     """Run the method on one key; errors are re-raised once with the method and key named."""
     try:
-        ku = spec.fn(ctx, key, **ctx.params)
+        with linalg.recording_retries() as retried:  # decompositions redone after a failed attempt: noted
+            ku = spec.fn(ctx, key, **ctx.params)
     except WeightlensError as err:
         raise type(err)(f"merge(method={spec.name!r}) on key {key!r}: {err}") from None
     shape = ctx.shape(key)
@@ -617,7 +618,8 @@ def _checked(spec: MergeMethod, ctx: MergeContext, key: str) -> KeyUpdate:
         raise ShapeMismatchError(f"Merge method {spec.name!r} returned shape {tuple(ku.update.shape)} for "
                                  f"key {key!r}; expected {shape} (the key's shape).")
     update = ku.update.detach().to(device="cpu", dtype=torch.float32)
-    return KeyUpdate(update, tuple(ku.notes), _checked_factors(spec, key, ku.factors, shape), ku.task_sum)
+    notes = (*ku.notes, *(f"{spec.pretty_name or spec.name}: {r}" for r in retried))
+    return KeyUpdate(update, notes, _checked_factors(spec, key, ku.factors, shape), ku.task_sum)
 
 
 def _checked_task(spec: MergeMethod, ctx: MergeContext, key: str, task: str, shared: KeyUpdate) -> KeyUpdate:
