@@ -366,8 +366,8 @@ def register_merge(
         The decompositions the method computes per 2-D key, for ``wl.plan``: ``"tasks"`` (a thin SVD of
         each task's ``m x n`` matrix, cached in ``tv.cache``), ``"task_tops"`` (each task's leading
         ``floor(r / T)`` triplets, ``MergeContext.task_top``: TSV-M), ``"residuals"`` (one of each task's
-        matrix less a common part, not cached: Iso-CTS), ``"sum"`` (one of the task-arithmetic sum), ``"polar"`` (orthogonal
-        polar factors of the ``m x r`` and ``n x r`` stacked directions), ``"concat"`` (one float64 SVD of
+        matrix less a common part, its leading triplets cached by the method: Iso-CTS), ``"sum"`` (one of the
+        task-arithmetic sum), ``"polar"`` (orthogonal polar factors of the ``m x r`` and ``n x r`` stacked directions), ``"concat"`` (one float64 SVD of
         the ``m x T n`` concatenation of the tasks).
     passes : callable, optional
         ``passes(params) -> int``: whole-model reading passes besides the merge's own (``prepare``'s, and
