@@ -250,6 +250,22 @@ def test_tsv_takes_each_tasks_leading_triplets_from_the_gram_eigensolve_and_matc
     assert sorted(calls) == sorted([((160, 300), 32)] * 5 + [((260, 140), 28)] * 5)
 
 
+def test_tsv_notes_an_orthogonalisation_that_is_not_unique():
+    # Two tasks whose updates live in the same 6 of 8 output rows: their top-4 left vectors stack to 8 columns
+    # spanning 6 dimensions, so polar(U_hat) is not unique there; TSV-M says so on that key, not on a key where
+    # the tasks' directions are independent.
+    g = torch.Generator().manual_seed(4)
+    live = torch.zeros(8, 1)
+    live[:6] = 1.0
+    base = {"shared_rows": torch.zeros(8, 8), "free": torch.zeros(8, 8)}
+    fts = {f"t{i}": {"shared_rows": live * torch.randn(8, 8, generator=g), "free": torch.randn(8, 8, generator=g)}
+           for i in range(2)}
+    notes = merge(base, fts, method="tsv").notes
+    spans = notes[notes["note"].str.contains("stacked here span")]
+    assert list(spans["key"]) == ["shared_rows"]
+    assert "8 left singular vectors stacked here span 6 dimensions" in spans["note"].item()
+
+
 def test_star_default_alpha_is_one_over_t(models, tv):
     base, fts = models
     merged = merge(tv, method="star")

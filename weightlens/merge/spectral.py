@@ -155,10 +155,10 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
         U_hat[:, i * k:(i + 1) * k] = s.U[:, :k]
         V_hat[:, i * k:(i + 1) * k] = s.Vh[:k].mT
         S_hat[i * k:(i + 1) * k] = s.S[:k]
-    U_perp = linalg.polar(U_hat, device=dev, name=key)
-    V_perp = linalg.polar(V_hat, device=dev, name=key)
+    U_perp, left = _orthogonalised(U_hat, T * k, key, "left")
+    V_perp, right = _orthogonalised(V_hat, T * k, key, "right")
     notes = _zero_notes(ctx, key, "TSV-M", "its singular vectors are arbitrary (weight 0) but still "
-                        "enter the orthogonalisation (reference behaviour)")
+                        "enter the orthogonalisation (reference behaviour)") + left + right
     order = torch.argsort(S_hat, descending=True, stable=True)  # U_perp, V_perp orthonormal: an SVD
     factors = linalg.SVD(U_perp[:, order], S_hat[order], V_perp[:, order].mT)
     return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
@@ -186,12 +186,27 @@ def _tsv_low_rank(ctx: MergeContext, key: str, svds: list[linalg.SVD], k: int) -
     U_hat, V_hat, S_hat = torch.cat(Us, 1), torch.cat(Vs, 1), torch.cat(Ss)
     if S_hat.numel() == 0:  # every task numerically zero
         return KeyUpdate(torch.zeros(shape), (*notes, "TSV-M: no direction left to merge: zero update."))
-    dev = U_hat.device
-    U_perp = linalg.polar(U_hat, device=dev, name=key)
-    V_perp = linalg.polar(V_hat, device=dev, name=key)
+    U_perp, left = _orthogonalised(U_hat, S_hat.numel(), key, "left")
+    V_perp, right = _orthogonalised(V_hat, S_hat.numel(), key, "right")
     order = torch.argsort(S_hat, descending=True, stable=True)
     factors = linalg.SVD(U_perp[:, order], S_hat[order], V_perp[:, order].mT)
-    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), tuple(notes), factors)
+    return KeyUpdate(((U_perp * S_hat) @ V_perp.mT).cpu(), (*notes, *left, *right), factors)
+
+
+def _orthogonalised(stacked: torch.Tensor, filled: int, key: str, side: str) -> tuple[torch.Tensor, list[str]]:
+    """The orthogonal polar factor ``U Vh`` of ``stacked`` (the bits of :func:`weightlens.linalg.polar`), and a
+    note when its first ``filled`` columns (the tasks' directions; the rest are zero padding) span fewer
+    dimensions: then the factor is not unique (an arbitrary completion, in the reference too) and the update
+    depends on rounding there. Seen on the digits zoo's ``fc2``: four tasks' top 128 left vectors in 512
+    dimensions span far fewer, and float32 and float64 merges differ by 35%."""
+    U, S, Vh = linalg.svd(stacked, device=stacked.device, name=key)
+    rank = linalg.numerical_rank(S, tuple(stacked.shape))
+    notes = []
+    if rank < filled:
+        notes.append(f"TSV-M: the tasks' {filled} {side} singular vectors stacked here span {rank} dimensions "
+                     "(their subspaces overlap): the orthogonalisation is not unique, so this key's update "
+                     "depends on rounding in those directions (the reference's too).")
+    return U @ Vh, notes
 
 
 def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor) -> linalg.SVD:
