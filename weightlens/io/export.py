@@ -225,7 +225,7 @@ class _WeightWriter:
         self.out = WrittenWeights()
         tv = getattr(merged, "task_vectors", None)
         updated = getattr(merged, "updated_keys", None)
-        self._base = tv.base if tv is not None and updated is not None else None
+        self._tv = tv if tv is not None and updated is not None else None  # its base: the card's figure
         self._updated = set(updated or ())
 
     def tensor(self, key: str | None, name: str = "") -> torch.Tensor:
@@ -249,8 +249,8 @@ class _WeightWriter:
                 f"{t.numel()}{cast}; nothing was written. Check the inputs of that key or the merge parameters "
                 "(e.g. a smaller alpha), or export in a wider dtype."
             )
-        if not extra and self._base is not None and key in self._updated:
-            self.out.moved[key] = _moved(t, self._base[key])
+        if not extra and self._tv is not None and key in self._updated:
+            self.out.moved[key] = _moved(t, self._tv.base_wide(key))  # the base the merge just read
         return t
 
     def _read(self, key: str) -> Any:

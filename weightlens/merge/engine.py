@@ -219,7 +219,8 @@ class MergeResult(MergedWeights):
             if key not in self.task_vectors.base:
                 raise KeyMismatchError(f"Key {key!r} is not in the merged model (the base's keys).")
             return self.task_vectors.base[key].clone()
-        return _full(self.task_vectors.base[key], self._key_update(key, store=store).update, self.alpha)
+        update = self._key_update(key, store=store).update
+        return _full(self.task_vectors.base_wide(key), update, self.alpha, self.task_vectors.base.dtype(key))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -295,7 +296,8 @@ class MergeResult(MergedWeights):
             for tag, value in entries:  # what the task cached, where the serial path caches it
                 ctx.tv.cache.get_or_compute(tag, lambda value=value: value)
             self._notes[key] = ku.notes
-            yield key, _full(self.task_vectors.base[key], ku.update, self.alpha)
+            tv = self.task_vectors
+            yield key, _full(tv.base_wide(key), ku.update, self.alpha, tv.base.dtype(key))
 
     def _ahead(self, keys: list[str]) -> Callable[[str], None] | None:
         """The hook that computes the method's cached SVDs ahead of the walk over ``keys``, batched by shape
@@ -664,7 +666,7 @@ def _completed(factors: linalg.SVD, r: int) -> linalg.SVD:
     return linalg.SVD(complete_basis(U, r), torch.cat([S, S.new_zeros(r - p)]), complete_basis(Vh.mT, r).mT)
 
 
-def _full(base: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``base + alpha * update`` computed in fp32 (fp64 for fp64 bases), cast to the base dtype."""
-    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
-    return torch.add(base.to(wide), update.to(wide), alpha=alpha).to(base.dtype)
+def _full(base: torch.Tensor, update: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``base + alpha * update`` computed in fp32 (fp64 for fp64 bases; ``base`` is already that wide,
+    ``TaskVectors.base_wide``), cast to the base's stored ``dtype``."""
+    return torch.add(base, update.to(base.dtype), alpha=alpha).to(dtype)

@@ -161,6 +161,7 @@ class TaskVectors:
         self.exclude = _keys.as_patterns(exclude)
         self.cache = cache if cache is not None else DecompositionCache()
         self._finite: set[tuple[int, str]] = set()
+        self._last_base: tuple[Any, str, torch.Tensor] | None = None  # base_wide's one-key memo
         # Filter first, then validate what is left: a key left out is never compared.
         self.keys = _keys.select_keys(self.base, self.include, self.exclude, self._is_float)
         self._align(key_map)
@@ -263,6 +264,23 @@ class TaskVectors:
         self._check_key(key)
         return self.base[key]
 
+    def base_wide(self, key: str) -> torch.Tensor:
+        """The base tensor of ``key`` as the deltas subtract it: float32 (float64 for a float64 base), checked
+        finite. The last key's is kept, so a walk reads each base tensor once for its deltas, the merged
+        weights and the export's card figure. Read-only: callers must not modify it."""
+        self._check_key(key)
+        last = self._last_base
+        if last is not None and last[0] is self.base and last[1] == key:  # (a subset may have another base view)
+            return last[2]
+        t = self._upcast(self.base, key)
+        self._last_base = (self.base, key, t)
+        return t
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_last_base"] = None  # a memo: not shipped (Ray) or pickled
+        return state
+
     def delta(self, task: str, key: str) -> torch.Tensor:
         """``finetuned[task][key] - base[key]`` in fp32 on the CPU (upcast before subtracting).
 
@@ -272,7 +290,7 @@ class TaskVectors:
         self._check_task(task)
         if task in self._adapted:
             return self._adapter_delta(task, key)
-        base = self._upcast(self.base, key)
+        base = self.base_wide(key)
         diff = self._task_tensor(task, key, base) - base
         return diff if diff.dtype == torch.float32 else diff.to(torch.float32)
 
@@ -285,7 +303,7 @@ class TaskVectors:
             if task in self._adapted:
                 out[i] = self._adapter_delta(task, key)
                 continue
-            base = self._upcast(self.base, key) if base is None else base
+            base = self.base_wide(key) if base is None else base
             torch.sub(self._task_tensor(task, key, base), base, out=out[i])
         return out
 
