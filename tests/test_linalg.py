@@ -870,3 +870,11 @@ def test_recording_retries_names_each_decomposition_accepted_after_a_failed_atte
     torch.testing.assert_close(S, torch.linalg.svdvals(x.double()).float())
     linalg.svd(x)  # outside a block: nothing is collected, nothing fails
     assert len(retried) == 1
+
+
+def test_polar_with_values_is_the_same_factor_and_the_singular_values():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(2))
+    factor, S = linalg.polar(x, with_values=True)
+    assert torch.equal(factor, linalg.polar(x))  # the same bits
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(x.double()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(factor.mT @ factor, torch.eye(5), rtol=0, atol=1e-6)

@@ -25,7 +25,7 @@ from weightlens.linalg.devices import (
     resolve_device,
     torch_threads,
 )
-from weightlens.linalg.results import SVD, DecompositionError, LeftSVD
+from weightlens.linalg.results import SVD, DecompositionError, LeftSVD, Polar
 from weightlens.linalg.topk import TopkOptions
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "DecompositionCache",
     "DecompositionError",
     "LeftSVD",
+    "Polar",
     "TopkOptions",
     "available_cores",
     "batching_pays",

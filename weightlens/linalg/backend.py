@@ -48,8 +48,8 @@ from weightlens.errors import InvalidParameterError
 from weightlens.linalg.devices import resolve_device
 from weightlens.linalg.guard import run
 from weightlens.linalg.inputs import as_tensor, check_int
-from weightlens.linalg.kernels import left_svd_kernel, polar_kernel, svd_kernel, svdvals_kernel
-from weightlens.linalg.results import SVD, LeftSVD
+from weightlens.linalg.kernels import left_svd_kernel, polar_kernel, polar_values_kernel, svd_kernel, svdvals_kernel
+from weightlens.linalg.results import SVD, LeftSVD, Polar
 from weightlens.linalg.topk import TopkOptions, resolve_topk_options, topk_kernel
 
 __all__ = ["left_svd", "numerical_rank", "polar", "svd", "svdvals", "topk_svd"]
@@ -124,18 +124,21 @@ def polar(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     name: str | None = None,
-) -> Tensor:
+    with_values: bool = False,
+) -> Tensor | Polar:
     """Orthogonal polar factor ``U @ Vh``: the semi-orthogonal matrix closest to ``a``.
 
     Parameters are those of :func:`svd`. Returns shape ``(..., m, n)`` with orthonormal columns
-    (``m >= n``) or rows (``m < n``).
+    (``m >= n``) or rows (``m < n``); with ``with_values=True`` a :class:`~weightlens.linalg.Polar`, the same
+    factor and ``a``'s singular values (from the same SVD).
 
     Notes
     -----
     For rank-deficient input the factor is not unique: the directions of zero singular values are
-    an arbitrary orthonormal completion. Check with :func:`numerical_rank` on :func:`svdvals`.
+    an arbitrary orthonormal completion. Check with :func:`numerical_rank` on the values.
     """
-    return run(a, polar_kernel, op="polar", device=device, dtype=dtype, name=name)
+    kernel = polar_values_kernel if with_values else polar_kernel
+    return run(a, kernel, op="polar", device=device, dtype=dtype, name=name)
 
 
 def topk_svd(

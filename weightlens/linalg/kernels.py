@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from weightlens.linalg.results import SVD, LeftSVD
+from weightlens.linalg.results import SVD, LeftSVD, Polar
 from weightlens.linalg.verify import verify_values, verify_vectors
 
-__all__ = ["left_svd_kernel", "polar_kernel", "scipy_blas_single_threaded", "svd_kernel", "svdvals_kernel"]
+__all__ = ["left_svd_kernel", "polar_kernel", "polar_values_kernel", "scipy_blas_single_threaded", "svd_kernel",
+           "svdvals_kernel"]
 
 
 def _wide_on_cpu(x: Tensor) -> bool:
@@ -93,6 +94,12 @@ def polar_kernel(x: Tensor, driver: str | None) -> Tensor:
     """Orthogonal polar factor ``U @ Vh`` of ``x`` with ``driver``."""
     U, _, Vh = svd_kernel(x, driver)
     return U @ Vh
+
+
+def polar_values_kernel(x: Tensor, driver: str | None) -> Polar:
+    """:func:`polar_kernel`'s factor (the same bits) and the singular values of ``x``."""
+    U, S, Vh = svd_kernel(x, driver)
+    return Polar(U @ Vh, S)
 
 
 def _scipy_gesvd(x: Tensor, *, vectors: bool) -> Any:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from weightlens.errors import WeightlensError
 
-__all__ = ["SVD", "DecompositionError", "LeftSVD"]
+__all__ = ["SVD", "DecompositionError", "LeftSVD", "Polar"]
 
 
 class SVD(NamedTuple):
@@ -44,6 +44,15 @@ class LeftSVD(NamedTuple):
     def span(self, k: int) -> Tensor:
         """The leading ``k`` left singular vectors (``k`` at most the numerical rank: ``S[k - 1] > 0``)."""
         return self.US[..., :k] / self.S[..., None, :k]
+
+
+class Polar(NamedTuple):
+    """The orthogonal polar factor of ``A = U diag(S) Vh`` and ``A``'s singular values (``linalg.polar(...,
+    with_values=True)``): ``factor = U @ Vh``, ``S`` descending (how far ``A`` is from rank-deficient, where the
+    factor is not unique)."""
+
+    factor: Tensor
+    S: Tensor
 
 
 class DecompositionError(WeightlensError, torch.linalg.LinAlgError):

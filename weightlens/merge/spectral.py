@@ -194,19 +194,19 @@ def _tsv_low_rank(ctx: MergeContext, key: str, svds: list[linalg.SVD], k: int) -
 
 
 def _orthogonalised(stacked: torch.Tensor, filled: int, key: str, side: str) -> tuple[torch.Tensor, list[str]]:
-    """The orthogonal polar factor ``U Vh`` of ``stacked`` (the bits of :func:`weightlens.linalg.polar`), and a
+    """The orthogonal polar factor of ``stacked`` (:func:`weightlens.linalg.polar`), and a
     note when its first ``filled`` columns (the tasks' directions; the rest are zero padding) span fewer
     dimensions: then the factor is not unique (an arbitrary completion, in the reference too) and the update
     depends on rounding there. Seen on the digits zoo's ``fc2``: four tasks' top 128 left vectors in 512
     dimensions span far fewer, and float32 and float64 merges differ by 35%."""
-    U, S, Vh = linalg.svd(stacked, device=stacked.device, name=key)
+    factor, S = linalg.polar(stacked, device=stacked.device, name=key, with_values=True)
     rank = linalg.numerical_rank(S, tuple(stacked.shape))
     notes = []
     if rank < filled:
         notes.append(f"TSV-M: the tasks' {filled} {side} singular vectors stacked here span {rank} dimensions "
                      "(their subspaces overlap): the orthogonalisation is not unique, so this key's update "
                      "depends on rounding in those directions (the reference's too).")
-    return U @ Vh, notes
+    return factor, notes
 
 
 def _flat(U: torch.Tensor, sigma: torch.Tensor, Vh: torch.Tensor) -> linalg.SVD:
