@@ -196,17 +196,14 @@ def topk_svd(
     """
     subject = _subject(tv, key, of, device, dtype, delta)
     k = int(k)
-    if method is not None:
-        factors = subject.factors()
-        if factors is not None:
-            U, S, Vh = subject.svd(factors)
-            return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
-        return tv.cache.get_or_compute(subject.cache_key(f"topk_svd_{method}", k), lambda: linalg.topk_svd(
-            subject.matrix(), k, device=subject.device, dtype=subject.dtype, name=key, method=method))
-    factors = None if subject.cache_key("svd") in tv.cache else subject.factors()
-    if factors is not None or subject.cache_key("svd") in tv.cache:  # (recomputed only if evicted since)
+    reuse = method is None and subject.cache_key("svd") in tv.cache  # a cached full SVD, unless a method is named
+    factors = None if reuse else subject.factors()
+    if factors is not None or reuse:  # (recomputed only if evicted since)
         U, S, Vh = subject.svd(factors)
         return linalg.SVD(U[..., :k], S[..., :k], Vh[..., :k, :])
+    if method is not None:
+        return tv.cache.get_or_compute(subject.cache_key(f"topk_svd_{method}", k), lambda: linalg.topk_svd(
+            subject.matrix(), k, device=subject.device, dtype=subject.dtype, name=key, method=method))
     return subject.cached("topk_svd", linalg.topk_svd, k)
 
 

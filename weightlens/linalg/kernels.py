@@ -92,12 +92,11 @@ def left_svd_kernel(x: Tensor, driver: str | None) -> LeftSVD:
 
 def polar_kernel(x: Tensor, driver: str | None) -> Tensor:
     """Orthogonal polar factor ``U @ Vh`` of ``x`` with ``driver``."""
-    U, _, Vh = svd_kernel(x, driver)
-    return U @ Vh
+    return polar_values_kernel(x, driver).factor
 
 
 def polar_values_kernel(x: Tensor, driver: str | None) -> Polar:
-    """:func:`polar_kernel`'s factor (the same bits) and the singular values of ``x``."""
+    """The orthogonal polar factor ``U @ Vh`` of ``x`` with ``driver``, and ``x``'s singular values."""
     U, S, Vh = svd_kernel(x, driver)
     return Polar(U @ Vh, S)
 

@@ -352,10 +352,8 @@ class MergeResult(MergedWeights):
         if ku.factors is not None:  # the method built its update from these (TSV-M, Iso)
             U, S, Vh = ctx.cached(("update_svd_completed", self.method, self._frozen, key),
                                   lambda: _completed(ku.factors, min(ctx.shape(key))))
-        elif ku.task_sum and any(ctx.tv.factors(t, key) is None for t in ctx.tasks):
-            # the task sum, dense (adapters alone: decompositions would take it from their factors): the
-            # same decomposition as compare's task-arithmetic side and analyze's, computed once for all
-            U, S, Vh = decompositions.svd(ctx.tv, key, ctx.tasks, device=ctx.device, delta=ku.update)
+        elif self._dense_task_sum(ku, key):  # the same decomposition as compare's task-arithmetic side and
+            U, S, Vh = decompositions.svd(ctx.tv, key, ctx.tasks, device=ctx.device, delta=ku.update)  # analyze's
         else:
             U, S, Vh = ctx.cached(("update_svd", self.method, self._frozen, key),
                                   lambda: linalg.svd(ku.update, device=ctx.device, name=key))
@@ -374,13 +372,18 @@ class MergeResult(MergedWeights):
         figures built on it do not change with what was computed before.
         """
         ku = self.key_update(key)
-        ctx = self._ctx
-        if ku.factors is not None or (ku.task_sum and any(ctx.tv.factors(t, key) is None for t in ctx.tasks)):
+        if ku.factors is not None or self._dense_task_sum(ku, key):
             return self.update_svd(key)
+        ctx = self._ctx
         US, S = ctx.cached(("update_left_svd", self.method, self._frozen, key),
                            lambda: linalg.left_svd(ku.update, device=ctx.device, name=key))
         a = abs(self.alpha)
         return linalg.LeftSVD(a * US, a * S)
+
+    def _dense_task_sum(self, ku: KeyUpdate, key: str) -> bool:
+        """Whether ``key``'s update is the task sum with a full fine-tune in it: then its SVD is the sum's of
+        :mod:`weightlens.decompositions`, shared (adapters alone: that would come from their factors)."""
+        return ku.task_sum and any(self._ctx.tv.factors(t, key) is None for t in self._ctx.tasks)
 
     @property
     def notes(self) -> Any:
