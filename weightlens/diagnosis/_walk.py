@@ -111,16 +111,31 @@ def _subspaces(run: KeyPass, key: str, shape: tuple[int, int], merged: linalg.SV
     spans = [d.span(_top_k(d.S, shape, run.eps, run.criterion)).to(U.device) for d in own]
     scaled = torch.cat([d.US for d in own], dim=1).to(U.device)  # (m, sum r): U_t S_t side by side
     lost_part = scaled - U @ (U.mT @ scaled)
-    ranks, widths = [d.S.numel() for d in own], [s.shape[1] for s in spans]
+    ranks = [d.S.numel() for d in own]
     lost = _block_sums(lost_part.square(), [shape[0]], ranks)[0]
-    crowd = torch.zeros(len(own), len(own), dtype=_F64)
-    if sum(widths):  # crowd[t, s] = ||U_s^T L_t||^2
-        crowd = _block_sums((torch.cat(spans, dim=1).mT @ lost_part).square(), widths, ranks).mT.cpu()
     return {
         "lost": lost.cpu().tolist(),
         "rank": [linalg.numerical_rank(d.S, shape) for d in own],
-        "crowd": crowd,
+        "crowd": _crowding(spans, lost_part, ranks),
     }
+
+
+def _crowding(spans: list[torch.Tensor], lost_part: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """``crowd[t, s] = ||U_s^T L_t||_F^2`` for ``s != t`` (the diagonal, a task crowding itself, stays 0 and
+    is not computed: a quarter of the products at 4 tasks). ``lost_part``: the tasks' ``L_t V_t`` side by
+    side, ``ranks[t]`` columns each; ``spans[s]``: ``U_s``."""
+    T = len(spans)
+    crowd = torch.zeros(T, T, dtype=_F64)
+    ends = [sum(ranks[: t + 1]) for t in range(T)]
+    for s, span in enumerate(spans):
+        others, start = [t for t in range(T) if t != s], ends[s] - ranks[s]
+        parts = [p for p in (lost_part[:, :start], lost_part[:, ends[s]:]) if p.shape[1]]
+        if not span.shape[1] or not parts:
+            continue
+        products = torch.cat([span.mT @ p for p in parts], dim=1)  # (k_s, columns of every other task)
+        sums = [c.square().sum(dtype=_F64) for c in torch.split(products, [ranks[t] for t in others], dim=1)]
+        crowd[others, s] = torch.stack(sums).cpu()
+    return crowd
 
 
 def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) -> None:
