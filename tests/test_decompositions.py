@@ -44,6 +44,17 @@ def test_cache_keys_name_the_operation_and_the_subject(tv):
     }
 
 
+def test_is_cached_answers_for_the_entry_a_later_call_would_reuse(tv):
+    assert not decompositions.is_cached(tv, "w", "a", "svd", device="cpu")
+    decompositions.svd(tv, "w", "a", device="cpu")
+    decompositions.topk_svd(tv, "w", "b", 2, device="cpu", method="eigh")
+    assert decompositions.is_cached(tv, "w", "a", "svd", device="cpu")
+    assert not decompositions.is_cached(tv, "w", ("a", "b"), "svd", device="cpu")  # the sum is another subject
+    assert decompositions.is_cached(tv, "w", "b", "topk_svd_eigh", 2, device="cpu")
+    assert not decompositions.is_cached(tv, "w", "b", "topk_svd_eigh", 3, device="cpu")  # another k
+    assert not decompositions.is_cached(tv, "w", "a", "svd", device="cpu", dtype=torch.float64)
+
+
 def test_a_cached_full_svd_serves_values_and_top_k(tv):
     full = decompositions.svd(tv, "w", tv.names, device="cpu")
     misses = tv.cache.misses

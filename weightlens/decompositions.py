@@ -44,7 +44,7 @@ from weightlens.errors import InvalidParameterError
 from weightlens.linalg.factored import factored_svdvals
 from weightlens.taskvectors import TaskVectors
 
-__all__ = ["SUBJECTS", "ahead", "left_svd", "prefetch", "svd", "svdvals", "topk_svd"]
+__all__ = ["SUBJECTS", "ahead", "is_cached", "left_svd", "prefetch", "svd", "svdvals", "topk_svd"]
 
 #: What :func:`prefetch` computes at a matrix key: each task's thin SVD, the task sum's.
 SUBJECTS = ("tasks", "sum")
@@ -169,6 +169,20 @@ def svdvals(
         return tv.cache.get_or_compute(subject.cache_key("svdvals"), lambda: factored_svdvals(
             B, A, scale=scale, device=subject.device, dtype=subject.dtype, name=key))
     return subject.cached("svdvals", linalg.svdvals)
+
+
+def is_cached(
+    tv: TaskVectors,
+    key: str,
+    of: str | Sequence[str],
+    op: str,
+    *extra: Any,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether ``tv.cache`` holds operation ``op`` (``"svd"``, ``"topk_svd_eigh"``, ...; ``extra``: its
+    arguments, e.g. ``k``) of the subject of :func:`svd`: what a later call would reuse (``wl.plan``)."""
+    return _subject(tv, key, of, device, dtype, None).cache_key(op, *extra) in tv.cache
 
 
 def topk_svd(

@@ -51,7 +51,7 @@ from weightlens import decompositions, linalg
 from weightlens.io.sources import AdapterCheckpoint, LoraFactors
 from weightlens.linalg.factored import complete_basis, complete_pair
 from weightlens.merge.engine import MergeContext
-from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge
+from weightlens.merge.registry import DEFAULT_GRID, Interval, KeyUpdate, register_merge, task_top_k
 
 __all__ = ["iso_c", "iso_cts", "iso_cts_sizes", "star", "star_rank", "tsv"]
 
@@ -71,7 +71,7 @@ def _tsv_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
     CPU it computes the leading triplets alone), unless ``r < T`` leaves no component."""
     if ctx.device.type == "cpu":
         return ()
-    return _tasks_ahead(ctx, key) if min(ctx.shape(key)) >= ctx.n_tasks else ()
+    return _tasks_ahead(ctx, key) if task_top_k(ctx.shape(key), ctx.n_tasks) else ()
 
 
 def _sum_ahead(ctx: MergeContext, key: str) -> tuple[str, ...]:
@@ -134,8 +134,7 @@ def tsv(ctx: MergeContext, key: str, *, fallback: Literal["zero", "mean", "sum"]
     if not _spectral(ctx, key):
         return _mean(ctx, key)
     T, (m, n) = ctx.n_tasks, ctx.shape(key)
-    r = min(m, n)
-    k = r // T
+    r, k = min(m, n), task_top_k((m, n), T)
     zero = _all_zero(ctx, key, "TSV-M")
     if zero is not None:
         return zero

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
+from weightlens import decompositions
 from weightlens.errors import InvalidParameterError, PlanRefusedError, WeightlensError
 from weightlens.io._layout import parse_size
 from weightlens.linalg import resolve_device, svd_nbytes
 from weightlens.linalg.devices import available_memory
-from weightlens.merge.registry import MergeMethod, get_method
+from weightlens.merge.registry import MergeMethod, get_method, task_top_k
 from weightlens.planning._rates import RECORDED, Rates, calibrate, measure_method, method_label
 from weightlens.taskvectors import TaskVectors
 
@@ -102,7 +103,7 @@ def _stored_bytes(tv: TaskVectors, task: str, key: str) -> int:
 def _ops(spec: MergeMethod, m: int, n: int, T: int, cached: tuple[int, int], device: torch.device) -> tuple[_Op, ...]:
     """The decompositions of one ``m x n`` key on ``device``; ``cached``: how many of the task decompositions
     the method reads, and whether the sum's SVD, ``tv.cache`` holds."""
-    r, k = min(m, n), min(m, n) // T
+    r, k = min(m, n), task_top_k((m, n), T)
     if device.type == "cpu":  # MergeContext.task_top: the leading k alone
         tops = (_Op("topk_svd", m, n, T - cached[0], k=k, gram=True),) if k else ()
     else:  # sliced from each task's full SVD
@@ -122,13 +123,12 @@ def _cached(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device) 
     """How many of ``key``'s task decompositions the method reads (SVDs; TSV-M's leading triplets on the CPU),
     and whether its sum's SVD, are in ``tv.cache`` already (fp32, on ``device``; the keys of
     :mod:`weightlens.decompositions`): a merge reuses them."""
-    where, dtype = str(device), str(torch.float32)
     if "task_tops" in spec.decomposes and device.type == "cpu":
-        k = min(tv.shape(key)) // len(tv)
-        tasks = sum(("topk_svd_eigh", t, key, k, where, dtype) in tv.cache for t in tv.names)
+        op: tuple[Any, ...] = ("topk_svd_eigh", task_top_k(tv.shape(key), len(tv)))
     else:
-        tasks = sum(("svd", t, key, where, dtype) in tv.cache for t in tv.names)
-    return tasks, int(("svd_sum", tuple(tv.names), key, where, dtype) in tv.cache)
+        op = ("svd",)
+    tasks = sum(decompositions.is_cached(tv, key, t, *op, device=device) for t in tv.names)
+    return tasks, int(decompositions.is_cached(tv, key, tv.names, "svd", device=device))
 
 
 def _decomposition_bytes(op: _Op) -> int:
