@@ -192,9 +192,9 @@ def export_recipe(merged: MergeResult, recipe: Any = None, *, out: Path, like: P
     if done is None:
         r = merged.recipe
         meta = {"method": r["method"], "parameters": r["params"], "tasks": r["tasks"]}
-        if getattr(merged, "data", None) is not None:
-            meta["data"] = {"description": merged.data.description,
-                            "sha256": merged.data.fingerprint(merged.task_vectors.names)}
+        data = _data_record(merged)
+        if data is not None:
+            meta["data"] = data
         return ExportRecipe(None, metadata=meta, why_not=why or "no recipe was requested (recipe=False)",
                             from_merge=True)
     return ExportRecipe(done, mergekit_of(done.method, done.params, merged), recipe_metadata(done), from_merge=True)
