@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -38,14 +39,19 @@ from _machine import load_average, machine, timed  # noqa: E402  (benchmarks run
 METHODS = ("tsv", "iso_cts", "ties", "star", "task_arithmetic")
 
 
-def once(tv: TaskVectors, method: str, device: str) -> tuple[float, float, int, int]:
-    """A merge on an empty cache, then diagnose on the cache it left: both wall times, and the cache misses
-    (values diagnose computed: SVDs, compare's rows) and evictions during diagnose."""
+def once(tv: TaskVectors, method: str, device: str) -> tuple[float, float, int, int, float, float]:
+    """A merge on an empty cache, then diagnose on the cache it left: both wall times, the cache misses
+    (values diagnose computed: SVDs, compare's rows) and evictions during diagnose, and both process CPU times
+    (all threads: the memory-bound merge and the compute-bound diagnose feel a busy machine differently, so
+    the CPU-time ratio shows how much of a wall-time ratio's swing is the machine's)."""
     tv.cache.clear()
+    cpu = time.process_time()
     t_merge, merged = timed(lambda: merge(tv, method=method, device=device).materialize(progress=False))
+    cpu_merge, cpu = time.process_time() - cpu, time.process_time()
     misses, evictions = tv.cache.misses, tv.cache.evictions
     t_diag, _ = timed(lambda: diagnose(tv, merged, progress=False))
-    return t_merge, t_diag, tv.cache.misses - misses, tv.cache.evictions - evictions
+    cpu_diag = time.process_time() - cpu
+    return t_merge, t_diag, tv.cache.misses - misses, tv.cache.evictions - evictions, cpu_merge, cpu_diag
 
 
 def main() -> None:
@@ -63,15 +69,16 @@ def main() -> None:
           f"{len(tv.keys_of_kind('matrix'))} matrices; {machine()}; load average {load_before} before\n")
     print(f"decomposition cache bound: {tv.cache.max_bytes / 2**20:.0f} MiB\n")
     print("| method | merge s (median) | diagnose s (median) | diagnose / merge | runs (merge, diagnose) "
-          "| cache misses / evictions in diagnose |")
-    print("|---|---|---|---|---|---|", flush=True)
+          "| CPU s: merge, diagnose (medians) | CPU ratio | cache misses / evictions in diagnose |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for method in args.methods:
         runs = [once(tv, method, args.device) for _ in range(args.repeats)]
-        m = statistics.median(r[0] for r in runs)
-        d = statistics.median(r[1] for r in runs)
+        m, d = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        cm, cd = (statistics.median(r[i] for r in runs) for i in (4, 5))
         shown = "; ".join(f"{r[0]:.2f}, {r[1]:.2f}" for r in runs)
         cache = "; ".join(f"{r[2]} / {r[3]}" for r in runs)
-        print(f"| {method} | {m:.2f} | {d:.2f} | **{d / m:.2f}x** | {shown} | {cache} |", flush=True)
+        print(f"| {method} | {m:.2f} | {d:.2f} | **{d / m:.2f}x** | {shown} | {cm:.2f}, {cd:.2f} | {cd / cm:.2f}x "
+              f"| {cache} |", flush=True)
     print(f"\nload average after: {load_average()}")
 
 
