@@ -25,6 +25,7 @@ Elementwise passes run in float32 (signs are exact there), sums in float64 (as `
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,7 @@ def _crowding(spans: list[torch.Tensor], lost_part: torch.Tensor, ranks: list[in
     side, ``ranks[t]`` columns each; ``spans[s]``: ``U_s``."""
     T = len(spans)
     crowd = torch.zeros(T, T, dtype=_F64)
-    ends = [sum(ranks[: t + 1]) for t in range(T)]
+    ends = list(itertools.accumulate(ranks))  # each task's columns end here
     for s, span in enumerate(spans):
         others, start = [t for t in range(T) if t != s], ends[s] - ranks[s]
         parts = [p for p in (lost_part[:, :start], lost_part[:, ends[s]:]) if p.shape[1]]

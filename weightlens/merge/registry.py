@@ -70,12 +70,6 @@ _BRACKETS = {"both": "[]", "left": "[)", "right": "(]", "neither": "()"}
 MAGNITUDE = (1e-6, 1e6)
 #: What ``decomposes=`` of :func:`register_merge` may name (per 2-D key; ``wl.plan`` prices each).
 DECOMPOSITIONS = ("tasks", "task_tops", "residuals", "sum", "polar", "concat")
-
-
-def task_top_k(shape: tuple[int, ...], n_tasks: int) -> int:
-    """How many leading triplets ``"task_tops"`` takes of each task's ``m x n`` matrix: ``floor(r / T)``,
-    ``r = min(m, n)`` (TSV-M's share of the rank per task; 0 when ``r < T``)."""
-    return min(shape[-2:]) // n_tasks
 #: The ``alpha`` grid of a method that declares none: ``{0.1, 0.2, ..., 3.0}``.
 DEFAULT_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
 #: ``alpha_grid=`` of :func:`register_merge`: a fixed grid, or ``grid(params, n_tasks)``.
@@ -85,6 +79,12 @@ Grid = Sequence[float] | Callable[[Mapping[str, Any], int], Sequence[float]]
 PerTask = Callable[..., "KeyUpdate"]
 #: ``prefetch=`` of :func:`register_merge`: ``prefetch(ctx, key) -> ("tasks", "sum")`` or a part of it.
 Prefetch = Callable[..., Sequence[str]]
+
+
+def task_top_k(shape: tuple[int, ...], n_tasks: int) -> int:
+    """How many leading triplets ``"task_tops"`` takes of each task's ``m x n`` matrix: ``floor(r / T)``,
+    ``r = min(m, n)`` (TSV-M's share of the rank per task; 0 when ``r < T``)."""
+    return min(shape[-2:]) // n_tasks
 
 
 @dataclass(frozen=True)
