@@ -878,3 +878,23 @@ def test_polar_with_values_is_the_same_factor_and_the_singular_values():
     assert torch.equal(factor, linalg.polar(x))  # the same bits
     torch.testing.assert_close(S.double(), torch.linalg.svdvals(x.double()), rtol=1e-6, atol=0)
     torch.testing.assert_close(factor.mT @ factor, torch.eye(5), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [None, 0, 1, -1])
+def test_sum64_is_the_float64_sum_of_float32_values(dim):
+    g = torch.Generator().manual_seed(5)
+    # magnitudes 1e-3..1e3 and a cancelling half: a float32 sum would be off far beyond float64 rounding
+    x = torch.randn(3, 20001, generator=g) * torch.logspace(-3, 3, 20001)
+    x = torch.cat([x, -x[:, :5000]], dim=1)
+    want = x.numpy().astype(np.float64).sum(axis=dim)
+    for view in (x, x.mT.contiguous().mT):  # contiguous and strided alike
+        got = linalg.sum64(view, dim)
+        assert got.dtype == torch.float64 and tuple(got.shape) == np.shape(want)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=0)
+
+
+def test_sum64_falls_back_to_torch_where_numpy_cannot_read_the_tensor():
+    x = torch.linspace(-2, 3, 101, dtype=torch.bfloat16)
+    assert linalg.sum64(x).item() == pytest.approx(float(x.double().sum()), rel=1e-12)
+    w = torch.ones(4, requires_grad=True)
+    assert linalg.sum64(w * 2).item() == 8.0

@@ -88,7 +88,7 @@ def sar_curves(deltas: torch.Tensor, Us: Sequence[torch.Tensor]) -> list[torch.T
     x = deltas.to(device=Us[0].device, dtype=Us[0].dtype)
     proj = torch.cat(list(Us), dim=1).mT @ x  # (..., sum K, n)
     rows = (proj * proj).sum(-1).to(_F64)  # squared row norms (n terms each), then float64 sums
-    total = x.flatten(-2).square().sum(-1, dtype=_F64).unsqueeze(-1)
+    total = linalg.sum64(x.flatten(-2).square(), -1).to(rows.device).unsqueeze(-1)
     curves = []
     for part in torch.split(rows, [U.shape[1] for U in Us], dim=-1):
         zero = torch.zeros((*part.shape[:-1], 1), dtype=_F64, device=part.device)

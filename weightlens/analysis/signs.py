@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from weightlens import linalg
 from weightlens._order_stats import kth_values
 from weightlens.errors import InvalidParameterError
 from weightlens.taskvectors import TaskVectors
@@ -185,8 +186,8 @@ def conflict_stats(
         return empty_stats(T, x.shape[1])
     _, net, n, conflict = sign_votes(x)
     eligible = n >= 2
-    mass = x.abs().sum(0, dtype=_F64)
-    total = x.sum(0, dtype=_F64)  # = positive mass - negative mass
+    mass = linalg.sum64(x.abs(), 0)
+    total = linalg.sum64(x, 0)  # = positive mass - negative mass
     # TIES discards the mass against the elected sign gamma = sgn(sum_t tau_t): (mass - gamma * total) / 2
     gamma = elected_sign(total)
     discarded = float(torch.where(gamma != 0, mass - gamma * total, 0.0).sum()) / 2

@@ -84,13 +84,13 @@ def _signs(signs: dict[str, torch.Tensor]) -> tuple[list[float], list[float], to
     opposed = mag * (agree < 0)  # |tau_t| where the merged sign is the opposite of tau_t's
     agrees = (agree > 0).to(torch.float32)  # tau_s has the merged sign (non-zero)
     won = (opposed @ agrees.mT).to(_F64)  # won[t, s]: t's opposed mass on coordinates s won
-    return mag.sum(1, dtype=_F64).tolist(), opposed.sum(1, dtype=_F64).tolist(), won
+    return linalg.sum64(mag, 1).tolist(), linalg.sum64(opposed, 1).tolist(), won
 
 
 def _block_sums(x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
     """``(len(rows), len(cols))`` sums of ``x`` over its row and column blocks, accumulated in float64
     (``x`` itself is not copied to float64: its column sums are, which are few)."""
-    r = torch.stack([part.sum(0, dtype=_F64) for part in torch.split(x, rows, dim=0)])
+    r = torch.stack([linalg.sum64(part, 0) for part in torch.split(x, rows, dim=0)])
     return torch.stack([part.sum(1) for part in torch.split(r, cols, dim=1)], dim=1)
 
 
@@ -134,7 +134,7 @@ def _crowding(spans: list[torch.Tensor], lost_part: torch.Tensor, ranks: list[in
         if not span.shape[1] or not parts:
             continue
         products = torch.cat([span.mT @ p for p in parts], dim=1)  # (k_s, columns of every other task)
-        sums = [c.square().sum(dtype=_F64) for c in torch.split(products, [ranks[t] for t in others], dim=1)]
+        sums = [linalg.sum64(c.square()) for c in torch.split(products, [ranks[t] for t in others], dim=1)]
         crowd[others, s] = torch.stack(sums).cpu()
     return crowd
 

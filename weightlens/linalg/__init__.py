@@ -16,6 +16,7 @@ from weightlens.linalg.batched import batching_pays, default_batch_bytes, svd_ma
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.guard import recording_retries
+from weightlens.linalg.reduce import sum64
 from weightlens.linalg.devices import (
     CUDA_DRIVER_TABLE,
     GESVDA_RTOL_FACTOR,
@@ -49,6 +50,7 @@ __all__ = [
     "polar",
     "recording_retries",
     "resolve_device",
+    "sum64",
     "svd",
     "svd_many",
     "svd_nbytes",
