@@ -898,3 +898,13 @@ def test_sum64_falls_back_to_torch_where_numpy_cannot_read_the_tensor():
     assert linalg.sum64(x).item() == pytest.approx(float(x.double().sum()), rel=1e-12)
     w = torch.ones(4, requires_grad=True)
     assert linalg.sum64(w * 2).item() == 8.0
+
+
+def test_count_nonzero_is_torchs():
+    x = torch.randn(3, 1001, generator=torch.Generator().manual_seed(6))
+    x[x.abs() < 0.7] = 0
+    for t in (x, x > 0, x.mT.contiguous().mT):
+        assert torch.equal(linalg.count_nonzero(t, 1), torch.count_nonzero(t, dim=1))
+        assert int(linalg.count_nonzero(t)) == int(torch.count_nonzero(t))
+    half = x.to(torch.bfloat16)  # no NumPy dtype: torch's own
+    assert torch.equal(linalg.count_nonzero(half, 0), torch.count_nonzero(half, dim=0))

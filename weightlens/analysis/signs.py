@@ -197,7 +197,7 @@ def conflict_stats(
     survivors = torch.arange(T + 1, dtype=_F64)
     counts = torch.where(survivors >= 2, joint.sum(1), 0.0)  # coordinates with n >= 2 survivors
     chance_sum = float((counts * (1.0 - 2.0 ** (1.0 - survivors))).sum())
-    n_el, n_cf = int(counts.sum()), int(torch.count_nonzero(conflict))
+    n_el, n_cf = int(counts.sum()), int(linalg.count_nonzero(conflict))
     # agreement |n+ - n-| / n per coordinate, 1 where n = 0
     agree_sum = float(joint[0].sum() + (joint[1:] * survivors / survivors[1:, None]).sum())
     m_el, m_cf, m_tot = float((mass * eligible).sum()), float((mass * conflict).sum()), float(mass.sum())

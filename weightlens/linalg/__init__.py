@@ -16,7 +16,7 @@ from weightlens.linalg.batched import batching_pays, default_batch_bytes, svd_ma
 from weightlens.linalg.cache import DecompositionCache, value_nbytes
 from weightlens.linalg.factored import concat_factors, factored_svd
 from weightlens.linalg.guard import recording_retries
-from weightlens.linalg.reduce import sum64
+from weightlens.linalg.reduce import count_nonzero, sum64
 from weightlens.linalg.devices import (
     CUDA_DRIVER_TABLE,
     GESVDA_RTOL_FACTOR,
@@ -42,6 +42,7 @@ __all__ = [
     "batching_pays",
     "choose_driver",
     "concat_factors",
+    "count_nonzero",
     "default_batch_bytes",
     "factored_svd",
     "gesvda_tolerance",

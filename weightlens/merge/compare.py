@@ -195,10 +195,10 @@ def _task_side(deltas: torch.Tensor) -> dict[str, Any]:
     return {
         "x": x, "live": True, "sd": sd, "conflict": conflict, "mag": mag, "x64": x64,
         "sum_sign": torch.sign(x.sum(0)),  # the sum's sign: as task arithmetic computes it
-        "n_conf": int(torch.count_nonzero(conflict)),
+        "n_conf": int(linalg.count_nonzero(conflict)),
         "total_mass": float((mag * conflict).sum()),
-        "contested": int(torch.count_nonzero(count >= 2)),
-        "nonzero": torch.count_nonzero(sd, dim=1).tolist(),
+        "contested": int(linalg.count_nonzero(count >= 2)),
+        "nonzero": linalg.count_nonzero(sd, 1).tolist(),
         "tt": torch.linalg.vector_norm(x64, dim=1).square().tolist(),
     }
 
@@ -227,15 +227,15 @@ def _outcomes(deltas: torch.Tensor, update: torch.Tensor, keep: dict[str, torch.
         "coords": x.shape[1],
         "contested": side["contested"],
         "conflicting": n_conf,
-        "zeroed": int(torch.count_nonzero((su == 0) & conflict)) / n_conf if n_conf else math.nan,
-        "mass_side_won": int(torch.count_nonzero(won)) / n_conf if n_conf else math.nan,
+        "zeroed": int(linalg.count_nonzero((su == 0) & conflict)) / n_conf if n_conf else math.nan,
+        "mass_side_won": int(linalg.count_nonzero(won)) / n_conf if n_conf else math.nan,
         "opposing_mass": float((mag * against).sum()) / total_mass if total_mass > 0 else math.nan,
         "conflict_mass": total_mass,
     }
     x64, u64 = side["x64"], u.to(torch.float64)
     per_task = {
         "nonzero": side["nonzero"],
-        "agree": torch.count_nonzero(agree > 0, dim=1).tolist(),  # same non-zero sign
+        "agree": linalg.count_nonzero(agree > 0, 1).tolist(),  # same non-zero sign
         "tu": (x64 @ u64).tolist(),
         "tt": side["tt"],
         "uu": float(u64 @ u64),
