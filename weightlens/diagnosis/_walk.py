@@ -151,14 +151,13 @@ def walk_key(run: KeyPass, key: str, rows: Rows, view: KeyView | None = None) ->
     base = tv.base_tensor(key).reshape(-1).to(_F64)
     live = bool(x.any())
     x64 = (x.to(_F64) if view is None else view.signs["x64"]) if live else None
-    energy = x64.square().sum(1).tolist() if live else [0.0] * T
+    if view is None:
+        energy = x64.square().sum(1).tolist() if live else [0.0] * T
+    else:  # compare's inner products: ||tau_t||^2, <tau_t, M>, ||M||^2
+        energy, tu, uu = [r["tt"] for r in view.inner], [r["tu"] for r in view.inner], view.inner[0]["uu"]
+        miss = [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]  # ||tau_t - M||^2
     base_dot = (x64 @ base).tolist() if live else [0.0] * T
     gram = (x64 @ x64.mT).cpu() if live else torch.zeros(T, T, dtype=_F64)
-    if view is not None:  # ||tau_t - M||^2 = ||tau_t||^2 - 2 <tau_t, M> + ||M||^2
-        u = view.update.reshape(-1).to(device=x.device, dtype=_F64)
-        uu = float(u @ u)
-        tu = (x64 @ u).tolist() if live else [0.0] * T
-        miss = [max(energy[t] - 2.0 * tu[t] + uu, 0.0) for t in range(T)]
     del x64
     common = {"key": key, "block": block, "numel": x.shape[1], "base_sq": float(base @ base)}
     part: dict[str, Any] = {}

@@ -167,6 +167,9 @@ class KeyView:
         The merged side's elementwise sign pass, flattened ``(T, P)`` (empty when every task vector is zero
         there): ``"sd"`` ``sgn(tau_t)``, ``"su"`` ``sgn(update)`` ``(P,)``, ``"mag"`` ``|tau_t|``,
         ``"agree"`` ``sgn(tau_t) * sgn(update)`` (float32), and ``"x64"`` the task vectors in float64.
+    inner : list of dict
+        Per task (in ``tv.names``' order) the float64 inner products of the key: ``"tu"`` ``<tau_t, update>``,
+        ``"tt"`` ``||tau_t||^2``, ``"uu"`` ``||update||^2`` (the rows of ``Comparison``'s per-key cosines).
     """
 
     key: str
@@ -174,6 +177,7 @@ class KeyView:
     update: torch.Tensor
     left: linalg.SVD | linalg.LeftSVD | None
     signs: dict[str, torch.Tensor]
+    inner: list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------- small pieces
@@ -318,7 +322,7 @@ def _key_rows(tv: TaskVectors, merged: Mapping[str, torch.Tensor], key: str, opt
         return _side_rows(tv, key, "task_arithmetic", total, deltas, svd, opts, side=side)
 
     if opts["visit"] is not None:
-        opts["visit"](KeyView(key, deltas, update, left, signs))
+        opts["visit"](KeyView(key, deltas, update, left, signs, merged_rows["inner"]))
     if not opts["task_arithmetic"]:
         return merged_rows
     ta_rows = tv.cache.get_or_compute(_ta_tag(tv, key, opts), lambda: _Rows(task_arithmetic())).rows
