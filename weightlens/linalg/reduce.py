@@ -43,4 +43,3 @@ def count_nonzero(x: Tensor, dim: int | None = None) -> Tensor:
     if not _numpy(x):
         return torch.count_nonzero(x) if dim is None else torch.count_nonzero(x, dim=dim)
     return torch.from_numpy(np.asarray(np.count_nonzero(x.numpy(), axis=dim), dtype=np.int64))
-

@@ -156,8 +156,8 @@ def _key_work(tv: TaskVectors, key: str, spec: MergeMethod, device: torch.device
         have = _cached(tv, key, spec, device)
         ops = _ops(spec, m, n, T, have, device)
         every = T * base_bytes + tasks  # each task's delta read once: the base again per task, the task
-        per = {"tasks": every * (T - have[0]) // T, "task_tops": every * (T - have[0]) // T, "residuals": every,
-               "sum": every * (1 - have[1])}
+        uncached = every * (T - have[0]) // T  # the tasks whose decompositions are not cached read again
+        per = {"tasks": uncached, "task_tops": uncached, "residuals": every, "sum": every * (1 - have[1])}
         extra = sum(per.get(what, 0) for what in spec.decomposes)
         rebuild = 2.0 * m * n * min(m, n)
         cached = sum(op.count * op.nbytes() for op in ops if op.what in ("svd", "topk_svd"))  # polar: not kept
